@@ -1,0 +1,170 @@
+//! Command-line interface: flags shared by every subcommand, and the subcommands.
+//!
+//! Parsing is strict: a malformed multiaddr or a bootstrap address without a peer id is a
+//! usage error (exit code 2) with a one-line message, before any I/O happens.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+/// `p2p-node`: a fully decentralized node for training machine-learning models together.
+#[derive(Debug, Parser)]
+#[command(name = "p2p-node", version, about, long_about = None)]
+pub struct Cli {
+    /// Flags every subcommand accepts, before or after it.
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// What to do; without a subcommand the node runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node until Ctrl-C or SIGTERM (the default).
+    Run,
+    /// Print this node's peer id (creating the identity on first use) and exit.
+    Id,
+}
+
+/// Flags accepted by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Where the identity, peer cache and models live
+    /// [default: the platform data dir, e.g. ~/.local/share/p2p-node].
+    #[arg(long, global = true, env = "P2P_NODE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Address to listen on (repeatable)
+    /// [default: /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1].
+    #[arg(long, global = true, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+    pub listen: Vec<Multiaddr>,
+
+    /// A peer to join the network through (repeatable), e.g.
+    /// /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW...; needed once: known peers are remembered.
+    #[arg(long, global = true, value_name = "MULTIADDR", value_parser = parse_bootstrap)]
+    pub bootstrap: Vec<BootstrapAddr>,
+
+    /// Address of the local JSON API [default: 127.0.0.1 with an OS-chosen port].
+    #[arg(long, global = true, value_name = "IP:PORT")]
+    pub api_addr: Option<SocketAddr>,
+
+    /// Do not look for peers on the local network with mDNS.
+    #[arg(long, global = true)]
+    pub no_mdns: bool,
+
+    /// Kademlia mode: `server` answers DHT queries (for reachable nodes), `client` only asks.
+    #[arg(long, global = true, value_enum, default_value_t = KadMode::Server)]
+    pub kad_mode: KadMode,
+
+    /// Log line format on stderr; the level is set with RUST_LOG (e.g. RUST_LOG=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Whether this node serves the DHT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KadMode {
+    /// Answer DHT queries: other nodes put this node into their routing tables.
+    Server,
+    /// Only issue queries (for nodes others cannot dial).
+    Client,
+}
+
+/// A bootstrap peer: its address and the peer id the address must end with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapAddr {
+    /// The peer's id, from the address's `/p2p/` component.
+    pub peer_id: PeerId,
+    /// The full address, `/p2p/<id>` included.
+    pub addr: Multiaddr,
+}
+
+impl FromStr for BootstrapAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let addr = parse_multiaddr(s)?;
+        match addr.iter().last() {
+            Some(Protocol::P2p(peer_id)) => Ok(Self { peer_id, addr }),
+            _ => Err(format!(
+                "bootstrap address '{s}' has no /p2p/<peer id> at the end \
+                 (the joining command printed by a running node has it)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BootstrapAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+/// Parses a multiaddr with an error message that names the bad input.
+pub fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
+    Multiaddr::from_str(s.trim()).map_err(|e| {
+        format!("'{s}' is not a valid multiaddr ({e}); expected e.g. /ip4/192.0.2.7/tcp/4001")
+    })
+}
+
+fn parse_bootstrap(s: &str) -> Result<BootstrapAddr, String> {
+    s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_requires_peer_id() {
+        let err = "/ip4/127.0.0.1/tcp/4001"
+            .parse::<BootstrapAddr>()
+            .unwrap_err();
+        assert!(err.contains("/p2p/"), "{err}");
+        let id = PeerId::random();
+        let ok: BootstrapAddr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{id}").parse().unwrap();
+        assert_eq!(ok.peer_id, id);
+    }
+
+    #[test]
+    fn malformed_multiaddr_is_named() {
+        let err = parse_multiaddr("not-an-addr").unwrap_err();
+        assert!(
+            err.contains("not-an-addr") && err.contains("multiaddr"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn common_flags_go_before_or_after_the_subcommand() {
+        let before =
+            Cli::try_parse_from(["p2p-node", "--data-dir", "/x", "--no-mdns", "id"]).unwrap();
+        let after =
+            Cli::try_parse_from(["p2p-node", "id", "--data-dir", "/x", "--no-mdns"]).unwrap();
+        for cli in [before, after] {
+            assert!(matches!(cli.command, Some(Command::Id)));
+            assert_eq!(
+                cli.common.data_dir.as_deref(),
+                Some(std::path::Path::new("/x"))
+            );
+            assert!(cli.common.no_mdns);
+        }
+    }
+}

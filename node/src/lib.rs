@@ -1,0 +1,17 @@
+//! The p2p-node library: everything the `p2p-node` binary does, callable from tests.
+//!
+//! * [`node::start`] brings a node up from a [`config::NodeConfig`] and returns a
+//!   [`node::NodeHandle`];
+//! * [`network`] holds the libp2p behaviours and the event loop that owns the swarm;
+//! * [`peers`] is the persisted address book that lets a node rejoin without bootstrap;
+//! * [`api`] serves the local JSON API.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod fsutil;
+pub mod identity;
+pub mod logging;
+pub mod network;
+pub mod node;
+pub mod peers;

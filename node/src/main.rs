@@ -1,0 +1,92 @@
+//! The `p2p-node` binary: parse the CLI, start logging, run the node until Ctrl-C or SIGTERM.
+//!
+//! Exit codes: 0 success (including a signal-driven shutdown), 1 a runtime error (port in use,
+//! unwritable data dir, corrupt identity, ...), 2 bad command-line usage.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::error::ErrorKind;
+use clap::Parser;
+use p2p_node::cli::{Cli, Command};
+use p2p_node::config::{prepare_data_dir, NodeConfig};
+use p2p_node::{identity, logging, node};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    logging::init(cli.common.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go to stdout with exit 0; anything else is one line on stderr, exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see p2p-node --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config = NodeConfig::from_args(&cli.common)?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Id => {
+            prepare_data_dir(&config.data_dir)?;
+            let key = identity::load_or_create(&config.identity_path())?;
+            println!("{}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Run => run_node(config).await,
+    }
+}
+
+async fn run_node(config: NodeConfig) -> Result<()> {
+    let mut handle = node::start(config).await?;
+    println!("peer id: {}", handle.peer_id);
+    if let Some(api) = handle.api_addr {
+        println!("API listening on http://{api}");
+    }
+    for addr in handle
+        .join_addrs()
+        .iter()
+        .filter(|a| a.to_string().contains("/tcp/"))
+    {
+        println!("join this network with: p2p-node --bootstrap {addr}");
+    }
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot wait for Ctrl-C")?,
+        _ = terminate.recv() => {}
+        result = handle.stopped() => return result,
+    }
+    tracing::info!("shutting down");
+    handle.stop().await
+}

@@ -1,0 +1,109 @@
+//! The libp2p behaviours a node runs, combined into one [`Behaviour`].
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, StreamProtocol};
+use p2p_protocol as proto;
+
+use crate::cli::KadMode;
+use crate::config::NodeConfig;
+
+/// Every protocol a node speaks. Field order is the order in which behaviours are polled and
+/// asked about new connections, so the connection limits come first.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Caps on pending and established connections, in total and per peer.
+    pub limits: connection_limits::Behaviour,
+    /// Peer routing over the private Kademlia DHT.
+    pub kademlia: kad::Behaviour<kad::store::MemoryStore>,
+    /// Exchanges listen addresses and supported protocols; feeds Kademlia.
+    pub identify: identify::Behaviour,
+    /// Liveness and round-trip time of each connection.
+    pub ping: ping::Behaviour,
+    /// Signed announcements on [`proto::ANNOUNCE_TOPIC`].
+    pub gossipsub: gossipsub::Behaviour,
+    /// Local-network discovery; off with `--no-mdns`.
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+impl Behaviour {
+    /// Builds the behaviours for `key` as configured.
+    pub fn new(key: &Keypair, config: &NodeConfig) -> Result<Self> {
+        let peer_id = key.public().to_peer_id();
+
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_pending_incoming(Some(64))
+                .with_max_pending_outgoing(Some(64))
+                .with_max_established(Some(config.max_connections))
+                .with_max_established_incoming(Some(config.max_connections * 3 / 4))
+                // Two, not one: simultaneous dials (and TCP plus QUIC) are normal.
+                .with_max_established_per_peer(Some(2)),
+        );
+
+        let mut kad_config = kad::Config::new(StreamProtocol::new(proto::KADEMLIA_PROTOCOL));
+        kad_config
+            .set_max_packet_size(proto::MAX_KADEMLIA_PACKET_BYTES)
+            .set_query_timeout(Duration::from_secs(30))
+            .set_periodic_bootstrap_interval(Some(config.kad_bootstrap_interval))
+            .set_replication_factor(NonZeroUsize::new(20).expect("non-zero"));
+        let mut kademlia =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        kademlia.set_mode(Some(match config.kad_mode {
+            KadMode::Server => kad::Mode::Server,
+            KadMode::Client => kad::Mode::Client,
+        }));
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(proto::IDENTIFY_PROTOCOL_VERSION.to_string(), key.public())
+                .with_agent_version(format!("p2p-node/{}", env!("CARGO_PKG_VERSION")))
+                .with_push_listen_addr_updates(true),
+        );
+
+        let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
+
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .protocol_id_prefix(proto::GOSSIPSUB_PROTOCOL_PREFIX)
+            .heartbeat_interval(config.gossip_heartbeat)
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .max_transmit_size(proto::MAX_GOSSIP_MESSAGE_BYTES)
+            .build()
+            .map_err(|e| anyhow!("invalid gossipsub config: {e}"))?;
+        let mut gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )
+        .map_err(|e| anyhow!("cannot start gossipsub: {e}"))?;
+        gossipsub
+            .subscribe(&announce_topic())
+            .map_err(|e| anyhow!("cannot join the announcements topic: {e}"))?;
+
+        let mdns = if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                    .map_err(|e| anyhow!("cannot start mDNS: {e}"))?,
+            )
+        } else {
+            None
+        };
+
+        Ok(Self {
+            limits,
+            kademlia,
+            identify,
+            ping,
+            gossipsub,
+            mdns: mdns.into(),
+        })
+    }
+}
+
+/// The announcements topic every node joins.
+pub fn announce_topic() -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(proto::ANNOUNCE_TOPIC)
+}

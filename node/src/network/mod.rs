@@ -1,0 +1,11 @@
+//! Networking: the libp2p behaviours, the event loop that owns the swarm, and the client
+//! handle the rest of the node uses to talk to it.
+
+// The derive generates an undocumented `BehaviourEvent` enum (one variant per field).
+#[allow(missing_docs)]
+pub mod behaviour;
+pub mod client;
+pub mod event_loop;
+
+pub use client::{Client, NetworkStatus, PeerInfo};
+pub use event_loop::EventLoop;

@@ -1,0 +1,301 @@
+//! Tests of the `p2p-node` binary itself: exit codes and one-line errors for bad input, a
+//! stable identity, graceful shutdown, and the JSON API's documented fields.
+
+mod common;
+
+use std::time::Duration;
+
+use common::http_get;
+use common::process::{run, Running, Stream};
+
+const QUICK: Duration = Duration::from_secs(60);
+const LOOPBACK: [&str; 5] = [
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api-addr",
+    "127.0.0.1:0",
+];
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// Asserts a failed run: the exit code, and exactly one stderr line mentioning `needle`.
+fn assert_one_line_error(result: (i32, String, String), code: i32, needle: &str) {
+    let (status, _stdout, stderr) = result;
+    assert_eq!(status, code, "exit code; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let errors: Vec<&&str> = lines.iter().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "error should mention {needle:?}: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn malformed_multiaddr_is_a_usage_error() {
+    let dir = tmp();
+    let d = dir.path().to_str().unwrap();
+    assert_one_line_error(
+        run(
+            &[
+                "--data-dir",
+                d,
+                "--bootstrap",
+                "not/a/multiaddr",
+                "--no-mdns",
+            ],
+            QUICK,
+        ),
+        2,
+        "not a valid multiaddr",
+    );
+    assert_one_line_error(
+        run(
+            &[
+                "--data-dir",
+                d,
+                "--listen",
+                "/ip4/999.1.1.1/tcp/1",
+                "--no-mdns",
+            ],
+            QUICK,
+        ),
+        2,
+        "999.1.1.1",
+    );
+}
+
+#[test]
+fn bootstrap_without_peer_id_is_a_usage_error() {
+    let dir = tmp();
+    let d = dir.path().to_str().unwrap();
+    assert_one_line_error(
+        run(
+            &[
+                "--data-dir",
+                d,
+                "--bootstrap",
+                "/ip4/127.0.0.1/tcp/4001",
+                "--no-mdns",
+            ],
+            QUICK,
+        ),
+        2,
+        "/p2p/<peer id>",
+    );
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let dir = tmp();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let args = [
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--no-mdns",
+        "--listen",
+        &listen,
+    ];
+    let result = run(&args, QUICK);
+    assert_one_line_error(result, 1, &format!("cannot listen on {listen}"));
+}
+
+#[test]
+fn unwritable_data_dir_is_a_clear_error() {
+    // A data dir below a regular file cannot be created, even by root.
+    let dir = tmp();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let data_dir = file.join("sub");
+    assert_one_line_error(
+        run(&["id", "--data-dir", data_dir.to_str().unwrap()], QUICK),
+        1,
+        "cannot create data dir",
+    );
+}
+
+#[test]
+fn corrupt_identity_is_a_clear_error() {
+    let dir = tmp();
+    std::fs::write(dir.path().join("identity.key"), b"not a key").unwrap();
+    assert_one_line_error(
+        run(&["id", "--data-dir", dir.path().to_str().unwrap()], QUICK),
+        1,
+        "corrupt identity file",
+    );
+}
+
+#[test]
+fn peer_id_is_stable_across_runs_and_key_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp();
+    let d = dir.path().to_str().unwrap();
+    let (code1, first, _) = run(&["id", "--data-dir", d], QUICK);
+    // Common flags work before the subcommand too, and through the environment.
+    let (code2, second, _) = run(&["--data-dir", d, "id"], QUICK);
+    let out = std::process::Command::new(common::process::BIN)
+        .arg("id")
+        .env("P2P_NODE_DATA_DIR", d)
+        .output()
+        .unwrap();
+    assert_eq!((code1, code2), (0, 0));
+    assert_eq!(first, second);
+    assert_eq!(first, String::from_utf8(out.stdout).unwrap());
+    first.trim().parse::<libp2p::PeerId>().expect("a peer id");
+    let mode = std::fs::metadata(dir.path().join("identity.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn api_answers_with_documented_fields_and_sigterm_exits_cleanly() {
+    let dir = tmp();
+    let mut args = vec!["--data-dir", dir.path().to_str().unwrap()];
+    args.extend(LOOPBACK);
+    let mut node = Running::start(&args);
+    let api = node.api_addr();
+    let join = node.join_addr();
+    assert!(
+        join.starts_with("/ip4/127.0.0.1/tcp/") && join.contains("/p2p/"),
+        "{join}"
+    );
+
+    let (code, body) = http_get(api, "/healthz").unwrap();
+    assert_eq!((code, body.contains("ok")), (200, true), "{body}");
+
+    let (code, body) = http_get(api, "/status").unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for field in [
+        "peer_id",
+        "listen_addrs",
+        "connected_peers",
+        "routing_table_peers",
+        "uptime_s",
+    ] {
+        assert!(status.get(field).is_some(), "/status lacks {field}: {body}");
+    }
+    assert!(join.ends_with(status["peer_id"].as_str().unwrap()));
+    assert!(status["listen_addrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| join.starts_with(a.as_str().unwrap())));
+
+    let (code, body) = http_get(api, "/peers").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body)
+            .unwrap()
+            .is_array(),
+        "{body}"
+    );
+    let (code, _) = http_get(api, "/nope").unwrap();
+    assert_eq!(code, 404);
+
+    let (code, lines) = node.terminate(QUICK);
+    assert_eq!(code, 0, "graceful exit: {lines:#?}");
+    assert!(
+        dir.path().join("peers.json").exists(),
+        "state saved on SIGTERM"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("api-addr"))
+            .unwrap()
+            .trim(),
+        api.to_string()
+    );
+}
+
+#[test]
+fn two_processes_connect_and_list_each_other_with_their_source() {
+    let (a_dir, b_dir) = (tmp(), tmp());
+    let mut a_args = vec!["--data-dir", a_dir.path().to_str().unwrap()];
+    a_args.extend(LOOPBACK);
+    let mut a = Running::start(&a_args);
+    let a_join = a.join_addr();
+    let a_id = a_join.rsplit('/').next().unwrap().to_string();
+    let mut b_args = vec![
+        "--data-dir",
+        b_dir.path().to_str().unwrap(),
+        "--bootstrap",
+        &a_join,
+    ];
+    b_args.extend(LOOPBACK);
+    let mut b = Running::start(&b_args);
+    let b_api = b.api_addr();
+    common::process::poll(QUICK, "b to list a as a connected bootstrap peer", || {
+        let (_, body) = http_get(b_api, "/peers").ok()?;
+        let peers: serde_json::Value = serde_json::from_str(&body).ok()?;
+        peers.as_array()?.iter().find(|p| {
+            p["peer_id"] == a_id.as_str() && p["connected"] == true && p["source"] == "bootstrap"
+        })?;
+        Some(())
+    });
+    drop(a);
+    drop(b);
+}
+
+#[test]
+fn corrupt_peer_cache_and_unreachable_bootstrap_warn_but_keep_running() {
+    let dir = tmp();
+    std::fs::write(dir.path().join("peers.json"), b"{ definitely not json").unwrap();
+    // A closed port on loopback: the dial is refused at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unreachable = format!(
+        "/ip4/127.0.0.1/tcp/{closed}/p2p/{}",
+        libp2p::PeerId::random()
+    );
+    let mut args = vec![
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--bootstrap",
+        &unreachable,
+    ];
+    args.extend(LOOPBACK);
+    let mut node = Running::start(&args);
+    node.wait_line(Stream::Stderr, QUICK, |l| {
+        l.contains("ignoring the peer cache") && l.contains("corrupt peer cache")
+    });
+    node.wait_line(Stream::Stderr, QUICK, |l| {
+        l.contains("bootstrap peer unreachable")
+    });
+    let api = node.api_addr();
+    assert_eq!(http_get(api, "/healthz").unwrap().0, 200, "still running");
+    let (code, _) = node.terminate(QUICK);
+    assert_eq!(code, 0);
+    // The corrupt cache was replaced by a valid one at shutdown.
+    let saved = std::fs::read(dir.path().join("peers.json")).unwrap();
+    serde_json::from_slice::<serde_json::Value>(&saved).expect("valid cache after restart");
+}
+
+#[test]
+fn help_lists_the_common_flags() {
+    let (code, stdout, _) = run(&["--help"], QUICK);
+    assert_eq!(code, 0);
+    for flag in [
+        "--data-dir",
+        "--listen",
+        "--bootstrap",
+        "--api-addr",
+        "--no-mdns",
+        "--log-format",
+    ] {
+        assert!(stdout.contains(flag), "help lacks {flag}");
+    }
+}

@@ -1,0 +1,62 @@
+//! Wire-level names and rules of the p2p-node network.
+//!
+//! This crate holds everything two nodes must agree on to talk to each other, and nothing that
+//! performs I/O: no sockets, no files, no async runtime. The node crate wires these constants
+//! into libp2p behaviours.
+//!
+//! # Protocols
+//!
+//! | purpose | id | transport |
+//! |---|---|---|
+//! | peer routing (Kademlia DHT) | [`KADEMLIA_PROTOCOL`] | libp2p-kad, private id so we never join the public IPFS DHT |
+//! | peer metadata (addresses, protocols) | [`IDENTIFY_PROTOCOL_VERSION`] | libp2p-identify |
+//! | announcements (small, signed) | [`ANNOUNCE_TOPIC`] over [`GOSSIPSUB_PROTOCOL_PREFIX`] | libp2p-gossipsub |
+//!
+//! Every connection is encrypted and authenticated with Noise (XX, ed25519 identities) over TCP
+//! and multiplexed with yamux, or runs over QUIC v1. Peers are identified by the libp2p
+//! [peer id](https://docs.libp2p.io/concepts/fundamentals/peers/) derived from their ed25519 key.
+//!
+//! # Limits
+//!
+//! * Gossipsub messages are at most [`MAX_GOSSIP_MESSAGE_BYTES`]; bulk data never travels on
+//!   gossip.
+//! * Kademlia packets are at most [`MAX_KADEMLIA_PACKET_BYTES`].
+//!
+//! # Versioning
+//!
+//! Each protocol id ends in a semantic version. A change that old nodes cannot parse gets a new
+//! major version and a new id; nodes may speak several versions at once during a migration.
+//! Nodes whose identify [`IDENTIFY_PROTOCOL_VERSION`] differs are still connected to, but only
+//! protocols both sides list are used.
+
+/// Kademlia protocol id. Private: a node never answers or queries the public IPFS DHT.
+pub const KADEMLIA_PROTOCOL: &str = "/p2p-ml/kad/1.0.0";
+
+/// The protocol version string nodes send in identify.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/p2p-ml/1.0.0";
+
+/// Prefix of the gossipsub protocol ids (`<prefix>/1.1.0`, ...), private to this network.
+pub const GOSSIPSUB_PROTOCOL_PREFIX: &str = "/p2p-ml/meshsub";
+
+/// The gossipsub topic every node joins; model versions and training runs are announced here.
+pub const ANNOUNCE_TOPIC: &str = "p2p-ml/announce/1";
+
+/// Largest gossipsub message a node sends or accepts.
+pub const MAX_GOSSIP_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Largest Kademlia packet a node sends or accepts.
+pub const MAX_KADEMLIA_PACKET_BYTES: usize = 16 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_ids_are_private_and_versioned() {
+        for id in [KADEMLIA_PROTOCOL, IDENTIFY_PROTOCOL_VERSION] {
+            assert!(id.starts_with("/p2p-ml/"), "{id} must be private");
+            assert!(id.ends_with("1.0.0"), "{id} must carry a version");
+        }
+        assert_ne!(KADEMLIA_PROTOCOL, "/ipfs/kad/1.0.0");
+    }
+}
