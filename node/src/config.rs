@@ -26,7 +26,7 @@ pub struct NodeConfig {
     pub kad_mode: KadMode,
     /// How often the node refreshes its routing table with a Kademlia bootstrap query.
     pub kad_bootstrap_interval: Duration,
-    /// How often the node checks that it has peers, and redials known ones if not.
+    /// How often the node checks that it has enough peers, and dials known ones if not.
     pub maintenance_interval: Duration,
     /// How often a changed peer cache is written to disk.
     pub peer_cache_save_interval: Duration,
@@ -34,6 +34,9 @@ pub struct NodeConfig {
     pub peer_cache_capacity: usize,
     /// How many cached peers are dialled when (re)joining.
     pub peer_cache_dial: usize,
+    /// Maintenance dials known peers while fewer than this many are connected, so that
+    /// gossip meshes have enough members and one departure does not isolate the node.
+    pub target_peers: usize,
     /// Maximum established connections in total.
     pub max_connections: u32,
     /// Gossipsub heartbeat (mesh maintenance) interval.
@@ -57,6 +60,7 @@ impl NodeConfig {
             peer_cache_save_interval: Duration::from_secs(10),
             peer_cache_capacity: 512,
             peer_cache_dial: 16,
+            target_peers: 8,
             max_connections: 256,
             gossip_heartbeat: Duration::from_secs(1),
             idle_connection_timeout: Duration::from_secs(120),

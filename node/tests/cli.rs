@@ -1,6 +1,8 @@
 //! Tests of the `p2p-node` binary itself: exit codes and one-line errors for bad input, a
 //! stable identity, graceful shutdown, and the JSON API's documented fields.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Duration;

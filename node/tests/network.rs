@@ -1,6 +1,8 @@
 //! Multi-node tests in one process: real libp2p over TCP/QUIC on 127.0.0.1, a temp dir per
 //! node, `--no-mdns`. Every wait is on an observable condition with a deadline.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Instant;

@@ -176,22 +176,37 @@ impl EventLoop {
         }
     }
 
-    /// Periodic check: with no connection at all, redial every way we know to join.
+    /// Periodic check. With no connection at all, redial every way we know to join (bootstrap
+    /// peers included); with fewer than the target, dial more known peers.
     fn maintain(&mut self) {
-        if self.swarm.connected_peers().next().is_some() {
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.config.target_peers {
             return;
         }
-        let known = self.book.best(self.config.peer_cache_dial);
-        if known.is_empty() && self.bootstrap_peers.is_empty() {
-            return; // a lone first node: nothing to dial, mDNS and inbound dials will come
+        let wanted = self.config.target_peers - connected;
+        let candidates: Vec<PeerId> = self
+            .book
+            .best(self.config.peer_cache_capacity)
+            .into_iter()
+            .map(|(peer, _)| peer)
+            .filter(|peer| !self.swarm.is_connected(peer))
+            .take(wanted)
+            .collect();
+        if connected > 0 {
+            for peer in candidates {
+                self.dial_known(peer);
+            }
+            return;
+        }
+        if candidates.is_empty() && self.bootstrap_peers.is_empty() {
+            return; // a lone first node: nothing to dial; mDNS and inbound dials will come
         }
         tracing::warn!(
-            candidates = known.len(),
-            "no connected peers; redialling bootstrap and cached peers"
+            candidates = candidates.len(),
+            "no connected peers; redialling bootstrap and known peers"
         );
-        let mut peers: Vec<PeerId> = self.bootstrap_peers.iter().copied().collect();
-        peers.extend(known.into_iter().map(|(p, _)| p));
-        for peer in peers {
+        let bootstrap: Vec<PeerId> = self.bootstrap_peers.iter().copied().collect();
+        for peer in bootstrap.into_iter().chain(candidates) {
             self.dial_known(peer);
         }
         self.kad_bootstrap();
@@ -306,13 +321,11 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.book.set_connected(peer_id, false, unix_now());
-                    tracing::debug!(peer = %peer_id, "disconnected");
-                }
+                self.book.set_connected(peer_id, false, unix_now());
+                tracing::debug!(peer = %peer_id, "disconnected");
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
@@ -362,17 +375,13 @@ impl EventLoop {
                 result: kad::QueryResult::Bootstrap(result),
                 step,
                 ..
-            }) => {
-                if step.last {
-                    match result {
-                        Ok(_) => tracing::debug!(
-                            routing_table_peers = self.routing_table().len(),
-                            "kademlia bootstrap done"
-                        ),
-                        Err(e) => tracing::debug!(error = %e, "kademlia bootstrap timed out"),
-                    }
-                }
-            }
+            }) if step.last => match result {
+                Ok(_) => tracing::debug!(
+                    routing_table_peers = self.routing_table().len(),
+                    "kademlia bootstrap done"
+                ),
+                Err(e) => tracing::debug!(error = %e, "kademlia bootstrap timed out"),
+            },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     let new = self.book.get(&peer).is_none();

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Local testnet: N p2p-node processes on 127.0.0.1, each with its own data dir, ports and log.
+
+Node 1 is the first contact; every other node is started with `--bootstrap <node 1>` and finds
+the rest through Kademlia. The script waits until every node sees all others, prints a table of
+peer ids and peer counts, and then keeps the network up until Ctrl-C (or `stop`), when it stops
+every node with SIGTERM (nodes save their state and exit 0).
+
+    testnet/local.py start [--nodes 5] [--detach]   # foreground unless --detach
+    testnet/local.py status                         # table of a running testnet
+    testnet/local.py stop                           # stop a detached testnet
+    testnet/local.py check [--nodes 3]              # start, wait, print, stop; exit 1 on failure
+
+Standard library only. Traffic stays on loopback; nodes run with --no-mdns.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = ROOT / "testnet" / "run" / "local"
+DEFAULT_BIN = ROOT / "target" / "release" / "p2p-node"
+
+
+def log(msg):
+    print(f"[testnet] {msg}", file=sys.stderr, flush=True)
+
+
+def api_get(api, path, timeout=5):
+    with urllib.request.urlopen(f"http://{api}{path}", timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def node_dirs(base):
+    return sorted((d for d in base.glob("node-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
+
+
+def wait_for(what, timeout, check):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def read_join_addr(log_file):
+    for line in log_file.read_text(errors="replace").splitlines():
+        if "p2p-node --bootstrap " in line and "/ip4/127.0.0.1/tcp/" in line:
+            return line.rsplit(" ", 1)[1]
+    return None
+
+
+def read_api(node_dir):
+    try:
+        return (node_dir / "data" / "api-addr").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def start_node(binary, node_dir, bootstrap):
+    """Starts one node; its stdout and stderr go to node_dir/node.log."""
+    data = node_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "api-addr").unlink(missing_ok=True)
+    args = [str(binary), "--data-dir", str(data), "--no-mdns",
+            "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--api-addr", "127.0.0.1:0"]
+    for b in bootstrap:
+        args += ["--bootstrap", b]
+    logf = open(node_dir / "node.log", "wb")
+    proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    (node_dir / "pid").write_text(str(proc.pid))
+    return proc
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_all(base, timeout=30):
+    pids = []
+    for d in node_dirs(base):
+        try:
+            pid = int((d / "pid").read_text())
+        except (FileNotFoundError, ValueError):
+            continue
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            pids.append((d.name, pid))
+    deadline = time.monotonic() + timeout
+    for name, pid in pids:
+        while alive(pid) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        if alive(pid):
+            log(f"{name} did not stop within {timeout}s; killing it")
+            os.kill(pid, signal.SIGKILL)
+    for d in node_dirs(base):
+        (d / "pid").unlink(missing_ok=True)
+    if pids:
+        log(f"stopped {len(pids)} nodes")
+
+
+def all_see_each_other(dirs):
+    """Whether every node's routing table holds the peer id of every other node."""
+    try:
+        apis = [read_api(d) for d in dirs]
+        if not all(apis):
+            return False
+        ids = [api_get(api, "/status")["peer_id"] for api in apis]
+        for api, own in zip(apis, ids):
+            table = {p["peer_id"] for p in api_get(api, "/peers") if p["in_routing_table"]}
+            if not set(ids) - {own} <= table:
+                return False
+        return True
+    except OSError:
+        return False
+
+
+def snapshot(dirs):
+    rows = []
+    for d in dirs:
+        api = read_api(d)
+        row = {"node": d.name, "api": api or "-", "peer_id": "-", "connected": "-", "routing_table": "-"}
+        if api:
+            try:
+                status = api_get(api, "/status")
+                row.update(peer_id=status["peer_id"], connected=status["connected_peers"],
+                           routing_table=status["routing_table_peers"])
+            except OSError:
+                row["peer_id"] = "(not answering)"
+        rows.append(row)
+    return rows
+
+
+def print_table(rows):
+    header = f"{'node':<8} {'peer id':<54} {'connected':>9} {'routing table':>13}  api"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['node']:<8} {r['peer_id']:<54} {r['connected']!s:>9} {r['routing_table']!s:>13}  {r['api']}")
+    sys.stdout.flush()
+
+
+def start(args):
+    base = Path(args.dir)
+    binary = Path(args.bin)
+    if not binary.exists():
+        sys.exit(f"error: {binary} not found; build it with: cargo build --release -p p2p-node")
+    if args.nodes < 2:
+        sys.exit("error: --nodes must be at least 2")
+    stop_all(base)  # leftovers of an earlier run
+    base.mkdir(parents=True, exist_ok=True)
+    for d in node_dirs(base):
+        if int(d.name.split("-")[1]) > args.nodes:
+            (d / "pid").unlink(missing_ok=True)
+    procs = []
+    started = time.monotonic()
+    try:
+        first = base / "node-1"
+        first.mkdir(parents=True, exist_ok=True)
+        procs.append(start_node(binary, first, []))
+        def first_join_addr():
+            if procs[0].poll() is not None:
+                fail_early(first)
+            return read_join_addr(first / "node.log")
+
+        join = wait_for("node-1 to print its join address", 60, first_join_addr)
+        log(f"node-1 is the first contact: p2p-node --bootstrap {join}")
+        for i in range(2, args.nodes + 1):
+            d = base / f"node-{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            procs.append(start_node(binary, d, [join]))
+        dirs = [base / f"node-{i}" for i in range(1, args.nodes + 1)]
+
+        def converged():
+            for p, d in zip(procs, dirs):
+                if p.poll() is not None:
+                    fail_early(d)
+            return snapshot(dirs) if all_see_each_other(dirs) else None
+
+        rows = wait_for("every node to see all others", args.timeout, converged)
+        log(f"{args.nodes} nodes see each other after {time.monotonic() - started:.1f}s")
+        print_table(rows)
+        if args.command == "check":
+            return
+        if args.detach:
+            log(f"running in the background; logs in {base}/node-*/node.log; stop with: {sys.argv[0]} stop")
+            procs = []  # leave them running
+            return
+        log("running; press Ctrl-C to stop")
+        signal.signal(signal.SIGTERM, interrupt)
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        raise RuntimeError("a node exited on its own; stopping the testnet")
+    except KeyboardInterrupt:
+        log("Ctrl-C: stopping")
+    finally:
+        if procs:
+            stop_all(base)
+            bad = [p.returncode for p in procs if p.returncode not in (0, None)]
+            if bad:
+                log(f"nodes exited with codes {bad}")
+
+
+def interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def fail_early(node_dir):
+    tail = (node_dir / "node.log").read_text(errors="replace").strip().splitlines()[-5:]
+    raise RuntimeError(f"{node_dir.name} exited early:\n  " + "\n  ".join(tail))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="start", choices=["start", "stop", "status", "check"])
+    parser.add_argument("--nodes", type=int, default=5, help="number of nodes (default 5)")
+    parser.add_argument("--dir", default=str(DEFAULT_DIR), help="where data dirs and logs go")
+    parser.add_argument("--bin", default=str(DEFAULT_BIN), help="p2p-node binary")
+    parser.add_argument("--detach", action="store_true", help="leave the nodes running and return")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for discovery")
+    args = parser.parse_args()
+    try:
+        if args.command in ("start", "check"):
+            start(args)
+        elif args.command == "stop":
+            stop_all(Path(args.dir))
+        else:
+            print_table(snapshot(node_dirs(Path(args.dir))))
+    except (TimeoutError, RuntimeError) as e:
+        log(f"error: {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
