@@ -114,6 +114,11 @@ impl NodeConfig {
         self.data_dir.join("peers.json")
     }
 
+    /// Path of the lock file that keeps two nodes off one data dir.
+    pub fn lock_path(&self) -> PathBuf {
+        self.data_dir.join("lock")
+    }
+
     /// Path of the file where a running node writes its API address (for scripts).
     pub fn api_addr_path(&self) -> PathBuf {
         self.data_dir.join("api-addr")

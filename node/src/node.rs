@@ -2,15 +2,19 @@
 //! until shut down. Everything here is callable from tests; `main.rs` only adds the CLI,
 //! logging and signal handling.
 
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{prepare_data_dir, NodeConfig};
+use crate::network::event_loop::{is_loopback, with_peer_id};
 use crate::network::{Client, EventLoop};
 use crate::peers::{self, AddressBook};
 use crate::{api, fsutil, identity};
@@ -38,13 +42,12 @@ impl NodeHandle {
         let mut addrs: Vec<Multiaddr> = self
             .listen_addrs
             .iter()
-            .map(|a| crate::network::event_loop::with_peer_id(a, self.peer_id))
+            .map(|a| with_peer_id(a, self.peer_id))
             .collect();
         addrs.sort_by_key(|a| {
-            let text = a.to_string();
             (
-                !text.contains("/tcp/"),
-                text.starts_with("/ip4/127.") || text.starts_with("/ip6/::1/"),
+                !a.iter().any(|p| matches!(p, Protocol::Tcp(_))),
+                is_loopback(a),
             )
         });
         addrs
@@ -71,6 +74,7 @@ impl NodeHandle {
 /// starts listening and serving the API, and begins joining. Returns once it listens.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
     prepare_data_dir(&config.data_dir)?;
+    let lock = lock_data_dir(&config)?;
     let key = identity::load_or_create(&config.identity_path())?;
     let peer_id = key.public().to_peer_id();
     let book = load_address_book(&config);
@@ -111,6 +115,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle> {
                 &shutdown,
             );
             let (network, api) = tokio::join!(network, api);
+            drop(lock); // held for as long as the node runs
             network.and(api)
         })
     };
@@ -140,6 +145,44 @@ async fn stop_all_on_exit(
     }
     shutdown.cancel();
     result
+}
+
+/// Takes an exclusive lock on the data dir, so that two nodes never share an identity and
+/// overwrite each other's state. The lock file holds the owner's pid, for the error message;
+/// the OS releases the lock when the process dies, even by `kill -9`.
+fn lock_data_dir(config: &NodeConfig) -> Result<File> {
+    let path = config.lock_path();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut owner = String::new();
+            let _ = file.read_to_string(&mut owner);
+            let owner = owner.trim();
+            bail!(
+                "data dir {} is in use by another p2p-node{}; give each node its own --data-dir",
+                config.data_dir.display(),
+                if owner.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {owner})")
+                }
+            );
+        }
+        Err(TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(file)
 }
 
 /// Loads the persisted peer cache; a corrupt one is reported and ignored.

@@ -287,6 +287,24 @@ fn corrupt_peer_cache_and_unreachable_bootstrap_warn_but_keep_running() {
 }
 
 #[test]
+fn second_node_on_the_same_data_dir_is_refused() {
+    let dir = tmp();
+    let mut args = vec!["--data-dir", dir.path().to_str().unwrap()];
+    args.extend(LOOPBACK);
+    let mut first = Running::start(&args);
+    first.api_addr(); // it is up and holds the lock
+    let pid = first.child.id().to_string();
+    let result = run(&args, QUICK);
+    assert_one_line_error(result, 1, "is in use by another p2p-node");
+    let (_, _, stderr) = run(&args, QUICK);
+    assert!(stderr.contains(&format!("(pid {pid})")), "{stderr}");
+    // Once the first stops, the data dir is free again.
+    assert_eq!(first.terminate(QUICK).0, 0);
+    let mut again = Running::start(&args);
+    again.api_addr();
+}
+
+#[test]
 fn help_lists_the_common_flags() {
     let (code, stdout, _) = run(&["--help"], QUICK);
     assert_eq!(code, 0);

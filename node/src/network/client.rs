@@ -19,8 +19,6 @@ pub enum Command {
     RoutingTable(oneshot::Sender<Vec<PeerId>>),
     /// Reply once every requested listener has reported an address (or failed).
     WaitListening(oneshot::Sender<Vec<Multiaddr>>),
-    /// Dial an address (with or without `/p2p/`).
-    Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
 }
 
 /// Summary of the node's network state (`GET /status`).
@@ -94,12 +92,5 @@ impl Client {
     /// Waits until every listener has reported its first address; returns all addresses.
     pub async fn wait_listening(&self) -> Result<Vec<Multiaddr>> {
         self.ask(Command::WaitListening).await
-    }
-
-    /// Dials `addr`.
-    pub async fn dial(&self, addr: Multiaddr) -> Result<()> {
-        self.ask(|tx| Command::Dial(addr, tx))
-            .await?
-            .map_err(|e| anyhow!(e))
     }
 }

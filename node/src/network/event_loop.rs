@@ -230,9 +230,6 @@ impl EventLoop {
                     self.listen_waiters.push(reply);
                 }
             }
-            Command::Dial(addr, reply) => {
-                let _ = reply.send(self.swarm.dial(addr).map_err(|e| e.to_string()));
-            }
         }
     }
 
@@ -347,7 +344,14 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id, mut info, ..
+            }) => {
+                // A remote machine's loopback addresses lead back to ourselves: keep them
+                // only when the peer reached us over loopback (a local testnet).
+                if !is_loopback(&info.observed_addr) {
+                    info.listen_addrs.retain(|a| !is_loopback(a));
+                }
                 let kad_protocol = StreamProtocol::new(p2p_protocol::KADEMLIA_PROTOCOL);
                 if info.protocols.contains(&kad_protocol) {
                     for addr in &info.listen_addrs {
@@ -435,6 +439,15 @@ pub fn with_peer_id(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
         Some(Protocol::P2p(_)) => addr.clone(),
         _ => addr.clone().with(Protocol::P2p(peer)),
     }
+}
+
+/// Whether `addr` is on the loopback interface (127.0.0.0/8 or ::1).
+pub fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 fn transport_error(e: &TransportError<std::io::Error>) -> String {
