@@ -1,4 +1,4 @@
-//! The local JSON API: `GET /healthz`, `GET /status`, `GET /peers`.
+//! The local JSON API: `GET /healthz`, `GET /status`, `GET /peers`, `GET /models`.
 //!
 //! It listens on 127.0.0.1 by default. Handlers only ask the event loop through the
 //! [`Client`]; a stopped network answers 503.
@@ -64,6 +64,7 @@ fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/peers", get(peers))
+        .route("/models", get(models))
         .with_state(state)
 }
 
@@ -89,6 +90,13 @@ async fn status(State(state): State<ApiState>) -> Response {
 async fn peers(State(state): State<ApiState>) -> Response {
     match state.client.peers().await {
         Ok(peers) => Json(peers).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn models(State(state): State<ApiState>) -> Response {
+    match state.client.models().await {
+        Ok(models) => Json(models).into_response(),
         Err(e) => unavailable(e),
     }
 }

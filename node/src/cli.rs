@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
+use crate::distribution::Stage;
+
 /// `p2p-node`: a fully decentralized node for training machine-learning models together.
 #[derive(Debug, Parser)]
 #[command(name = "p2p-node", version, about, long_about = None)]
@@ -31,6 +33,27 @@ pub enum Command {
     Run,
     /// Print this node's peer id (creating the identity on first use) and exit.
     Id,
+    /// Join, download a model version from the swarm, verify it and write it to a file.
+    Fetch(FetchArgs),
+}
+
+/// `p2p-node fetch` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// A model name (the newest announced version is fetched) or a version id (64 hex digits).
+    pub target: String,
+    /// Where to write the file.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Keep running as a full node (serving the version) after the download.
+    #[arg(long)]
+    pub seed: bool,
+    /// Log progress lines instead of drawing a progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Give up after this many seconds without finishing.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    pub timeout: u64,
 }
 
 /// Flags accepted by every subcommand.
@@ -63,6 +86,36 @@ pub struct CommonArgs {
     #[arg(long, global = true, value_enum, default_value_t = KadMode::Server)]
     pub kad_mode: KadMode,
 
+    /// Publish a safetensors file as the next version of a model (repeatable): the running
+    /// node imports it, announces it and serves it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub publish: Vec<PathBuf>,
+
+    /// Model name for --publish [default: the file name without extension].
+    #[arg(long, global = true, value_name = "NAME")]
+    pub model: Option<String>,
+
+    /// Fetch every new version of this model as it is announced (repeatable).
+    #[arg(long, global = true, value_name = "MODEL")]
+    pub follow: Vec<String>,
+
+    /// Distribution stage (1-4 exist for measurement; `swarm` is stage 5, the default).
+    #[arg(long, global = true, value_enum, default_value_t = Stage::Swarm)]
+    pub stage: Stage,
+
+    /// Stage `coordinated` only: this fetcher's portion I/N of the chunks taken from the
+    /// publisher (e.g. 0/4).
+    #[arg(long, global = true, value_name = "I/N", value_parser = parse_portion)]
+    pub portion: Option<Portion>,
+
+    /// Chunk size in KiB for versions this node publishes [default: 1024].
+    #[arg(long, global = true, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=8192))]
+    pub chunk_size_kib: Option<u32>,
+
+    /// Cap on upload bandwidth for model chunks, in MiB/s [default: unlimited].
+    #[arg(long, global = true, value_name = "MIB_PER_S", value_parser = parse_rate)]
+    pub max_upload_rate: Option<f64>,
+
     /// Log line format on stderr; the level is set with RUST_LOG (e.g. RUST_LOG=debug).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -85,6 +138,35 @@ pub enum KadMode {
     Server,
     /// Only issue queries (for nodes others cannot dial).
     Client,
+}
+
+/// A fetcher's share in the coordinated stage: chunk `i` is its own if `i % count == index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Portion {
+    /// Which share, from 0.
+    pub index: u32,
+    /// Number of shares.
+    pub count: u32,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r < 1e6 => Ok(r),
+        _ => Err(format!(
+            "rate '{s}' must be a positive number of MiB/s, e.g. 12.5"
+        )),
+    }
+}
+
+fn parse_portion(s: &str) -> Result<Portion, String> {
+    let err = || format!("portion '{s}' must be I/N with 0 <= I < N, e.g. 0/4");
+    let (i, n) = s.split_once('/').ok_or_else(err)?;
+    let index: u32 = i.trim().parse().map_err(|_| err())?;
+    let count: u32 = n.trim().parse().map_err(|_| err())?;
+    if index >= count {
+        return Err(err());
+    }
+    Ok(Portion { index, count })
 }
 
 /// A bootstrap peer: its address and the peer id the address must end with.

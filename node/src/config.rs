@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use libp2p::Multiaddr;
 
 use crate::cli::{BootstrapAddr, CommonArgs, KadMode};
+use crate::distribution::DistributionConfig;
 
 /// Everything a node needs to start. Tests build one with [`NodeConfig::new`] and adjust fields.
 #[derive(Debug, Clone)]
@@ -43,6 +44,10 @@ pub struct NodeConfig {
     pub gossip_heartbeat: Duration,
     /// Idle connections are closed after this long.
     pub idle_connection_timeout: Duration,
+    /// Model distribution settings.
+    pub distribution: DistributionConfig,
+    /// Models whose new versions are fetched as they appear.
+    pub follow: Vec<String>,
 }
 
 impl NodeConfig {
@@ -64,6 +69,8 @@ impl NodeConfig {
             max_connections: 256,
             gossip_heartbeat: Duration::from_secs(1),
             idle_connection_timeout: Duration::from_secs(120),
+            distribution: DistributionConfig::default(),
+            follow: Vec::new(),
         }
     }
 
@@ -101,6 +108,17 @@ impl NodeConfig {
         }
         config.mdns = !args.no_mdns;
         config.kad_mode = args.kad_mode;
+        config.distribution.stage = args.stage;
+        if let Some(portion) = args.portion {
+            config.distribution.portion = Some((portion.index, portion.count));
+        }
+        if let Some(kib) = args.chunk_size_kib {
+            config.distribution.chunk_size = kib.saturating_mul(1024);
+        }
+        config.follow = args.follow.clone();
+        config.distribution.max_upload_rate = args
+            .max_upload_rate
+            .map(|mib| (mib * 1024.0 * 1024.0) as u64);
         Ok(config)
     }
 
@@ -117,6 +135,11 @@ impl NodeConfig {
     /// Path of the lock file that keeps two nodes off one data dir.
     pub fn lock_path(&self) -> PathBuf {
         self.data_dir.join("lock")
+    }
+
+    /// Directory of the model store.
+    pub fn models_dir(&self) -> PathBuf {
+        self.data_dir.join("models")
     }
 
     /// Path of the file where a running node writes its API address (for scripts).

@@ -4,11 +4,14 @@
 //!   [`node::NodeHandle`];
 //! * [`network`] holds the libp2p behaviours and the event loop that owns the swarm;
 //! * [`peers`] is the persisted address book that lets a node rejoin without bootstrap;
+//! * [`distribution`] stores, serves and downloads model versions (the swarm engine);
 //! * [`api`] serves the local JSON API.
 
 pub mod api;
 pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod distribution;
 pub mod fsutil;
 pub mod identity;
 pub mod logging;

@@ -5,12 +5,12 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::error::ErrorKind;
 use clap::Parser;
 use p2p_node::cli::{Cli, Command};
 use p2p_node::config::{prepare_data_dir, NodeConfig};
-use p2p_node::{identity, logging, node};
+use p2p_node::{commands, identity, logging};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -62,31 +62,14 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", key.public().to_peer_id());
             Ok(())
         }
-        Command::Run => run_node(config).await,
+        Command::Run => {
+            commands::run_node(config, &cli.common.publish, cli.common.model.as_deref()).await
+        }
+        Command::Fetch(args) => {
+            if !cli.common.publish.is_empty() {
+                anyhow::bail!("--publish belongs to a running node, not to fetch");
+            }
+            commands::fetch(config, &args).await
+        }
     }
-}
-
-async fn run_node(config: NodeConfig) -> Result<()> {
-    let mut handle = node::start(config).await?;
-    println!("peer id: {}", handle.peer_id);
-    if let Some(api) = handle.api_addr {
-        println!("API listening on http://{api}");
-    }
-    for addr in handle
-        .join_addrs()
-        .iter()
-        .filter(|a| a.to_string().contains("/tcp/"))
-    {
-        println!("join this network with: p2p-node --bootstrap {addr}");
-    }
-
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot wait for Ctrl-C")?,
-        _ = terminate.recv() => {}
-        result = handle.stopped() => return result,
-    }
-    tracing::info!("shutting down");
-    handle.stop().await
 }

@@ -11,6 +11,8 @@
 //! | peer routing (Kademlia DHT) | [`KADEMLIA_PROTOCOL`] | libp2p-kad, private id so we never join the public IPFS DHT |
 //! | peer metadata (addresses, protocols) | [`IDENTIFY_PROTOCOL_VERSION`] | libp2p-identify |
 //! | announcements (small, signed) | [`ANNOUNCE_TOPIC`] over [`GOSSIPSUB_PROTOCOL_PREFIX`] | libp2p-gossipsub |
+//! | model distribution: manifests, bitfields, chunks | [`messages::MODELS_PROTOCOL`] | libp2p-request-response, [`codec::CborCodec`] |
+//! | who holds a version | Kademlia provider records keyed by the version id's 32 bytes | libp2p-kad |
 //!
 //! Every connection is encrypted and authenticated with Noise (XX, ed25519 identities) over TCP
 //! and multiplexed with yamux, or runs over QUIC v1. Peers are identified by the libp2p
@@ -21,6 +23,19 @@
 //! * Gossipsub messages are at most [`MAX_GOSSIP_MESSAGE_BYTES`]; bulk data never travels on
 //!   gossip.
 //! * Kademlia packets are at most [`MAX_KADEMLIA_PACKET_BYTES`].
+//! * Model requests are at most [`messages::MAX_REQUEST_BYTES`], responses at most
+//!   [`messages::MAX_RESPONSE_BYTES`] (one chunk of at most [`manifest::MAX_CHUNK_SIZE`], or
+//!   one manifest of at most [`manifest::MAX_MANIFEST_BYTES`]). Larger messages are refused
+//!   unread.
+//!
+//! # Model versions
+//!
+//! A version is a safetensors file cut into chunks (default [`manifest::DEFAULT_CHUNK_SIZE`]),
+//! each hashed with BLAKE3 and listed in a CBOR [`manifest::Manifest`] together with the
+//! file's tensor index ([`safetensors::TensorEntry`]). The version id is the BLAKE3 hash of
+//! the encoded manifest, so a manifest and each chunk can be fetched from anyone and checked.
+//! Announcements ([`messages::Announcement`], CBOR) carry model, version number, id, size and
+//! publisher.
 //!
 //! # Versioning
 //!
@@ -28,6 +43,12 @@
 //! major version and a new id; nodes may speak several versions at once during a migration.
 //! Nodes whose identify [`IDENTIFY_PROTOCOL_VERSION`] differs are still connected to, but only
 //! protocols both sides list are used.
+
+pub mod bitfield;
+pub mod codec;
+pub mod manifest;
+pub mod messages;
+pub mod safetensors;
 
 /// Kademlia protocol id. Private: a node never answers or queries the public IPFS DHT.
 pub const KADEMLIA_PROTOCOL: &str = "/p2p-ml/kad/1.0.0";

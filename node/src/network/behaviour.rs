@@ -7,8 +7,12 @@ use anyhow::{anyhow, Result};
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, StreamProtocol};
+use libp2p::{
+    connection_limits, gossipsub, identify, kad, mdns, ping, request_response, StreamProtocol,
+};
 use p2p_protocol as proto;
+use p2p_protocol::codec::CborCodec;
+use p2p_protocol::messages::{self, Request, Response};
 
 use crate::cli::KadMode;
 use crate::config::NodeConfig;
@@ -29,6 +33,8 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Local-network discovery; off with `--no-mdns`.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Model distribution: manifests, bitfields and chunks.
+    pub models: request_response::Behaviour<CborCodec<Request, Response>>,
 }
 
 impl Behaviour {
@@ -92,6 +98,17 @@ impl Behaviour {
             None
         };
 
+        let models = request_response::Behaviour::with_codec(
+            CborCodec::new(messages::MAX_REQUEST_BYTES, messages::MAX_RESPONSE_BYTES),
+            [(
+                StreamProtocol::new(messages::MODELS_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(config.distribution.request_timeout)
+                .with_max_concurrent_streams(512),
+        );
+
         Ok(Self {
             limits,
             kademlia,
@@ -99,6 +116,7 @@ impl Behaviour {
             ping,
             gossipsub,
             mdns: mdns.into(),
+            models,
         })
     }
 }

@@ -1,11 +1,18 @@
 //! [`Client`]: a cloneable handle to the event loop. Each method sends a [`Command`] with a
 //! oneshot reply channel; the event loop, which alone owns the swarm, answers it.
 
-use anyhow::{anyhow, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
 use libp2p::{Multiaddr, PeerId};
+use p2p_protocol::manifest::{Manifest, VersionId};
+use p2p_protocol::messages::Announcement;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::distribution::engine::{DownloadReport, ModelInfo};
+use crate::distribution::store::{self, ImportedFile, Store};
 use crate::peers::Source;
 
 /// Requests the event loop serves.
@@ -19,6 +26,40 @@ pub enum Command {
     RoutingTable(oneshot::Sender<Vec<PeerId>>),
     /// Reply once every requested listener has reported an address (or failed).
     WaitListening(oneshot::Sender<Vec<Multiaddr>>),
+    /// Adopt an imported file as the next version of a model, announce and serve it.
+    Publish {
+        /// The imported file.
+        imported: ImportedFile,
+        /// Model name.
+        model: String,
+        /// The announcement, or why it failed.
+        reply: oneshot::Sender<Result<Announcement, String>>,
+    },
+    /// Download a version; the reply comes when it is complete (or failed).
+    Fetch {
+        /// The version.
+        id: VersionId,
+        /// The report, or why it failed.
+        reply: oneshot::Sender<Result<DownloadReport, String>>,
+    },
+    /// Known versions of a model, after asking connected peers.
+    QueryVersions {
+        /// Model name.
+        model: String,
+        /// Newest first.
+        reply: oneshot::Sender<Vec<Announcement>>,
+    },
+    /// Versions held (`GET /models`).
+    Models(oneshot::Sender<Vec<ModelInfo>>),
+    /// Manifest and data path of a complete version.
+    CompleteVersion {
+        /// The version.
+        id: VersionId,
+        /// `None` unless held completely.
+        reply: oneshot::Sender<Option<(Manifest, PathBuf)>>,
+    },
+    /// Penalty points of peers that sent bad data.
+    Penalties(oneshot::Sender<HashMap<PeerId, u32>>),
 }
 
 /// Summary of the node's network state (`GET /status`).
@@ -57,12 +98,19 @@ pub struct PeerInfo {
 #[derive(Debug, Clone)]
 pub struct Client {
     sender: mpsc::Sender<Command>,
+    models_dir: PathBuf,
+    chunk_size: u32,
 }
 
 impl Client {
-    /// Wraps the command channel of an event loop.
-    pub fn new(sender: mpsc::Sender<Command>) -> Self {
-        Self { sender }
+    /// Wraps the command channel of an event loop whose store is at `models_dir` and which
+    /// publishes with chunks of `chunk_size` bytes.
+    pub fn new(sender: mpsc::Sender<Command>, models_dir: PathBuf, chunk_size: u32) -> Self {
+        Self {
+            sender,
+            models_dir,
+            chunk_size,
+        }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -92,5 +140,61 @@ impl Client {
     /// Waits until every listener has reported its first address; returns all addresses.
     pub async fn wait_listening(&self) -> Result<Vec<Multiaddr>> {
         self.ask(Command::WaitListening).await
+    }
+
+    /// Publishes `file` as the next version of `model`: imports it (on a blocking thread),
+    /// then announces and serves it. Identical bytes give the same version id again.
+    pub async fn publish(&self, file: &Path, model: &str) -> Result<Announcement> {
+        p2p_protocol::manifest::validate_model_name(model).map_err(|e| anyhow!(e))?;
+        let (root, source, chunk_size) =
+            (self.models_dir.clone(), file.to_path_buf(), self.chunk_size);
+        let imported =
+            tokio::task::spawn_blocking(move || Store::import_file(&root, &source, chunk_size))
+                .await
+                .context("import task failed")??;
+        let model = model.to_string();
+        self.ask(|reply| Command::Publish {
+            imported,
+            model,
+            reply,
+        })
+        .await?
+        .map_err(|e| anyhow!(e))
+    }
+
+    /// Downloads version `id` from the swarm; returns when it is complete and verified.
+    pub async fn fetch(&self, id: VersionId) -> Result<DownloadReport> {
+        self.ask(|reply| Command::Fetch { id, reply })
+            .await?
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// Versions of `model` known to this node and its connected peers, newest first.
+    pub async fn query_versions(&self, model: &str) -> Result<Vec<Announcement>> {
+        let model = model.to_string();
+        self.ask(|reply| Command::QueryVersions { model, reply })
+            .await
+    }
+
+    /// Versions held, with progress and traffic.
+    pub async fn models(&self) -> Result<Vec<ModelInfo>> {
+        self.ask(Command::Models).await
+    }
+
+    /// Penalty points of peers that sent bad data.
+    pub async fn penalties(&self) -> Result<HashMap<PeerId, u32>> {
+        self.ask(Command::Penalties).await
+    }
+
+    /// Writes the complete version `id` to `out`, verifying every chunk again.
+    pub async fn export(&self, id: VersionId, out: &Path) -> Result<()> {
+        let (manifest, data) = self
+            .ask(|reply| Command::CompleteVersion { id, reply })
+            .await?
+            .with_context(|| format!("version {id} is not held completely"))?;
+        let out = out.to_path_buf();
+        tokio::task::spawn_blocking(move || store::export_file(&manifest, &data, &out))
+            .await
+            .context("export task failed")?
     }
 }

@@ -21,7 +21,12 @@ use tokio_util::sync::CancellationToken;
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command, NetworkStatus, PeerInfo};
 use crate::config::NodeConfig;
+use crate::distribution::engine::{self, Engine};
+use crate::distribution::store::Store;
 use crate::peers::{self, AddressBook, Source};
+
+/// How often the distribution engine schedules requests and refreshes availability.
+const ENGINE_TICK: Duration = Duration::from_millis(200);
 
 /// Capacity of the command channel: callers wait when the loop is this far behind.
 const COMMAND_QUEUE: usize = 64;
@@ -36,6 +41,7 @@ pub struct EventLoop {
     pending_listeners: HashSet<ListenerId>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     listen_addrs: Vec<Multiaddr>,
+    engine: Engine,
 }
 
 impl EventLoop {
@@ -44,6 +50,15 @@ impl EventLoop {
     /// Fails (with a one-line reason) if an address cannot be listened on.
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
         let behaviour = Behaviour::new(&key, &config)?;
+        let store = Store::open(&config.models_dir())?;
+        let mut engine = Engine::new(
+            config.distribution.clone(),
+            store,
+            key.public().to_peer_id(),
+        );
+        for model in &config.follow {
+            engine.follow(model.clone());
+        }
         let idle_timeout = config.idle_connection_timeout;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
@@ -71,6 +86,7 @@ impl EventLoop {
 
         let (sender, commands) = mpsc::channel(COMMAND_QUEUE);
         let bootstrap_peers = config.bootstrap.iter().map(|b| b.peer_id).collect();
+        let client = Client::new(sender, config.models_dir(), config.distribution.chunk_size);
         let event_loop = Self {
             swarm,
             commands,
@@ -80,8 +96,9 @@ impl EventLoop {
             pending_listeners,
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
+            engine,
         };
-        Ok((event_loop, Client::new(sender)))
+        Ok((event_loop, client))
     }
 
     /// The local peer id.
@@ -92,6 +109,9 @@ impl EventLoop {
     /// Runs until `shutdown` is cancelled, then saves the peer cache.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         self.join();
+        self.engine.start(&mut self.swarm);
+        let mut engine_tick = tokio::time::interval(ENGINE_TICK);
+        engine_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut maintenance = tokio::time::interval(self.config.maintenance_interval);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         maintenance.tick().await; // the first tick fires at once; join() just ran
@@ -104,8 +124,10 @@ impl EventLoop {
                 Some(command) = self.commands.recv() => self.on_command(command),
                 _ = maintenance.tick() => self.maintain(),
                 _ = save.tick() => self.save_cache_if_dirty(),
+                _ = engine_tick.tick() => self.engine.tick(&mut self.swarm),
             }
         }
+        self.engine.shutdown();
         self.save_cache()
             .context("cannot save the peer cache at shutdown")?;
         tracing::info!(
@@ -223,6 +245,30 @@ impl EventLoop {
             Command::RoutingTable(reply) => {
                 let _ = reply.send(self.routing_table());
             }
+            Command::Publish {
+                imported,
+                model,
+                reply,
+            } => {
+                let result = self
+                    .engine
+                    .publish(&mut self.swarm, imported, &model)
+                    .map_err(|e| format!("{e:#}"));
+                let _ = reply.send(result);
+            }
+            Command::Fetch { id, reply } => self.engine.fetch(&mut self.swarm, id, reply),
+            Command::QueryVersions { model, reply } => {
+                self.engine.query_versions(&mut self.swarm, model, reply)
+            }
+            Command::Models(reply) => {
+                let _ = reply.send(self.engine.models());
+            }
+            Command::CompleteVersion { id, reply } => {
+                let _ = reply.send(self.engine.complete_version(&id));
+            }
+            Command::Penalties(reply) => {
+                let _ = reply.send(self.engine.penalties());
+            }
             Command::WaitListening(reply) => {
                 if self.pending_listeners.is_empty() {
                     let _ = reply.send(self.listen_addrs.clone());
@@ -310,6 +356,7 @@ impl EventLoop {
                 }
                 if num_established.get() == 1 {
                     self.book.set_connected(peer_id, true, unix_now());
+                    self.engine.on_peer_connected(&mut self.swarm, peer_id);
                     tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                     if self.bootstrap_peers.contains(&peer_id) {
                         tracing::info!(peer = %peer_id, "connected to bootstrap peer");
@@ -322,6 +369,7 @@ impl EventLoop {
                 ..
             } => {
                 self.book.set_connected(peer_id, false, unix_now());
+                self.engine.on_peer_disconnected(peer_id);
                 tracing::debug!(peer = %peer_id, "disconnected");
             }
             SwarmEvent::OutgoingConnectionError {
@@ -400,12 +448,30 @@ impl EventLoop {
                     self.dial_known(peer);
                 }
             }
+            BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => {
+                let providers = match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+                    _ => Default::default(),
+                };
+                self.engine
+                    .on_providers(&mut self.swarm, id, providers, step.last);
+            }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message,
                 ..
             }) => {
                 tracing::debug!(from = %propagation_source, topic = %message.topic, bytes = message.data.len(), "gossip message");
+                self.engine
+                    .on_gossip(&mut self.swarm, message.source, &message.data);
+            }
+            BehaviourEvent::Models(event) => {
+                engine::on_models_event(&mut self.engine, &mut self.swarm, event);
             }
             _ => {}
         }

@@ -131,3 +131,75 @@ pub async fn wait_fully_discovered(what: &str, nodes: &[&TestNode]) {
     })
     .await
 }
+
+/// Starts a node in a fresh temp dir with `adjust` applied to its loopback config.
+pub async fn start_node_with(
+    bootstrap: Vec<BootstrapAddr>,
+    adjust: impl FnOnce(&mut NodeConfig),
+) -> TestNode {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = loopback_config(&dir, bootstrap);
+    adjust(&mut config);
+    let handle = node::start(config).await.expect("node starts");
+    TestNode { handle, dir }
+}
+
+/// Pseudo-random bytes from `seed` (xorshift; deterministic, incompressible enough).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes a safetensors file of `tensors` (name, bytes) as U8 tensors; returns its bytes.
+pub fn write_safetensors(path: &std::path::Path, tensors: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, data) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "U8", "shape": [data.len()], "data_offsets": [offset, offset + data.len()]}),
+        );
+        offset += data.len();
+    }
+    let header = serde_json::to_vec(&header).expect("json");
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&header);
+    for (_, data) in tensors {
+        file.extend_from_slice(data);
+    }
+    std::fs::write(path, &file).expect("write safetensors");
+    file
+}
+
+/// A safetensors file of about `mib` MiB in `dir`, in tensors of 4 MiB; returns path and bytes.
+pub fn model_file(
+    dir: &std::path::Path,
+    name: &str,
+    mib: usize,
+    seed: u64,
+) -> (std::path::PathBuf, Vec<u8>) {
+    let tensors: Vec<(String, Vec<u8>)> = (0..mib.div_ceil(4))
+        .map(|i| {
+            let len = (4.min(mib - 4 * i)) << 20;
+            (
+                format!("layer{i}.weight"),
+                pseudo_random(len, seed + i as u64),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.clone()))
+        .collect();
+    let path = dir.join(name);
+    let bytes = write_safetensors(&path, &refs);
+    (path, bytes)
+}

@@ -1,0 +1,234 @@
+//! The long-running subcommands: `run` (with `--publish`) and `fetch`. Each starts a node,
+//! does its job, and stops the node gracefully on Ctrl-C or SIGTERM.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use p2p_protocol::manifest::VersionId;
+
+use crate::cli::FetchArgs;
+use crate::config::NodeConfig;
+use crate::distribution::engine::ModelInfo;
+use crate::network::Client;
+use crate::node::{self, NodeHandle};
+
+/// How long `fetch MODEL` waits for any peer to name a version before giving up.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `p2p-node [run]`: start, print how to join, publish the `--publish` files, run until a
+/// signal.
+pub async fn run_node(config: NodeConfig, publish: &[PathBuf], model: Option<&str>) -> Result<()> {
+    let handle = node::start(config).await?;
+    print_banner(&handle);
+    for file in publish {
+        if let Err(e) = publish_file(&handle.client, file, model).await {
+            handle.stop().await?;
+            return Err(e);
+        }
+    }
+    run_until_signal(handle).await
+}
+
+/// Publishes one file and prints the version.
+async fn publish_file(client: &Client, file: &Path, model: Option<&str>) -> Result<()> {
+    let name = match model {
+        Some(m) => m.to_string(),
+        None => file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .with_context(|| {
+                format!("cannot name a model after {}; pass --model", file.display())
+            })?,
+    };
+    let a = client
+        .publish(file, &name)
+        .await
+        .with_context(|| format!("cannot publish {}", file.display()))?;
+    println!(
+        "published {} version {} ({} bytes) as {}",
+        a.model, a.version, a.size, a.id
+    );
+    println!(
+        "fetch it with: p2p-node fetch {} --out <file> --bootstrap <address above>",
+        a.model
+    );
+    Ok(())
+}
+
+/// `p2p-node fetch`: join, resolve the target, download, verify, write the file.
+pub async fn fetch(config: NodeConfig, args: &FetchArgs) -> Result<()> {
+    let handle = node::start(config).await?;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let result = tokio::select! {
+        r = fetch_with(&handle.client, args, deadline) => r,
+        () = wait_for_signal() => Err(anyhow::anyhow!("interrupted; run the same command again to resume")),
+    };
+    match result {
+        Ok(()) if args.seed => {
+            print_banner(&handle);
+            run_until_signal(handle).await
+        }
+        Ok(()) => handle.stop().await,
+        Err(e) => {
+            handle.stop().await?;
+            Err(e)
+        }
+    }
+}
+
+async fn fetch_with(client: &Client, args: &FetchArgs, deadline: Instant) -> Result<()> {
+    let id = match args.target.parse::<VersionId>() {
+        Ok(id) => id,
+        Err(_) => resolve_model(client, &args.target, deadline).await?,
+    };
+    let progress = tokio::spawn(show_progress(
+        client.clone(),
+        id,
+        !args.no_progress && std::io::stderr().is_terminal(),
+    ));
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let report = tokio::time::timeout(remaining, client.fetch(id)).await;
+    progress.abort();
+    let report = report
+        .map_err(|_| anyhow::anyhow!("version {id} was not downloaded within {} s (no peer has it, or the network is too slow); run again to resume", args.timeout))??;
+    client.export(id, &args.out).await?;
+    println!(
+        "fetched {} version {} ({} bytes, id {}) to {}: {} chunks downloaded from {} peers, {} copied locally, {} already held, in {:.1} s",
+        report.model,
+        report.version,
+        report.size,
+        report.id,
+        args.out.display(),
+        report.chunks_downloaded,
+        report.peers_used,
+        report.chunks_copied_locally,
+        report.chunks_resumed,
+        report.seconds
+    );
+    Ok(())
+}
+
+/// Finds the newest version of `model` known to the network.
+async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Result<VersionId> {
+    p2p_protocol::manifest::validate_model_name(model)
+        .map_err(|e| anyhow::anyhow!("'{model}' is neither a version id nor a model name: {e}"))?;
+    let deadline = deadline.min(Instant::now() + RESOLVE_TIMEOUT);
+    loop {
+        if client.status().await?.connected_peers > 0 {
+            if let Some(newest) = client.query_versions(model).await?.into_iter().next() {
+                tracing::info!(model, version = newest.version, id = %newest.id, size = newest.size, "newest version found");
+                return Ok(newest.id);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("no version of model '{model}' found on the network (is the name right, and is a node serving it?)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Draws a progress bar on a terminal, or logs a line every few seconds otherwise.
+async fn show_progress(client: Client, id: VersionId, bar: bool) {
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let mut first_held: Option<u64> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(if bar { 250 } else { 500 })).await;
+        let Ok(models) = client.models().await else {
+            return;
+        };
+        let hex = id.to_hex();
+        let Some(info) = models.into_iter().find(|m| m.id == hex) else {
+            continue;
+        };
+        let held = held_bytes(&info);
+        let base = *first_held.get_or_insert(held);
+        let elapsed = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = (held - base) as f64 / elapsed;
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", (info.size - held) as f64 / rate)
+        } else {
+            "?".into()
+        };
+        if bar {
+            let width = 30;
+            let filled = (info.progress * width as f64) as usize;
+            let mut err = std::io::stderr();
+            let _ = write!(
+                err,
+                "\r[{}{}] {:5.1}% {:.1}/{:.1} MiB {:.1} MiB/s peers {} ETA {}   ",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                info.progress * 100.0,
+                mib(held),
+                mib(info.size),
+                mib(rate as u64),
+                info.peers_serving,
+                eta
+            );
+            let _ = err.flush();
+        } else if last_log.elapsed() >= Duration::from_secs(2) {
+            last_log = Instant::now();
+            tracing::info!(
+                version = %id.short(), progress = format!("{:.1}%", info.progress * 100.0),
+                held_mib = format!("{:.1}", mib(held)), size_mib = format!("{:.1}", mib(info.size)),
+                rate_mib_s = format!("{:.1}", mib(rate as u64)), peers = info.peers_serving, eta = %eta,
+                "downloading"
+            );
+        }
+    }
+}
+
+fn held_bytes(info: &ModelInfo) -> u64 {
+    (info.progress * info.size as f64) as u64
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Prints the peer id, API address and joining commands.
+fn print_banner(handle: &NodeHandle) {
+    println!("peer id: {}", handle.peer_id);
+    if let Some(api) = handle.api_addr {
+        println!("API listening on http://{api}");
+    }
+    for addr in handle
+        .join_addrs()
+        .iter()
+        .filter(|a| a.to_string().contains("/tcp/"))
+    {
+        println!("join this network with: p2p-node --bootstrap {addr}");
+    }
+}
+
+/// Runs until Ctrl-C or SIGTERM (then stops gracefully) or until the node fails.
+async fn run_until_signal(mut handle: NodeHandle) -> Result<()> {
+    tokio::select! {
+        () = wait_for_signal() => {}
+        result = handle.stopped() => return result,
+    }
+    tracing::info!("shutting down");
+    handle.stop().await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot install the SIGTERM handler");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

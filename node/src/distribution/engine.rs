@@ -1,0 +1,1226 @@
+//! [`Engine`]: the swarm engine. It lives inside the network event loop (which owns the swarm
+//! and hands it in), serves the versions in the [`Store`], and drives downloads:
+//!
+//! manifest from any peer, checked against the id -> chunks already held locally copied ->
+//! every connected peer and every Kademlia provider asked which chunks it holds -> the
+//! [`Picker`] schedules chunk requests -> each chunk verified, written, served at once ->
+//! complete: provider record, waiters told.
+//!
+//! A peer that sends a chunk that does not match its hash is dropped for that version and
+//! penalized (disconnected after [`MAX_PENALTY`] offences). Failed and timed-out requests give
+//! their chunk back to the picker; new peers and providers join the download at once.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use libp2p::request_response::{
+    self, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
+};
+use libp2p::{gossipsub, kad, PeerId, Swarm};
+use p2p_protocol::bitfield::Bitfield;
+use p2p_protocol::manifest::{Manifest, VersionId};
+use p2p_protocol::messages::{Announcement, Request, Response, MAX_VERSIONS_LISTED};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::picker::Picker;
+use super::store::{ImportedFile, Store};
+use super::{DistributionConfig, RateLimiter, Stage};
+use crate::network::behaviour::{announce_topic, Behaviour};
+
+/// Bad chunks after which a peer is disconnected.
+pub const MAX_PENALTY: u32 = 3;
+
+/// How often a follower asks its peers for versions of the models it follows (in case it
+/// missed an announcement).
+const FOLLOW_POLL: Duration = Duration::from_secs(5);
+
+/// How long a query for a model's versions waits for answers.
+const VERSIONS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The outcome of a finished download.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownloadReport {
+    /// Version id.
+    pub id: String,
+    /// Model name.
+    pub model: String,
+    /// Version number.
+    pub version: u64,
+    /// File size.
+    pub size: u64,
+    /// Number of chunks.
+    pub chunks: u32,
+    /// Chunks received from peers in this run.
+    pub chunks_downloaded: u32,
+    /// Chunks copied from other local versions.
+    pub chunks_copied_locally: u32,
+    /// Chunks already verified on disk when the download (re)started.
+    pub chunks_resumed: u32,
+    /// Distinct peers that sent chunks.
+    pub peers_used: usize,
+    /// Seconds from start to completion.
+    pub seconds: f64,
+}
+
+/// One version as listed by `GET /models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// Version id.
+    pub id: String,
+    /// Model name.
+    pub model: String,
+    /// Version number.
+    pub version: u64,
+    /// Parent version id.
+    pub parent: Option<String>,
+    /// File size in bytes.
+    pub size: u64,
+    /// Chunks in the version.
+    pub chunks: u32,
+    /// Chunks held and verified.
+    pub chunks_held: u32,
+    /// Fraction held, 0 to 1.
+    pub progress: f64,
+    /// Whether every chunk is held.
+    pub complete: bool,
+    /// Whether this node published it.
+    pub published: bool,
+    /// Peers known to hold chunks of it (during a download).
+    pub peers_serving: usize,
+    /// Bytes of chunks this node sent to others.
+    pub bytes_uploaded: u64,
+    /// Bytes of chunks this node received from others.
+    pub bytes_downloaded: u64,
+    /// Peers dropped for sending bad data.
+    pub bad_peers: Vec<String>,
+    /// Path of the data file.
+    pub path: String,
+}
+
+/// What an outstanding request was for.
+#[derive(Debug)]
+enum Purpose {
+    Manifest(VersionId),
+    Have(VersionId),
+    Chunk(VersionId, u32),
+    Versions(u64),
+}
+
+#[derive(Debug)]
+struct Pending {
+    peer: PeerId,
+    purpose: Purpose,
+    cancelled: bool,
+}
+
+#[derive(Debug, Default)]
+struct Traffic {
+    uploaded: u64,
+    downloaded: u64,
+}
+
+/// A download in progress.
+struct Download {
+    picker: Option<Picker<PeerId>>,
+    candidates: HashSet<PeerId>,
+    banned: HashSet<PeerId>,
+    have_pending: HashSet<PeerId>,
+    last_have: HashMap<PeerId, Instant>,
+    manifest_asked: HashSet<PeerId>,
+    last_provider_query: Option<Instant>,
+    publisher: Option<PeerId>,
+    started: Instant,
+    chunks_downloaded: u32,
+    chunks_copied: u32,
+    chunks_resumed: u32,
+    senders: HashSet<PeerId>,
+    waiters: Vec<oneshot::Sender<Result<DownloadReport, String>>>,
+}
+
+impl Download {
+    fn new(publisher: Option<PeerId>) -> Self {
+        Self {
+            picker: None,
+            candidates: HashSet::new(),
+            banned: HashSet::new(),
+            have_pending: HashSet::new(),
+            last_have: HashMap::new(),
+            manifest_asked: HashSet::new(),
+            last_provider_query: None,
+            publisher,
+            started: Instant::now(),
+            chunks_downloaded: 0,
+            chunks_copied: 0,
+            chunks_resumed: 0,
+            senders: HashSet::new(),
+            waiters: Vec::new(),
+        }
+    }
+}
+
+struct VersionsQuery {
+    model: String,
+    outstanding: usize,
+    deadline: Instant,
+    reply: oneshot::Sender<Vec<Announcement>>,
+}
+
+/// The distribution engine of one node.
+pub struct Engine {
+    config: DistributionConfig,
+    store: Store,
+    local_peer: PeerId,
+    downloads: HashMap<VersionId, Download>,
+    requests: HashMap<OutboundRequestId, Pending>,
+    provider_queries: HashMap<kad::QueryId, VersionId>,
+    announcements: HashMap<VersionId, Announcement>,
+    traffic: HashMap<VersionId, Traffic>,
+    uploads: HashSet<InboundRequestId>,
+    upload_limiter: Option<RateLimiter>,
+    /// Per published version, how often each chunk was uploaded (for initial seeding).
+    seeded: HashMap<VersionId, Vec<u32>>,
+    penalties: HashMap<PeerId, u32>,
+    followed: HashSet<String>,
+    versions_queries: HashMap<u64, VersionsQuery>,
+    next_query: u64,
+    last_sync: Instant,
+    last_follow_poll: Option<Instant>,
+    rng: StdRng,
+}
+
+impl Engine {
+    /// An engine serving `store`. Incomplete versions found in the store resume downloading.
+    pub fn new(config: DistributionConfig, store: Store, local_peer: PeerId) -> Self {
+        let mut engine = Self {
+            store,
+            local_peer,
+            downloads: HashMap::new(),
+            requests: HashMap::new(),
+            provider_queries: HashMap::new(),
+            announcements: HashMap::new(),
+            traffic: HashMap::new(),
+            uploads: HashSet::new(),
+            seeded: HashMap::new(),
+            upload_limiter: config
+                .max_upload_rate
+                .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
+            penalties: HashMap::new(),
+            followed: HashSet::new(),
+            versions_queries: HashMap::new(),
+            next_query: 0,
+            last_sync: Instant::now(),
+            last_follow_poll: None,
+            rng: StdRng::from_entropy(),
+            config,
+        };
+        let partial: Vec<VersionId> = engine
+            .store
+            .iter()
+            .filter(|(_, v)| !v.is_complete())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in partial {
+            let mut download = Download::new(None);
+            engine.init_picker(&id, &mut download);
+            tracing::info!(version = %id.short(), chunks_held = download.chunks_resumed, "resuming an interrupted download");
+            engine.downloads.insert(id, download);
+        }
+        engine
+    }
+
+    /// Called once the swarm runs: provider records for held versions, pending downloads.
+    pub fn start(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let held: Vec<VersionId> = self
+            .store
+            .iter()
+            .filter(|(_, v)| {
+                self.serves_version(v.published, v.is_complete()) && v.have.count() > 0
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held {
+            start_providing(swarm, &id);
+        }
+    }
+
+    /// Makes every written chunk durable before the node stops.
+    pub fn shutdown(&mut self) {
+        if let Err(e) = self.store.sync_all() {
+            tracing::error!(error = %format!("{e:#}"), "cannot make downloaded chunks durable");
+        }
+    }
+
+    /// Follows `model`: every newer version announced or found is fetched.
+    pub fn follow(&mut self, model: String) {
+        self.followed.insert(model);
+    }
+
+    // ----- commands -----
+
+    /// Adopts an imported file as the next version of `model`, announces it and serves it.
+    pub fn publish(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        imported: ImportedFile,
+        model: &str,
+    ) -> Result<Announcement> {
+        let latest = self.newest_known(model);
+        let version = latest.as_ref().map_or(0, |a| a.version + 1);
+        let parent = latest.map(|a| a.id);
+        let id = self.store.adopt(imported, model, version, parent)?;
+        let v = self
+            .store
+            .get(&id)
+            .ok_or_else(|| anyhow!("version vanished"))?;
+        let announcement = Announcement {
+            model: model.to_string(),
+            version: v.manifest.version,
+            id,
+            size: v.manifest.total_size,
+            publisher: self.local_peer.to_string(),
+        };
+        self.announcements.insert(id, announcement.clone());
+        start_providing(swarm, &id);
+        self.announce(swarm, &announcement);
+        tracing::info!(model, version = announcement.version, id = %id, size = announcement.size, "published version");
+        Ok(announcement)
+    }
+
+    /// Downloads `id` (or joins the download in progress); `reply` gets the report at the end.
+    pub fn fetch(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        id: VersionId,
+        reply: oneshot::Sender<Result<DownloadReport, String>>,
+    ) {
+        if let Some(v) = self.store.get(&id) {
+            if v.is_complete() {
+                let report = DownloadReport {
+                    id: id.to_hex(),
+                    model: v.manifest.model.clone(),
+                    version: v.manifest.version,
+                    size: v.manifest.total_size,
+                    chunks: v.manifest.chunk_count(),
+                    chunks_downloaded: 0,
+                    chunks_copied_locally: 0,
+                    chunks_resumed: v.manifest.chunk_count(),
+                    peers_used: 0,
+                    seconds: 0.0,
+                };
+                let _ = reply.send(Ok(report));
+                return;
+            }
+        }
+        self.ensure_download(swarm, id);
+        if let Some(d) = self.downloads.get_mut(&id) {
+            d.waiters.push(reply);
+        }
+        self.drive(swarm, &id);
+    }
+
+    /// Asks every connected peer which versions of `model` it knows; `reply` gets them merged
+    /// with those known here, newest first.
+    pub fn query_versions(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        model: String,
+        reply: oneshot::Sender<Vec<Announcement>>,
+    ) {
+        let qid = self.next_query;
+        self.next_query += 1;
+        let peers: Vec<PeerId> = swarm.connected_peers().copied().collect();
+        for peer in &peers {
+            let rid = swarm.behaviour_mut().models.send_request(
+                peer,
+                Request::Versions {
+                    model: model.clone(),
+                },
+            );
+            self.requests.insert(
+                rid,
+                Pending {
+                    peer: *peer,
+                    purpose: Purpose::Versions(qid),
+                    cancelled: false,
+                },
+            );
+        }
+        self.versions_queries.insert(
+            qid,
+            VersionsQuery {
+                model,
+                outstanding: peers.len(),
+                deadline: Instant::now() + VERSIONS_QUERY_TIMEOUT,
+                reply,
+            },
+        );
+        self.finish_versions_query(qid, false);
+    }
+
+    /// The manifest and data file of a complete version, for export.
+    pub fn complete_version(&self, id: &VersionId) -> Option<(Manifest, PathBuf)> {
+        let v = self.store.get(id)?;
+        v.is_complete().then(|| (v.manifest.clone(), v.data_path()))
+    }
+
+    /// Every version held, for `GET /models`, newest first within each model.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let mut out: Vec<ModelInfo> = self
+            .store
+            .iter()
+            .map(|(id, v)| {
+                let traffic = self.traffic.get(id);
+                let download = self.downloads.get(id);
+                let chunks = v.manifest.chunk_count();
+                ModelInfo {
+                    id: id.to_hex(),
+                    model: v.manifest.model.clone(),
+                    version: v.manifest.version,
+                    parent: v.manifest.parent.map(|p| p.to_hex()),
+                    size: v.manifest.total_size,
+                    chunks,
+                    chunks_held: v.have.count(),
+                    progress: if chunks == 0 {
+                        1.0
+                    } else {
+                        f64::from(v.have.count()) / f64::from(chunks)
+                    },
+                    complete: v.is_complete(),
+                    published: v.published,
+                    peers_serving: download
+                        .and_then(|d| d.picker.as_ref())
+                        .map_or(0, |p| p.peers().count()),
+                    bytes_uploaded: traffic.map_or(0, |t| t.uploaded),
+                    bytes_downloaded: traffic.map_or(0, |t| t.downloaded),
+                    bad_peers: download
+                        .map(|d| d.banned.iter().map(|p| p.to_string()).collect())
+                        .unwrap_or_default(),
+                    path: v.data_path().display().to_string(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.model, b.version).cmp(&(&b.model, a.version)));
+        out
+    }
+
+    /// Penalty points per peer (bad chunks sent).
+    pub fn penalties(&self) -> HashMap<PeerId, u32> {
+        self.penalties.clone()
+    }
+
+    // ----- events -----
+
+    /// Periodic work: durability, provider lookups, availability refresh, scheduling.
+    pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
+        if self.last_sync.elapsed() >= Duration::from_secs(1) {
+            self.last_sync = Instant::now();
+            if let Err(e) = self.store.sync_all() {
+                tracing::error!(error = %format!("{e:#}"), "cannot make downloaded chunks durable");
+            }
+        }
+        let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
+        for id in ids {
+            self.drive(swarm, &id);
+        }
+        let poll_due = self
+            .last_follow_poll
+            .is_none_or(|t| t.elapsed() >= FOLLOW_POLL);
+        if poll_due && swarm.connected_peers().next().is_some() {
+            self.last_follow_poll = Some(Instant::now());
+            for model in self.followed.clone() {
+                let (reply, _) = oneshot::channel();
+                self.query_versions(swarm, model, reply);
+            }
+        }
+        let expired: Vec<u64> = self
+            .versions_queries
+            .iter()
+            .filter(|(_, q)| q.deadline <= Instant::now())
+            .map(|(qid, _)| *qid)
+            .collect();
+        for qid in expired {
+            self.finish_versions_query(qid, true);
+        }
+    }
+
+    /// A connection to `peer` came up: it may hold what we download.
+    pub fn on_peer_connected(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
+        for id in ids {
+            if let Some(d) = self.downloads.get_mut(&id) {
+                if !d.banned.contains(&peer) {
+                    d.candidates.insert(peer);
+                }
+            }
+            self.drive(swarm, &id);
+        }
+    }
+
+    /// The last connection to `peer` closed.
+    pub fn on_peer_disconnected(&mut self, peer: PeerId) {
+        for d in self.downloads.values_mut() {
+            d.candidates.remove(&peer);
+            d.have_pending.remove(&peer);
+            d.manifest_asked.remove(&peer);
+            if let Some(p) = d.picker.as_mut() {
+                p.remove_peer(&peer);
+            }
+        }
+    }
+
+    /// Kademlia found providers for a version.
+    pub fn on_providers(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        query: kad::QueryId,
+        providers: HashSet<PeerId>,
+        last: bool,
+    ) {
+        let Some(id) = (if last {
+            self.provider_queries.remove(&query)
+        } else {
+            self.provider_queries.get(&query).copied()
+        }) else {
+            return;
+        };
+        let Some(d) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        let mut new = 0;
+        for p in providers {
+            if p != self.local_peer && !d.banned.contains(&p) && d.candidates.insert(p) {
+                new += 1;
+            }
+        }
+        if new > 0 {
+            tracing::debug!(version = %id.short(), new, "providers found");
+            self.drive(swarm, &id);
+        }
+    }
+
+    /// A gossip message on the announcements topic from `source` (the signed author).
+    pub fn on_gossip(&mut self, swarm: &mut Swarm<Behaviour>, source: Option<PeerId>, data: &[u8]) {
+        let announcement = match Announcement::decode(data) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(?source, error = %e, "ignoring a malformed announcement");
+                return;
+            }
+        };
+        if source.map(|s| s.to_string()) != Some(announcement.publisher.clone()) {
+            tracing::debug!(
+                ?source,
+                "ignoring an announcement not signed by its publisher"
+            );
+            return;
+        }
+        tracing::info!(model = %announcement.model, version = announcement.version, id = %announcement.id.short(), from = %announcement.publisher, "version announced");
+        self.learn_announcement(swarm, announcement);
+    }
+
+    /// An inbound request.
+    pub fn on_request(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request_id: InboundRequestId,
+        request: Request,
+        channel: ResponseChannel<Response>,
+    ) {
+        let mut chunk_bytes = 0;
+        let response = match request {
+            Request::Manifest { id } => match self.store.get(&id) {
+                Some(v) => Response::Manifest {
+                    bytes: v.manifest_bytes.clone(),
+                },
+                None => Response::NotFound,
+            },
+            Request::Have { id } => match self.store.get(&id) {
+                Some(v) if self.serves_version(v.published, v.is_complete()) => Response::Have {
+                    bitfield: v.have.clone(),
+                },
+                _ => Response::NotFound,
+            },
+            Request::Chunk { id, index } => {
+                let serves = self.store.get(&id).is_some_and(|v| {
+                    self.serves_version(v.published, v.is_complete()) && v.have.get(index)
+                });
+                if !serves || self.seeding_declines(&id, index) {
+                    Response::NotFound
+                } else if self.uploads.len() >= self.config.upload_slots()
+                    || !self.take_upload_tokens(&id, index)
+                {
+                    Response::Busy
+                } else {
+                    match self.store.read_chunk(&id, index) {
+                        Ok(mut data) => {
+                            if self.config.corrupt_uploads {
+                                data.iter_mut().step_by(4096).for_each(|b| *b ^= 0xff);
+                            }
+                            chunk_bytes = data.len() as u64;
+                            if let Some(counts) = self.seeded.get_mut(&id) {
+                                counts[index as usize] += 1;
+                            }
+                            self.traffic.entry(id).or_default().uploaded += chunk_bytes;
+                            Response::Chunk { index, data }
+                        }
+                        Err(e) => {
+                            tracing::error!(version = %id.short(), index, error = %format!("{e:#}"), "cannot read a chunk to serve");
+                            Response::NotFound
+                        }
+                    }
+                }
+            }
+            Request::Versions { model } => Response::Versions {
+                versions: self.known_versions(&model),
+            },
+        };
+        if swarm
+            .behaviour_mut()
+            .models
+            .send_response(channel, response)
+            .is_ok()
+            && chunk_bytes > 0
+        {
+            self.uploads.insert(request_id);
+        } else if chunk_bytes > 0 {
+            tracing::debug!(%peer, "requester went away before the chunk was sent");
+        }
+    }
+
+    /// A response finished sending (or failed); frees its upload slot if it was a chunk.
+    pub fn on_upload_done(&mut self, request_id: InboundRequestId) {
+        self.uploads.remove(&request_id);
+    }
+
+    /// A response to one of our requests.
+    pub fn on_response(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        response: Response,
+    ) {
+        let Some(pending) = self.requests.remove(&request_id) else {
+            return;
+        };
+        if pending.cancelled {
+            return;
+        }
+        match (pending.purpose, response) {
+            (Purpose::Manifest(id), Response::Manifest { bytes }) => {
+                self.on_manifest(swarm, peer, id, &bytes)
+            }
+            (Purpose::Have(id), Response::Have { bitfield }) => {
+                self.on_have(peer, id, Some(bitfield));
+                self.drive(swarm, &id);
+            }
+            (Purpose::Chunk(id, index), Response::Chunk { index: got, data }) => {
+                self.on_chunk(swarm, peer, id, index, got, &data)
+            }
+            (Purpose::Versions(qid), Response::Versions { versions }) => {
+                for a in versions.into_iter().take(MAX_VERSIONS_LISTED) {
+                    if p2p_protocol::manifest::validate_model_name(&a.model).is_ok() {
+                        self.learn_announcement(swarm, a);
+                    }
+                }
+                self.answered_versions_query(qid);
+            }
+            (Purpose::Versions(qid), _) => self.answered_versions_query(qid),
+            (Purpose::Manifest(id), _) => {
+                if let Some(d) = self.downloads.get_mut(&id) {
+                    d.candidates.remove(&peer);
+                }
+                self.drive(swarm, &id);
+            }
+            (Purpose::Have(id), _) => {
+                self.on_have(peer, id, None);
+            }
+            (Purpose::Chunk(id, index), Response::NotFound) => {
+                if let Some(p) = self.picker_mut(&id) {
+                    p.peer_lacks(&peer, index);
+                }
+                self.drive(swarm, &id);
+            }
+            (Purpose::Chunk(id, index), Response::Busy) => {
+                // Back off from this peer until its next availability refresh.
+                if let Some(d) = self.downloads.get_mut(&id) {
+                    if let Some(p) = d.picker.as_mut() {
+                        p.request_failed(&peer, index);
+                        let len = p.have().len();
+                        p.set_availability(peer, Bitfield::new(len));
+                    }
+                }
+            }
+            (Purpose::Chunk(id, _), _) => self.punish(
+                swarm,
+                peer,
+                id,
+                "answered a chunk request with something else",
+            ),
+        }
+    }
+
+    /// A request of ours failed (timeout, connection lost, protocol not supported).
+    pub fn on_outbound_failure(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        error: &OutboundFailure,
+    ) {
+        let Some(pending) = self.requests.remove(&request_id) else {
+            return;
+        };
+        tracing::debug!(%peer, error = %error, purpose = ?pending.purpose, "request failed");
+        match pending.purpose {
+            Purpose::Versions(qid) => self.answered_versions_query(qid),
+            Purpose::Manifest(id) => self.drive(swarm, &id),
+            Purpose::Have(id) => self.on_have(peer, id, None),
+            Purpose::Chunk(id, index) => {
+                if pending.cancelled {
+                    return;
+                }
+                if let Some(p) = self.picker_mut(&id) {
+                    p.request_failed(&peer, index);
+                    if matches!(
+                        error,
+                        OutboundFailure::DialFailure | OutboundFailure::UnsupportedProtocols
+                    ) {
+                        p.remove_peer(&peer);
+                    }
+                }
+                self.drive(swarm, &id);
+            }
+        }
+    }
+
+    // ----- internals -----
+
+    fn serves_version(&self, published: bool, complete: bool) -> bool {
+        match self.config.stage {
+            Stage::Sequential | Stage::ParallelPush => published,
+            Stage::HostAssisted => published || complete,
+            Stage::Coordinated | Stage::Swarm => true,
+        }
+    }
+
+    /// Initial seeding, in the swarm stage: the publisher of a version sends no chunk a second
+    /// time while another chunk has been sent fewer times, so that its upload goes to new
+    /// pieces and fetchers get repeats from each other. A declined request is answered "not
+    /// found", and the fetcher turns to another chunk or peer at once.
+    fn seeding_declines(&mut self, id: &VersionId, index: u32) -> bool {
+        if self.config.stage != Stage::Swarm {
+            return false;
+        }
+        let Some(v) = self.store.get(id).filter(|v| v.published) else {
+            return false;
+        };
+        let counts = self
+            .seeded
+            .entry(*id)
+            .or_insert_with(|| vec![0; v.manifest.chunk_count() as usize]);
+        let min = counts.iter().copied().min().unwrap_or(0);
+        counts.get(index as usize).is_some_and(|c| *c > min)
+    }
+
+    /// Whether the upload cap lets chunk `index` of `id` go now.
+    fn take_upload_tokens(&mut self, id: &VersionId, index: u32) -> bool {
+        let Some(limiter) = self.upload_limiter.as_mut() else {
+            return true;
+        };
+        let len = self.store.get(id).map_or(0, |v| {
+            let r = v.manifest.chunk_range(index);
+            r.end - r.start
+        });
+        limiter.try_take(len)
+    }
+
+    fn newest_known(&self, model: &str) -> Option<Announcement> {
+        self.known_versions(model).into_iter().next()
+    }
+
+    /// Versions of `model` known here (held or announced), newest first.
+    fn known_versions(&self, model: &str) -> Vec<Announcement> {
+        let mut all: HashMap<VersionId, Announcement> = self
+            .announcements
+            .iter()
+            .filter(|(_, a)| a.model == model)
+            .map(|(id, a)| (*id, a.clone()))
+            .collect();
+        for (id, v) in self.store.iter() {
+            if v.manifest.model == model && v.is_complete() {
+                all.entry(*id).or_insert_with(|| Announcement {
+                    model: model.to_string(),
+                    version: v.manifest.version,
+                    id: *id,
+                    size: v.manifest.total_size,
+                    publisher: self.local_peer.to_string(),
+                });
+            }
+        }
+        let mut list: Vec<Announcement> = all.into_values().collect();
+        list.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
+        list.truncate(MAX_VERSIONS_LISTED);
+        list
+    }
+
+    fn learn_announcement(&mut self, swarm: &mut Swarm<Behaviour>, a: Announcement) {
+        let id = a.id;
+        let publisher = a.publisher.parse::<PeerId>().ok();
+        let newer = self
+            .newest_known(&a.model)
+            .is_none_or(|n| a.version > n.version);
+        let followed = self.followed.contains(&a.model);
+        if self.announcements.len() < 4096 || self.announcements.contains_key(&id) {
+            self.announcements.insert(id, a);
+        }
+        if let (Some(d), Some(p)) = (self.downloads.get_mut(&id), publisher) {
+            d.publisher.get_or_insert(p);
+            if p != self.local_peer {
+                d.candidates.insert(p);
+            }
+        }
+        if followed && newer && self.store.get(&id).is_none() {
+            self.ensure_download(swarm, id);
+            if let (Some(d), Some(p)) = (self.downloads.get_mut(&id), publisher) {
+                d.publisher = Some(p);
+                d.candidates.insert(p);
+            }
+            self.drive(swarm, &id);
+        }
+    }
+
+    fn answered_versions_query(&mut self, qid: u64) {
+        if let Some(q) = self.versions_queries.get_mut(&qid) {
+            q.outstanding = q.outstanding.saturating_sub(1);
+        }
+        self.finish_versions_query(qid, false);
+    }
+
+    fn finish_versions_query(&mut self, qid: u64, force: bool) {
+        let done = self
+            .versions_queries
+            .get(&qid)
+            .is_some_and(|q| force || q.outstanding == 0);
+        if done {
+            if let Some(q) = self.versions_queries.remove(&qid) {
+                let _ = q.reply.send(self.known_versions(&q.model));
+            }
+        }
+    }
+
+    fn ensure_download(&mut self, swarm: &mut Swarm<Behaviour>, id: VersionId) {
+        if self.downloads.contains_key(&id) {
+            return;
+        }
+        let publisher = self
+            .announcements
+            .get(&id)
+            .and_then(|a| a.publisher.parse::<PeerId>().ok());
+        let mut d = Download::new(publisher);
+        d.candidates.extend(
+            swarm
+                .connected_peers()
+                .copied()
+                .filter(|p| *p != self.local_peer),
+        );
+        if let Some(p) = publisher.filter(|p| *p != self.local_peer) {
+            d.candidates.insert(p);
+        }
+        if self.store.get(&id).is_some() {
+            self.init_picker(&id, &mut d);
+        }
+        tracing::info!(version = %id.short(), peers = d.candidates.len(), "download started");
+        self.downloads.insert(id, d);
+    }
+
+    /// Sets up the picker once the manifest is held, copying chunks other versions share.
+    fn init_picker(&mut self, id: &VersionId, d: &mut Download) {
+        let Some(v) = self.store.get(id) else {
+            return;
+        };
+        d.chunks_resumed = v.have.count();
+        match self.store.copy_local_chunks(id) {
+            Ok(copied) => {
+                d.chunks_copied = copied.len() as u32;
+                if !copied.is_empty() {
+                    tracing::info!(version = %id.short(), chunks = copied.len(), "copied chunks shared with local versions");
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot copy local chunks"),
+        }
+        if let Some(v) = self.store.get(id) {
+            d.picker = Some(Picker::new(
+                v.have.clone(),
+                self.config.max_requests_per_peer,
+                self.config.endgame_copies,
+            ));
+        }
+    }
+
+    fn picker_mut(&mut self, id: &VersionId) -> Option<&mut Picker<PeerId>> {
+        self.downloads.get_mut(id)?.picker.as_mut()
+    }
+
+    /// Moves a download forward: manifest, availability, providers, chunk requests, completion.
+    fn drive(&mut self, swarm: &mut Swarm<Behaviour>, id: &VersionId) {
+        let Some(mut d) = self.downloads.remove(id) else {
+            return;
+        };
+        let now = Instant::now();
+        if d.last_provider_query
+            .is_none_or(|t| now.duration_since(t) >= self.config.provider_refresh)
+        {
+            d.last_provider_query = Some(now);
+            let q = swarm
+                .behaviour_mut()
+                .kademlia
+                .get_providers(kad::RecordKey::new(&id.0));
+            self.provider_queries.insert(q, *id);
+        }
+        if d.picker.is_none() {
+            // Ask one new peer at a time for the manifest.
+            let in_flight = self
+                .requests
+                .values()
+                .any(|p| matches!(p.purpose, Purpose::Manifest(m) if m == *id));
+            if !in_flight {
+                let next = d
+                    .candidates
+                    .iter()
+                    .find(|p| !d.manifest_asked.contains(p) && !d.banned.contains(p))
+                    .copied();
+                if let Some(peer) = next {
+                    d.manifest_asked.insert(peer);
+                    self.send(
+                        swarm,
+                        peer,
+                        Request::Manifest { id: *id },
+                        Purpose::Manifest(*id),
+                    );
+                }
+            }
+            self.downloads.insert(*id, d);
+            return;
+        }
+        for peer in d.candidates.clone() {
+            let due = d
+                .last_have
+                .get(&peer)
+                .is_none_or(|t| now.duration_since(*t) >= self.config.have_refresh);
+            if due && !d.have_pending.contains(&peer) && !d.banned.contains(&peer) {
+                d.have_pending.insert(peer);
+                d.last_have.insert(peer, now);
+                self.send(swarm, peer, Request::Have { id: *id }, Purpose::Have(*id));
+            }
+        }
+        let requests = d
+            .picker
+            .as_mut()
+            .map(|p| p.next_requests(&mut self.rng))
+            .unwrap_or_default();
+        for (peer, index) in requests {
+            self.send(
+                swarm,
+                peer,
+                Request::Chunk { id: *id, index },
+                Purpose::Chunk(*id, index),
+            );
+        }
+        if d.picker.as_ref().is_some_and(|p| p.is_complete()) {
+            self.complete(swarm, id, d);
+        } else {
+            self.downloads.insert(*id, d);
+        }
+    }
+
+    fn send(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request: Request,
+        purpose: Purpose,
+    ) {
+        let rid = swarm.behaviour_mut().models.send_request(&peer, request);
+        self.requests.insert(
+            rid,
+            Pending {
+                peer,
+                purpose,
+                cancelled: false,
+            },
+        );
+    }
+
+    fn on_manifest(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        id: VersionId,
+        bytes: &[u8],
+    ) {
+        if self.downloads.get(&id).is_none_or(|d| d.picker.is_some()) {
+            return;
+        }
+        if let Err(e) = Manifest::decode_verified(bytes, &id) {
+            tracing::warn!(%peer, version = %id.short(), error = %e, "peer sent a bad manifest");
+            self.punish(
+                swarm,
+                peer,
+                id,
+                "sent a manifest that does not match its id",
+            );
+            return;
+        }
+        if let Err(e) = self.store.begin(id, bytes) {
+            self.fail_download(&id, format!("cannot store version {}: {e:#}", id.short()));
+            return;
+        }
+        let Some(mut d) = self.downloads.remove(&id) else {
+            return;
+        };
+        self.init_picker(&id, &mut d);
+        if let Some(v) = self.store.get(&id) {
+            tracing::info!(version = %id.short(), model = %v.manifest.model, number = v.manifest.version, size = v.manifest.total_size, chunks = v.manifest.chunk_count(), "manifest verified");
+        }
+        self.downloads.insert(id, d);
+        self.drive(swarm, &id);
+    }
+
+    fn on_have(&mut self, peer: PeerId, id: VersionId, bitfield: Option<Bitfield>) {
+        let portion = self
+            .config
+            .portion
+            .filter(|_| self.config.stage == Stage::Coordinated);
+        let Some(d) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        d.have_pending.remove(&peer);
+        if d.banned.contains(&peer) {
+            return;
+        }
+        let Some(picker) = d.picker.as_mut() else {
+            return;
+        };
+        let len = picker.have().len();
+        let mut bits = bitfield
+            .filter(|b| b.is_well_formed() && b.len() == len)
+            .unwrap_or_else(|| Bitfield::new(len));
+        if let (Some((index, count)), Some(publisher)) = (portion, d.publisher) {
+            if publisher == peer && count > 0 {
+                let mut mine = Bitfield::new(len);
+                bits.ones()
+                    .filter(|i| i % count == index)
+                    .for_each(|i| mine.set(i));
+                bits = mine;
+            }
+        }
+        picker.set_availability(peer, bits);
+    }
+
+    fn on_chunk(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        id: VersionId,
+        index: u32,
+        got: u32,
+        data: &[u8],
+    ) {
+        if got != index {
+            self.punish(swarm, peer, id, "sent a different chunk than asked");
+            return;
+        }
+        let already = self.store.get(&id).is_some_and(|v| v.have.get(index));
+        if already {
+            if let Some(p) = self.picker_mut(&id) {
+                p.chunk_received(&peer, index);
+            }
+            return;
+        }
+        match self.store.write_chunk(&id, index, data) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.punish(swarm, peer, id, "sent a chunk that does not match its hash");
+                return;
+            }
+            Err(e) => {
+                if let Some(p) = self.picker_mut(&id) {
+                    p.request_failed(&peer, index);
+                }
+                self.fail_download(&id, format!("{e:#}"));
+                return;
+            }
+        }
+        self.traffic.entry(id).or_default().downloaded += data.len() as u64;
+        let first = self.store.get(&id).is_some_and(|v| v.have.count() == 1);
+        if let Some(d) = self.downloads.get_mut(&id) {
+            d.chunks_downloaded += 1;
+            d.senders.insert(peer);
+            if let Some(p) = d.picker.as_mut() {
+                for loser in p.chunk_received(&peer, index) {
+                    for pending in self.requests.values_mut() {
+                        if pending.peer == loser
+                            && matches!(pending.purpose, Purpose::Chunk(v, i) if v == id && i == index)
+                        {
+                            pending.cancelled = true;
+                        }
+                    }
+                }
+            }
+        }
+        if first && self.serves_version(false, false) {
+            start_providing(swarm, &id);
+        }
+        self.drive(swarm, &id);
+    }
+
+    /// Drops `peer` from the download of `id` and counts a penalty.
+    fn punish(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, id: VersionId, why: &str) {
+        let score = self.penalties.entry(peer).or_insert(0);
+        *score += 1;
+        let score = *score;
+        tracing::warn!(%peer, version = %id.short(), penalty = score, "dropping peer: {why}");
+        if let Some(d) = self.downloads.get_mut(&id) {
+            d.banned.insert(peer);
+            d.candidates.remove(&peer);
+            if let Some(p) = d.picker.as_mut() {
+                p.remove_peer(&peer);
+            }
+        }
+        for pending in self.requests.values_mut() {
+            if pending.peer == peer {
+                pending.cancelled = true;
+            }
+        }
+        if score >= MAX_PENALTY {
+            tracing::warn!(%peer, "disconnecting a peer that keeps sending bad data");
+            let _ = swarm.disconnect_peer_id(peer);
+        }
+        self.drive(swarm, &id);
+    }
+
+    fn complete(&mut self, swarm: &mut Swarm<Behaviour>, id: &VersionId, d: Download) {
+        if let Err(e) = self.store.sync_all() {
+            tracing::error!(error = %format!("{e:#}"), "cannot make the download durable");
+        }
+        for pending in self.requests.values_mut() {
+            if matches!(pending.purpose, Purpose::Chunk(v, _) | Purpose::Have(v) if v == *id) {
+                pending.cancelled = true;
+            }
+        }
+        let Some(v) = self.store.get(id) else {
+            return;
+        };
+        let report = DownloadReport {
+            id: id.to_hex(),
+            model: v.manifest.model.clone(),
+            version: v.manifest.version,
+            size: v.manifest.total_size,
+            chunks: v.manifest.chunk_count(),
+            chunks_downloaded: d.chunks_downloaded,
+            chunks_copied_locally: d.chunks_copied,
+            chunks_resumed: d.chunks_resumed,
+            peers_used: d.senders.len(),
+            seconds: d.started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            version = %id.short(), model = %report.model, number = report.version,
+            size = report.size, downloaded = report.chunks_downloaded, copied = report.chunks_copied_locally,
+            resumed = report.chunks_resumed, peers = report.peers_used, seconds = report.seconds,
+            "download complete"
+        );
+        if !self.announcements.contains_key(id) {
+            self.announcements.insert(
+                *id,
+                Announcement {
+                    model: report.model.clone(),
+                    version: report.version,
+                    id: *id,
+                    size: report.size,
+                    publisher: d.publisher.unwrap_or(self.local_peer).to_string(),
+                },
+            );
+        }
+        if self.serves_version(false, true) {
+            start_providing(swarm, id);
+        }
+        for waiter in d.waiters {
+            let _ = waiter.send(Ok(report.clone()));
+        }
+    }
+
+    fn fail_download(&mut self, id: &VersionId, error: String) {
+        tracing::error!(version = %id.short(), error = %error, "download failed");
+        if let Some(d) = self.downloads.remove(id) {
+            for waiter in d.waiters {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+    }
+
+    /// Publishes `announcement` on gossipsub (best effort: peers that miss it ask later).
+    fn announce(&mut self, swarm: &mut Swarm<Behaviour>, announcement: &Announcement) {
+        if let Err(e) = swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(announce_topic(), announcement.encode())
+        {
+            match e {
+                gossipsub::PublishError::NoPeersSubscribedToTopic => {
+                    tracing::info!(
+                        "no peers to announce to yet; they will find the version when they ask"
+                    )
+                }
+                e => tracing::warn!(error = %e, "cannot announce the version"),
+            }
+        }
+    }
+}
+
+fn start_providing(swarm: &mut Swarm<Behaviour>, id: &VersionId) {
+    if let Err(e) = swarm
+        .behaviour_mut()
+        .kademlia
+        .start_providing(kad::RecordKey::new(&id.0))
+    {
+        tracing::warn!(error = %e, "cannot store the provider record");
+    }
+}
+
+/// Feeds a request-response event to the engine.
+pub fn on_models_event(
+    engine: &mut Engine,
+    swarm: &mut Swarm<Behaviour>,
+    event: request_response::Event<Request, Response>,
+) {
+    match event {
+        request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Message::Request {
+                request_id,
+                request,
+                channel,
+            } => engine.on_request(swarm, peer, request_id, request, channel),
+            request_response::Message::Response {
+                request_id,
+                response,
+            } => engine.on_response(swarm, peer, request_id, response),
+        },
+        request_response::Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => engine.on_outbound_failure(swarm, peer, request_id, &error),
+        request_response::Event::InboundFailure { request_id, .. }
+        | request_response::Event::ResponseSent { request_id, .. } => {
+            engine.on_upload_done(request_id)
+        }
+    }
+}

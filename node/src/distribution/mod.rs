@@ -1,0 +1,124 @@
+//! Model distribution: versions held on disk ([`store`]), chunk scheduling ([`picker`]) and the
+//! swarm engine that downloads from many peers and serves what it holds ([`engine`]).
+
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+pub mod engine;
+pub mod picker;
+pub mod store;
+
+/// The five distribution stages of the seed design. The engine is one; stages 1-4 are settings
+/// that restrict it, kept for measurement against the full swarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Stage 1: only publishers serve, one upload at a time.
+    Sequential,
+    /// Stage 2: only publishers serve, many uploads at once.
+    ParallelPush,
+    /// Stage 3: nodes re-serve versions once they hold them completely (no overlap).
+    HostAssisted,
+    /// Stage 4: each fetcher takes a fixed portion (`--portion I/N`) from the publisher, and
+    /// fetchers exchange portions among themselves.
+    Coordinated,
+    /// Stage 5: every verified chunk is served at once to anyone; rarest first; endgame.
+    #[default]
+    Swarm,
+}
+
+/// Tunables of the distribution engine.
+#[derive(Debug, Clone)]
+pub struct DistributionConfig {
+    /// Which stage's rules apply.
+    pub stage: Stage,
+    /// Chunk size for versions this node publishes.
+    pub chunk_size: u32,
+    /// Chunk requests in flight to one peer.
+    pub max_requests_per_peer: usize,
+    /// Chunk uploads being sent at once; more requests are answered "busy".
+    pub max_uploads: usize,
+    /// In endgame, how many peers may be asked for the same chunk.
+    pub endgame_copies: usize,
+    /// Stage 4: this fetcher's portion `(index, count)`: chunk `i` is taken from the publisher
+    /// only if `i % count == index`.
+    pub portion: Option<(u32, u32)>,
+    /// How often each peer is asked which chunks it holds during a download.
+    pub have_refresh: Duration,
+    /// How often Kademlia is asked for more providers during a download.
+    pub provider_refresh: Duration,
+    /// Timeout of one request.
+    pub request_timeout: Duration,
+    /// Upload bandwidth cap in bytes per second (`None`: unlimited). Requests beyond it are
+    /// answered "busy", so the requester turns to other peers.
+    pub max_upload_rate: Option<u64>,
+    /// Fault injection for tests and testnets: serve chunks with flipped bytes.
+    pub corrupt_uploads: bool,
+}
+
+impl Default for DistributionConfig {
+    fn default() -> Self {
+        Self {
+            stage: Stage::Swarm,
+            chunk_size: p2p_protocol::manifest::DEFAULT_CHUNK_SIZE,
+            max_requests_per_peer: 4,
+            max_uploads: 32,
+            endgame_copies: 2,
+            portion: None,
+            have_refresh: Duration::from_millis(300),
+            provider_refresh: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_upload_rate: None,
+            corrupt_uploads: false,
+        }
+    }
+}
+
+impl DistributionConfig {
+    /// Upload slots the stage allows.
+    pub fn upload_slots(&self) -> usize {
+        match self.stage {
+            Stage::Sequential => 1,
+            _ => self.max_uploads.max(1),
+        }
+    }
+}
+
+/// A token bucket for the upload bandwidth cap: holds up to one second of tokens (at least one
+/// chunk), refilled continuously.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl RateLimiter {
+    /// A full bucket for `bytes_per_s`, able to pass messages of `largest` bytes.
+    pub fn new(bytes_per_s: u64, largest: u64) -> Self {
+        let capacity = (bytes_per_s as f64).max(largest as f64);
+        Self {
+            rate: bytes_per_s.max(1) as f64,
+            capacity,
+            tokens: capacity,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes `bytes` tokens if there are enough.
+    pub fn try_take(&mut self, bytes: u64) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.capacity);
+        self.last = now;
+        if self.tokens >= bytes as f64 {
+            self.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}

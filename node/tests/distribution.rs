@@ -1,0 +1,269 @@
+//! Swarm distribution in one process: real nodes on 127.0.0.1, real files, real chunk
+//! transfers. Every wait is on a condition with a deadline.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    model_file, start_node, start_node_with, wait_for, wait_fully_discovered, TestNode,
+    CONVERGE_TIMEOUT,
+};
+use p2p_node::distribution::engine::{DownloadReport, ModelInfo};
+use p2p_protocol::manifest::VersionId;
+
+/// Generous: a debug build on a busy 2-core machine.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(240);
+
+async fn fetch(node: &TestNode, id: VersionId) -> DownloadReport {
+    tokio::time::timeout(FETCH_TIMEOUT, node.handle.client.fetch(id))
+        .await
+        .expect("fetch finished in time")
+        .expect("fetch succeeded")
+}
+
+/// Exports `id` from `node` and checks the bytes.
+async fn assert_holds(node: &TestNode, id: VersionId, expected: &[u8]) {
+    let out = node.dir.path().join("exported.safetensors");
+    node.handle.client.export(id, &out).await.unwrap();
+    let got = std::fs::read(&out).unwrap();
+    assert!(
+        got == expected,
+        "node {} has different bytes",
+        node.peer_id()
+    );
+}
+
+async fn info(node: &TestNode, id: VersionId) -> ModelInfo {
+    let hex = id.to_hex();
+    node.handle
+        .client
+        .models()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == hex)
+        .expect("version listed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_nodes_get_identical_bytes_and_the_swarm_carries_most_uploads() {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = model_file(files.path(), "m.safetensors", 32, 1);
+    let publisher = start_node(vec![]).await;
+    let announcement = publisher
+        .handle
+        .client
+        .publish(&path, "swarm-test")
+        .await
+        .unwrap();
+    let mut fetchers = Vec::new();
+    for _ in 0..7 {
+        fetchers.push(start_node(vec![publisher.bootstrap_addr()]).await);
+    }
+    let mut all: Vec<&TestNode> = fetchers.iter().collect();
+    all.push(&publisher);
+    wait_fully_discovered("8 nodes to discover each other", &all).await;
+
+    let started = Instant::now();
+    let reports =
+        futures::future::join_all(fetchers.iter().map(|n| fetch(n, announcement.id))).await;
+    let elapsed = started.elapsed();
+    for (node, report) in fetchers.iter().zip(&reports) {
+        assert_eq!(report.chunks_downloaded, report.chunks, "{report:?}");
+        assert_holds(node, announcement.id, &bytes).await;
+    }
+    let uploaded = info(&publisher, announcement.id).await.bytes_uploaded;
+    let copies = uploaded as f64 / bytes.len() as f64;
+    let peers_used: Vec<usize> = reports.iter().map(|r| r.peers_used).collect();
+    eprintln!(
+        "8 nodes, 32 MiB: all done in {elapsed:.1?}; publisher uploaded {copies:.2} copies; peers used per fetcher {peers_used:?}"
+    );
+    assert!(
+        copies < 3.5,
+        "the publisher uploaded {copies:.2} copies; the swarm should carry most of the 7"
+    );
+    assert!(
+        reports.iter().any(|r| r.peers_used > 1),
+        "fetchers should download from several peers at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_corrupt_chunks_is_dropped_and_honest_nodes_finish() {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = model_file(files.path(), "m.safetensors", 8, 2);
+    let publisher = start_node(vec![]).await;
+    let id = publisher
+        .handle
+        .client
+        .publish(&path, "corrupt-test")
+        .await
+        .unwrap()
+        .id;
+    // The liar first gets a good copy, then serves it with flipped bytes.
+    let liar = start_node_with(vec![publisher.bootstrap_addr()], |c| {
+        c.distribution.corrupt_uploads = true;
+    })
+    .await;
+    fetch(&liar, id).await;
+    let mut honest = Vec::new();
+    for _ in 0..3 {
+        honest.push(start_node(vec![publisher.bootstrap_addr()]).await);
+    }
+    let mut all: Vec<&TestNode> = honest.iter().collect();
+    all.extend([&publisher, &liar]);
+    wait_fully_discovered("5 nodes to discover each other", &all).await;
+
+    futures::future::join_all(honest.iter().map(|n| fetch(n, id))).await;
+    let mut penalized_by = 0;
+    for node in &honest {
+        assert_holds(node, id, &bytes).await;
+        let penalties = node.handle.client.penalties().await.unwrap();
+        assert!(
+            !penalties.contains_key(&publisher.peer_id()),
+            "an honest peer was penalized"
+        );
+        if penalties.get(&liar.peer_id()).copied().unwrap_or(0) > 0 {
+            penalized_by += 1;
+        }
+    }
+    assert!(
+        penalized_by >= 1,
+        "the liar was asked by someone and must have been penalized"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetchers_finish_after_the_publisher_leaves() {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = model_file(files.path(), "m.safetensors", 8, 3);
+    let publisher = start_node(vec![]).await;
+    let id = publisher
+        .handle
+        .client
+        .publish(&path, "leave-test")
+        .await
+        .unwrap()
+        .id;
+    let first = start_node(vec![publisher.bootstrap_addr()]).await;
+    fetch(&first, id).await;
+    let mut rest = Vec::new();
+    for _ in 0..3 {
+        rest.push(start_node(vec![publisher.bootstrap_addr()]).await);
+    }
+    let mut all: Vec<&TestNode> = rest.iter().collect();
+    all.extend([&publisher, &first]);
+    wait_fully_discovered("5 nodes to discover each other", &all).await;
+
+    publisher.handle.stop().await.unwrap();
+    futures::future::join_all(rest.iter().map(|n| fetch(n, id))).await;
+    for node in &rest {
+        assert_holds(node, id, &bytes).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_checks_the_file_and_identical_bytes_keep_their_id() {
+    let files = tempfile::tempdir().unwrap();
+    let (path, _) = model_file(files.path(), "m.safetensors", 2, 4);
+    let node = start_node(vec![]).await;
+    let first = node.handle.client.publish(&path, "same").await.unwrap();
+    let again = node.handle.client.publish(&path, "same").await.unwrap();
+    assert_eq!(first.id, again.id);
+    assert_eq!(first.version, again.version);
+
+    let text = files.path().join("notes.txt");
+    std::fs::write(&text, "just some text, not a model").unwrap();
+    let err = node.handle.client.publish(&text, "text").await.unwrap_err();
+    assert!(format!("{err:#}").contains("safetensors"), "{err:#}");
+    let err = node
+        .handle
+        .client
+        .publish(&path, "bad name")
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("model name"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_shared_with_a_held_version_are_copied_not_downloaded() {
+    let files = tempfile::tempdir().unwrap();
+    // Version 1 changes one 4 MiB tensor of eight; the rest is shared with version 0.
+    let (v0_path, _) = model_file(files.path(), "v0.safetensors", 32, 10);
+    let publisher = start_node(vec![]).await;
+    let v0 = publisher
+        .handle
+        .client
+        .publish(&v0_path, "ckpt")
+        .await
+        .unwrap();
+    let fetcher = start_node(vec![publisher.bootstrap_addr()]).await;
+    fetch(&fetcher, v0.id).await;
+
+    let mut tensors: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            (
+                format!("layer{i}.weight"),
+                common::pseudo_random(4 << 20, 10 + i as u64),
+            )
+        })
+        .collect();
+    tensors[7].1 = common::pseudo_random(4 << 20, 999);
+    let refs: Vec<(&str, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.clone()))
+        .collect();
+    let v1_path = files.path().join("v1.safetensors");
+    let v1_bytes = common::write_safetensors(&v1_path, &refs);
+    let v1 = publisher
+        .handle
+        .client
+        .publish(&v1_path, "ckpt")
+        .await
+        .unwrap();
+    assert_eq!(v1.version, 1);
+
+    let report = fetch(&fetcher, v1.id).await;
+    assert_holds(&fetcher, v1.id, &v1_bytes).await;
+    assert!(
+        report.chunks_copied_locally >= 27,
+        "most chunks are shared with version 0: {report:?}"
+    );
+    assert!(report.chunks_downloaded <= 5, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_fetches_each_new_version_as_it_is_announced() {
+    let files = tempfile::tempdir().unwrap();
+    let publisher = start_node(vec![]).await;
+    let follower = start_node_with(vec![publisher.bootstrap_addr()], |c| {
+        c.follow = vec!["followed".into()];
+    })
+    .await;
+    wait_fully_discovered("2 nodes to meet", &[&publisher, &follower]).await;
+    // If the gossip mesh is not formed yet the announcement can miss the follower; it then
+    // finds the version by asking its peers, which a follower does periodically.
+    let (path, bytes) = model_file(files.path(), "f.safetensors", 2, 20);
+    let a = publisher
+        .handle
+        .client
+        .publish(&path, "followed")
+        .await
+        .unwrap();
+    let complete = wait_for(
+        "the follower to fetch the announced version",
+        CONVERGE_TIMEOUT,
+        || async {
+            let models = follower.handle.client.models().await.ok()?;
+            models
+                .into_iter()
+                .find(|m| m.id == a.id.to_hex() && m.complete)
+        },
+    )
+    .await;
+    assert_eq!(complete.version, 0);
+    assert_holds(&follower, a.id, &bytes).await;
+}

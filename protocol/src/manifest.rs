@@ -1,0 +1,379 @@
+//! Model versions as manifests: a file cut into fixed-size chunks, each hashed with BLAKE3.
+//!
+//! A [`Manifest`] is encoded as CBOR; the version's id ([`VersionId`]) is the BLAKE3 hash of
+//! those exact bytes. A receiver checks the hash of the bytes it got against the id it asked for
+//! *before* decoding them ([`Manifest::decode_verified`]), so a manifest can come from anyone.
+//! Each chunk is then checked against its hash in the manifest before it is used.
+//!
+//! Chunk `i` covers bytes `[i * chunk_size, min((i + 1) * chunk_size, total_size))`; every chunk
+//! but the last is full. The chunk hashes travel as one CBOR byte string of 32 bytes per chunk.
+
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::safetensors::TensorEntry;
+
+/// Manifest format this code writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// Default chunk size: 1 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// Smallest chunk size a manifest may use.
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+/// Largest chunk size a manifest may use (bounds every chunk message).
+pub const MAX_CHUNK_SIZE: u32 = 8 << 20;
+/// Most chunks one version may have (bounds the manifest: 32 bytes each).
+pub const MAX_CHUNKS: usize = 200_000;
+/// Longest model name, in bytes.
+pub const MAX_MODEL_NAME_BYTES: usize = 128;
+/// Largest encoded manifest a node accepts.
+pub const MAX_MANIFEST_BYTES: usize = 8 << 20;
+/// Bytes of one BLAKE3 hash.
+pub const HASH_BYTES: usize = 32;
+
+/// A BLAKE3 hash of 32 bytes: a chunk's hash, or a version id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash32(pub [u8; HASH_BYTES]);
+
+/// A version's id: the BLAKE3 hash of its encoded manifest. Shown as 64 hex digits.
+pub type VersionId = Hash32;
+
+impl Hash32 {
+    /// Hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The id as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The first 12 hex digits, for logs.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+}
+
+impl fmt::Display for Hash32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Hash32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash32({})", self.short())
+    }
+}
+
+impl FromStr for Hash32 {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.len() != 2 * HASH_BYTES || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("'{s}' is not a version id (64 hex digits)"));
+        }
+        let mut out = [0u8; HASH_BYTES];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        Ok(Self(out))
+    }
+}
+
+impl Serialize for Hash32 {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&self.to_hex())
+        } else {
+            serializer.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash32 {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let s = String::deserialize(deserializer)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
+            let array: [u8; HASH_BYTES] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| serde::de::Error::invalid_length(bytes.len(), &"32 bytes"))?;
+            Ok(Self(array))
+        }
+    }
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// The bytes do not hash to the id they were asked for.
+    #[error("manifest does not match its id (expected {expected}, got {actual})")]
+    IdMismatch {
+        /// The id asked for.
+        expected: VersionId,
+        /// The hash of the bytes received.
+        actual: VersionId,
+    },
+    /// The bytes are not a CBOR manifest.
+    #[error("malformed manifest: {0}")]
+    Malformed(String),
+    /// The manifest decodes but breaks a rule.
+    #[error("invalid manifest: {0}")]
+    Invalid(String),
+}
+
+/// Everything needed to fetch, verify and interpret one model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Model name, e.g. `digits-mlp`.
+    pub model: String,
+    /// Version number within the model (0 for the first).
+    pub version: u64,
+    /// The version this one was derived from, if any.
+    pub parent: Option<VersionId>,
+    /// Size of the file in bytes.
+    pub total_size: u64,
+    /// Size of every chunk but the last.
+    pub chunk_size: u32,
+    /// Concatenated BLAKE3 hashes, 32 bytes per chunk.
+    #[serde(with = "serde_bytes")]
+    pub chunk_hashes: Vec<u8>,
+    /// The safetensors tensor index: which bytes hold which tensor.
+    pub tensors: Vec<TensorEntry>,
+}
+
+impl Manifest {
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u32 {
+        (self.chunk_hashes.len() / HASH_BYTES) as u32
+    }
+
+    /// Hash of chunk `index`, if it exists.
+    pub fn chunk_hash(&self, index: u32) -> Option<Hash32> {
+        let start = index as usize * HASH_BYTES;
+        let bytes = self.chunk_hashes.get(start..start + HASH_BYTES)?;
+        Some(Hash32(bytes.try_into().ok()?))
+    }
+
+    /// Byte range of chunk `index` in the file.
+    pub fn chunk_range(&self, index: u32) -> Range<u64> {
+        chunk_range(self.total_size, self.chunk_size, index)
+    }
+
+    /// Whether `bytes` are exactly chunk `index`: right length and right hash.
+    pub fn verify_chunk(&self, index: u32, bytes: &[u8]) -> bool {
+        let range = self.chunk_range(index);
+        bytes.len() as u64 == range.end - range.start
+            && self.chunk_hash(index) == Some(Hash32::of(bytes))
+    }
+
+    /// Chunks that hold any byte of `tensor`.
+    pub fn chunks_of(&self, tensor: &TensorEntry) -> Range<u32> {
+        if tensor.end <= tensor.start {
+            return 0..0;
+        }
+        let size = u64::from(self.chunk_size);
+        (tensor.start / size) as u32..tensor.end.div_ceil(size) as u32
+    }
+
+    /// Canonical CBOR encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("writing CBOR to a Vec cannot fail");
+        out
+    }
+
+    /// The id: hash of [`Self::encode`].
+    pub fn id(&self) -> VersionId {
+        Hash32::of(&self.encode())
+    }
+
+    /// Decodes `bytes` as the manifest of `expected`: checks the hash first, then the format
+    /// and every rule of [`Self::validate`].
+    pub fn decode_verified(bytes: &[u8], expected: &VersionId) -> Result<Self, ManifestError> {
+        let actual = Hash32::of(bytes);
+        if &actual != expected {
+            return Err(ManifestError::IdMismatch {
+                expected: *expected,
+                actual,
+            });
+        }
+        Self::decode(bytes)
+    }
+
+    /// Decodes and validates `bytes` (without an id to check them against).
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::Invalid(format!(
+                "{} bytes, more than {MAX_MANIFEST_BYTES}",
+                bytes.len()
+            )));
+        }
+        let manifest: Self =
+            ciborium::from_reader(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the rules: known format, sane name and sizes, one hash per chunk, tensors inside
+    /// the file.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |m: String| Err(ManifestError::Invalid(m));
+        if self.format != MANIFEST_FORMAT {
+            return invalid(format!("unknown format {}", self.format));
+        }
+        if let Err(e) = validate_model_name(&self.model) {
+            return invalid(e);
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            return invalid(format!("chunk size {} out of range", self.chunk_size));
+        }
+        if !self.chunk_hashes.len().is_multiple_of(HASH_BYTES) {
+            return invalid("chunk hash list is not a multiple of 32 bytes".into());
+        }
+        let expected = chunk_count(self.total_size, self.chunk_size);
+        if expected > MAX_CHUNKS as u64 || u64::from(self.chunk_count()) != expected {
+            return invalid(format!(
+                "{} chunk hashes for {} bytes in chunks of {}",
+                self.chunk_count(),
+                self.total_size,
+                self.chunk_size
+            ));
+        }
+        if let Some(t) = self
+            .tensors
+            .iter()
+            .find(|t| t.start > t.end || t.end > self.total_size)
+        {
+            return invalid(format!("tensor {} lies outside the file", t.name));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a model name: 1 to [`MAX_MODEL_NAME_BYTES`] bytes of ASCII letters, digits, `-`, `_`,
+/// `.` and `/`.
+pub fn validate_model_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_MODEL_NAME_BYTES {
+        return Err(format!(
+            "model name must have 1 to {MAX_MODEL_NAME_BYTES} characters"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_./".contains(*c)))
+    {
+        return Err(format!(
+            "model name '{name}' contains '{c}'; use letters, digits, '-', '_', '.', '/'"
+        ));
+    }
+    Ok(())
+}
+
+/// Number of chunks of a file of `total_size` bytes.
+pub fn chunk_count(total_size: u64, chunk_size: u32) -> u64 {
+    total_size.div_ceil(u64::from(chunk_size.max(1)))
+}
+
+/// Byte range of chunk `index` of a file of `total_size` bytes (empty past the end).
+pub fn chunk_range(total_size: u64, chunk_size: u32, index: u32) -> Range<u64> {
+    let start = (u64::from(index) * u64::from(chunk_size)).min(total_size);
+    let end = (start + u64::from(chunk_size)).min(total_size);
+    start..end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(data: &[u8], chunk_size: u32) -> Manifest {
+        let hashes = data
+            .chunks(chunk_size as usize)
+            .flat_map(|c| Hash32::of(c).0)
+            .collect();
+        Manifest {
+            format: MANIFEST_FORMAT,
+            model: "m".into(),
+            version: 0,
+            parent: None,
+            total_size: data.len() as u64,
+            chunk_size,
+            chunk_hashes: hashes,
+            tensors: vec![],
+        }
+    }
+
+    #[test]
+    fn encoding_round_trips_and_the_id_is_the_hash_of_the_bytes() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let m = manifest(&data, MIN_CHUNK_SIZE);
+        let bytes = m.encode();
+        assert_eq!(m.id(), Hash32::of(&bytes));
+        assert_eq!(Manifest::decode_verified(&bytes, &m.id()).unwrap(), m);
+        assert_eq!(m.chunk_count(), 3);
+        assert_eq!(m.chunk_range(2), 8192..10_000);
+        assert!(m.verify_chunk(2, &data[8192..]));
+        assert!(!m.verify_chunk(1, &data[8192..]));
+    }
+
+    #[test]
+    fn a_manifest_that_does_not_hash_to_its_id_is_refused() {
+        let m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
+        let mut bytes = m.encode();
+        let id = m.id();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            Manifest::decode_verified(&bytes, &id),
+            Err(ManifestError::IdMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn rule_breaking_manifests_are_refused() {
+        let mut m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
+        m.chunk_hashes.truncate(32);
+        assert!(m.validate().is_err());
+        let mut m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
+        m.model = "bad name!".into();
+        assert!(m.validate().is_err());
+        let mut m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
+        m.chunk_size = 1;
+        assert!(m.validate().is_err());
+        assert!(matches!(
+            Manifest::decode(b"\xff\x00garbage"),
+            Err(ManifestError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn hex_ids_parse_and_print() {
+        let id = Hash32::of(b"x");
+        assert_eq!(id.to_hex().parse::<Hash32>().unwrap(), id);
+        assert!("abc".parse::<Hash32>().is_err());
+        assert!("zz".repeat(32).parse::<Hash32>().is_err());
+    }
+
+    #[test]
+    fn tensors_map_to_the_chunks_that_hold_them() {
+        let m = manifest(&[0; 20_000], MIN_CHUNK_SIZE);
+        let t = TensorEntry {
+            name: "w".into(),
+            dtype: "F32".into(),
+            shape: vec![10],
+            start: 4000,
+            end: 8200,
+        };
+        assert_eq!(m.chunks_of(&t), 0..3);
+    }
+}

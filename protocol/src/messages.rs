@@ -1,0 +1,148 @@
+//! Messages of the model-distribution protocol ([`MODELS_PROTOCOL`]) and of announcements.
+//!
+//! Each request is answered by exactly one response on its own stream. Bulk bytes (manifests,
+//! chunks) are CBOR byte strings (`serde_bytes`), never arrays of integers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bitfield::Bitfield;
+use crate::manifest::{VersionId, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
+
+/// Request-response protocol id for model distribution.
+pub const MODELS_PROTOCOL: &str = "/p2p-ml/models/1.0.0";
+
+/// Largest encoded request.
+pub const MAX_REQUEST_BYTES: u64 = 4 * 1024;
+
+/// Largest encoded response: a full manifest or a largest chunk, plus framing.
+pub const MAX_RESPONSE_BYTES: u64 = {
+    let biggest = if MAX_MANIFEST_BYTES > MAX_CHUNK_SIZE as usize {
+        MAX_MANIFEST_BYTES
+    } else {
+        MAX_CHUNK_SIZE as usize
+    };
+    biggest as u64 + 64 * 1024
+};
+
+/// Most versions listed in one [`Response::Versions`].
+pub const MAX_VERSIONS_LISTED: usize = 64;
+
+/// What one peer asks another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The encoded manifest of a version.
+    Manifest {
+        /// The version.
+        id: VersionId,
+    },
+    /// Which chunks of a version the peer holds, verified.
+    Have {
+        /// The version.
+        id: VersionId,
+    },
+    /// One chunk's bytes.
+    Chunk {
+        /// The version.
+        id: VersionId,
+        /// The chunk index.
+        index: u32,
+    },
+    /// The versions of a model the peer knows of, newest first.
+    Versions {
+        /// The model name.
+        model: String,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The manifest's exact bytes (their hash is the id).
+    Manifest {
+        /// Encoded manifest.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The chunks the peer holds.
+    Have {
+        /// One bit per chunk.
+        bitfield: Bitfield,
+    },
+    /// A chunk.
+    Chunk {
+        /// The chunk index.
+        index: u32,
+        /// Its bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Known versions of the model asked for, newest first.
+    Versions {
+        /// The announcements.
+        versions: Vec<Announcement>,
+    },
+    /// The peer does not hold what was asked (or does not serve it under its settings).
+    NotFound,
+    /// The peer is at its upload limit; ask again later or elsewhere.
+    Busy,
+}
+
+/// A new version, announced on gossipsub (signed by the publisher as gossipsub signs messages)
+/// and listed in [`Response::Versions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// Model name.
+    pub model: String,
+    /// Version number.
+    pub version: u64,
+    /// Version id.
+    pub id: VersionId,
+    /// File size in bytes.
+    pub size: u64,
+    /// Peer id (base58) of the publisher.
+    pub publisher: String,
+}
+
+impl Announcement {
+    /// Encodes for gossipsub.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("writing CBOR to a Vec cannot fail");
+        out
+    }
+
+    /// Decodes a gossip message, checking the model name.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() > crate::MAX_GOSSIP_MESSAGE_BYTES {
+            return Err("announcement too large".into());
+        }
+        let a: Self =
+            ciborium::from_reader(bytes).map_err(|e| format!("malformed announcement: {e}"))?;
+        crate::manifest::validate_model_name(&a.model)?;
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Hash32;
+
+    #[test]
+    fn announcements_round_trip_and_bad_names_are_refused() {
+        let a = Announcement {
+            model: "digits-mlp".into(),
+            version: 3,
+            id: Hash32::of(b"m"),
+            size: 10,
+            publisher: "12D3KooW".into(),
+        };
+        assert_eq!(Announcement::decode(&a.encode()).unwrap(), a);
+        let bad = Announcement {
+            model: "no spaces".into(),
+            ..a
+        };
+        assert!(Announcement::decode(&bad.encode()).is_err());
+        assert!(Announcement::decode(b"\x00\x01").is_err());
+    }
+}
