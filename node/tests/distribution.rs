@@ -12,6 +12,7 @@ use common::{
     CONVERGE_TIMEOUT,
 };
 use p2p_node::distribution::engine::{DownloadReport, ModelInfo};
+use p2p_node::distribution::Stage;
 use p2p_protocol::manifest::VersionId;
 
 /// Generous: a debug build on a busy 2-core machine.
@@ -266,4 +267,67 @@ async fn a_follower_fetches_each_new_version_as_it_is_announced() {
     .await;
     assert_eq!(complete.version, 0);
     assert_holds(&follower, a.id, &bytes).await;
+}
+
+/// Publishes 4 MiB on a node and has two fetchers get it, all under `stage`; returns the
+/// publisher's upload in copies and the fetchers' uploads in bytes.
+async fn run_stage(stage: Stage, portions: bool) -> (f64, Vec<u64>) {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = model_file(files.path(), "m.safetensors", 4, 30);
+    let publisher = start_node_with(vec![], |c| c.distribution.stage = stage).await;
+    let a = publisher
+        .handle
+        .client
+        .publish(&path, "stages")
+        .await
+        .unwrap();
+    let mut fetchers = Vec::new();
+    for i in 0..2u32 {
+        fetchers.push(
+            start_node_with(vec![publisher.bootstrap_addr()], |c| {
+                c.distribution.stage = stage;
+                if portions {
+                    c.distribution.portion = Some((i, 2));
+                }
+            })
+            .await,
+        );
+    }
+    let mut all: Vec<&TestNode> = fetchers.iter().collect();
+    all.push(&publisher);
+    wait_fully_discovered("3 nodes to meet", &all).await;
+    futures::future::join_all(fetchers.iter().map(|n| fetch(n, a.id))).await;
+    let mut fetcher_uploads = Vec::new();
+    for node in &fetchers {
+        assert_holds(node, a.id, &bytes).await;
+        fetcher_uploads.push(info(node, a.id).await.bytes_uploaded);
+    }
+    let copies = info(&publisher, a.id).await.bytes_uploaded as f64 / bytes.len() as f64;
+    (copies, fetcher_uploads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_re_serving_the_publisher_uploads_every_copy() {
+    for stage in [Stage::Sequential, Stage::ParallelPush] {
+        let (copies, fetcher_uploads) = run_stage(stage, false).await;
+        assert!((copies - 2.0).abs() < 1e-9, "{stage:?}: {copies} copies");
+        assert_eq!(
+            fetcher_uploads,
+            vec![0, 0],
+            "{stage:?}: fetchers must not serve"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinated_fetchers_take_their_portion_from_the_publisher_and_swap_the_rest() {
+    let (copies, fetcher_uploads) = run_stage(Stage::Coordinated, true).await;
+    assert!(
+        (copies - 1.0).abs() < 1e-9,
+        "publisher sent {copies} copies"
+    );
+    assert!(
+        fetcher_uploads.iter().all(|b| *b > 0),
+        "each fetcher served its portion to the other: {fetcher_uploads:?}"
+    );
 }

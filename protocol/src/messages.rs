@@ -67,6 +67,8 @@ pub enum Response {
     Have {
         /// One bit per chunk.
         bitfield: Bitfield,
+        /// Whether the answering peer published this version.
+        publisher: bool,
     },
     /// A chunk.
     Chunk {

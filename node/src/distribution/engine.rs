@@ -543,6 +543,7 @@ impl Engine {
             Request::Have { id } => match self.store.get(&id) {
                 Some(v) if self.serves_version(v.published, v.is_complete()) => Response::Have {
                     bitfield: v.have.clone(),
+                    publisher: v.published,
                 },
                 _ => Response::NotFound,
             },
@@ -616,7 +617,18 @@ impl Engine {
             (Purpose::Manifest(id), Response::Manifest { bytes }) => {
                 self.on_manifest(swarm, peer, id, &bytes)
             }
-            (Purpose::Have(id), Response::Have { bitfield }) => {
+            (
+                Purpose::Have(id),
+                Response::Have {
+                    bitfield,
+                    publisher,
+                },
+            ) => {
+                if publisher {
+                    if let Some(d) = self.downloads.get_mut(&id) {
+                        d.publisher.get_or_insert(peer);
+                    }
+                }
                 self.on_have(peer, id, Some(bitfield));
                 self.drive(swarm, &id);
             }

@@ -1,0 +1,185 @@
+//! Distribution benchmarks; figures, not pass/fail. Run with `scripts/bench-distribution`
+//! (or `cargo bench -p p2p-node --bench distribution`).
+//!
+//! 1. Loopback throughput of one fetch from one peer, against a minimal libp2p
+//!    request-response transfer of 1 MiB messages over the same transport (TCP, noise, yamux),
+//!    the same pipelining depth and the same CBOR codec, measured in the same run.
+//! 2. Eight local nodes receiving one 64 MiB version from one publisher: time until the last
+//!    node holds it, and how many copies the publisher uploaded.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, Swarm};
+use p2p_node::distribution::DistributionConfig;
+use p2p_protocol::codec::CborCodec;
+use serde_bytes::ByteBuf;
+
+const MIB: usize = 1 << 20;
+
+type RawBehaviour = request_response::Behaviour<CborCodec<u32, ByteBuf>>;
+
+fn raw_swarm() -> Swarm<RawBehaviour> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                CborCodec::new(64, 2 * MIB as u64),
+                [(StreamProtocol::new("/bench/raw/1"), ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+/// MiB/s of `total_mib` 1 MiB responses with `depth` requests in flight.
+async fn raw_throughput(total_mib: u32, depth: u32) -> f64 {
+    let mut server = raw_swarm();
+    server
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .unwrap();
+    let addr: Multiaddr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
+            break address;
+        }
+    };
+    let server_id = *server.local_peer_id();
+    let payload = ByteBuf::from(common::pseudo_random(MIB, 5));
+    tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            }) = server.select_next_some().await
+            {
+                let _ = server
+                    .behaviour_mut()
+                    .send_response(channel, payload.clone());
+            }
+        }
+    });
+    let mut client = raw_swarm();
+    client
+        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(server_id)))
+        .unwrap();
+    loop {
+        if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
+            break;
+        }
+    }
+    let started = Instant::now();
+    let (mut sent, mut received) = (0, 0);
+    while sent < depth.min(total_mib) {
+        client.behaviour_mut().send_request(&server_id, sent);
+        sent += 1;
+    }
+    while received < total_mib {
+        if let SwarmEvent::Behaviour(request_response::Event::Message {
+            message: request_response::Message::Response { .. },
+            ..
+        }) = client.select_next_some().await
+        {
+            received += 1;
+            if sent < total_mib {
+                client.behaviour_mut().send_request(&server_id, sent);
+                sent += 1;
+            }
+        }
+    }
+    f64::from(total_mib) / started.elapsed().as_secs_f64()
+}
+
+/// MiB/s of one node fetching a `mib` MiB version from one publisher.
+async fn single_fetch_throughput(mib: usize) -> f64 {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, 1);
+    let publisher = common::start_node(vec![]).await;
+    let a = publisher
+        .handle
+        .client
+        .publish(&path, "bench")
+        .await
+        .unwrap();
+    let fetcher = common::start_node(vec![publisher.bootstrap_addr()]).await;
+    common::wait_fully_discovered("2 nodes", &[&publisher, &fetcher]).await;
+    let started = Instant::now();
+    fetcher.handle.client.fetch(a.id).await.unwrap();
+    bytes.len() as f64 / MIB as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Seconds until 7 fetchers hold a `mib` MiB version, and the publisher's upload in copies.
+async fn swarm_of_eight(mib: usize) -> (f64, f64) {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, 2);
+    let publisher = common::start_node(vec![]).await;
+    let a = publisher
+        .handle
+        .client
+        .publish(&path, "bench")
+        .await
+        .unwrap();
+    let mut fetchers = Vec::new();
+    for _ in 0..7 {
+        fetchers.push(common::start_node(vec![publisher.bootstrap_addr()]).await);
+    }
+    let mut all: Vec<&common::TestNode> = fetchers.iter().collect();
+    all.push(&publisher);
+    common::wait_fully_discovered("8 nodes", &all).await;
+    let started = Instant::now();
+    futures::future::join_all(fetchers.iter().map(|n| n.handle.client.fetch(a.id))).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let hex = a.id.to_hex();
+    let uploaded = publisher
+        .handle
+        .client
+        .models()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == hex)
+        .unwrap()
+        .bytes_uploaded;
+    (seconds, uploaded as f64 / bytes.len() as f64)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let depth = DistributionConfig::default().max_requests_per_peer as u32;
+        let mib = 256;
+        // Warm up both paths once, then alternate.
+        let _ = raw_throughput(32, depth).await;
+        let _ = single_fetch_throughput(32).await;
+        let (mut raw, mut ours) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            raw.push(raw_throughput(mib as u32, depth).await);
+            ours.push(single_fetch_throughput(mib).await);
+        }
+        let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        println!(
+            "single fetch, loopback, {mib} MiB: p2p-node {:.0} MiB/s, raw request-response {:.0} MiB/s (depth {depth}), ratio {:.2} (runs: ours {ours:.0?}, raw {raw:.0?})",
+            best(&ours),
+            best(&raw),
+            best(&ours) / best(&raw)
+        );
+        let (seconds, copies) = swarm_of_eight(64).await;
+        println!(
+            "8 nodes, 64 MiB: last node done after {seconds:.2} s; publisher uploaded {copies:.2} copies (7 fetchers)"
+        );
+    });
+}

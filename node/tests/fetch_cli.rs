@@ -1,0 +1,175 @@
+//! Publishing and fetching through the `p2p-node` binary: a real fetch process killed with
+//! SIGKILL halfway resumes from what it had verified; bad input gets one-line errors.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::http_get;
+use common::process::{poll, run, Running, Stream};
+
+const QUICK: Duration = Duration::from_secs(60);
+const SLOW: Duration = Duration::from_secs(240);
+const LOOPBACK: [&str; 5] = [
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api-addr",
+    "127.0.0.1:0",
+];
+
+fn args<'a>(base: &[&'a str]) -> Vec<&'a str> {
+    let mut v = base.to_vec();
+    v.extend(LOOPBACK);
+    v
+}
+
+/// Starts a publisher process of `file` as `model`, capped at `rate` MiB/s; returns it with
+/// its joining address.
+fn publisher(dir: &Path, file: &Path, model: &str, rate: &str) -> (Running, String) {
+    let mut node = Running::start(&args(&[
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--publish",
+        file.to_str().unwrap(),
+        "--model",
+        model,
+        "--max-upload-rate",
+        rate,
+    ]));
+    let join = node.join_addr();
+    node.wait_line(Stream::Stdout, QUICK, |l| l.starts_with("published "));
+    (node, join)
+}
+
+/// Chunks of the version held by the fetcher whose data dir is `dir`, from its API.
+fn chunks_held(dir: &Path) -> Option<(u64, u64)> {
+    let api = std::fs::read_to_string(dir.join("api-addr")).ok()?;
+    let (_, body) = http_get(api.trim().parse().ok()?, "/models").ok()?;
+    let models: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let m = models.as_array()?.first()?;
+    Some((m["chunks_held"].as_u64()?, m["chunks"].as_u64()?))
+}
+
+/// The number before `label` in the fetch summary line.
+fn count_before(line: &str, label: &str) -> u64 {
+    let head = &line[..line
+        .find(label)
+        .unwrap_or_else(|| panic!("{label} in {line}"))];
+    head.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_fetch_killed_halfway_resumes_without_downloading_verified_chunks_again() {
+    let (files, pub_dir, fetch_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (file, bytes) = common::model_file(files.path(), "big.safetensors", 32, 7);
+    // 4 MiB/s: the 32 MiB download takes about 8 s, long enough to be killed halfway.
+    let (_publisher, join) = publisher(pub_dir.path(), &file, "resume-test", "4");
+    let out = files.path().join("out.safetensors");
+    let out_s = out.to_str().unwrap();
+    let fetch_args = args(&[
+        "fetch",
+        "resume-test",
+        "--out",
+        out_s,
+        "--no-progress",
+        "--data-dir",
+        fetch_dir.path().to_str().unwrap(),
+        "--bootstrap",
+        &join,
+    ]);
+
+    let mut first = Running::start(&fetch_args);
+    let (held_at_kill, total) = poll(SLOW, "the fetch to get a quarter of the chunks", || {
+        chunks_held(fetch_dir.path()).filter(|(held, total)| *held * 4 >= *total)
+    });
+    first.child.kill().unwrap(); // SIGKILL: no shutdown, no state saved
+    first.child.wait().unwrap();
+    assert!(held_at_kill < total, "killed too late to test resuming");
+    assert!(
+        !out.exists(),
+        "no output file before the download completes"
+    );
+
+    let (code, stdout, stderr) = run(&fetch_args, SLOW);
+    assert_eq!(code, 0, "{stderr}");
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("fetched resume-test version 0"))
+        .unwrap_or_else(|| panic!("no summary in {stdout}"));
+    let downloaded = count_before(summary, "chunks downloaded");
+    let resumed = count_before(summary, "already held");
+    let copied = count_before(summary, "copied locally");
+    assert!(
+        resumed >= held_at_kill,
+        "{resumed} chunks resumed, but {held_at_kill} were verified before the kill: {summary}"
+    );
+    assert_eq!(downloaded + resumed + copied, total, "{summary}");
+    assert!(
+        std::fs::read(&out).unwrap() == bytes,
+        "fetched bytes differ"
+    );
+}
+
+#[test]
+fn fetch_of_an_unknown_model_fails_with_one_line() {
+    let (files, pub_dir, fetch_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (file, _) = common::model_file(files.path(), "m.safetensors", 1, 8);
+    let (_publisher, join) = publisher(pub_dir.path(), &file, "known", "100");
+    let out = files.path().join("out");
+    let (code, _, stderr) = run(
+        &args(&[
+            "fetch",
+            "no-such-model",
+            "--out",
+            out.to_str().unwrap(),
+            "--timeout",
+            "3",
+            "--data-dir",
+            fetch_dir.path().to_str().unwrap(),
+            "--bootstrap",
+            &join,
+        ]),
+        QUICK,
+    );
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("no version of model 'no-such-model'"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn publishing_a_file_that_is_not_safetensors_exits_1() {
+    let (files, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let text = files.path().join("notes.safetensors");
+    std::fs::write(&text, "this is text pretending to be a model").unwrap();
+    let (code, _, stderr) = run(
+        &args(&[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--publish",
+            text.to_str().unwrap(),
+        ]),
+        QUICK,
+    );
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("not a safetensors file"),
+        "{stderr}"
+    );
+}
