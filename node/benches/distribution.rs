@@ -158,8 +158,15 @@ async fn swarm_of_eight(mib: usize) -> (f64, f64) {
 }
 
 fn main() {
+    // `-- single` or `-- swarm` runs one case only.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |case: &str| only.is_empty() || only.iter().any(|o| o == case);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
+        if wants("single") {
         let depth = DistributionConfig::default().max_requests_per_peer as u32;
         let mib = 256;
         // Warm up both paths once, then alternate.
@@ -177,9 +184,17 @@ fn main() {
             best(&raw),
             best(&ours) / best(&raw)
         );
+        }
+        if only.iter().any(|o| o == "profile-fetch") {
+            for _ in 0..3 {
+                println!("fetch: {:.0} MiB/s", single_fetch_throughput(256).await);
+            }
+        }
+        if wants("swarm") {
         let (seconds, copies) = swarm_of_eight(64).await;
         println!(
             "8 nodes, 64 MiB: last node done after {seconds:.2} s; publisher uploaded {copies:.2} copies (7 fetchers)"
         );
+        }
     });
 }

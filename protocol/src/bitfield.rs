@@ -74,6 +74,13 @@ impl Bitfield {
         }
     }
 
+    /// Removes chunk `i`.
+    pub fn clear(&mut self, i: u32) {
+        if i < self.len {
+            self.bits[i as usize / 8] &= !(1 << (i % 8));
+        }
+    }
+
     /// Number of chunks in the set.
     pub fn count(&self) -> u32 {
         self.bits.iter().map(|b| b.count_ones()).sum()
@@ -100,6 +107,8 @@ mod tests {
         b.set(0);
         b.set(9);
         b.set(10);
+        b.set(5);
+        b.clear(5);
         assert!(b.get(0) && b.get(9) && !b.get(10) && !b.get(5));
         assert_eq!(b.count(), 2);
         assert_eq!(b.ones().collect::<Vec<_>>(), vec![0, 9]);

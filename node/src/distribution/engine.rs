@@ -25,7 +25,7 @@ use p2p_protocol::messages::{Announcement, Request, Response, MAX_VERSIONS_LISTE
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::picker::Picker;
 use super::store::{ImportedFile, Store};
@@ -102,6 +102,14 @@ pub struct ModelInfo {
     pub path: String,
 }
 
+/// A chunk write finished on a blocking thread.
+#[derive(Debug)]
+pub struct ChunkWritten {
+    id: VersionId,
+    index: u32,
+    result: Result<(), String>,
+}
+
 /// What an outstanding request was for.
 #[derive(Debug)]
 enum Purpose {
@@ -139,6 +147,7 @@ struct Download {
     chunks_copied: u32,
     chunks_resumed: u32,
     senders: HashSet<PeerId>,
+    writes_pending: usize,
     waiters: Vec<oneshot::Sender<Result<DownloadReport, String>>>,
 }
 
@@ -158,6 +167,7 @@ impl Download {
             chunks_copied: 0,
             chunks_resumed: 0,
             senders: HashSet::new(),
+            writes_pending: 0,
             waiters: Vec::new(),
         }
     }
@@ -189,13 +199,21 @@ pub struct Engine {
     versions_queries: HashMap<u64, VersionsQuery>,
     next_query: u64,
     last_sync: Instant,
+    write_done: mpsc::UnboundedSender<ChunkWritten>,
     last_follow_poll: Option<Instant>,
     rng: StdRng,
 }
 
 impl Engine {
     /// An engine serving `store`. Incomplete versions found in the store resume downloading.
-    pub fn new(config: DistributionConfig, store: Store, local_peer: PeerId) -> Self {
+    /// Finished chunk writes come back through `write_done`, to be passed to
+    /// [`Engine::on_chunk_written`].
+    pub fn new(
+        config: DistributionConfig,
+        store: Store,
+        local_peer: PeerId,
+        write_done: mpsc::UnboundedSender<ChunkWritten>,
+    ) -> Self {
         let mut engine = Self {
             store,
             local_peer,
@@ -214,6 +232,7 @@ impl Engine {
             versions_queries: HashMap::new(),
             next_query: 0,
             last_sync: Instant::now(),
+            write_done,
             last_follow_poll: None,
             rng: StdRng::from_entropy(),
             config,
@@ -633,7 +652,7 @@ impl Engine {
                 self.drive(swarm, &id);
             }
             (Purpose::Chunk(id, index), Response::Chunk { index: got, data }) => {
-                self.on_chunk(swarm, peer, id, index, got, &data)
+                self.on_chunk(swarm, peer, id, index, got, data)
             }
             (Purpose::Versions(qid), Response::Versions { versions }) => {
                 for a in versions.into_iter().take(MAX_VERSIONS_LISTED) {
@@ -945,7 +964,8 @@ impl Engine {
                 Purpose::Chunk(*id, index),
             );
         }
-        if d.picker.as_ref().is_some_and(|p| p.is_complete()) {
+        let written = d.writes_pending == 0 && self.store.get(id).is_some_and(|v| v.is_complete());
+        if written && d.picker.as_ref().is_some_and(|p| p.is_complete()) {
             self.complete(swarm, id, d);
         } else {
             self.downloads.insert(*id, d);
@@ -1043,38 +1063,45 @@ impl Engine {
         id: VersionId,
         index: u32,
         got: u32,
-        data: &[u8],
+        data: Vec<u8>,
     ) {
         if got != index {
             self.punish(swarm, peer, id, "sent a different chunk than asked");
             return;
         }
-        let already = self.store.get(&id).is_some_and(|v| v.have.get(index));
-        if already {
+        let Some(v) = self.store.get(&id) else {
+            return;
+        };
+        let obtained = v.have.get(index)
+            || self
+                .downloads
+                .get(&id)
+                .and_then(|d| d.picker.as_ref())
+                .is_some_and(|p| p.have().get(index));
+        if obtained {
+            // An endgame duplicate that was not cancelled in time.
             if let Some(p) = self.picker_mut(&id) {
                 p.chunk_received(&peer, index);
             }
             return;
         }
-        match self.store.write_chunk(&id, index, data) {
-            Ok(true) => {}
-            Ok(false) => {
-                self.punish(swarm, peer, id, "sent a chunk that does not match its hash");
-                return;
-            }
+        if !v.manifest.verify_chunk(index, &data) {
+            self.punish(swarm, peer, id, "sent a chunk that does not match its hash");
+            return;
+        }
+        let len = data.len() as u64;
+        let write = match self.store.chunk_write(&id, index, data) {
+            Ok(w) => w,
             Err(e) => {
-                if let Some(p) = self.picker_mut(&id) {
-                    p.request_failed(&peer, index);
-                }
                 self.fail_download(&id, format!("{e:#}"));
                 return;
             }
-        }
-        self.traffic.entry(id).or_default().downloaded += data.len() as u64;
-        let first = self.store.get(&id).is_some_and(|v| v.have.count() == 1);
+        };
+        self.traffic.entry(id).or_default().downloaded += len;
         if let Some(d) = self.downloads.get_mut(&id) {
             d.chunks_downloaded += 1;
             d.senders.insert(peer);
+            d.writes_pending += 1;
             if let Some(p) = d.picker.as_mut() {
                 for loser in p.chunk_received(&peer, index) {
                     for pending in self.requests.values_mut() {
@@ -1087,6 +1114,34 @@ impl Engine {
                 }
             }
         }
+        // Disk writes run off the event loop, which goes on serving and scheduling.
+        let done = self.write_done.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = write.run().map_err(|e| format!("{e:#}"));
+            let _ = done.send(ChunkWritten { id, index, result });
+        });
+        self.drive(swarm, &id);
+    }
+
+    /// A verified chunk reached the disk (or failed to): it is served from now on.
+    pub fn on_chunk_written(&mut self, swarm: &mut Swarm<Behaviour>, done: ChunkWritten) {
+        let ChunkWritten { id, index, result } = done;
+        if let Some(d) = self.downloads.get_mut(&id) {
+            d.writes_pending = d.writes_pending.saturating_sub(1);
+        }
+        let result = result.and_then(|()| {
+            self.store
+                .mark_written(&id, index)
+                .map_err(|e| format!("{e:#}"))
+        });
+        if let Err(e) = result {
+            if let Some(p) = self.picker_mut(&id) {
+                p.chunk_lost(index);
+            }
+            self.fail_download(&id, e);
+            return;
+        }
+        let first = self.store.get(&id).is_some_and(|v| v.have.count() == 1);
         if first && self.serves_version(false, false) {
             start_providing(swarm, &id);
         }

@@ -137,6 +137,11 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
         losers
     }
 
+    /// Chunk `index`, counted as received, could not be stored: it is wanted again.
+    pub fn chunk_lost(&mut self, index: u32) {
+        self.have.clear(index);
+    }
+
     /// Chunk `index` was obtained without a request (copied from a local version).
     pub fn chunk_obtained_locally(&mut self, index: u32) -> Vec<P> {
         let asked = self.in_flight.remove(&index).unwrap_or_default();

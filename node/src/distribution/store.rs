@@ -14,6 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use p2p_protocol::bitfield::Bitfield;
@@ -39,7 +40,7 @@ pub struct StoredVersion {
     /// Whether this node published it (imported it from a local file).
     pub published: bool,
     dir: PathBuf,
-    file: File,
+    file: Arc<File>,
     unsynced: bool,
 }
 
@@ -52,6 +53,34 @@ impl StoredVersion {
     /// Whether every chunk is held.
     pub fn is_complete(&self) -> bool {
         self.have.is_complete()
+    }
+}
+
+/// Verified chunk bytes on their way to disk, written off the event loop.
+#[derive(Debug)]
+pub struct ChunkWrite {
+    file: Arc<File>,
+    offset: u64,
+    data: Vec<u8>,
+    what: String,
+}
+
+impl ChunkWrite {
+    /// Writes the bytes at their offset (blocking).
+    pub fn run(&self) -> Result<()> {
+        self.file
+            .write_all_at(&self.data, self.offset)
+            .with_context(|| format!("cannot write {} (disk full?)", self.what))
+    }
+
+    /// The chunk's length.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the chunk is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
     }
 }
 
@@ -278,7 +307,7 @@ impl Store {
                 have,
                 published: false,
                 dir,
-                file,
+                file: Arc::new(file),
                 unsynced: false,
             },
         );
@@ -300,23 +329,43 @@ impl Store {
     /// Verifies `data` as chunk `index` of `id` and writes it. Returns `Ok(false)` (and
     /// writes nothing) if the bytes do not match the manifest.
     pub fn write_chunk(&mut self, id: &VersionId, index: u32, data: &[u8]) -> Result<bool> {
-        let v = self.versions.get_mut(id).context("version not held")?;
+        let Some(v) = self.versions.get(id) else {
+            bail!("version not held");
+        };
         if !v.manifest.verify_chunk(index, data) {
             return Ok(false);
         }
         if v.have.get(index) {
             return Ok(true);
         }
-        let offset = v.manifest.chunk_range(index).start;
-        v.file.write_all_at(data, offset).with_context(|| {
-            format!("cannot write chunk {index} of {} (disk full?)", id.short())
-        })?;
+        let write = self.chunk_write(id, index, data.to_vec())?;
+        write.run()?;
+        self.mark_written(id, index)?;
+        Ok(true)
+    }
+
+    /// Prepares the write of verified bytes for chunk `index` of `id`, to run on another
+    /// thread ([`ChunkWrite::run`]); then [`Store::mark_written`] records it.
+    pub fn chunk_write(&self, id: &VersionId, index: u32, data: Vec<u8>) -> Result<ChunkWrite> {
+        let v = self.versions.get(id).context("version not held")?;
+        Ok(ChunkWrite {
+            file: Arc::clone(&v.file),
+            offset: v.manifest.chunk_range(index).start,
+            data,
+            what: format!("chunk {index} of {}", id.short()),
+        })
+    }
+
+    /// Records chunk `index` of `id` as written and verified: it is served from now on, and
+    /// made durable at the next [`Store::sync_all`] (at once if the version is complete).
+    pub fn mark_written(&mut self, id: &VersionId, index: u32) -> Result<()> {
+        let v = self.versions.get_mut(id).context("version not held")?;
         v.have.set(index);
         v.unsynced = true;
         if v.is_complete() {
             self.sync(id)?;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Copies into `id` every missing chunk whose hash another held version has, verified
@@ -448,7 +497,7 @@ fn load_version(dir: &Path, id: &VersionId) -> Result<StoredVersion> {
         manifest_bytes: bytes,
         have,
         dir: dir.to_path_buf(),
-        file,
+        file: Arc::new(file),
         unsynced: false,
     };
     if version.have != marked {

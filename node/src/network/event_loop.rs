@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command, NetworkStatus, PeerInfo};
 use crate::config::NodeConfig;
-use crate::distribution::engine::{self, Engine};
+use crate::distribution::engine::{self, ChunkWritten, Engine};
 use crate::distribution::store::Store;
 use crate::peers::{self, AddressBook, Source};
 
@@ -42,6 +42,7 @@ pub struct EventLoop {
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     listen_addrs: Vec<Multiaddr>,
     engine: Engine,
+    chunk_writes: mpsc::UnboundedReceiver<ChunkWritten>,
 }
 
 impl EventLoop {
@@ -51,10 +52,12 @@ impl EventLoop {
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
         let behaviour = Behaviour::new(&key, &config)?;
         let store = Store::open(&config.models_dir())?;
+        let (write_done, chunk_writes) = mpsc::unbounded_channel();
         let mut engine = Engine::new(
             config.distribution.clone(),
             store,
             key.public().to_peer_id(),
+            write_done,
         );
         for model in &config.follow {
             engine.follow(model.clone());
@@ -97,6 +100,7 @@ impl EventLoop {
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
             engine,
+            chunk_writes,
         };
         Ok((event_loop, client))
     }
@@ -125,6 +129,9 @@ impl EventLoop {
                 _ = maintenance.tick() => self.maintain(),
                 _ = save.tick() => self.save_cache_if_dirty(),
                 _ = engine_tick.tick() => self.engine.tick(&mut self.swarm),
+                Some(done) = self.chunk_writes.recv() => {
+                    self.engine.on_chunk_written(&mut self.swarm, done)
+                }
             }
         }
         self.engine.shutdown();
