@@ -1,4 +1,5 @@
-//! The local JSON API: `GET /healthz`, `GET /status`, `GET /peers`, `GET /models`.
+//! The local JSON API: `GET /healthz`, `GET /status`, `GET /peers`, `GET /models`, and
+//! `POST /publish` (a local safetensors file as the next version of a model).
 //!
 //! It listens on 127.0.0.1 by default. Handlers only ask the event loop through the
 //! [`Client`]; a stopped network answers 503.
@@ -9,7 +10,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -65,6 +66,7 @@ fn router(state: ApiState) -> Router {
         .route("/status", get(status))
         .route("/peers", get(peers))
         .route("/models", get(models))
+        .route("/publish", post(publish))
         .with_state(state)
 }
 
@@ -98,6 +100,26 @@ async fn models(State(state): State<ApiState>) -> Response {
     match state.client.models().await {
         Ok(models) => Json(models).into_response(),
         Err(e) => unavailable(e),
+    }
+}
+
+/// `POST /publish` body.
+#[derive(serde::Deserialize)]
+struct PublishBody {
+    /// Path of a safetensors file on this machine.
+    path: PathBuf,
+    /// Model name.
+    model: String,
+}
+
+async fn publish(State(state): State<ApiState>, Json(body): Json<PublishBody>) -> Response {
+    match state.client.publish(&body.path, &body.model).await {
+        Ok(announcement) => Json(announcement).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": format!("{e:#}") })),
+        )
+            .into_response(),
     }
 }
 

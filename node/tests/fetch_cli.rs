@@ -8,8 +8,8 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::http_get;
 use common::process::{poll, run, Running, Stream};
+use common::{http_get, http_post_json};
 
 const QUICK: Duration = Duration::from_secs(60);
 const SLOW: Duration = Duration::from_secs(240);
@@ -172,4 +172,107 @@ fn publishing_a_file_that_is_not_safetensors_exits_1() {
         last.starts_with("error: ") && last.contains("not a safetensors file"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_running_node_publishes_over_the_api_and_fetch_by_id_writes_the_file() {
+    let (files, pub_dir, fetch_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (file, bytes) = common::model_file(files.path(), "m.safetensors", 3, 9);
+    let mut node = Running::start(&args(&["--data-dir", pub_dir.path().to_str().unwrap()]));
+    let api = node.api_addr();
+    let join = node.join_addr();
+    let request = serde_json::json!({"path": file, "model": "api-model"}).to_string();
+    let (code, body) = http_post_json(api, "/publish", &request).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let announced: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = announced["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 64, "{body}");
+
+    let bad = serde_json::json!({"path": files.path().join("missing"), "model": "x"}).to_string();
+    let (code, body) = http_post_json(api, "/publish", &bad).unwrap();
+    assert_eq!(code, 400, "{body}");
+
+    let out = files.path().join("out.safetensors");
+    let (code, stdout, stderr) = run(
+        &args(&[
+            "fetch",
+            &id,
+            "--out",
+            out.to_str().unwrap(),
+            "--data-dir",
+            fetch_dir.path().to_str().unwrap(),
+            "--bootstrap",
+            &join,
+        ]),
+        SLOW,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&id), "{stdout}");
+    assert!(std::fs::read(&out).unwrap() == bytes);
+
+    let (_, body) = http_get(api, "/models").unwrap();
+    let models: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let held = &models.as_array().unwrap()[0];
+    assert_eq!(held["id"], id.as_str());
+    assert_eq!(held["complete"], true);
+    assert_eq!(held["published"], true);
+    assert_eq!(held["bytes_uploaded"].as_u64().unwrap(), bytes.len() as u64);
+}
+
+#[test]
+fn a_full_disk_is_reported_not_written_as_a_corrupt_file() {
+    let (files, pub_dir, fetch_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    // A 4 MiB file system for the fetcher's data dir: too small for the 8 MiB version.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(fetch_dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED a_full_disk_is_reported: cannot mount a small tmpfs (needs root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(fetch_dir.path());
+
+    let (file, _) = common::model_file(files.path(), "m.safetensors", 8, 11);
+    let (_publisher, join) = publisher(pub_dir.path(), &file, "too-big", "1000");
+    let out = files.path().join("out.safetensors");
+    let (code, _, stderr) = run(
+        &args(&[
+            "fetch",
+            "too-big",
+            "--out",
+            out.to_str().unwrap(),
+            "--data-dir",
+            fetch_dir.path().to_str().unwrap(),
+            "--bootstrap",
+            &join,
+        ]),
+        SLOW,
+    );
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("No space left on device"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no output file from a failed download");
 }
