@@ -646,6 +646,11 @@ impl Engine {
                 if publisher {
                     if let Some(d) = self.downloads.get_mut(&id) {
                         d.publisher.get_or_insert(peer);
+                        if self.config.stage == Stage::Swarm {
+                            if let Some(p) = d.picker.as_mut() {
+                                p.set_last_resort(peer);
+                            }
+                        }
                     }
                 }
                 self.on_have(peer, id, Some(bitfield));

@@ -67,7 +67,7 @@ impl Default for DistributionConfig {
             max_uploads: 32,
             endgame_copies: 2,
             portion: None,
-            have_refresh: Duration::from_millis(300),
+            have_refresh: Duration::from_millis(200),
             provider_refresh: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_upload_rate: None,

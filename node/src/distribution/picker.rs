@@ -8,10 +8,12 @@
 //!   have a chunk, the least loaded is asked (random among equals).
 //! * **Endgame**: once every missing chunk is in flight, a chunk may be asked of up to
 //!   `endgame_copies` peers at once; the first answer wins and the others are cancelled.
+//! * **Last resort**: peers marked so (the publisher) are asked only when no other holder of
+//!   the chunk has a free slot.
 //! * A failed or timed-out request puts its chunk back; a peer that leaves (or is dropped for
 //!   sending bad data) gives back all its chunks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
 use p2p_protocol::bitfield::Bitfield;
@@ -31,6 +33,8 @@ pub struct Picker<P> {
     load: HashMap<P, usize>,
     max_per_peer: usize,
     endgame_copies: usize,
+    /// Peers asked only when no other holder has a free slot.
+    last_resort: HashSet<P>,
 }
 
 impl<P: Clone + Eq + Hash + Ord> Picker<P> {
@@ -44,6 +48,7 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
             load: HashMap::new(),
             max_per_peer: max_per_peer.max(1),
             endgame_copies: endgame_copies.max(1),
+            last_resort: HashSet::new(),
         }
     }
 
@@ -211,7 +216,16 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
             .collect();
         holders.sort(); // HashMap order is not stable; sort first so the shuffle alone decides
         holders.shuffle(rng);
-        holders.into_iter().min_by_key(|p| self.load(p)).cloned()
+        holders
+            .into_iter()
+            .min_by_key(|p| (self.last_resort.contains(*p), self.load(p)))
+            .cloned()
+    }
+
+    /// Asks `peer` only when no other holder of a chunk has a free slot (used for the
+    /// publisher, whose upload is the scarcest resource of a swarm).
+    pub fn set_last_resort(&mut self, peer: P) {
+        self.last_resort.insert(peer);
     }
 
     fn assign(&mut self, peer: P, index: u32) {
@@ -265,6 +279,19 @@ mod tests {
         assert_eq!(first[0], (1, 2));
         assert_eq!(first[1], (2, 1));
         assert_eq!(first[2], (3, 0));
+    }
+
+    #[test]
+    fn a_last_resort_peer_is_asked_only_when_others_are_full() {
+        let mut picker = Picker::new(Bitfield::new(4), 1, 1);
+        picker.set_availability('p', bits(4, [0, 1, 2, 3]));
+        picker.set_availability('f', bits(4, [0, 1, 2, 3]));
+        picker.set_last_resort('p');
+        let mut rng = StdRng::seed_from_u64(5);
+        let requests = picker.next_requests(&mut rng);
+        assert_eq!(requests.len(), 2);
+        assert_eq!(requests[0].0, 'f', "the other holder goes first");
+        assert_eq!(requests[1].0, 'p', "the last resort takes what is left");
     }
 
     #[test]
