@@ -39,6 +39,9 @@ pub const MAX_PENALTY: u32 = 3;
 /// missed an announcement).
 const FOLLOW_POLL: Duration = Duration::from_secs(5);
 
+/// How long before peers that could not give a manifest are asked again.
+const MANIFEST_RETRY: Duration = Duration::from_secs(2);
+
 /// How long a query for a model's versions waits for answers.
 const VERSIONS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -140,6 +143,7 @@ struct Download {
     have_pending: HashSet<PeerId>,
     last_have: HashMap<PeerId, Instant>,
     manifest_asked: HashSet<PeerId>,
+    manifest_round: Instant,
     last_provider_query: Option<Instant>,
     publisher: Option<PeerId>,
     started: Instant,
@@ -160,6 +164,7 @@ impl Download {
             have_pending: HashSet::new(),
             last_have: HashMap::new(),
             manifest_asked: HashSet::new(),
+            manifest_round: Instant::now(),
             last_provider_query: None,
             publisher,
             started: Instant::now(),
@@ -932,6 +937,12 @@ impl Engine {
                     .iter()
                     .find(|p| !d.manifest_asked.contains(p) && !d.banned.contains(p))
                     .copied();
+                if next.is_none() && d.manifest_round.elapsed() >= MANIFEST_RETRY {
+                    // Every candidate was asked and none answered: start a new round, since
+                    // peers that had no copy or were unreachable may have one now.
+                    d.manifest_asked.clear();
+                    d.manifest_round = Instant::now();
+                }
                 if let Some(peer) = next {
                     d.manifest_asked.insert(peer);
                     self.send(
