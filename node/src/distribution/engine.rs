@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::picker::Picker;
-use super::store::{ImportedFile, Store};
+use super::store::{ChunkWrite, ImportedFile, Store};
 use super::{DistributionConfig, RateLimiter, Stage};
 use crate::network::behaviour::{announce_topic, Behaviour};
 
@@ -38,6 +38,10 @@ pub const MAX_PENALTY: u32 = 3;
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
 const FOLLOW_POLL: Duration = Duration::from_secs(5);
+
+/// Verified chunks of one download waiting for the disk, at most; beyond it no new chunk is
+/// requested until writes catch up.
+const MAX_PENDING_WRITES: usize = 32;
 
 /// How long before peers that could not give a manifest are asked again.
 const MANIFEST_RETRY: Duration = Duration::from_secs(2);
@@ -105,12 +109,67 @@ pub struct ModelInfo {
     pub path: String,
 }
 
-/// A chunk write finished on a blocking thread.
+/// Disk work that finished on a blocking thread.
 #[derive(Debug)]
-pub struct ChunkWritten {
-    id: VersionId,
-    index: u32,
-    result: Result<(), String>,
+pub enum DiskEvent {
+    /// A verified chunk's bytes were written (or failed to be).
+    ChunkWritten {
+        /// The version.
+        id: VersionId,
+        /// The chunk.
+        index: u32,
+        /// Why the write failed, if it did.
+        result: Result<(), String>,
+    },
+    /// A version's written chunks were made durable (or failed to be).
+    Synced {
+        /// The version.
+        id: VersionId,
+        /// Why the sync failed, if it did.
+        result: Result<(), String>,
+    },
+}
+
+/// One thread that writes verified chunks in arrival order, off the event loop. A single
+/// writer keeps the file's lock uncontended (threads writing one file at once spin on it) and
+/// costs no thread hand-off per chunk. Writes queued are bounded by the chunk requests in
+/// flight.
+struct ChunkWriter {
+    jobs: std::sync::mpsc::Sender<(VersionId, u32, ChunkWrite)>,
+    done: mpsc::UnboundedSender<DiskEvent>,
+}
+
+impl ChunkWriter {
+    /// Starts the writer thread; it ends when the engine (the sender) is dropped.
+    fn start(done: mpsc::UnboundedSender<DiskEvent>) -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<(VersionId, u32, ChunkWrite)>();
+        let thread_done = done.clone();
+        let spawned = std::thread::Builder::new()
+            .name("chunk-writer".into())
+            .spawn(move || {
+                for (id, index, write) in queue {
+                    let result = write.run().map_err(|e| format!("{e:#}"));
+                    let _ = thread_done.send(DiskEvent::ChunkWritten { id, index, result });
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the chunk writer thread; writing on the event loop");
+        }
+        Self { jobs, done }
+    }
+
+    /// Queues a write; its end comes back as [`DiskEvent::ChunkWritten`].
+    fn write(&self, id: VersionId, index: u32, write: ChunkWrite) {
+        if let Err(std::sync::mpsc::SendError((id, index, write))) =
+            self.jobs.send((id, index, write))
+        {
+            // No writer thread: write here rather than lose the chunk.
+            let result = write.run().map_err(|e| format!("{e:#}"));
+            let _ = self
+                .done
+                .send(DiskEvent::ChunkWritten { id, index, result });
+        }
+    }
 }
 
 /// What an outstanding request was for.
@@ -204,20 +263,21 @@ pub struct Engine {
     versions_queries: HashMap<u64, VersionsQuery>,
     next_query: u64,
     last_sync: Instant,
-    write_done: mpsc::UnboundedSender<ChunkWritten>,
+    write_done: mpsc::UnboundedSender<DiskEvent>,
+    chunk_writer: ChunkWriter,
     last_follow_poll: Option<Instant>,
     rng: StdRng,
 }
 
 impl Engine {
     /// An engine serving `store`. Incomplete versions found in the store resume downloading.
-    /// Finished chunk writes come back through `write_done`, to be passed to
-    /// [`Engine::on_chunk_written`].
+    /// Finished disk work comes back through `write_done`, to be passed to
+    /// [`Engine::on_disk_event`].
     pub fn new(
         config: DistributionConfig,
         store: Store,
         local_peer: PeerId,
-        write_done: mpsc::UnboundedSender<ChunkWritten>,
+        write_done: mpsc::UnboundedSender<DiskEvent>,
     ) -> Self {
         let mut engine = Self {
             store,
@@ -237,6 +297,7 @@ impl Engine {
             versions_queries: HashMap::new(),
             next_query: 0,
             last_sync: Instant::now(),
+            chunk_writer: ChunkWriter::start(write_done.clone()),
             write_done,
             last_follow_poll: None,
             rng: StdRng::from_entropy(),
@@ -443,8 +504,8 @@ impl Engine {
     pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
         if self.last_sync.elapsed() >= Duration::from_secs(1) {
             self.last_sync = Instant::now();
-            if let Err(e) = self.store.sync_all() {
-                tracing::error!(error = %format!("{e:#}"), "cannot make downloaded chunks durable");
+            for id in self.store.unsynced() {
+                self.start_sync(&id);
             }
         }
         let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
@@ -967,11 +1028,12 @@ impl Engine {
                 self.send(swarm, peer, Request::Have { id: *id }, Purpose::Have(*id));
             }
         }
-        let requests = d
-            .picker
-            .as_mut()
-            .map(|p| p.next_requests(&mut self.rng))
-            .unwrap_or_default();
+        // Backpressure: while the disk is behind, ask for nothing more, so that chunks waiting
+        // to be written (each held in memory) stay bounded whatever the model's size.
+        let requests = match d.picker.as_mut() {
+            Some(p) if d.writes_pending < MAX_PENDING_WRITES => p.next_requests(&mut self.rng),
+            _ => Vec::new(),
+        };
         for (peer, index) in requests {
             self.send(
                 swarm,
@@ -982,10 +1044,15 @@ impl Engine {
         }
         let written = d.writes_pending == 0 && self.store.get(id).is_some_and(|v| v.is_complete());
         if written && d.picker.as_ref().is_some_and(|p| p.is_complete()) {
-            self.complete(swarm, id, d);
-        } else {
-            self.downloads.insert(*id, d);
+            // Complete means durable: the last sync runs off the event loop, and its end
+            // drives the download again.
+            if self.store.get(id).is_some_and(|v| v.is_durable()) {
+                self.complete(swarm, id, d);
+                return;
+            }
+            self.start_sync(id);
         }
+        self.downloads.insert(*id, d);
     }
 
     fn send(
@@ -1131,17 +1198,51 @@ impl Engine {
             }
         }
         // Disk writes run off the event loop, which goes on serving and scheduling.
-        let done = self.write_done.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = write.run().map_err(|e| format!("{e:#}"));
-            let _ = done.send(ChunkWritten { id, index, result });
-        });
+        self.chunk_writer.write(id, index, write);
         self.drive(swarm, &id);
     }
 
+    /// Disk work finished on a blocking thread.
+    pub fn on_disk_event(&mut self, swarm: &mut Swarm<Behaviour>, event: DiskEvent) {
+        match event {
+            DiskEvent::ChunkWritten { id, index, result } => {
+                self.on_chunk_written(swarm, id, index, result)
+            }
+            DiskEvent::Synced { id, result } => {
+                self.store.sync_finished(&id, result.is_ok());
+                if let Err(e) = result {
+                    tracing::error!(version = %id.short(), error = %e, "cannot make downloaded chunks durable");
+                    if self.downloads.contains_key(&id) {
+                        self.fail_download(&id, e);
+                    }
+                    return;
+                }
+                self.drive(swarm, &id);
+            }
+        }
+    }
+
+    /// Makes the chunks written to `id` durable on a blocking thread, unless a sync of it is
+    /// running or nothing changed.
+    fn start_sync(&mut self, id: &VersionId) {
+        let Some(job) = self.store.sync_job(id) else {
+            return;
+        };
+        let done = self.write_done.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = job.run().map_err(|e| format!("{e:#}"));
+            let _ = done.send(DiskEvent::Synced { id: job.id, result });
+        });
+    }
+
     /// A verified chunk reached the disk (or failed to): it is served from now on.
-    pub fn on_chunk_written(&mut self, swarm: &mut Swarm<Behaviour>, done: ChunkWritten) {
-        let ChunkWritten { id, index, result } = done;
+    fn on_chunk_written(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        id: VersionId,
+        index: u32,
+        result: Result<(), String>,
+    ) {
         if let Some(d) = self.downloads.get_mut(&id) {
             d.writes_pending = d.writes_pending.saturating_sub(1);
         }
@@ -1190,9 +1291,6 @@ impl Engine {
     }
 
     fn complete(&mut self, swarm: &mut Swarm<Behaviour>, id: &VersionId, d: Download) {
-        if let Err(e) = self.store.sync_all() {
-            tracing::error!(error = %format!("{e:#}"), "cannot make the download durable");
-        }
         for pending in self.requests.values_mut() {
             if matches!(pending.purpose, Purpose::Chunk(v, _) | Purpose::Have(v) if v == *id) {
                 pending.cancelled = true;

@@ -41,7 +41,10 @@ pub struct StoredVersion {
     pub published: bool,
     dir: PathBuf,
     file: Arc<File>,
+    /// Chunks were written since the last sync began.
     unsynced: bool,
+    /// A sync job is running.
+    syncing: bool,
 }
 
 impl StoredVersion {
@@ -53,6 +56,32 @@ impl StoredVersion {
     /// Whether every chunk is held.
     pub fn is_complete(&self) -> bool {
         self.have.is_complete()
+    }
+
+    /// Whether every chunk held is on disk and recorded as verified.
+    pub fn is_durable(&self) -> bool {
+        !self.unsynced && !self.syncing
+    }
+}
+
+/// Makes a version's written chunks durable off the event loop: syncs the data file, then
+/// records the chunks that were held when the job was made as verified.
+#[derive(Debug)]
+pub struct SyncJob {
+    /// The version.
+    pub id: VersionId,
+    file: Arc<File>,
+    have: Bitfield,
+    verified_path: PathBuf,
+}
+
+impl SyncJob {
+    /// Runs the sync (blocking).
+    pub fn run(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .context("cannot make downloaded chunks durable")?;
+        fsutil::write_atomic(&self.verified_path, self.have.as_bytes(), 0o644)
     }
 }
 
@@ -290,8 +319,13 @@ impl Store {
             .create(true)
             .truncate(false)
             .open(dir.join(DATA_FILE))?;
-        file.set_len(manifest.total_size)
-            .context("cannot size the download file (disk full?)")?;
+        reserve(&file, manifest.total_size).with_context(|| {
+            format!(
+                "cannot reserve {} bytes for version {}",
+                manifest.total_size,
+                id.short()
+            )
+        })?;
         fsutil::write_atomic(
             &dir.join(VERIFIED_FILE),
             Bitfield::new(manifest.chunk_count()).as_bytes(),
@@ -309,6 +343,7 @@ impl Store {
                 dir,
                 file: Arc::new(file),
                 unsynced: false,
+                syncing: false,
             },
         );
         Ok(())
@@ -357,15 +392,48 @@ impl Store {
     }
 
     /// Records chunk `index` of `id` as written and verified: it is served from now on, and
-    /// made durable at the next [`Store::sync_all`] (at once if the version is complete).
+    /// recorded on disk by the next sync ([`Store::sync_job`] or [`Store::sync_all`]).
     pub fn mark_written(&mut self, id: &VersionId, index: u32) -> Result<()> {
         let v = self.versions.get_mut(id).context("version not held")?;
         v.have.set(index);
         v.unsynced = true;
-        if v.is_complete() {
-            self.sync(id)?;
-        }
         Ok(())
+    }
+
+    /// A job that makes what was written to `id` durable, unless nothing changed or a job for
+    /// it is running; report its end with [`Store::sync_finished`].
+    pub fn sync_job(&mut self, id: &VersionId) -> Option<SyncJob> {
+        let v = self.versions.get_mut(id)?;
+        if !v.unsynced || v.syncing {
+            return None;
+        }
+        v.unsynced = false;
+        v.syncing = true;
+        Some(SyncJob {
+            id: *id,
+            file: Arc::clone(&v.file),
+            have: v.have.clone(),
+            verified_path: v.dir.join(VERIFIED_FILE),
+        })
+    }
+
+    /// Versions with chunks written since their last sync began.
+    pub fn unsynced(&self) -> Vec<VersionId> {
+        self.versions
+            .iter()
+            .filter(|(_, v)| v.unsynced && !v.syncing)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// A sync job of `id` ended; after a failure its chunks count as unsynced again.
+    pub fn sync_finished(&mut self, id: &VersionId, ok: bool) {
+        if let Some(v) = self.versions.get_mut(id) {
+            v.syncing = false;
+            if !ok {
+                v.unsynced = true;
+            }
+        }
     }
 
     /// Copies into `id` every missing chunk whose hash another held version has, verified
@@ -402,8 +470,8 @@ impl Store {
         Ok(copied)
     }
 
-    /// Makes what was written durable: syncs each changed data file, then records its
-    /// verified chunks.
+    /// Makes what was written durable now (blocking; for shutdown): syncs each changed data
+    /// file, then records its verified chunks.
     pub fn sync_all(&mut self) -> Result<()> {
         let ids: Vec<VersionId> = self
             .versions
@@ -420,6 +488,24 @@ impl Store {
         fsutil::write_atomic(&v.dir.join(VERIFIED_FILE), v.have.as_bytes(), 0o644)?;
         v.unsynced = false;
         Ok(())
+    }
+}
+
+/// Sizes a download's data file and reserves its disk space up front, so that a full disk is
+/// reported when the download starts, not halfway through. File systems without `fallocate`
+/// get a sparse file of the right size instead.
+fn reserve(file: &File, size: u64) -> std::io::Result<()> {
+    file.set_len(size)?;
+    if size == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::NOSPC => Err(e.into()),
+        Err(e) => {
+            tracing::debug!(error = %e, "fallocate unsupported; the data file stays sparse");
+            Ok(())
+        }
     }
 }
 
@@ -499,6 +585,7 @@ fn load_version(dir: &Path, id: &VersionId) -> Result<StoredVersion> {
         dir: dir.to_path_buf(),
         file: Arc::new(file),
         unsynced: false,
+        syncing: false,
     };
     if version.have != marked {
         fsutil::write_atomic(&dir.join(VERIFIED_FILE), version.have.as_bytes(), 0o644)?;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::client::{Client, Command, NetworkStatus, PeerInfo};
 use crate::config::NodeConfig;
-use crate::distribution::engine::{self, ChunkWritten, Engine};
+use crate::distribution::engine::{self, DiskEvent, Engine};
 use crate::distribution::store::Store;
 use crate::peers::{self, AddressBook, Source};
 
@@ -42,7 +42,7 @@ pub struct EventLoop {
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     listen_addrs: Vec<Multiaddr>,
     engine: Engine,
-    chunk_writes: mpsc::UnboundedReceiver<ChunkWritten>,
+    disk_events: mpsc::UnboundedReceiver<DiskEvent>,
 }
 
 impl EventLoop {
@@ -52,7 +52,7 @@ impl EventLoop {
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
         let behaviour = Behaviour::new(&key, &config)?;
         let store = Store::open(&config.models_dir())?;
-        let (write_done, chunk_writes) = mpsc::unbounded_channel();
+        let (write_done, disk_events) = mpsc::unbounded_channel();
         let mut engine = Engine::new(
             config.distribution.clone(),
             store,
@@ -100,7 +100,7 @@ impl EventLoop {
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
             engine,
-            chunk_writes,
+            disk_events,
         };
         Ok((event_loop, client))
     }
@@ -129,8 +129,8 @@ impl EventLoop {
                 _ = maintenance.tick() => self.maintain(),
                 _ = save.tick() => self.save_cache_if_dirty(),
                 _ = engine_tick.tick() => self.engine.tick(&mut self.swarm),
-                Some(done) = self.chunk_writes.recv() => {
-                    self.engine.on_chunk_written(&mut self.swarm, done)
+                Some(done) = self.disk_events.recv() => {
+                    self.engine.on_disk_event(&mut self.swarm, done)
                 }
             }
         }
