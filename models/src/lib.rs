@@ -26,6 +26,8 @@ pub mod spec;
 pub mod train;
 pub mod transformer;
 
+pub use candle_core::Device;
+
 /// Errors of this crate. Each message is one line that names the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -201,6 +201,23 @@ pub struct RunSpec {
     /// Local steps between averaging rounds; 0 disables averaging.
     #[serde(default = "default_average_every")]
     pub average_every: u64,
+    /// Averaging rounds a node starts after its last step (no training between them), so that
+    /// the nodes that finish end close to one model.
+    #[serde(default = "default_final_averaging_rounds")]
+    pub final_averaging_rounds: u32,
+    /// A node runs at most this many steps' worth of samples ahead of the slowest peer it has
+    /// recently averaged with, then waits for it (bounded staleness: nodes far apart in
+    /// training drift apart on non-iid data) [default: `2 * average_every`; 0: no bound].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lead_steps: Option<u64>,
+    /// A node starts its local steps once it knows this many other peers training the run
+    /// (or after waiting `peer_wait_secs`), so that nodes started together train together
+    /// [default: `shards - 1`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_peers: Option<u32>,
+    /// Longest wait for `min_peers`, in seconds.
+    #[serde(default = "default_peer_wait_secs")]
+    pub peer_wait_secs: u64,
     /// Local steps between checkpoints (saved locally and published); 0 disables them.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
@@ -214,7 +231,7 @@ pub struct RunSpec {
     #[serde(default)]
     pub optimizer: OptimizerKind,
     /// SGD momentum (0: plain SGD).
-    #[serde(default)]
+    #[serde(default = "default_momentum")]
     pub momentum: f64,
     /// Weight decay (SGD: L2; AdamW: decoupled).
     #[serde(default)]
@@ -267,6 +284,15 @@ fn default_checkpoint_every() -> u64 {
 fn default_eval_every() -> u64 {
     50
 }
+fn default_peer_wait_secs() -> u64 {
+    120
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_final_averaging_rounds() -> u32 {
+    3
+}
 fn default_min_lr_fraction() -> f64 {
     0.1
 }
@@ -283,7 +309,7 @@ fn default_hidden() -> Vec<usize> {
     vec![64]
 }
 fn default_max_param_distance() -> f64 {
-    1.0
+    2.0
 }
 
 impl RunSpec {
@@ -345,6 +371,15 @@ impl RunSpec {
                 "learning_rate = {} must be above 0 and at most 10",
                 self.learning_rate
             ));
+        }
+        if self.final_averaging_rounds > 1000 {
+            return bad(format!(
+                "final_averaging_rounds = {} must be at most 1000",
+                self.final_averaging_rounds
+            ));
+        }
+        if self.min_peers.is_some_and(|m| m > 1024) || self.peer_wait_secs > 86_400 {
+            return bad("min_peers must be at most 1024 and peer_wait_secs at most 86400".into());
         }
         if self.eval_every == 0 {
             return bad("eval_every must be at least 1".into());
@@ -431,6 +466,16 @@ impl RunSpec {
             }
         }
         Ok(())
+    }
+
+    /// The bound on how far a node runs ahead of its slowest recent peer, in steps (0: none).
+    pub fn max_lead_steps(&self) -> u64 {
+        self.max_lead_steps.unwrap_or(2 * self.average_every)
+    }
+
+    /// Other peers a node waits for before training.
+    pub fn min_peers(&self) -> u32 {
+        self.min_peers.unwrap_or(self.shards.saturating_sub(1))
     }
 
     /// Input features of the MLP for this run's data set.

@@ -12,6 +12,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::distribution::Stage;
+use p2p_models::device::DeviceChoice;
+use p2p_protocol::manifest::VersionId;
 
 /// `p2p-node`: a fully decentralized node for training machine-learning models together.
 #[derive(Debug, Parser)]
@@ -35,6 +37,44 @@ pub enum Command {
     Id,
     /// Join, download a model version from the swarm, verify it and write it to a file.
     Fetch(FetchArgs),
+    /// Train a model together with the network: create a run, or join (or resume) one.
+    Train(TrainArgs),
+}
+
+/// `p2p-node train` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Create a new run from this spec file (TOML), publish its initial weights as version 0,
+    /// announce it, and train it.
+    #[arg(long, value_name = "SPEC")]
+    pub create: Option<PathBuf>,
+    /// Join this run (its id, 64 hex digits) [default: the run this node trained before a
+    /// restart, else the newest announced].
+    #[arg(long, value_name = "RUN_ID", value_parser = parse_version_id)]
+    pub run: Option<VersionId>,
+    /// Read the run's kind of data set from here (an MNIST directory or a text file) instead of
+    /// the path in the run's spec.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// This node's shard of the training data, I/N (e.g. 0/4) [default: chosen from the peer
+    /// id among the run's shards].
+    #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+    pub shard: Option<Portion>,
+    /// Where to train: auto, cpu, cuda or metal (GPU ones need a build with that feature).
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+    /// Train without averaging with peers (for comparison).
+    #[arg(long)]
+    pub no_averaging: bool,
+    /// Exit once the local steps and final averaging rounds are done, instead of serving on.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Seconds to look for a run (and its newest version) before giving up.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub find_timeout: u64,
+    /// Fault injection for testnets: send NaN instead of parameters to peers.
+    #[arg(long, hide = true)]
+    pub poison_averaging: bool,
 }
 
 /// `p2p-node fetch` arguments.
@@ -159,11 +199,29 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 fn parse_portion(s: &str) -> Result<Portion, String> {
-    let err = || format!("portion '{s}' must be I/N with 0 <= I < N, e.g. 0/4");
+    parse_share(s, "portion")
+}
+
+fn parse_shard(s: &str) -> Result<Portion, String> {
+    parse_share(s, "shard")
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
+}
+
+fn parse_version_id(s: &str) -> Result<VersionId, String> {
+    s.parse::<VersionId>()
+        .map_err(|_| format!("'{s}' is not a run id (64 hex digits)"))
+}
+
+/// Parses `I/N` with `0 <= I < N <= 1024`.
+fn parse_share(s: &str, what: &str) -> Result<Portion, String> {
+    let err = || format!("{what} '{s}' must be I/N with 0 <= I < N <= 1024, e.g. 0/4");
     let (i, n) = s.split_once('/').ok_or_else(err)?;
     let index: u32 = i.trim().parse().map_err(|_| err())?;
     let count: u32 = n.trim().parse().map_err(|_| err())?;
-    if index >= count {
+    if index >= count || count > 1024 {
         return Err(err());
     }
     Ok(Portion { index, count })

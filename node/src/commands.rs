@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use p2p_protocol::manifest::VersionId;
 
-use crate::cli::FetchArgs;
+use crate::cli::{FetchArgs, TrainArgs};
 use crate::config::NodeConfig;
 use crate::distribution::engine::ModelInfo;
 use crate::network::Client;
 use crate::node::{self, NodeHandle};
+use crate::training::coordinator;
+use crate::training::run::TrainOptions;
 
 /// How long `fetch MODEL` waits for any peer to name a version before giving up.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -108,6 +110,76 @@ async fn fetch_with(client: &Client, args: &FetchArgs, deadline: Instant) -> Res
         report.seconds
     );
     Ok(())
+}
+
+/// `p2p-node train`: start the node, create or join a run, train until the local steps are
+/// done, then serve on (or exit with `--exit-when-done`). Ctrl-C or SIGTERM stops training
+/// after a checkpoint; the same command resumes it.
+pub async fn train(config: NodeConfig, args: &TrainArgs) -> Result<()> {
+    // A bad spec or data set is reported before the node starts.
+    if let Some(spec) = &args.create {
+        let spec = crate::training::run::resolve_spec(spec, args.data.as_deref())?;
+        p2p_models::data::Dataset::load(&spec, None)?;
+    }
+    let data_dir = config.data_dir.clone();
+    let handle = node::start(config).await?;
+    print_banner(&handle);
+    let options = TrainOptions {
+        create: args.create.clone(),
+        run: args.run,
+        data: args.data.clone(),
+        shard: args.shard.map(|s| (s.index, s.count)),
+        device: args.device,
+        no_averaging: args.no_averaging,
+        poison: args.poison_averaging,
+        find_timeout: Duration::from_secs(args.find_timeout),
+    };
+    let started = tokio::select! {
+        r = coordinator::start(handle.client.clone(), handle.peer_id, &data_dir, options) => r,
+        () = wait_for_signal() => Err(anyhow::anyhow!("interrupted before training started")),
+    };
+    let mut training = match started {
+        Ok(t) => t,
+        Err(e) => {
+            handle.stop().await?;
+            return Err(e);
+        }
+    };
+    {
+        let s = training.status.borrow();
+        println!(
+            "training run {} (model {}) on shard {}, {}",
+            s.run_id, s.model, s.shard, s.device
+        );
+    }
+    let done = tokio::select! {
+        r = training.finished() => Some(r),
+        () = wait_for_signal() => None,
+    };
+    match done {
+        Some(Ok(s)) => {
+            println!(
+                "finished {} local steps: test accuracy {}, loss {}, {} averaging rounds; checkpoint {}",
+                s.step,
+                s.accuracy.map_or("?".into(), |a| format!("{a:.4}")),
+                s.loss.map_or("?".into(), |l| format!("{l:.4}")),
+                s.averaging_rounds,
+                s.checkpoint_path.as_deref().unwrap_or("-"),
+            );
+            if !args.exit_when_done {
+                println!("serving the model and answering averaging rounds until Ctrl-C");
+                wait_for_signal().await;
+            }
+        }
+        Some(Err(e)) => {
+            let _ = training.stop().await;
+            handle.stop().await?;
+            return Err(e);
+        }
+        None => tracing::info!("shutting down; the checkpoint is saved, the same command resumes"),
+    }
+    training.stop().await?;
+    handle.stop().await
 }
 
 /// Finds the newest version of `model` known to the network.

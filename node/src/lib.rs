@@ -5,6 +5,7 @@
 //! * [`network`] holds the libp2p behaviours and the event loop that owns the swarm;
 //! * [`peers`] is the persisted address book that lets a node rejoin without bootstrap;
 //! * [`distribution`] stores, serves and downloads model versions (the swarm engine);
+//! * [`training`] trains a run's model with candle and averages it with peers;
 //! * [`api`] serves the local JSON API.
 
 pub mod api;
@@ -18,3 +19,4 @@ pub mod logging;
 pub mod network;
 pub mod node;
 pub mod peers;
+pub mod training;

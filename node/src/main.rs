@@ -71,5 +71,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
             commands::fetch(config, &args).await
         }
+        Command::Train(args) => {
+            if !cli.common.publish.is_empty() {
+                anyhow::bail!("--publish belongs to a running node, not to train");
+            }
+            commands::train(config, &args).await
+        }
     }
 }

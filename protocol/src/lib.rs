@@ -13,6 +13,8 @@
 //! | announcements (small, signed) | [`ANNOUNCE_TOPIC`] over [`GOSSIPSUB_PROTOCOL_PREFIX`] | libp2p-gossipsub |
 //! | model distribution: manifests, bitfields, chunks | [`messages::MODELS_PROTOCOL`] | libp2p-request-response, [`codec::CborCodec`] |
 //! | who holds a version | Kademlia provider records keyed by the version id's 32 bytes | libp2p-kad |
+//! | training runs (small, signed) | [`training::RUNS_TOPIC`] | libp2p-gossipsub |
+//! | gossip averaging, run discovery | [`training::TRAINING_PROTOCOL`] | libp2p-request-response, [`codec::CborCodec`] |
 //!
 //! Every connection is encrypted and authenticated with Noise (XX, ed25519 identities) over TCP
 //! and multiplexed with yamux, or runs over QUIC v1. Peers are identified by the libp2p
@@ -37,6 +39,12 @@
 //! Announcements ([`messages::Announcement`], CBOR) carry model, version number, id, size and
 //! publisher.
 //!
+//! # Training
+//!
+//! See [`training`]: runs are announced on their own topic, checkpoints are model versions
+//! whose announcements carry training metadata, and parameters are averaged pairwise in
+//! bounded pieces (at most [`training::MAX_PIECE_BYTES`] each).
+//!
 //! # Versioning
 //!
 //! Each protocol id ends in a semantic version. A change that old nodes cannot parse gets a new
@@ -49,6 +57,7 @@ pub mod codec;
 pub mod manifest;
 pub mod messages;
 pub mod safetensors;
+pub mod training;
 
 /// Kademlia protocol id. Private: a node never answers or queries the public IPFS DHT.
 pub const KADEMLIA_PROTOCOL: &str = "/p2p-ml/kad/1.0.0";

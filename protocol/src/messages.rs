@@ -55,7 +55,7 @@ pub enum Request {
 }
 
 /// The answer to a [`Request`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// The manifest's exact bytes (their hash is the id).
     Manifest {
@@ -91,7 +91,7 @@ pub enum Response {
 
 /// A new version, announced on gossipsub (signed by the publisher as gossipsub signs messages)
 /// and listed in [`Response::Versions`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
     /// Model name.
     pub model: String,
@@ -103,6 +103,9 @@ pub struct Announcement {
     pub size: u64,
     /// Peer id (base58) of the publisher.
     pub publisher: String,
+    /// For a checkpoint of a training run: its run, step, samples and evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<crate::training::TrainingMeta>,
 }
 
 impl Announcement {
@@ -138,6 +141,7 @@ mod tests {
             id: Hash32::of(b"m"),
             size: 10,
             publisher: "12D3KooW".into(),
+            training: None,
         };
         assert_eq!(Announcement::decode(&a.encode()).unwrap(), a);
         let bad = Announcement {

@@ -22,6 +22,7 @@ use libp2p::{gossipsub, kad, PeerId, Swarm};
 use p2p_protocol::bitfield::Bitfield;
 use p2p_protocol::manifest::{Manifest, VersionId};
 use p2p_protocol::messages::{Announcement, Request, Response, MAX_VERSIONS_LISTED};
+use p2p_protocol::training::TrainingMeta;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -347,12 +348,14 @@ impl Engine {
 
     // ----- commands -----
 
-    /// Adopts an imported file as the next version of `model`, announces it and serves it.
+    /// Adopts an imported file as the next version of `model`, announces it (with `training`
+    /// metadata for a checkpoint) and serves it.
     pub fn publish(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
         imported: ImportedFile,
         model: &str,
+        training: Option<TrainingMeta>,
     ) -> Result<Announcement> {
         let latest = self.newest_known(model);
         let version = latest.as_ref().map_or(0, |a| a.version + 1);
@@ -368,6 +371,7 @@ impl Engine {
             id,
             size: v.manifest.total_size,
             publisher: self.local_peer.to_string(),
+            training,
         };
         self.announcements.insert(id, announcement.clone());
         start_providing(swarm, &id);
@@ -588,13 +592,19 @@ impl Engine {
         }
     }
 
-    /// A gossip message on the announcements topic from `source` (the signed author).
-    pub fn on_gossip(&mut self, swarm: &mut Swarm<Behaviour>, source: Option<PeerId>, data: &[u8]) {
+    /// A gossip message on the announcements topic from `source` (the signed author). Returns
+    /// the announcement if it was valid.
+    pub fn on_gossip(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        source: Option<PeerId>,
+        data: &[u8],
+    ) -> Option<Announcement> {
         let announcement = match Announcement::decode(data) {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(?source, error = %e, "ignoring a malformed announcement");
-                return;
+                return None;
             }
         };
         if source.map(|s| s.to_string()) != Some(announcement.publisher.clone()) {
@@ -602,10 +612,11 @@ impl Engine {
                 ?source,
                 "ignoring an announcement not signed by its publisher"
             );
-            return;
+            return None;
         }
         tracing::info!(model = %announcement.model, version = announcement.version, id = %announcement.id.short(), from = %announcement.publisher, "version announced");
-        self.learn_announcement(swarm, announcement);
+        self.learn_announcement(swarm, announcement.clone());
+        Some(announcement)
     }
 
     /// An inbound request.
@@ -863,6 +874,7 @@ impl Engine {
                     id: *id,
                     size: v.manifest.total_size,
                     publisher: self.local_peer.to_string(),
+                    training: None,
                 });
             }
         }
@@ -1267,10 +1279,8 @@ impl Engine {
 
     /// Drops `peer` from the download of `id` and counts a penalty.
     fn punish(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, id: VersionId, why: &str) {
-        let score = self.penalties.entry(peer).or_insert(0);
-        *score += 1;
-        let score = *score;
-        tracing::warn!(%peer, version = %id.short(), penalty = score, "dropping peer: {why}");
+        tracing::warn!(%peer, version = %id.short(), "dropping peer from the download: {why}");
+        self.penalize(swarm, peer, why);
         if let Some(d) = self.downloads.get_mut(&id) {
             d.banned.insert(peer);
             d.candidates.remove(&peer);
@@ -1283,11 +1293,21 @@ impl Engine {
                 pending.cancelled = true;
             }
         }
+        self.drive(swarm, &id);
+    }
+
+    /// Counts a penalty against `peer` for sending bad data (a bad chunk, manifest or
+    /// parameters); after [`MAX_PENALTY`] of them the peer is disconnected. Returns its score.
+    pub fn penalize(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, why: &str) -> u32 {
+        let score = self.penalties.entry(peer).or_insert(0);
+        *score += 1;
+        let score = *score;
+        tracing::warn!(%peer, penalty = score, "penalized peer: {why}");
         if score >= MAX_PENALTY {
             tracing::warn!(%peer, "disconnecting a peer that keeps sending bad data");
             let _ = swarm.disconnect_peer_id(peer);
         }
-        self.drive(swarm, &id);
+        score
     }
 
     fn complete(&mut self, swarm: &mut Swarm<Behaviour>, id: &VersionId, d: Download) {
@@ -1326,6 +1346,7 @@ impl Engine {
                     id: *id,
                     size: report.size,
                     publisher: d.publisher.unwrap_or(self.local_peer).to_string(),
+                    training: None,
                 },
             );
         }

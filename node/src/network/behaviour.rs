@@ -13,6 +13,7 @@ use libp2p::{
 use p2p_protocol as proto;
 use p2p_protocol::codec::CborCodec;
 use p2p_protocol::messages::{self, Request, Response};
+use p2p_protocol::training::{self, TrainRequest, TrainResponse};
 
 use crate::cli::KadMode;
 use crate::config::NodeConfig;
@@ -35,6 +36,8 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     /// Model distribution: manifests, bitfields and chunks.
     pub models: request_response::Behaviour<CborCodec<Request, Response>>,
+    /// Training: gossip averaging sessions and run discovery.
+    pub training: request_response::Behaviour<CborCodec<TrainRequest, TrainResponse>>,
 }
 
 impl Behaviour {
@@ -88,6 +91,9 @@ impl Behaviour {
         gossipsub
             .subscribe(&announce_topic())
             .map_err(|e| anyhow!("cannot join the announcements topic: {e}"))?;
+        gossipsub
+            .subscribe(&runs_topic())
+            .map_err(|e| anyhow!("cannot join the training runs topic: {e}"))?;
 
         let mdns = if config.mdns {
             Some(
@@ -109,6 +115,20 @@ impl Behaviour {
                 .with_max_concurrent_streams(512),
         );
 
+        let training = request_response::Behaviour::with_codec(
+            CborCodec::new(
+                training::MAX_TRAINING_MESSAGE_BYTES,
+                training::MAX_TRAINING_MESSAGE_BYTES,
+            ),
+            [(
+                StreamProtocol::new(training::TRAINING_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(30))
+                .with_max_concurrent_streams(64),
+        );
+
         Ok(Self {
             limits,
             kademlia,
@@ -117,6 +137,7 @@ impl Behaviour {
             gossipsub,
             mdns: mdns.into(),
             models,
+            training,
         })
     }
 }
@@ -124,4 +145,9 @@ impl Behaviour {
 /// The announcements topic every node joins.
 pub fn announce_topic() -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(proto::ANNOUNCE_TOPIC)
+}
+
+/// The topic on which training runs are announced.
+pub fn runs_topic() -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(training::RUNS_TOPIC)
 }

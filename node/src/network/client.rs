@@ -3,17 +3,21 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use libp2p::{Multiaddr, PeerId};
 use p2p_protocol::manifest::{Manifest, VersionId};
 use p2p_protocol::messages::Announcement;
+use p2p_protocol::training::{RunAnnouncement, TrainingMeta};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::distribution::engine::{DownloadReport, ModelInfo};
 use crate::distribution::store::{self, ImportedFile, Store};
 use crate::peers::Source;
+use crate::training::averaging::{AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot};
+use crate::training::TrainingStatus;
 
 /// Requests the event loop serves.
 #[derive(Debug)]
@@ -32,6 +36,8 @@ pub enum Command {
         imported: ImportedFile,
         /// Model name.
         model: String,
+        /// Training metadata, for a checkpoint.
+        training: Option<TrainingMeta>,
         /// The announcement, or why it failed.
         reply: oneshot::Sender<Result<Announcement, String>>,
     },
@@ -60,6 +66,35 @@ pub enum Command {
     },
     /// Penalty points of peers that sent bad data.
     Penalties(oneshot::Sender<HashMap<PeerId, u32>>),
+    /// Announce a training run on gossip.
+    AnnounceRun(RunAnnouncement),
+    /// Runs known to this node and its connected peers, newest first.
+    QueryRuns(oneshot::Sender<Vec<RunAnnouncement>>),
+    /// Take part in a run's averaging; finished sessions peers open go to `subscriber`.
+    JoinRun {
+        /// The run and the model's shape.
+        membership: RunMembership,
+        /// Where finished sessions opened by peers go.
+        subscriber: mpsc::Sender<AveragerEvent>,
+    },
+    /// The parameters to serve to peers from now on.
+    SetSnapshot(Arc<Snapshot>),
+    /// Open an averaging round with a random peer of the run.
+    Average(oneshot::Sender<Result<PeerParams, RoundError>>),
+    /// Count a penalty against a peer whose parameters were refused; with `exclude`, leave it
+    /// out of this run's averaging from now on.
+    RefusePeer {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        why: String,
+        /// Whether to exclude it from the run.
+        exclude: bool,
+    },
+    /// The training status to show in `/status`.
+    SetTrainingStatus(Box<TrainingStatus>),
+    /// Connected peers known to train the same run.
+    RunPeers(oneshot::Sender<usize>),
 }
 
 /// Summary of the node's network state (`GET /status`).
@@ -75,6 +110,8 @@ pub struct NetworkStatus {
     pub routing_table_peers: usize,
     /// Number of peers in the address book.
     pub known_peers: usize,
+    /// Training, when this node trains (`null` otherwise).
+    pub training: Option<TrainingStatus>,
 }
 
 /// One peer of the address book (`GET /peers`).
@@ -145,6 +182,16 @@ impl Client {
     /// Publishes `file` as the next version of `model`: imports it (on a blocking thread),
     /// then announces and serves it. Identical bytes give the same version id again.
     pub async fn publish(&self, file: &Path, model: &str) -> Result<Announcement> {
+        self.publish_with(file, model, None).await
+    }
+
+    /// Like [`Client::publish`], with training metadata in the announcement (a checkpoint).
+    pub async fn publish_with(
+        &self,
+        file: &Path,
+        model: &str,
+        training: Option<TrainingMeta>,
+    ) -> Result<Announcement> {
         p2p_protocol::manifest::validate_model_name(model).map_err(|e| anyhow!(e))?;
         let (root, source, chunk_size) =
             (self.models_dir.clone(), file.to_path_buf(), self.chunk_size);
@@ -156,6 +203,7 @@ impl Client {
         self.ask(|reply| Command::Publish {
             imported,
             model,
+            training,
             reply,
         })
         .await?
@@ -184,6 +232,71 @@ impl Client {
     /// Penalty points of peers that sent bad data.
     pub async fn penalties(&self) -> Result<HashMap<PeerId, u32>> {
         self.ask(Command::Penalties).await
+    }
+
+    /// Announces a training run on gossip.
+    pub async fn announce_run(&self, announcement: RunAnnouncement) -> Result<()> {
+        self.sender
+            .send(Command::AnnounceRun(announcement))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    /// Runs known to this node and its connected peers, newest first.
+    pub async fn query_runs(&self) -> Result<Vec<RunAnnouncement>> {
+        self.ask(Command::QueryRuns).await
+    }
+
+    /// Takes part in a run's averaging; sessions peers open end up in `subscriber`.
+    pub async fn join_run(
+        &self,
+        membership: RunMembership,
+        subscriber: mpsc::Sender<AveragerEvent>,
+    ) -> Result<()> {
+        self.sender
+            .send(Command::JoinRun {
+                membership,
+                subscriber,
+            })
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    /// Serves `snapshot` to peers that average with this node from now on.
+    pub async fn set_snapshot(&self, snapshot: Arc<Snapshot>) -> Result<()> {
+        self.sender
+            .send(Command::SetSnapshot(snapshot))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    /// Averages with a random peer of the run: returns its parameters (finite, checked for
+    /// length) once both sides have exchanged theirs, or why the round found no partner.
+    /// The outer error means the node has stopped.
+    pub async fn average(&self) -> Result<std::result::Result<PeerParams, RoundError>> {
+        self.ask(Command::Average).await
+    }
+
+    /// Counts a penalty against `peer`, whose parameters were refused; with `exclude` it is
+    /// left out of this run's averaging from now on.
+    pub async fn refuse_peer(&self, peer: PeerId, why: String, exclude: bool) -> Result<()> {
+        self.sender
+            .send(Command::RefusePeer { peer, why, exclude })
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    /// Peers known to train this node's run.
+    pub async fn run_peers(&self) -> Result<usize> {
+        self.ask(Command::RunPeers).await
+    }
+
+    /// Sets the training status `/status` shows.
+    pub async fn set_training_status(&self, status: TrainingStatus) -> Result<()> {
+        self.sender
+            .send(Command::SetTrainingStatus(Box::new(status)))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
     }
 
     /// Writes the complete version `id` to `out`, verifying every chunk again.

@@ -18,12 +18,14 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::behaviour::{Behaviour, BehaviourEvent};
+use super::behaviour::{runs_topic, Behaviour, BehaviourEvent};
 use super::client::{Client, Command, NetworkStatus, PeerInfo};
 use crate::config::NodeConfig;
 use crate::distribution::engine::{self, DiskEvent, Engine};
 use crate::distribution::store::Store;
 use crate::peers::{self, AddressBook, Source};
+use crate::training::averaging::{self, Averager};
+use crate::training::TrainingStatus;
 
 /// How often the distribution engine schedules requests and refreshes availability.
 const ENGINE_TICK: Duration = Duration::from_millis(200);
@@ -43,6 +45,8 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     engine: Engine,
     disk_events: mpsc::UnboundedReceiver<DiskEvent>,
+    averager: Averager,
+    training_status: Option<TrainingStatus>,
 }
 
 impl EventLoop {
@@ -53,12 +57,8 @@ impl EventLoop {
         let behaviour = Behaviour::new(&key, &config)?;
         let store = Store::open(&config.models_dir())?;
         let (write_done, disk_events) = mpsc::unbounded_channel();
-        let mut engine = Engine::new(
-            config.distribution.clone(),
-            store,
-            key.public().to_peer_id(),
-            write_done,
-        );
+        let local_peer = key.public().to_peer_id();
+        let mut engine = Engine::new(config.distribution.clone(), store, local_peer, write_done);
         for model in &config.follow {
             engine.follow(model.clone());
         }
@@ -99,8 +99,10 @@ impl EventLoop {
             pending_listeners,
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
+            averager: Averager::new(local_peer),
             engine,
             disk_events,
+            training_status: None,
         };
         Ok((event_loop, client))
     }
@@ -128,7 +130,11 @@ impl EventLoop {
                 Some(command) = self.commands.recv() => self.on_command(command),
                 _ = maintenance.tick() => self.maintain(),
                 _ = save.tick() => self.save_cache_if_dirty(),
-                _ = engine_tick.tick() => self.engine.tick(&mut self.swarm),
+                _ = engine_tick.tick() => {
+                    self.engine.tick(&mut self.swarm);
+                    self.averager.tick(&mut self.swarm);
+                    self.apply_training_penalties();
+                }
                 Some(done) = self.disk_events.recv() => {
                     self.engine.on_disk_event(&mut self.swarm, done)
                 }
@@ -255,11 +261,12 @@ impl EventLoop {
             Command::Publish {
                 imported,
                 model,
+                training,
                 reply,
             } => {
                 let result = self
                     .engine
-                    .publish(&mut self.swarm, imported, &model)
+                    .publish(&mut self.swarm, imported, &model, training)
                     .map_err(|e| format!("{e:#}"));
                 let _ = reply.send(result);
             }
@@ -275,6 +282,26 @@ impl EventLoop {
             }
             Command::Penalties(reply) => {
                 let _ = reply.send(self.engine.penalties());
+            }
+            Command::AnnounceRun(announcement) => {
+                self.averager.announce_run(&mut self.swarm, announcement)
+            }
+            Command::QueryRuns(reply) => self.averager.query_runs(&mut self.swarm, reply),
+            Command::JoinRun {
+                membership,
+                subscriber,
+            } => self.averager.join(membership, subscriber),
+            Command::SetSnapshot(snapshot) => self.averager.set_snapshot(&mut self.swarm, snapshot),
+            Command::Average(reply) => self.averager.average(&mut self.swarm, reply),
+            Command::RefusePeer { peer, why, exclude } => {
+                if exclude {
+                    self.averager.refuse(peer);
+                }
+                self.engine.penalize(&mut self.swarm, peer, &why);
+            }
+            Command::SetTrainingStatus(status) => self.training_status = Some(*status),
+            Command::RunPeers(reply) => {
+                let _ = reply.send(self.averager.status().run_peers);
             }
             Command::WaitListening(reply) => {
                 if self.pending_listeners.is_empty() {
@@ -293,6 +320,19 @@ impl EventLoop {
             connected_peers: self.swarm.connected_peers().count(),
             routing_table_peers: self.routing_table().len(),
             known_peers: self.book.len(),
+            training: self.training_status.clone().map(|mut t| {
+                let a = self.averager.status();
+                t.run_peers = a.run_peers;
+                t.refused_peers = a.refused_peers;
+                t
+            }),
+        }
+    }
+
+    /// Applies the penalties the averager counted against peers that sent bad parameters.
+    fn apply_training_penalties(&mut self) {
+        for (peer, why) in self.averager.take_penalties() {
+            self.engine.penalize(&mut self.swarm, peer, &why);
         }
     }
 
@@ -377,6 +417,7 @@ impl EventLoop {
             } => {
                 self.book.set_connected(peer_id, false, unix_now());
                 self.engine.on_peer_disconnected(peer_id);
+                self.averager.on_peer_disconnected(&mut self.swarm, peer_id);
                 tracing::debug!(peer = %peer_id, "disconnected");
             }
             SwarmEvent::OutgoingConnectionError {
@@ -474,11 +515,23 @@ impl EventLoop {
                 ..
             }) => {
                 tracing::debug!(from = %propagation_source, topic = %message.topic, bytes = message.data.len(), "gossip message");
-                self.engine
-                    .on_gossip(&mut self.swarm, message.source, &message.data);
+                if message.topic == runs_topic().hash() {
+                    self.averager.on_gossip(message.source, &message.data);
+                } else if let Some(a) =
+                    self.engine
+                        .on_gossip(&mut self.swarm, message.source, &message.data)
+                {
+                    if let (Some(t), Ok(publisher)) = (&a.training, a.publisher.parse::<PeerId>()) {
+                        self.averager.note_member(&t.run, publisher);
+                    }
+                }
             }
             BehaviourEvent::Models(event) => {
                 engine::on_models_event(&mut self.engine, &mut self.swarm, event);
+            }
+            BehaviourEvent::Training(event) => {
+                averaging::on_training_event(&mut self.averager, &mut self.swarm, event);
+                self.apply_training_penalties();
             }
             _ => {}
         }

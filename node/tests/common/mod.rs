@@ -17,6 +17,15 @@ use tempfile::TempDir;
 /// Generous: the suite runs on busy 2-core machines.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Log to the test's output, filtered by `RUST_LOG` (nothing without it): `cargo test` shows
+/// the lines of failing tests only.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// A node plus the temp dir that holds its data.
 pub struct TestNode {
     pub handle: NodeHandle,

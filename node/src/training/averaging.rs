@@ -1,0 +1,1105 @@
+//! [`Averager`]: the network side of gossip averaging and run discovery. It lives in the event
+//! loop (which hands it the swarm), like the distribution engine.
+//!
+//! The trainer thread publishes a [`Snapshot`] of its parameters every few steps; the
+//! averager serves that snapshot to peers that open a session, and on request opens a session
+//! with a random peer of the run ([`Averager::average`]). Pieces are decoded and checked for
+//! length and finiteness as they arrive; a peer that sends a NaN is refused at once and
+//! penalized. A finished session yields [`PeerParams`]: the caller's for sessions it opened,
+//! the subscriber's channel for sessions peers opened. Mixing them in (after the distance
+//! check) is the trainer's job, so nothing here blocks on training and no session holds more
+//! than one model's worth of parameters.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::{gossipsub, PeerId, Swarm};
+use p2p_models::params::{self as pm, WireDtype};
+use p2p_protocol::manifest::{Hash32, VersionId};
+use p2p_protocol::training::{
+    ParamDtype, RunAnnouncement, TrainRequest, TrainResponse, MAX_RUNS_LISTED,
+};
+use rand::seq::SliceRandom;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::network::behaviour::{runs_topic, Behaviour};
+
+/// Peers tried by one averaging round before it gives up.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Pieces of one session in flight at once.
+const PIECES_IN_FLIGHT: u32 = 4;
+
+/// A session a peer opens waits this long for a fresh snapshot, then is answered "busy".
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
+
+/// A session with no message for this long is dropped.
+const SESSION_IDLE: Duration = Duration::from_secs(30);
+
+/// A peer that said it is not in the run is not asked again for this long.
+const NON_MEMBER_FOR: Duration = Duration::from_secs(60);
+
+/// How long a query for runs waits for answers.
+const RUNS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Most run announcements remembered.
+const MAX_RUNS_KNOWN: usize = 256;
+
+/// The trainer's parameters at one moment, as served to peers.
+pub struct Snapshot {
+    /// The flat parameter vector.
+    pub params: Vec<f32>,
+    /// Samples they have seen (the averaging weight).
+    pub samples: u64,
+    /// The local step they were taken at.
+    pub step: u64,
+}
+
+/// What the averager tells the node's training coordinator.
+#[derive(Debug)]
+pub enum AveragerEvent {
+    /// A session a peer opened is complete: its parameters, to check and mix in.
+    Finished(PeerParams),
+    /// A peer wants to average: take a fresh snapshot ([`Averager::set_snapshot`]), so that
+    /// the session exchanges the current parameters, not stale ones.
+    SnapshotWanted,
+}
+
+/// A peer's parameters from a finished session, with the snapshot they are to be mixed with.
+pub struct PeerParams {
+    /// The peer.
+    pub peer: PeerId,
+    /// Its parameters (finite, the run's length).
+    pub params: Vec<f32>,
+    /// Samples they have seen.
+    pub samples: u64,
+    /// Its local step.
+    pub step: u64,
+    /// Our snapshot it was exchanged with.
+    pub base: Arc<Snapshot>,
+    /// Whether this node opened the session.
+    pub opened_here: bool,
+    /// Bytes of parameters sent and received.
+    pub bytes: (u64, u64),
+    /// Seconds the session took.
+    pub seconds: f64,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("params", &self.params.len())
+            .field("samples", &self.samples)
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PeerParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerParams")
+            .field("peer", &self.peer)
+            .field("params", &self.params.len())
+            .field("samples", &self.samples)
+            .field("step", &self.step)
+            .field("opened_here", &self.opened_here)
+            .finish()
+    }
+}
+
+/// The run this node trains, as the averager needs it.
+#[derive(Debug, Clone)]
+pub struct RunMembership {
+    /// The run.
+    pub announcement: RunAnnouncement,
+    /// Hash of the model's tensor names and shapes.
+    pub layout: Hash32,
+    /// Number of parameters.
+    pub params: u64,
+    /// Element type on the wire.
+    pub dtype: ParamDtype,
+    /// Fault injection for tests: send NaN instead of parameters.
+    pub poison: bool,
+}
+
+/// What the averager reports in `/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AveragerStatus {
+    /// Peers known to train the same run.
+    pub run_peers: usize,
+    /// Peers refused for sending bad parameters.
+    pub refused_peers: Vec<String>,
+    /// Sessions running (opened here and by peers).
+    pub sessions: usize,
+}
+
+struct Joined {
+    membership: RunMembership,
+    snapshot: Option<Arc<Snapshot>>,
+    members: HashSet<PeerId>,
+    non_members: HashMap<PeerId, Instant>,
+    refused: HashSet<PeerId>,
+}
+
+/// Parameters being received, piece by piece.
+struct Incoming {
+    values: Vec<f32>,
+    got: Vec<bool>,
+    count: u32,
+}
+
+impl Incoming {
+    fn new(params: usize, pieces: u32) -> Self {
+        Self {
+            values: vec![0.0; params],
+            got: vec![false; pieces as usize],
+            count: 0,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.count as usize == self.got.len()
+    }
+}
+
+struct Outbound {
+    peer: PeerId,
+    session: u64,
+    snapshot: Arc<Snapshot>,
+    pieces: u32,
+    next: u32,
+    incoming: Incoming,
+    peer_samples: u64,
+    peer_step: u64,
+    tried: Vec<PeerId>,
+    reply: oneshot::Sender<Result<PeerParams, RoundError>>,
+    started: Instant,
+    last_activity: Instant,
+    bytes: (u64, u64),
+}
+
+struct Inbound {
+    peer: PeerId,
+    snapshot: Arc<Snapshot>,
+    incoming: Incoming,
+    peer_samples: u64,
+    peer_step: u64,
+    started: Instant,
+    last_activity: Instant,
+    bytes: (u64, u64),
+}
+
+/// A session a peer asked for, waiting for a fresh snapshot.
+struct PendingOpen {
+    peer: PeerId,
+    channel: ResponseChannel<TrainResponse>,
+    samples: u64,
+    step: u64,
+    since: Instant,
+}
+
+enum Purpose {
+    Open,
+    Piece,
+    Runs(u64),
+}
+
+struct RunsQuery {
+    outstanding: usize,
+    deadline: Instant,
+    reply: oneshot::Sender<Vec<RunAnnouncement>>,
+}
+
+/// Why an averaging round this node opened ended without a partner's parameters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoundError {
+    /// No connected peer trains the run (or all are refused): asking again at once is pointless.
+    #[error("no peer of the run is connected")]
+    NoPeers,
+    /// There were peers, but none averaged this time (busy, gone mid-way, a protocol error).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<&str> for RoundError {
+    fn from(why: &str) -> Self {
+        Self::Failed(why.to_string())
+    }
+}
+
+impl From<String> for RoundError {
+    fn from(why: String) -> Self {
+        Self::Failed(why)
+    }
+}
+
+/// Where a round's result goes once it ends.
+type RoundReply = oneshot::Sender<Result<PeerParams, RoundError>>;
+
+/// A session being opened: the peer asked, the peers already tried, the reply.
+type Opening = (PeerId, Vec<PeerId>, RoundReply);
+
+/// Gossip averaging and run discovery of one node.
+pub struct Averager {
+    local_peer: PeerId,
+    runs: HashMap<VersionId, RunAnnouncement>,
+    joined: Option<Joined>,
+    /// An averaging round in progress: the session once accepted, or `None` while opening.
+    outbound: Option<Outbound>,
+    opening: Option<Opening>,
+    inbound: HashMap<u64, Inbound>,
+    pending_opens: Vec<PendingOpen>,
+    next_session: u64,
+    requests: HashMap<OutboundRequestId, Purpose>,
+    runs_queries: HashMap<u64, RunsQuery>,
+    next_query: u64,
+    subscriber: Option<mpsc::Sender<AveragerEvent>>,
+    penalties: Vec<(PeerId, String)>,
+}
+
+impl Averager {
+    /// An averager for the node `local_peer`.
+    pub fn new(local_peer: PeerId) -> Self {
+        Self {
+            local_peer,
+            runs: HashMap::new(),
+            joined: None,
+            outbound: None,
+            opening: None,
+            inbound: HashMap::new(),
+            pending_opens: Vec::new(),
+            next_session: rand::random(),
+            requests: HashMap::new(),
+            runs_queries: HashMap::new(),
+            next_query: 0,
+            subscriber: None,
+            penalties: Vec::new(),
+        }
+    }
+
+    /// Starts training `membership`'s run: peers' sessions for it are accepted from now on;
+    /// `subscriber` is asked for fresh snapshots and gets the finished sessions.
+    pub fn join(&mut self, membership: RunMembership, subscriber: mpsc::Sender<AveragerEvent>) {
+        let creator = membership.announcement.creator.parse::<PeerId>().ok();
+        self.remember_run(membership.announcement.clone());
+        let mut members = HashSet::new();
+        members.extend(creator.filter(|c| *c != self.local_peer));
+        self.joined = Some(Joined {
+            membership,
+            snapshot: None,
+            members,
+            non_members: HashMap::new(),
+            refused: HashSet::new(),
+        });
+        self.subscriber = Some(subscriber);
+    }
+
+    /// The parameters to serve from now on; sessions peers asked for while waiting for them
+    /// open now.
+    pub fn set_snapshot(&mut self, swarm: &mut Swarm<Behaviour>, snapshot: Arc<Snapshot>) {
+        let Some(j) = self.joined.as_mut() else {
+            return;
+        };
+        j.snapshot = Some(Arc::clone(&snapshot));
+        let pieces = j.membership.dtype.pieces(j.membership.params);
+        for open in std::mem::take(&mut self.pending_opens) {
+            let response = self.accept(open.peer, &snapshot, open.samples, open.step, pieces);
+            let _ = swarm
+                .behaviour_mut()
+                .training
+                .send_response(open.channel, response);
+        }
+    }
+
+    /// Excludes `peer` from averaging in this run (its parameters failed a check).
+    pub fn refuse(&mut self, peer: PeerId) {
+        if let Some(j) = self.joined.as_mut() {
+            j.refused.insert(peer);
+            j.members.remove(&peer);
+        }
+    }
+
+    /// Records that `peer` trains `run` (it published a checkpoint of it).
+    pub fn note_member(&mut self, run: &VersionId, peer: PeerId) {
+        if let Some(j) = self.joined.as_mut() {
+            if j.membership.announcement.run == *run
+                && peer != self.local_peer
+                && !j.refused.contains(&peer)
+            {
+                j.members.insert(peer);
+            }
+        }
+    }
+
+    /// Whether a session is running or being opened, either way. A node averages with one
+    /// peer at a time: two exchanges at once would each mix against the same snapshot, so the
+    /// node's own parameters would count less than a half and the network's average would
+    /// drift. A peer that finds it busy tries another.
+    fn in_session(&self) -> bool {
+        self.outbound.is_some()
+            || self.opening.is_some()
+            || !self.inbound.is_empty()
+            || !self.pending_opens.is_empty()
+    }
+
+    /// Penalties earned by peers since the last call: `(peer, why)`.
+    pub fn take_penalties(&mut self) -> Vec<(PeerId, String)> {
+        std::mem::take(&mut self.penalties)
+    }
+
+    /// Status for `/status`.
+    pub fn status(&self) -> AveragerStatus {
+        let sessions =
+            self.inbound.len() + self.pending_opens.len() + usize::from(self.outbound.is_some());
+        match &self.joined {
+            Some(j) => AveragerStatus {
+                run_peers: j.members.len(),
+                refused_peers: j.refused.iter().map(|p| p.to_string()).collect(),
+                sessions,
+            },
+            None => AveragerStatus {
+                sessions,
+                ..AveragerStatus::default()
+            },
+        }
+    }
+
+    // ----- run discovery -----
+
+    /// Announces a run on gossip and remembers it.
+    pub fn announce_run(&mut self, swarm: &mut Swarm<Behaviour>, announcement: RunAnnouncement) {
+        self.remember_run(announcement.clone());
+        if let Err(e) = swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(runs_topic(), announcement.encode())
+        {
+            match e {
+                gossipsub::PublishError::NoPeersSubscribedToTopic => tracing::info!(
+                    "no peers to announce the run to yet; they will find it when they ask"
+                ),
+                e => tracing::warn!(error = %e, "cannot announce the run"),
+            }
+        }
+    }
+
+    /// A run announcement from gossip, signed by `source`.
+    pub fn on_gossip(&mut self, source: Option<PeerId>, data: &[u8]) {
+        match RunAnnouncement::decode(data) {
+            Ok(a) if source.map(|s| s.to_string()) == Some(a.creator.clone()) => {
+                tracing::info!(run = %a.run.short(), model = %a.model, creator = %a.creator, "training run announced");
+                self.remember_run(a);
+            }
+            Ok(_) => tracing::debug!(
+                ?source,
+                "ignoring a run announcement not signed by its creator"
+            ),
+            Err(e) => tracing::debug!(?source, error = %e, "ignoring a malformed run announcement"),
+        }
+    }
+
+    /// Asks every connected peer for the runs it knows; `reply` gets them merged with ours,
+    /// newest first.
+    pub fn query_runs(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        reply: oneshot::Sender<Vec<RunAnnouncement>>,
+    ) {
+        let qid = self.next_query;
+        self.next_query += 1;
+        let peers: Vec<PeerId> = swarm.connected_peers().copied().collect();
+        for peer in &peers {
+            let rid = swarm
+                .behaviour_mut()
+                .training
+                .send_request(peer, TrainRequest::Runs);
+            self.requests.insert(rid, Purpose::Runs(qid));
+        }
+        self.runs_queries.insert(
+            qid,
+            RunsQuery {
+                outstanding: peers.len(),
+                deadline: Instant::now() + RUNS_QUERY_TIMEOUT,
+                reply,
+            },
+        );
+        self.finish_runs_query(qid, false);
+    }
+
+    fn known_runs(&self) -> Vec<RunAnnouncement> {
+        let mut runs: Vec<RunAnnouncement> = self.runs.values().cloned().collect();
+        runs.sort_by_key(|r| std::cmp::Reverse((r.created_unix, r.run)));
+        runs.truncate(MAX_RUNS_LISTED);
+        runs
+    }
+
+    fn remember_run(&mut self, a: RunAnnouncement) {
+        if self.runs.len() < MAX_RUNS_KNOWN || self.runs.contains_key(&a.run) {
+            self.runs.insert(a.run, a);
+        }
+    }
+
+    fn finish_runs_query(&mut self, qid: u64, force: bool) {
+        let done = self
+            .runs_queries
+            .get(&qid)
+            .is_some_and(|q| force || q.outstanding == 0);
+        if done {
+            if let Some(q) = self.runs_queries.remove(&qid) {
+                let _ = q.reply.send(self.known_runs());
+            }
+        }
+    }
+
+    fn answered_runs_query(&mut self, qid: u64) {
+        if let Some(q) = self.runs_queries.get_mut(&qid) {
+            q.outstanding = q.outstanding.saturating_sub(1);
+        }
+        self.finish_runs_query(qid, false);
+    }
+
+    // ----- averaging rounds opened here -----
+
+    /// Opens an averaging round with a random peer of the run (trying others if it is busy or
+    /// gone); `reply` gets the peer's parameters or why none could be had.
+    pub fn average(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        reply: oneshot::Sender<Result<PeerParams, RoundError>>,
+    ) {
+        if self.in_session() {
+            let _ = reply.send(Err("already averaging with a peer".into()));
+            return;
+        }
+        self.try_next_peer(swarm, Vec::new(), reply);
+    }
+
+    fn try_next_peer(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        tried: Vec<PeerId>,
+        reply: oneshot::Sender<Result<PeerParams, RoundError>>,
+    ) {
+        let Some(j) = self.joined.as_mut() else {
+            let _ = reply.send(Err("not training any run".into()));
+            return;
+        };
+        let Some(snapshot) = j.snapshot.clone() else {
+            let _ = reply.send(Err("no parameters to average yet".into()));
+            return;
+        };
+        if tried.len() >= MAX_ATTEMPTS {
+            let _ = reply.send(Err(format!(
+                "{} peers tried, none could average",
+                tried.len()
+            )
+            .into()));
+            return;
+        }
+        let now = Instant::now();
+        j.non_members
+            .retain(|_, since| now.duration_since(*since) < NON_MEMBER_FOR);
+        let connected: Vec<PeerId> = swarm
+            .connected_peers()
+            .copied()
+            .filter(|p| !tried.contains(p) && !j.refused.contains(p))
+            .collect();
+        let mut candidates: Vec<PeerId> = connected
+            .iter()
+            .filter(|p| j.members.contains(p))
+            .copied()
+            .collect();
+        if candidates.is_empty() {
+            // No known member connected: ask peers whose membership is unknown.
+            candidates = connected
+                .iter()
+                .filter(|p| !j.non_members.contains_key(p))
+                .copied()
+                .collect();
+        }
+        candidates.sort();
+        let Some(peer) = candidates.choose(&mut rand::thread_rng()).copied() else {
+            let _ = reply.send(Err(if tried.is_empty() {
+                RoundError::NoPeers
+            } else {
+                RoundError::Failed(format!("{} peers tried, none could average", tried.len()))
+            }));
+            return;
+        };
+        let m = &j.membership;
+        let request = TrainRequest::Open {
+            run: m.announcement.run,
+            layout: m.layout,
+            dtype: m.dtype,
+            params: m.params,
+            samples: snapshot.samples,
+            step: snapshot.step,
+        };
+        let rid = swarm.behaviour_mut().training.send_request(&peer, request);
+        self.requests.insert(rid, Purpose::Open);
+        self.opening = Some((peer, tried, reply));
+        tracing::debug!(%peer, "averaging round: opening a session");
+    }
+
+    /// The opened session failed with `peer`: try another peer, or report.
+    fn retry(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, why: &str) {
+        let (mut tried, reply) = match (self.opening.take(), self.outbound.take()) {
+            (Some((p, tried, reply)), _) if p == peer => (tried, reply),
+            (opening, Some(o)) if o.peer == peer => {
+                self.opening = opening;
+                (o.tried, o.reply)
+            }
+            (opening, outbound) => {
+                self.opening = opening;
+                self.outbound = outbound;
+                return;
+            }
+        };
+        tracing::debug!(%peer, why, "averaging with this peer failed; trying another");
+        tried.push(peer);
+        self.try_next_peer(swarm, tried, reply);
+    }
+
+    fn on_accepted(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        session: u64,
+        samples: u64,
+        step: u64,
+        pieces: u32,
+    ) {
+        let Some((p, tried, reply)) = self.opening.take() else {
+            return;
+        };
+        let Some(j) = self.joined.as_mut() else {
+            let _ = reply.send(Err("left the run".into()));
+            return;
+        };
+        let (Some(snapshot), expected) = (
+            j.snapshot.clone(),
+            j.membership.dtype.pieces(j.membership.params),
+        ) else {
+            let _ = reply.send(Err("no parameters to average".into()));
+            return;
+        };
+        if p != peer || pieces != expected {
+            self.opening = Some((p, tried, reply));
+            self.retry(swarm, peer, "peer answered with another piece count");
+            return;
+        }
+        j.members.insert(peer);
+        let now = Instant::now();
+        self.outbound = Some(Outbound {
+            peer,
+            session,
+            incoming: Incoming::new(snapshot.params.len(), pieces),
+            snapshot,
+            pieces,
+            next: 0,
+            peer_samples: samples,
+            peer_step: step,
+            tried,
+            reply,
+            started: now,
+            last_activity: now,
+            bytes: (0, 0),
+        });
+        self.send_pieces(swarm);
+    }
+
+    /// Sends our next pieces, keeping [`PIECES_IN_FLIGHT`] outstanding.
+    fn send_pieces(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let Some(j) = self.joined.as_ref() else {
+            return;
+        };
+        let (dtype, poison) = (j.membership.dtype, j.membership.poison);
+        let Some(o) = self.outbound.as_mut() else {
+            return;
+        };
+        let in_flight = o.next - o.incoming.count;
+        for _ in in_flight..PIECES_IN_FLIGHT {
+            if o.next >= o.pieces {
+                break;
+            }
+            let data = encode_piece(&o.snapshot.params, o.next, dtype, poison);
+            o.bytes.0 += data.len() as u64;
+            let request = TrainRequest::Piece {
+                session: o.session,
+                index: o.next,
+                data,
+            };
+            let rid = swarm
+                .behaviour_mut()
+                .training
+                .send_request(&o.peer, request);
+            self.requests.insert(rid, Purpose::Piece);
+            o.next += 1;
+        }
+    }
+
+    fn on_piece_back(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        index: u32,
+        data: &[u8],
+    ) {
+        let Some(dtype) = self.joined.as_ref().map(|j| j.membership.dtype) else {
+            return;
+        };
+        let Some(o) = self.outbound.as_mut().filter(|o| o.peer == peer) else {
+            return;
+        };
+        o.last_activity = Instant::now();
+        o.bytes.1 += data.len() as u64;
+        if let Err(why) = store_piece(&mut o.incoming, index, data, dtype) {
+            self.penalties
+                .push((peer, format!("sent bad parameters: {why}")));
+            self.refuse(peer);
+            self.retry(swarm, peer, "bad parameters");
+            return;
+        }
+        if !o.incoming.complete() {
+            self.send_pieces(swarm);
+            return;
+        }
+        let Some(o) = self.outbound.take() else {
+            return;
+        };
+        let params = PeerParams {
+            peer,
+            params: o.incoming.values,
+            samples: o.peer_samples,
+            step: o.peer_step,
+            base: o.snapshot,
+            opened_here: true,
+            bytes: o.bytes,
+            seconds: o.started.elapsed().as_secs_f64(),
+        };
+        let _ = o.reply.send(Ok(params));
+    }
+
+    // ----- events -----
+
+    /// An inbound training request.
+    pub fn on_request(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request: TrainRequest,
+        channel: ResponseChannel<TrainResponse>,
+    ) {
+        let response = match request {
+            TrainRequest::Runs => TrainResponse::Runs {
+                runs: self.known_runs(),
+                training: self.joined.as_ref().map(|j| j.membership.announcement.run),
+            },
+            TrainRequest::Open {
+                run,
+                layout,
+                dtype,
+                params,
+                samples,
+                step,
+            } => match self.on_open(peer, run, layout, dtype, params) {
+                Some(refusal) => refusal,
+                None => {
+                    // Answered once the trainer hands out a fresh snapshot.
+                    self.pending_opens.push(PendingOpen {
+                        peer,
+                        channel,
+                        samples,
+                        step,
+                        since: Instant::now(),
+                    });
+                    if let Some(tx) = &self.subscriber {
+                        let _ = tx.try_send(AveragerEvent::SnapshotWanted);
+                    }
+                    return;
+                }
+            },
+            TrainRequest::Piece {
+                session,
+                index,
+                data,
+            } => self.on_piece(peer, session, index, &data),
+        };
+        let _ = swarm
+            .behaviour_mut()
+            .training
+            .send_response(channel, response);
+    }
+
+    /// Checks a peer's request to open a session: `Some(answer)` refuses it, `None` lets it
+    /// wait for a fresh snapshot.
+    fn on_open(
+        &mut self,
+        peer: PeerId,
+        run: VersionId,
+        layout: Hash32,
+        dtype: ParamDtype,
+        params: u64,
+    ) -> Option<TrainResponse> {
+        let refused = |reason: &str| {
+            Some(TrainResponse::Refused {
+                reason: reason.to_string(),
+            })
+        };
+        let Some(j) = self.joined.as_mut() else {
+            return refused("not training any run");
+        };
+        let m = &j.membership;
+        if m.announcement.run != run {
+            return refused("training another run");
+        }
+        if j.refused.contains(&peer) {
+            return refused("your parameters were refused before");
+        }
+        if m.layout != layout || m.params != params || m.dtype != dtype {
+            return refused("different model layout or dtype");
+        }
+        j.members.insert(peer);
+        if self.in_session() {
+            return Some(TrainResponse::Busy);
+        }
+        None
+    }
+
+    /// Opens a session with `peer` on `snapshot`.
+    fn accept(
+        &mut self,
+        peer: PeerId,
+        snapshot: &Arc<Snapshot>,
+        samples: u64,
+        step: u64,
+        pieces: u32,
+    ) -> TrainResponse {
+        let session = self.next_session;
+        self.next_session = self.next_session.wrapping_add(1);
+        let now = Instant::now();
+        self.inbound.insert(
+            session,
+            Inbound {
+                peer,
+                incoming: Incoming::new(snapshot.params.len(), pieces),
+                snapshot: Arc::clone(snapshot),
+                peer_samples: samples,
+                peer_step: step,
+                started: now,
+                last_activity: now,
+                bytes: (0, 0),
+            },
+        );
+        TrainResponse::Accepted {
+            session,
+            samples: snapshot.samples,
+            step: snapshot.step,
+            pieces,
+        }
+    }
+
+    fn on_piece(&mut self, peer: PeerId, session: u64, index: u32, data: &[u8]) -> TrainResponse {
+        let Some(j) = self.joined.as_ref() else {
+            return TrainResponse::Refused {
+                reason: "not training any run".into(),
+            };
+        };
+        let (dtype, poison) = (j.membership.dtype, j.membership.poison);
+        let Some(s) = self.inbound.get_mut(&session).filter(|s| s.peer == peer) else {
+            return TrainResponse::Refused {
+                reason: "unknown session".into(),
+            };
+        };
+        s.last_activity = Instant::now();
+        s.bytes.1 += data.len() as u64;
+        if let Err(why) = store_piece(&mut s.incoming, index, data, dtype) {
+            self.inbound.remove(&session);
+            self.penalties
+                .push((peer, format!("sent bad parameters: {why}")));
+            self.refuse(peer);
+            return TrainResponse::Refused {
+                reason: format!("bad parameters: {why}"),
+            };
+        }
+        let reply = encode_piece(&s.snapshot.params, index, dtype, poison);
+        s.bytes.0 += reply.len() as u64;
+        if s.incoming.complete() {
+            if let Some(s) = self.inbound.remove(&session) {
+                let done = PeerParams {
+                    peer,
+                    params: s.incoming.values,
+                    samples: s.peer_samples,
+                    step: s.peer_step,
+                    base: s.snapshot,
+                    opened_here: false,
+                    bytes: s.bytes,
+                    seconds: s.started.elapsed().as_secs_f64(),
+                };
+                match self
+                    .subscriber
+                    .as_ref()
+                    .map(|tx| tx.try_send(AveragerEvent::Finished(done)).is_ok())
+                {
+                    Some(true) => {}
+                    _ => {
+                        tracing::debug!(%peer, "trainer busy; dropping a finished averaging session")
+                    }
+                }
+            }
+        }
+        TrainResponse::Piece { index, data: reply }
+    }
+
+    /// A response to one of our requests.
+    pub fn on_response(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        response: TrainResponse,
+    ) {
+        let Some(purpose) = self.requests.remove(&request_id) else {
+            return;
+        };
+        match (purpose, response) {
+            (Purpose::Runs(qid), TrainResponse::Runs { runs, training }) => {
+                for run in runs.into_iter().take(MAX_RUNS_LISTED) {
+                    if run.check().is_ok() {
+                        self.remember_run(run);
+                    }
+                }
+                if let Some(run) = training {
+                    self.note_member(&run, peer);
+                }
+                self.answered_runs_query(qid);
+            }
+            (Purpose::Runs(qid), _) => self.answered_runs_query(qid),
+            (
+                Purpose::Open,
+                TrainResponse::Accepted {
+                    session,
+                    samples,
+                    step,
+                    pieces,
+                },
+            ) => self.on_accepted(swarm, peer, session, samples, step, pieces),
+            (Purpose::Open, TrainResponse::Refused { reason }) => {
+                if let Some(j) = self.joined.as_mut() {
+                    j.members.remove(&peer);
+                    j.non_members.insert(peer, Instant::now());
+                }
+                self.retry(swarm, peer, &reason);
+            }
+            (Purpose::Open, _) => self.retry(swarm, peer, "busy"),
+            (Purpose::Piece, TrainResponse::Piece { index, data }) => {
+                self.on_piece_back(swarm, peer, index, &data)
+            }
+            (Purpose::Piece, _) => self.retry(swarm, peer, "session refused mid-way"),
+        }
+    }
+
+    /// A request of ours failed (timeout, connection lost, protocol not supported).
+    pub fn on_failure(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+    ) {
+        match self.requests.remove(&request_id) {
+            Some(Purpose::Runs(qid)) => self.answered_runs_query(qid),
+            Some(Purpose::Open | Purpose::Piece) => self.retry(swarm, peer, "request failed"),
+            None => {}
+        }
+    }
+
+    /// The last connection to `peer` closed: its inbound sessions end without effect.
+    pub fn on_peer_disconnected(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        self.inbound.retain(|_, s| s.peer != peer);
+        self.pending_opens.retain(|o| o.peer != peer);
+        self.retry(swarm, peer, "disconnected");
+    }
+
+    /// Periodic work: idle sessions, sessions that waited too long for a snapshot, expired
+    /// queries.
+    pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let now = Instant::now();
+        let (late, waiting): (Vec<PendingOpen>, Vec<PendingOpen>) =
+            std::mem::take(&mut self.pending_opens)
+                .into_iter()
+                .partition(|o| now.duration_since(o.since) >= SNAPSHOT_WAIT);
+        self.pending_opens = waiting;
+        for open in late {
+            let _ = swarm
+                .behaviour_mut()
+                .training
+                .send_response(open.channel, TrainResponse::Busy);
+        }
+        self.inbound
+            .retain(|_, s| now.duration_since(s.last_activity) < SESSION_IDLE);
+        if let Some(peer) = self
+            .outbound
+            .as_ref()
+            .filter(|o| now.duration_since(o.last_activity) >= SESSION_IDLE)
+            .map(|o| o.peer)
+        {
+            self.retry(swarm, peer, "session idle");
+        }
+        let expired: Vec<u64> = self
+            .runs_queries
+            .iter()
+            .filter(|(_, q)| q.deadline <= now)
+            .map(|(qid, _)| *qid)
+            .collect();
+        for qid in expired {
+            self.finish_runs_query(qid, true);
+        }
+    }
+}
+
+/// Feeds a training request-response event to the averager.
+pub fn on_training_event(
+    averager: &mut Averager,
+    swarm: &mut Swarm<Behaviour>,
+    event: request_response::Event<TrainRequest, TrainResponse>,
+) {
+    match event {
+        request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Message::Request {
+                request, channel, ..
+            } => averager.on_request(swarm, peer, request, channel),
+            request_response::Message::Response {
+                request_id,
+                response,
+            } => averager.on_response(swarm, peer, request_id, response),
+        },
+        request_response::Event::OutboundFailure {
+            peer, request_id, ..
+        } => averager.on_failure(swarm, peer, request_id),
+        request_response::Event::InboundFailure { .. }
+        | request_response::Event::ResponseSent { .. } => {}
+    }
+}
+
+/// The wire dtype of the models crate for a protocol dtype.
+pub fn wire_dtype(dtype: ParamDtype) -> WireDtype {
+    match dtype {
+        ParamDtype::F32 => WireDtype::F32,
+        ParamDtype::F16 => WireDtype::F16,
+        ParamDtype::Bf16 => WireDtype::Bf16,
+    }
+}
+
+/// The protocol dtype for a run's wire dtype.
+pub fn param_dtype(dtype: WireDtype) -> ParamDtype {
+    match dtype {
+        WireDtype::F32 => ParamDtype::F32,
+        WireDtype::F16 => ParamDtype::F16,
+        WireDtype::Bf16 => ParamDtype::Bf16,
+    }
+}
+
+/// Range of piece `index` in a vector of `len` parameters.
+fn piece_range(len: usize, index: u32, dtype: ParamDtype) -> std::ops::Range<usize> {
+    let per = dtype.per_piece();
+    let start = (index as usize).saturating_mul(per).min(len);
+    start..(start + per).min(len)
+}
+
+/// Piece `index` of `params`, encoded (all NaN when `poison`).
+fn encode_piece(params: &[f32], index: u32, dtype: ParamDtype, poison: bool) -> Vec<u8> {
+    let values = &params[piece_range(params.len(), index, dtype)];
+    if poison {
+        pm::encode(&vec![f32::NAN; values.len()], wire_dtype(dtype))
+    } else {
+        pm::encode(values, wire_dtype(dtype))
+    }
+}
+
+/// Decodes piece `index` into `incoming`, checking its length and that every value is finite.
+fn store_piece(
+    incoming: &mut Incoming,
+    index: u32,
+    data: &[u8],
+    dtype: ParamDtype,
+) -> Result<(), String> {
+    let slot = incoming
+        .got
+        .get(index as usize)
+        .copied()
+        .ok_or_else(|| format!("piece {index} does not exist"))?;
+    if slot {
+        return Err(format!("piece {index} sent twice"));
+    }
+    let range = piece_range(incoming.values.len(), index, dtype);
+    let values = pm::decode(data, wire_dtype(dtype)).map_err(|e| e.to_string())?;
+    if values.len() != range.len() {
+        return Err(format!(
+            "piece {index} has {} values, expected {}",
+            values.len(),
+            range.len()
+        ));
+    }
+    if let Some(i) = pm::first_non_finite(&values) {
+        return Err(format!(
+            "a NaN or infinity at parameter {}",
+            range.start + i
+        ));
+    }
+    incoming.values[range].copy_from_slice(&values);
+    incoming.got[index as usize] = true;
+    incoming.count += 1;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_round_trip_and_bad_ones_are_refused() {
+        let params: Vec<f32> = (0..300_000).map(|i| i as f32 * 1e-3).collect();
+        let dtype = ParamDtype::F32;
+        let pieces = dtype.pieces(params.len() as u64);
+        assert_eq!(pieces, 2);
+        let mut incoming = Incoming::new(params.len(), pieces);
+        for i in 0..pieces {
+            store_piece(
+                &mut incoming,
+                i,
+                &encode_piece(&params, i, dtype, false),
+                dtype,
+            )
+            .unwrap();
+        }
+        assert!(incoming.complete());
+        assert_eq!(incoming.values, params);
+
+        let mut fresh = Incoming::new(params.len(), pieces);
+        let nan = encode_piece(&params, 0, dtype, true);
+        assert!(store_piece(&mut fresh, 0, &nan, dtype)
+            .unwrap_err()
+            .contains("NaN"));
+        let short = encode_piece(&params[..10], 0, dtype, false);
+        assert!(store_piece(&mut fresh, 0, &short, dtype)
+            .unwrap_err()
+            .contains("values"));
+        assert!(store_piece(&mut fresh, 7, &short, dtype).is_err());
+        let good = encode_piece(&params, 1, dtype, false);
+        store_piece(&mut fresh, 1, &good, dtype).unwrap();
+        assert!(store_piece(&mut fresh, 1, &good, dtype)
+            .unwrap_err()
+            .contains("twice"));
+    }
+
+    #[test]
+    fn half_precision_pieces_halve_the_bytes() {
+        let params = vec![0.5f32; 1000];
+        let f32_bytes = encode_piece(&params, 0, ParamDtype::F32, false).len();
+        let f16_bytes = encode_piece(&params, 0, ParamDtype::F16, false).len();
+        assert_eq!(f32_bytes, 2 * f16_bytes);
+    }
+}

@@ -1,0 +1,539 @@
+//! The training coordinator: one async task per training node, between the trainer thread and
+//! the network. It serves the trainer's snapshots, opens an averaging round when the trainer
+//! asks (skipping it while one runs), checks every peer's parameters before they are mixed in
+//! (finite, the run's length, within the run's distance bound; on a blocking thread), refuses
+//! and penalizes peers that fail, publishes checkpoints as versions with their training
+//! metadata, and keeps the status that `/status` shows.
+//!
+//! Nothing here waits on the trainer: commands to it go through a bounded channel with
+//! `try_send`, so a busy trainer makes the coordinator drop a mix, never stall the network.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use libp2p::PeerId;
+use p2p_models::checkpoint;
+use p2p_models::device::{self, SelectedDevice};
+use p2p_models::params;
+use p2p_models::spec::RunSpec;
+use p2p_models::train::Trainer;
+use p2p_protocol::training::TrainingMeta;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::averaging::{
+    param_dtype, AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot,
+};
+use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
+use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
+use super::TrainingStatus;
+use crate::network::Client;
+
+/// Capacity of the channels to and from the trainer thread.
+const TRAINER_QUEUE: usize = 64;
+
+/// How often the status is pushed to the event loop (for `/status`).
+const STATUS_PUSH: Duration = Duration::from_millis(250);
+
+/// A peer not averaged with for this long no longer holds back the pace (it may be gone).
+const PEER_PROGRESS_TTL: Duration = Duration::from_secs(10);
+
+/// How long one averaging round keeps looking for a partner that is not busy.
+const ROUND_RETRY_FOR: Duration = Duration::from_secs(2);
+
+/// Random pause between tries of one round, in milliseconds.
+const ROUND_RETRY_PAUSE_MS: std::ops::Range<u64> = 1..8;
+
+/// Weight of the newest distance in the consensus moving average.
+const CONSENSUS_ALPHA: f64 = 0.2;
+
+/// A training node's coordinator, running.
+pub struct TrainingHandle {
+    /// The current status.
+    pub status: watch::Receiver<TrainingStatus>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+impl TrainingHandle {
+    /// Waits until the node's local steps and final rounds are done (it keeps serving).
+    pub async fn finished(&mut self) -> Result<TrainingStatus> {
+        loop {
+            {
+                let s = self.status.borrow_and_update();
+                match s.state.as_str() {
+                    "finished" => return Ok(s.clone()),
+                    "failed" => {
+                        anyhow::bail!("training failed: {}", s.error.clone().unwrap_or_default())
+                    }
+                    _ => {}
+                }
+            }
+            self.status
+                .changed()
+                .await
+                .context("the training coordinator stopped")?;
+        }
+    }
+
+    /// Stops training (the trainer writes a checkpoint) and waits for it.
+    pub async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        self.task
+            .await
+            .context("the training coordinator panicked")?
+    }
+}
+
+/// Prepares the run (see [`super::run`]) and starts training on a running node.
+pub async fn start(
+    client: Client,
+    local_peer: PeerId,
+    data_dir: &std::path::Path,
+    options: TrainOptions,
+) -> Result<TrainingHandle> {
+    let selected = device::select(options.device)?;
+    if let Some(w) = &selected.warning {
+        tracing::warn!("{w}");
+    }
+    let prepared = prepare(&client, local_peer, data_dir, &options).await?;
+    let (trainer, start_note) = build_trainer(&prepared, &selected, local_peer)?;
+    tracing::info!(
+        run = %prepared.announcement.run.short(), model = %prepared.announcement.model,
+        shard = %format!("{}/{}", prepared.shard.0, prepared.shard.1),
+        train_samples = prepared.data.train_len(), device = %selected.name(),
+        step = trainer.step, samples_seen = trainer.samples_seen, "training starts ({start_note})"
+    );
+    let layout = trainer.layout().clone();
+    let membership = RunMembership {
+        announcement: prepared.announcement.clone(),
+        layout: p2p_protocol::training::layout_hash(
+            layout
+                .tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice())),
+        ),
+        params: layout.len() as u64,
+        dtype: param_dtype(prepared.spec.wire_dtype),
+        poison: options.poison,
+    };
+    let averaging = !options.no_averaging && prepared.spec.average_every > 0;
+    let (peer_tx, peer_rx) = mpsc::channel(8);
+    client.join_run(membership, peer_tx).await?;
+
+    std::fs::create_dir_all(&prepared.dir)
+        .with_context(|| format!("cannot create {}", prepared.dir.display()))?;
+    let wait = averaging && trainer.step == 0 && prepared.spec.min_peers() > 0;
+    let status = TrainingStatus {
+        run_id: prepared.announcement.run.to_hex(),
+        model: prepared.announcement.model.clone(),
+        state: if wait {
+            "waiting for peers"
+        } else {
+            "training"
+        }
+        .into(),
+        step: trainer.step,
+        steps: prepared.spec.steps,
+        samples_seen: trainer.samples_seen,
+        shard: format!("{}/{}", prepared.shard.0, prepared.shard.1),
+        device: selected.name(),
+        ..TrainingStatus::default()
+    };
+    let (status_tx, status_rx) = watch::channel(status);
+    let pace_limit = Arc::new(AtomicU64::new(u64::MAX));
+    let (to_trainer, from_coordinator) = sync_channel(TRAINER_QUEUE);
+    let (events_tx, events) = mpsc::channel(TRAINER_QUEUE);
+    let job = TrainerJob {
+        trainer,
+        run: prepared.announcement.run.to_hex(),
+        checkpoint_path: checkpoint_path(&prepared.dir),
+        averaging,
+        pace_limit: Arc::clone(&pace_limit),
+    };
+    let stop = CancellationToken::new();
+    let mut coordinator = Coordinator {
+        client,
+        spec: prepared.spec,
+        model: prepared.announcement.model,
+        run: prepared.announcement.run,
+        to_trainer,
+        status: status_tx,
+        round_running: false,
+        pace_limit,
+        peer_progress: HashMap::new(),
+    };
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        if wait {
+            coordinator.push_status().await;
+            tokio::select! {
+                r = wait_for_peers(&coordinator.client, &coordinator.spec) => r?,
+                () = stopped.cancelled() => return Ok(()),
+            }
+            coordinator
+                .status
+                .send_modify(|s| s.state = "training".into());
+        }
+        let thread = std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || trainer::run(job, from_coordinator, events_tx))
+            .context("cannot start the trainer thread")?;
+        coordinator.run(events, peer_rx, thread, stopped).await
+    });
+    Ok(TrainingHandle {
+        status: status_rx,
+        stop,
+        task,
+    })
+}
+
+/// One averaging round: peers average with one partner at a time, so a round that finds its
+/// candidates busy tries again after a short random pause, until [`ROUND_RETRY_FOR`] passed.
+/// A round with no peer to ask at all ends at once.
+async fn average_with_retries(client: &Client) -> std::result::Result<PeerParams, RoundError> {
+    let deadline = tokio::time::Instant::now() + ROUND_RETRY_FOR;
+    loop {
+        match client.average().await {
+            Ok(Ok(p)) => return Ok(p),
+            Ok(Err(RoundError::Failed(why))) if tokio::time::Instant::now() < deadline => {
+                tracing::trace!(why, "averaging round: retrying");
+                let pause = rand::thread_rng().gen_range(ROUND_RETRY_PAUSE_MS);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(RoundError::Failed(format!("{e:#}"))),
+        }
+    }
+}
+
+/// Waits until the run's `min_peers` other peers are known to train it (asking connected
+/// peers which run they train), or until `peer_wait_secs` passed.
+async fn wait_for_peers(client: &Client, spec: &RunSpec) -> Result<()> {
+    let min_peers = spec.min_peers();
+    if min_peers == 0 {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.peer_wait_secs);
+    tracing::info!(min_peers, "waiting for peers of the run before training");
+    loop {
+        client.query_runs().await?;
+        let known = client.run_peers().await?;
+        if known >= min_peers as usize {
+            tracing::info!(peers = known, "enough peers of the run; training starts");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                peers = known,
+                min_peers,
+                "not enough peers of the run in time; training with those there are"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The trainer with the run's starting weights, and a note on where they came from.
+fn build_trainer(
+    prepared: &PreparedRun,
+    selected: &SelectedDevice,
+    local_peer: PeerId,
+) -> Result<(Trainer, String)> {
+    let seed = u64::from(super::run::shard_of(&local_peer, u32::MAX))
+        ^ u64::from(prepared.shard.0).rotate_left(32);
+    let mut trainer = Trainer::new(
+        &prepared.spec,
+        prepared.data.clone(),
+        &selected.device,
+        seed,
+    )?;
+    let note = match &prepared.start {
+        Start::Initial => "from the run's initial weights".to_string(),
+        Start::Checkpoint { path, resume } => {
+            let (values, meta) = checkpoint::load(path, trainer.layout())?;
+            trainer.set_params(&values)?;
+            let meta = meta.unwrap_or_default();
+            trainer.samples_seen = meta.samples_seen;
+            if *resume {
+                trainer.step = meta.step.min(prepared.spec.steps);
+                format!("resumed from the local checkpoint at step {}", meta.step)
+            } else {
+                format!(
+                    "from the newest version, trained on {} samples",
+                    meta.samples_seen
+                )
+            }
+        }
+    };
+    Ok((trainer, note))
+}
+
+struct Coordinator {
+    client: Client,
+    spec: RunSpec,
+    model: String,
+    run: p2p_protocol::manifest::VersionId,
+    to_trainer: SyncSender<ToTrainer>,
+    status: watch::Sender<TrainingStatus>,
+    round_running: bool,
+    /// Shared with the trainer: samples seen beyond which it waits for slower peers.
+    pace_limit: Arc<AtomicU64>,
+    /// Samples seen by each peer at its last round with this node, and when.
+    peer_progress: HashMap<PeerId, (u64, Instant)>,
+}
+
+/// How a round's parameters came in.
+enum Arrival {
+    /// From a round this node opened.
+    Opened(std::result::Result<PeerParams, RoundError>),
+    /// From a round a peer opened.
+    Served(PeerParams),
+}
+
+impl Coordinator {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<FromTrainer>,
+        mut averager: mpsc::Receiver<AveragerEvent>,
+        thread: std::thread::JoinHandle<()>,
+        stop: CancellationToken,
+    ) -> Result<()> {
+        let (round_tx, mut rounds) =
+            mpsc::channel::<std::result::Result<PeerParams, RoundError>>(1);
+        let mut push = tokio::time::interval(STATUS_PUSH);
+        push.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(event) => self.on_trainer(event, &round_tx).await,
+                    None => break,
+                },
+                Some(result) = rounds.recv() => {
+                    self.round_running = false;
+                    self.on_arrival(Arrival::Opened(result)).await;
+                }
+                Some(event) = averager.recv() => match event {
+                    AveragerEvent::Finished(p) => self.on_arrival(Arrival::Served(p)).await,
+                    AveragerEvent::SnapshotWanted => {
+                        let _ = self.to_trainer.try_send(ToTrainer::SnapshotNow);
+                    }
+                },
+                _ = push.tick() => self.push_status().await,
+            }
+        }
+        let _ = self.to_trainer.try_send(ToTrainer::Stop);
+        drop(events); // the trainer's last sends fail fast instead of blocking
+        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+        self.push_status().await;
+        if !matches!(joined, Ok(Ok(()))) {
+            anyhow::bail!("the trainer thread panicked");
+        }
+        Ok(())
+    }
+
+    async fn on_trainer(
+        &mut self,
+        event: FromTrainer,
+        round_tx: &mpsc::Sender<std::result::Result<PeerParams, RoundError>>,
+    ) {
+        match event {
+            FromTrainer::Snapshot { snapshot, round } => {
+                self.serve(snapshot).await;
+                if round && !self.round_running {
+                    self.round_running = true;
+                    let (client, tx) = (self.client.clone(), round_tx.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(average_with_retries(&client).await).await;
+                    });
+                }
+            }
+            FromTrainer::Progress {
+                step,
+                samples_seen,
+                batch_loss,
+                steps_per_second,
+                averaging_time_fraction,
+                waiting_time_fraction,
+            } => self.status.send_modify(|s| {
+                s.step = step;
+                s.samples_seen = samples_seen;
+                s.batch_loss = Some(batch_loss);
+                s.steps_per_second = steps_per_second;
+                s.averaging_time_fraction = averaging_time_fraction;
+                s.waiting_time_fraction = waiting_time_fraction;
+            }),
+            FromTrainer::Evaluated { step, evaluation } => {
+                tracing::info!(
+                    run = %self.run.short(), step, loss = format!("{:.4}", evaluation.loss),
+                    accuracy = format!("{:.4}", evaluation.accuracy), samples = evaluation.samples,
+                    "evaluation"
+                );
+                self.status.send_modify(|s| {
+                    s.step = s.step.max(step);
+                    s.loss = Some(evaluation.loss);
+                    s.accuracy = Some(evaluation.accuracy);
+                    s.evaluated_at_step = Some(step);
+                    s.evaluated_after_rounds = s.averaging_rounds;
+                });
+            }
+            FromTrainer::Mixed { .. } => self.status.send_modify(|s| s.averaging_rounds += 1),
+            FromTrainer::Checkpoint {
+                path,
+                meta,
+                publish,
+            } => {
+                self.status
+                    .send_modify(|s| s.checkpoint_path = Some(path.display().to_string()));
+                if publish {
+                    let training = TrainingMeta {
+                        run: self.run,
+                        step: meta.step,
+                        samples_seen: meta.samples_seen,
+                        loss: meta.loss,
+                        accuracy: meta.accuracy,
+                    };
+                    match self
+                        .client
+                        .publish_with(&path, &self.model, Some(training))
+                        .await
+                    {
+                        Ok(a) => {
+                            tracing::info!(model = %a.model, version = a.version, id = %a.id.short(), step = meta.step, "checkpoint published");
+                            self.status.send_modify(|s| s.checkpoints_published += 1);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "cannot publish the checkpoint")
+                        }
+                    }
+                }
+            }
+            FromTrainer::Finished => {
+                tracing::info!(run = %self.run.short(), "local training finished; serving the model and answering averaging rounds");
+                self.status.send_modify(|s| s.state = "finished".into());
+                self.push_status().await;
+            }
+            FromTrainer::Failed(e) => {
+                tracing::error!(run = %self.run.short(), error = %e, "training failed; the node keeps serving");
+                self.status.send_modify(|s| {
+                    s.state = "failed".into();
+                    s.error = Some(e);
+                });
+                self.push_status().await;
+            }
+        }
+    }
+
+    async fn serve(&mut self, snapshot: Arc<Snapshot>) {
+        if let Err(e) = self.client.set_snapshot(snapshot).await {
+            tracing::debug!(error = %format!("{e:#}"), "cannot serve the snapshot");
+        }
+    }
+
+    /// Checks a peer's parameters and hands them to the trainer, or refuses the peer.
+    async fn on_arrival(&mut self, arrival: Arrival) {
+        let (p, opened_here) = match arrival {
+            Arrival::Opened(Ok(p)) => (p, true),
+            Arrival::Served(p) => (p, false),
+            Arrival::Opened(Err(why)) => {
+                tracing::debug!(%why, "averaging round failed");
+                // Peers not heard from lately no longer hold this node back.
+                self.refresh_pace_limit();
+                self.status.send_modify(|s| s.averaging_failures += 1);
+                let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
+                return;
+            }
+        };
+        let bound = self.spec.max_param_distance;
+        let checked = tokio::task::spawn_blocking(move || {
+            let verdict = params::check_peer(&p.base.params, &p.params, bound);
+            (p, verdict)
+        })
+        .await;
+        let Ok((p, verdict)) = checked else {
+            return;
+        };
+        self.status.send_modify(|s| {
+            s.averaging_bytes_sent += p.bytes.0;
+            s.averaging_bytes_received += p.bytes.1;
+        });
+        match verdict {
+            Ok(distance) => {
+                self.note_progress(p.peer, p.samples);
+                let weight = params::peer_weight(p.base.samples, p.samples);
+                tracing::debug!(peer = %p.peer, distance, weight, opened_here, step = p.base.step, peer_step = p.step, seconds = p.seconds, "averaging with peer");
+                self.status.send_modify(|s| {
+                    s.last_peer = Some(p.peer.to_string());
+                    s.last_distance = Some(distance);
+                    s.consensus_distance = Some(match s.consensus_distance {
+                        Some(c) => (1.0 - CONSENSUS_ALPHA) * c + CONSENSUS_ALPHA * distance,
+                        None => distance,
+                    });
+                });
+                let mix = ToTrainer::Mix {
+                    peer: p.peer,
+                    params: p.params,
+                    base: p.base,
+                    weight,
+                    opened_here,
+                };
+                match self.to_trainer.try_send(mix) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        tracing::debug!("trainer busy; dropping a peer's parameters")
+                    }
+                    Err(TrySendError::Disconnected(_)) => {}
+                }
+            }
+            Err(refusal) => {
+                let why = format!("sent parameters that were refused: {refusal}");
+                tracing::warn!(peer = %p.peer, "{why}");
+                // Broken parameters exclude the peer from the run; parameters that are merely
+                // far off (a diverged or stale peer) cost it this round and a penalty.
+                let exclude = !matches!(refusal, params::Refusal::TooFar { .. });
+                if let Err(e) = self.client.refuse_peer(p.peer, why, exclude).await {
+                    tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
+                }
+                if opened_here {
+                    let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
+                }
+            }
+        }
+    }
+
+    /// Records a peer's progress and moves the trainer's pace limit: at most
+    /// `max_lead_steps` batches ahead of the slowest peer heard from recently.
+    fn note_progress(&mut self, peer: PeerId, samples: u64) {
+        self.peer_progress.insert(peer, (samples, Instant::now()));
+        self.refresh_pace_limit();
+    }
+
+    /// Forgets progress older than [`PEER_PROGRESS_TTL`] and recomputes the pace limit.
+    fn refresh_pace_limit(&mut self) {
+        let now = Instant::now();
+        self.peer_progress
+            .retain(|_, (_, seen)| now.duration_since(*seen) < PEER_PROGRESS_TTL);
+        let lead = self.spec.max_lead_steps();
+        let limit = match self.peer_progress.values().map(|(s, _)| *s).min() {
+            Some(slowest) if lead > 0 => {
+                slowest.saturating_add(lead.saturating_mul(self.spec.batch_size as u64))
+            }
+            _ => u64::MAX,
+        };
+        self.pace_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Copies the status to the event loop, where `/status` reads it.
+    async fn push_status(&mut self) {
+        let status = self.status.borrow().clone();
+        let _ = self.client.set_training_status(status).await;
+    }
+}

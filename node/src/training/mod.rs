@@ -1,0 +1,81 @@
+//! Decentralized training: every node trains its own copy of a run's model on its own shard of
+//! the data and averages parameters with random peers of the run every few steps. No node
+//! coordinates the others.
+//!
+//! * [`run`]: creating a run (its spec and version 0), finding one to join, or resuming the
+//!   one this node trained before a restart; data shard and starting weights;
+//! * [`trainer`]: the trainer thread (candle; never on the async runtime);
+//! * [`averaging`]: the network side of averaging and run discovery, in the event loop;
+//! * [`coordinator`]: the task between them: snapshots to serve, rounds to open, peers'
+//!   parameters checked and handed to the trainer, checkpoints published as versions.
+
+use serde::Serialize;
+
+pub mod averaging;
+pub mod coordinator;
+pub mod run;
+pub mod trainer;
+
+/// Training as `GET /status` reports it (`training`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrainingStatus {
+    /// The run (its version 0's id).
+    pub run_id: String,
+    /// Model name of the run's versions.
+    pub model: String,
+    /// `starting`, `training`, `finished` (local steps done; still serving), or `failed`.
+    pub state: String,
+    /// Local steps taken.
+    pub step: u64,
+    /// Local steps the run asks for.
+    pub steps: u64,
+    /// Samples the parameters have seen (this node's and inherited).
+    pub samples_seen: u64,
+    /// Test loss at the last evaluation.
+    pub loss: Option<f64>,
+    /// Test accuracy at the last evaluation.
+    pub accuracy: Option<f64>,
+    /// Step of the last evaluation.
+    pub evaluated_at_step: Option<u64>,
+    /// Averaging rounds mixed in before the last evaluation: equal to `averaging_rounds` when
+    /// `loss` and `accuracy` describe the current parameters.
+    pub evaluated_after_rounds: u64,
+    /// Loss of the last training batch.
+    pub batch_loss: Option<f32>,
+    /// Training steps per second (recent).
+    pub steps_per_second: f64,
+    /// Averaging rounds whose parameters were mixed in (opened here or by peers).
+    pub averaging_rounds: u64,
+    /// Rounds this node opened that found no peer or failed.
+    pub averaging_failures: u64,
+    /// The peer averaged with last.
+    pub last_peer: Option<String>,
+    /// Relative parameter distance (L2, to the local norm) to that peer.
+    pub last_distance: Option<f64>,
+    /// Consensus metric: moving average of the relative distance to the peers averaged
+    /// with; it falls as the nodes agree.
+    pub consensus_distance: Option<f64>,
+    /// Bytes of parameters sent to peers, in all rounds.
+    pub averaging_bytes_sent: u64,
+    /// Bytes of parameters received from peers, in all rounds.
+    pub averaging_bytes_received: u64,
+    /// Fraction of the trainer's time spent in averaging rounds (waiting for the peer
+    /// included).
+    pub averaging_time_fraction: f64,
+    /// Fraction of the trainer's time spent waiting for slower peers (bounded staleness).
+    pub waiting_time_fraction: f64,
+    /// Peers known to train this run.
+    pub run_peers: usize,
+    /// Peers whose parameters were refused (NaN, wrong shape, too far), by peer id.
+    pub refused_peers: Vec<String>,
+    /// The newest local checkpoint file.
+    pub checkpoint_path: Option<String>,
+    /// Checkpoints published as versions.
+    pub checkpoints_published: u64,
+    /// This node's shard of the training data, `I/N`.
+    pub shard: String,
+    /// The device training runs on.
+    pub device: String,
+    /// Why training failed, when it did.
+    pub error: Option<String>,
+}

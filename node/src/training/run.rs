@@ -1,0 +1,405 @@
+//! Which run a node trains, on which data, from which weights.
+//!
+//! * **Create** (`train --create spec.toml`): the spec is read and resolved (a text run's
+//!   vocabulary is fixed from the creator's file; a run without a name gets one), the data is
+//!   loaded to check it, the initial weights are published as version 0 of the run's model,
+//!   and the run is announced. The run's id is version 0's id.
+//! * **Join** (`train`): the node asks its peers for runs (and hears announcements) until one
+//!   shows up (the newest, or `--run ID`), then fetches the newest version of the run's model
+//!   through the swarm and starts from it, not from version 0.
+//! * **Resume**: a node restarted with `train` continues the run recorded in its data dir
+//!   (`training/state.json`) from its last local checkpoint.
+//!
+//! A node without `--shard` takes shard `hash(peer id) % shards` of the run's data set.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use libp2p::PeerId;
+use p2p_models::checkpoint::{self, CheckpointMeta};
+use p2p_models::data::{read_text, Dataset, Vocab};
+use p2p_models::device::DeviceChoice;
+use p2p_models::model::Model;
+use p2p_models::spec::{DatasetSpec, RunSpec};
+use p2p_protocol::manifest::VersionId;
+use p2p_protocol::training::RunAnnouncement;
+use serde::{Deserialize, Serialize};
+
+use crate::network::Client;
+
+/// How a node takes part in training.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Create a run from this spec file.
+    pub create: Option<PathBuf>,
+    /// Join this run (default: the newest announced, or the one being resumed).
+    pub run: Option<VersionId>,
+    /// Read the run's kind of data set from this path instead of the spec's.
+    pub data: Option<PathBuf>,
+    /// This node's shard `(index, count)`.
+    pub shard: Option<(u32, u32)>,
+    /// Where to train.
+    pub device: DeviceChoice,
+    /// Train alone: no averaging rounds (for comparisons).
+    pub no_averaging: bool,
+    /// Fault injection for tests and testnets: send NaN instead of parameters.
+    pub poison: bool,
+    /// How long to look for a run to join.
+    pub find_timeout: Duration,
+}
+
+/// Where the starting weights come from.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// The run's initial weights (this node created the run).
+    Initial,
+    /// A checkpoint file: this node's own (resume) or a version fetched from the swarm.
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// Keep its step (resume) rather than start counting local steps at 0 (join).
+        resume: bool,
+    },
+}
+
+/// A run ready to train.
+#[derive(Debug)]
+pub struct PreparedRun {
+    /// The run.
+    pub announcement: RunAnnouncement,
+    /// Its spec.
+    pub spec: RunSpec,
+    /// This node's shard of the training data, and the full test split.
+    pub data: Dataset,
+    /// `(index, count)` of the shard.
+    pub shard: (u32, u32),
+    /// The starting weights.
+    pub start: Start,
+    /// The directory of this run's local files.
+    pub dir: PathBuf,
+}
+
+/// The run a node trains, remembered across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunState {
+    announcement: RunAnnouncement,
+    shard: (u32, u32),
+    data: Option<PathBuf>,
+}
+
+/// Directory of training files in a data dir.
+pub fn training_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("training")
+}
+
+fn state_path(data_dir: &Path) -> PathBuf {
+    training_dir(data_dir).join("state.json")
+}
+
+/// Directory of one run's local files (checkpoint).
+pub fn run_dir(data_dir: &Path, run: &VersionId) -> PathBuf {
+    training_dir(data_dir).join(run.to_hex())
+}
+
+/// Path of a run's local checkpoint.
+pub fn checkpoint_path(dir: &Path) -> PathBuf {
+    dir.join("checkpoint.safetensors")
+}
+
+/// Reads and resolves a spec file for a new run: the vocabulary of a text run, and a name.
+pub fn resolve_spec(path: &Path, data: Option<&Path>) -> Result<RunSpec> {
+    let mut spec = RunSpec::from_file(path)?;
+    if let Some(p) = data {
+        spec.dataset = spec.dataset.with_path(p)?;
+    }
+    if let DatasetSpec::Text(text_path) = &spec.dataset {
+        let text = read_text(text_path)?;
+        spec.transformer.vocab = Vocab::from_text(&text).chars();
+        spec.validate()?;
+    }
+    if spec.name.is_none() {
+        spec.name = Some(format!(
+            "{}-{:06x}",
+            spec.model,
+            rand::random::<u32>() & 0xff_ffff
+        ));
+    }
+    Ok(spec)
+}
+
+/// Decides the run, the shard and the starting weights (see the module docs).
+pub async fn prepare(
+    client: &Client,
+    local_peer: PeerId,
+    data_dir: &Path,
+    options: &TrainOptions,
+) -> Result<PreparedRun> {
+    std::fs::create_dir_all(training_dir(data_dir))
+        .with_context(|| format!("cannot create {}", training_dir(data_dir).display()))?;
+    if let Some(spec_path) = &options.create {
+        return create(client, local_peer, data_dir, spec_path, options).await;
+    }
+    if let Some(state) = load_state(data_dir)? {
+        if options.run.is_none_or(|r| r == state.announcement.run) {
+            return resume(client, data_dir, state, options).await;
+        }
+    }
+    join(client, local_peer, data_dir, options).await
+}
+
+async fn create(
+    client: &Client,
+    local_peer: PeerId,
+    data_dir: &Path,
+    spec_path: &Path,
+    options: &TrainOptions,
+) -> Result<PreparedRun> {
+    let spec = resolve_spec(spec_path, options.data.as_deref())?;
+    let name = spec.name.clone().unwrap_or_default();
+    let shard = options.shard.unwrap_or((0, 1));
+    let data = load_data(&spec, None, shard)?;
+    // Version 0: the run's initial weights, drawn from its seed.
+    let model = Model::new(&spec, &p2p_models::Device::Cpu)?;
+    let initial = training_dir(data_dir).join(format!("{name}-v0.safetensors"));
+    checkpoint::save(
+        &initial,
+        model.layout(),
+        &model.params()?,
+        &CheckpointMeta::default(),
+    )?;
+    let published = client
+        .publish(&initial, &name)
+        .await
+        .context("cannot publish the run's initial weights")?;
+    let announcement = RunAnnouncement {
+        run: published.id,
+        model: name,
+        spec: spec.to_toml(),
+        creator: local_peer.to_string(),
+        created_unix: unix_now(),
+    };
+    client.announce_run(announcement.clone()).await?;
+    tracing::info!(run = %announcement.run, model = %announcement.model, "training run created");
+    let dir = run_dir(data_dir, &announcement.run);
+    save_state(data_dir, &announcement, shard, None)?;
+    Ok(PreparedRun {
+        announcement,
+        spec,
+        data,
+        shard,
+        start: Start::Initial,
+        dir,
+    })
+}
+
+async fn resume(
+    client: &Client,
+    data_dir: &Path,
+    state: RunState,
+    options: &TrainOptions,
+) -> Result<PreparedRun> {
+    let announcement = state.announcement;
+    let spec = RunSpec::parse(&announcement.spec)?;
+    let shard = options.shard.unwrap_or(state.shard);
+    let data_path = options.data.clone().or(state.data);
+    let data = load_data(&spec, data_path.as_deref(), shard)?;
+    let dir = run_dir(data_dir, &announcement.run);
+    let own = checkpoint_path(&dir);
+    let start = if own.is_file() {
+        tracing::info!(run = %announcement.run.short(), checkpoint = %own.display(), "resuming the run from the local checkpoint");
+        Start::Checkpoint {
+            path: own,
+            resume: true,
+        }
+    } else {
+        tracing::info!(run = %announcement.run.short(), "no local checkpoint yet; starting from the newest version on the network");
+        newest_version(client, &announcement, &dir, options.find_timeout).await?
+    };
+    save_state(data_dir, &announcement, shard, data_path.as_deref())?;
+    Ok(PreparedRun {
+        announcement,
+        spec,
+        data,
+        shard,
+        start,
+        dir,
+    })
+}
+
+async fn join(
+    client: &Client,
+    local_peer: PeerId,
+    data_dir: &Path,
+    options: &TrainOptions,
+) -> Result<PreparedRun> {
+    let announcement = find_run(client, options.run, options.find_timeout).await?;
+    let spec = RunSpec::parse(&announcement.spec).map_err(|e| {
+        anyhow!(
+            "run {} has a spec this node cannot use: {e}",
+            announcement.run
+        )
+    })?;
+    let shard = options
+        .shard
+        .unwrap_or_else(|| (shard_of(&local_peer, spec.shards), spec.shards));
+    let data = load_data(&spec, options.data.as_deref(), shard)?;
+    let dir = run_dir(data_dir, &announcement.run);
+    let start = newest_version(client, &announcement, &dir, options.find_timeout).await?;
+    save_state(data_dir, &announcement, shard, options.data.as_deref())?;
+    tracing::info!(run = %announcement.run.short(), model = %announcement.model, shard = %format!("{}/{}", shard.0, shard.1), "joined training run");
+    Ok(PreparedRun {
+        announcement,
+        spec,
+        data,
+        shard,
+        start,
+        dir,
+    })
+}
+
+/// Waits until a run is known (the given one, or the newest).
+async fn find_run(
+    client: &Client,
+    wanted: Option<VersionId>,
+    timeout: Duration,
+) -> Result<RunAnnouncement> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if client.status().await?.connected_peers > 0 {
+            let runs = client.query_runs().await?;
+            let found = match wanted {
+                Some(id) => runs.into_iter().find(|r| r.run == id),
+                None => runs.into_iter().next(),
+            };
+            if let Some(run) = found {
+                return Ok(run);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(match wanted {
+                Some(id) => format!("run {id} was not found on the network within {} s", timeout.as_secs()),
+                None => format!(
+                    "no training run found on the network within {} s (start one with: p2p-node train --create <spec.toml>)",
+                    timeout.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Fetches the newest version of the run's model through the swarm.
+async fn newest_version(
+    client: &Client,
+    announcement: &RunAnnouncement,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<Start> {
+    let deadline = Instant::now() + timeout;
+    let newest = loop {
+        let versions = client.query_versions(&announcement.model).await?;
+        if let Some(v) = versions.into_iter().next() {
+            break v;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no version of {} found on the network within {} s",
+                announcement.model,
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    tracing::info!(model = %announcement.model, version = newest.version, id = %newest.id.short(), "fetching the run's newest version");
+    client.fetch(newest.id).await?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("start.safetensors");
+    client.export(newest.id, &path).await?;
+    Ok(Start::Checkpoint {
+        path,
+        resume: false,
+    })
+}
+
+/// Loads the run's data set (or `data` instead) and keeps `shard` of its training split.
+fn load_data(spec: &RunSpec, data: Option<&Path>, shard: (u32, u32)) -> Result<Dataset> {
+    let full = Dataset::load(spec, data)?;
+    Ok(full.shard(shard.0, shard.1, spec.partition, spec.seed)?)
+}
+
+/// The shard a node takes when none is given: a hash of its peer id.
+pub fn shard_of(peer: &PeerId, shards: u32) -> u32 {
+    let hash = blake3::hash(&peer.to_bytes());
+    let head = u32::from_le_bytes([
+        hash.as_bytes()[0],
+        hash.as_bytes()[1],
+        hash.as_bytes()[2],
+        hash.as_bytes()[3],
+    ]);
+    head % shards.max(1)
+}
+
+fn load_state(data_dir: &Path) -> Result<Option<RunState>> {
+    let path = state_path(data_dir);
+    let Some(bytes) = crate::fsutil::read_bounded(&path, 1 << 20)? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<RunState>(&bytes) {
+        Ok(state) if state.announcement.check().is_ok() => Ok(Some(state)),
+        _ => {
+            tracing::warn!(path = %path.display(), "ignoring a damaged training state file");
+            Ok(None)
+        }
+    }
+}
+
+fn save_state(
+    data_dir: &Path,
+    announcement: &RunAnnouncement,
+    shard: (u32, u32),
+    data: Option<&Path>,
+) -> Result<()> {
+    let state = RunState {
+        announcement: announcement.clone(),
+        shard,
+        data: data.map(Path::to_path_buf),
+    };
+    let json = serde_json::to_vec_pretty(&state)?;
+    crate::fsutil::write_atomic(&state_path(data_dir), &json, 0o644)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_spread_by_peer_id() {
+        let mut seen = [0u32; 4];
+        for _ in 0..200 {
+            seen[shard_of(&PeerId::random(), 4) as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 20), "{seen:?}");
+    }
+
+    #[test]
+    fn a_text_spec_gets_the_vocabulary_of_its_file_and_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "abcabc cab").unwrap();
+        let spec_path = dir.path().join("run.toml");
+        std::fs::write(
+            &spec_path,
+            "model = \"char-transformer\"\ndataset = \"text:t.txt\"",
+        )
+        .unwrap();
+        let spec = resolve_spec(&spec_path, None).unwrap();
+        assert_eq!(spec.transformer.vocab, " abc");
+        assert!(spec.name.unwrap().starts_with("char-transformer-"));
+    }
+}

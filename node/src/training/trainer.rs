@@ -1,0 +1,415 @@
+//! The trainer thread: runs the local training steps of one node, and nothing else. It never
+//! touches the network or the async runtime; it talks to the coordinator through bounded
+//! channels ([`ToTrainer`] in, [`FromTrainer`] out).
+//!
+//! Every `average_every` steps it hands out a snapshot of its parameters (served to peers) and
+//! waits for the averaging round the coordinator opens with it: the peer's parameters come back
+//! as [`ToTrainer::Mix`] (or the round fails, or times out) and training goes on. Rounds that
+//! peers open are served from the snapshot by the network side and mixed in whenever they
+//! arrive, keeping the local progress made since the snapshot
+//! ([`p2p_models::params::mix_into`]). It evaluates every `eval_every` steps and writes a
+//! checkpoint (atomically) every `checkpoint_every` steps. After the last step it runs the
+//! run's final averaging rounds, writes the final checkpoint, and then only serves: peers'
+//! rounds still mix into its parameters, which are evaluated and checkpointed again.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use p2p_models::checkpoint::{self, CheckpointMeta};
+use p2p_models::model::Evaluation;
+use p2p_models::params;
+use p2p_models::train::Trainer;
+use tokio::sync::mpsc;
+
+use super::averaging::Snapshot;
+
+/// How long an averaging round may take before the trainer goes on without it.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a trainer waits for slower peers before it goes on anyway (a peer that stopped
+/// answering must not stall it).
+const MAX_PACE_WAIT: Duration = Duration::from_secs(10);
+
+/// How often progress (step, loss, speed) is reported while training.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// While only serving, evaluations after mixes are at least this far apart.
+const SERVING_EVAL_EVERY: Duration = Duration::from_secs(2);
+
+/// Commands to the trainer thread.
+#[derive(Debug)]
+pub enum ToTrainer {
+    /// Mix a peer's parameters in: `local += weight * (params - base)`.
+    Mix {
+        /// The peer.
+        peer: PeerId,
+        /// Its parameters (checked).
+        params: Vec<f32>,
+        /// The snapshot they were exchanged with.
+        base: Arc<Snapshot>,
+        /// The peer's share.
+        weight: f64,
+        /// Whether this node opened the round (else the peer did).
+        opened_here: bool,
+    },
+    /// An averaging round this node opened ended without parameters to mix.
+    RoundFailed,
+    /// A peer wants to average: hand out a snapshot of the current parameters.
+    SnapshotNow,
+    /// Save a checkpoint and stop.
+    Stop,
+}
+
+/// What the trainer thread reports.
+#[derive(Debug)]
+pub enum FromTrainer {
+    /// Parameters to serve; `round` asks for an averaging round with them.
+    Snapshot {
+        /// The parameters.
+        snapshot: Arc<Snapshot>,
+        /// Whether to open a round now.
+        round: bool,
+    },
+    /// Training progress.
+    Progress {
+        /// Local step.
+        step: u64,
+        /// Samples seen.
+        samples_seen: u64,
+        /// Loss of the last batch.
+        batch_loss: f32,
+        /// Training steps per second since the last report.
+        steps_per_second: f64,
+        /// Fraction of the thread's time spent in averaging rounds (waiting for the peer
+        /// included).
+        averaging_time_fraction: f64,
+        /// Fraction of the thread's time spent waiting for slower peers.
+        waiting_time_fraction: f64,
+    },
+    /// An evaluation on the test split.
+    Evaluated {
+        /// Local step.
+        step: u64,
+        /// The result.
+        evaluation: Evaluation,
+    },
+    /// A peer's parameters were mixed in.
+    Mixed {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A checkpoint was written; `publish` asks for it to be published as a new version.
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// Its metadata.
+        meta: CheckpointMeta,
+        /// Whether to publish it.
+        publish: bool,
+    },
+    /// Local steps and final rounds are done; the thread now only serves.
+    Finished,
+    /// Training failed (the node keeps running).
+    Failed(String),
+}
+
+/// Everything the trainer thread needs.
+pub struct TrainerJob {
+    /// The trainer, holding its starting parameters, step and samples seen.
+    pub trainer: Trainer,
+    /// The run id (hex), recorded in checkpoints.
+    pub run: String,
+    /// Where the local checkpoint lives.
+    pub checkpoint_path: PathBuf,
+    /// Whether averaging rounds are wanted.
+    pub averaging: bool,
+    /// Samples seen beyond which the trainer waits for slower peers (set by the coordinator;
+    /// `u64::MAX`: no bound).
+    pub pace_limit: Arc<AtomicU64>,
+}
+
+/// Runs the trainer until it finishes and is told to stop (or the coordinator goes away).
+pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<FromTrainer>) {
+    let mut state = State {
+        job,
+        events,
+        last_eval: None,
+        averaging_time: Duration::ZERO,
+        pace_time: Duration::ZERO,
+        started: Instant::now(),
+    };
+    if let Err(e) = state.train(&commands) {
+        let _ = state.events.blocking_send(FromTrainer::Failed(e));
+        // Keep answering Stop so the coordinator can shut down cleanly.
+        while let Ok(command) = commands.recv() {
+            if matches!(command, ToTrainer::Stop) {
+                return;
+            }
+        }
+    }
+}
+
+struct State {
+    job: TrainerJob,
+    events: mpsc::Sender<FromTrainer>,
+    last_eval: Option<Evaluation>,
+    averaging_time: Duration,
+    pace_time: Duration,
+    started: Instant,
+}
+
+/// Why the loop ended early.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// How an averaging round this node opened ended.
+enum Round {
+    /// The partner's parameters are mixed in.
+    Mixed,
+    /// No partner, a refusal or a timeout: the parameters are unchanged.
+    Failed,
+    /// Told to stop meanwhile.
+    Stop,
+}
+
+impl State {
+    fn train(&mut self, commands: &Receiver<ToTrainer>) -> Result<(), String> {
+        let spec = self.job.trainer.spec().clone();
+        if self.job.trainer.step == 0 {
+            self.evaluate()?;
+        }
+        self.snapshot(false)?;
+        let mut last_report = (Instant::now(), self.job.trainer.step);
+        while self.job.trainer.step < spec.steps {
+            loop {
+                match commands.try_recv() {
+                    Ok(command) => {
+                        if let Flow::Stop = self.handle(command)? {
+                            return self.checkpoint(false);
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return self.checkpoint(false),
+                }
+            }
+            if let Flow::Stop = self.pace(commands)? {
+                return self.checkpoint(false);
+            }
+            let loss = self.job.trainer.train_step().map_err(|e| e.to_string())?;
+            let step = self.job.trainer.step;
+            if last_report.0.elapsed() >= PROGRESS_EVERY || step == spec.steps {
+                let rate = (step - last_report.1) as f64 / last_report.0.elapsed().as_secs_f64();
+                last_report = (Instant::now(), step);
+                self.send(FromTrainer::Progress {
+                    step,
+                    samples_seen: self.job.trainer.samples_seen,
+                    batch_loss: loss,
+                    steps_per_second: rate,
+                    averaging_time_fraction: self.averaging_time.as_secs_f64()
+                        / self.started.elapsed().as_secs_f64().max(1e-9),
+                    waiting_time_fraction: self.pace_time.as_secs_f64()
+                        / self.started.elapsed().as_secs_f64().max(1e-9),
+                })?;
+            }
+            if self.job.averaging
+                && spec.average_every > 0
+                && step.is_multiple_of(spec.average_every)
+            {
+                if let Round::Stop = self.average(commands)? {
+                    return self.checkpoint(false);
+                }
+            }
+            if step.is_multiple_of(spec.eval_every) {
+                self.evaluate()?;
+            }
+            if spec.checkpoint_every > 0
+                && step.is_multiple_of(spec.checkpoint_every)
+                && step < spec.steps
+            {
+                self.checkpoint(true)?;
+            }
+        }
+        if self.job.averaging && spec.average_every > 0 {
+            for _ in 0..spec.final_averaging_rounds {
+                if let Round::Stop = self.average(commands)? {
+                    return self.checkpoint(false);
+                }
+            }
+        }
+        self.evaluate()?;
+        self.checkpoint(true)?;
+        self.send(FromTrainer::Finished)?;
+        self.serve(commands)
+    }
+
+    /// Bounded staleness: while this node is too far ahead of its slowest recent peer, it
+    /// averages instead of training. Each round also tells it how far its partner got, so a
+    /// stale view of a peer that has caught up is corrected; after [`MAX_PACE_WAIT`] it trains
+    /// on regardless (a peer that stopped answering must not stall it), and at once when a
+    /// round finds no partner (waiting for peers it cannot reach is pointless).
+    fn pace(&mut self, commands: &Receiver<ToTrainer>) -> Result<Flow, String> {
+        let started = Instant::now();
+        while self.job.averaging
+            && self.job.trainer.samples_seen >= self.job.pace_limit.load(Ordering::Relaxed)
+            && started.elapsed() < MAX_PACE_WAIT
+        {
+            match self.average(commands)? {
+                Round::Mixed => {}
+                Round::Failed => break,
+                Round::Stop => return Ok(Flow::Stop),
+            }
+        }
+        self.pace_time += started.elapsed();
+        Ok(Flow::Continue)
+    }
+
+    /// After training: mix in what peers' rounds bring, until told to stop.
+    fn serve(&mut self, commands: &Receiver<ToTrainer>) -> Result<(), String> {
+        let mut dirty = false;
+        let mut last_eval = Instant::now();
+        loop {
+            let command = match commands.recv_timeout(SERVING_EVAL_EVERY) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return self.checkpoint(false),
+            };
+            match command {
+                Some(ToTrainer::Stop) => return self.checkpoint(false),
+                Some(command) => {
+                    let mixed = matches!(command, ToTrainer::Mix { .. });
+                    if let Flow::Stop = self.handle(command)? {
+                        return self.checkpoint(false);
+                    }
+                    dirty |= mixed;
+                }
+                None => {}
+            }
+            if dirty && last_eval.elapsed() >= SERVING_EVAL_EVERY {
+                dirty = false;
+                last_eval = Instant::now();
+                self.evaluate()?;
+                self.checkpoint(false)?;
+            }
+        }
+    }
+
+    /// One averaging round opened by this node: hands out a snapshot, then waits (up to a
+    /// timeout) until the peer's parameters are mixed in or the round failed. Rounds that
+    /// peers open meanwhile are mixed in as they come.
+    fn average(&mut self, commands: &Receiver<ToTrainer>) -> Result<Round, String> {
+        let started = Instant::now();
+        self.snapshot(true)?;
+        let flow = self.wait_for_round(commands);
+        self.averaging_time += started.elapsed();
+        flow
+    }
+
+    /// Waits for the answer to an averaging round (mixing it in), up to a timeout.
+    fn wait_for_round(&mut self, commands: &Receiver<ToTrainer>) -> Result<Round, String> {
+        let deadline = Instant::now() + ROUND_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(left) {
+                Ok(ToTrainer::RoundFailed) => return Ok(Round::Failed),
+                Ok(command) => {
+                    // A peer's round is mixed in too; ours is what ends the wait.
+                    let ours = matches!(
+                        &command,
+                        ToTrainer::Mix {
+                            opened_here: true,
+                            ..
+                        }
+                    );
+                    if let Flow::Stop = self.handle(command)? {
+                        return Ok(Round::Stop);
+                    }
+                    if ours {
+                        return Ok(Round::Mixed);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(Round::Failed),
+                Err(RecvTimeoutError::Disconnected) => return Ok(Round::Stop),
+            }
+        }
+    }
+
+    fn handle(&mut self, command: ToTrainer) -> Result<Flow, String> {
+        match command {
+            ToTrainer::Mix {
+                peer,
+                params,
+                base,
+                weight,
+                ..
+            } => {
+                let mut local = self.job.trainer.params().map_err(|e| e.to_string())?;
+                params::mix_into(&mut local, &base.params, &params, weight)
+                    .and_then(|()| self.job.trainer.set_params(&local))
+                    .map_err(|e| format!("cannot mix parameters from {peer}: {e}"))?;
+                self.send(FromTrainer::Mixed { peer })?;
+                Ok(Flow::Continue)
+            }
+            ToTrainer::RoundFailed => Ok(Flow::Continue),
+            ToTrainer::SnapshotNow => {
+                self.snapshot(false)?;
+                Ok(Flow::Continue)
+            }
+            ToTrainer::Stop => Ok(Flow::Stop),
+        }
+    }
+
+    fn snapshot(&mut self, round: bool) -> Result<(), String> {
+        let snapshot = Arc::new(Snapshot {
+            params: self.job.trainer.params().map_err(|e| e.to_string())?,
+            samples: self.job.trainer.samples_seen,
+            step: self.job.trainer.step,
+        });
+        self.send(FromTrainer::Snapshot { snapshot, round })
+    }
+
+    fn evaluate(&mut self) -> Result<(), String> {
+        let evaluation = self.job.trainer.evaluate().map_err(|e| e.to_string())?;
+        self.last_eval = Some(evaluation);
+        self.send(FromTrainer::Evaluated {
+            step: self.job.trainer.step,
+            evaluation,
+        })
+    }
+
+    fn checkpoint(&mut self, publish: bool) -> Result<(), String> {
+        let meta = CheckpointMeta {
+            run: self.job.run.clone(),
+            step: self.job.trainer.step,
+            samples_seen: self.job.trainer.samples_seen,
+            loss: self.last_eval.map(|e| e.loss),
+            accuracy: self.last_eval.map(|e| e.accuracy),
+        };
+        let values = self.job.trainer.params().map_err(|e| e.to_string())?;
+        checkpoint::save(
+            &self.job.checkpoint_path,
+            self.job.trainer.layout(),
+            &values,
+            &meta,
+        )
+        .map_err(|e| e.to_string())?;
+        // The coordinator may be gone at shutdown; the checkpoint is on disk either way.
+        let _ = self.events.blocking_send(FromTrainer::Checkpoint {
+            path: self.job.checkpoint_path.clone(),
+            meta,
+            publish,
+        });
+        Ok(())
+    }
+
+    fn send(&self, event: FromTrainer) -> Result<(), String> {
+        self.events
+            .blocking_send(event)
+            .map_err(|_| "the training coordinator stopped".to_string())
+    }
+}

@@ -1,0 +1,208 @@
+//! Decentralized training in one process: real nodes on 127.0.0.1, a real run created by one
+//! of them (version 0 swarmed to the others), candle training threads, gossip averaging over
+//! the training protocol. Every wait is on a condition with a deadline.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{start_node, TestNode};
+use p2p_node::training::coordinator::{self, TrainingHandle};
+use p2p_node::training::run::TrainOptions;
+use p2p_node::training::TrainingStatus;
+
+/// Generous: debug builds on a busy 2-core machine.
+const TRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The example spec of the training issue, as written.
+const EXAMPLE_SPEC: &str = r#"
+model = "digits-mlp"       # or "char-transformer"
+dataset = "digits"         # bundled; or "mnist:<dir>", "text:<file>"
+partition = "by-label"     # or "iid"
+steps = 600                # local steps per node, then the node stops training and keeps serving
+batch_size = 32
+learning_rate = 0.05
+average_every = 10         # local steps between averaging rounds
+checkpoint_every = 100     # local steps between published checkpoints
+"#;
+
+fn options(shard: (u32, u32), averaging: bool) -> TrainOptions {
+    TrainOptions {
+        shard: Some(shard),
+        no_averaging: !averaging,
+        find_timeout: Duration::from_secs(120),
+        ..TrainOptions::default()
+    }
+}
+
+async fn train(node: &TestNode, options: TrainOptions) -> TrainingHandle {
+    coordinator::start(
+        node.handle.client.clone(),
+        node.peer_id(),
+        node.dir.path(),
+        options,
+    )
+    .await
+    .unwrap()
+}
+
+/// Starts `nodes.len()` training nodes (the first creates the run from `spec`) with the given
+/// options, and waits until each has finished its local steps.
+async fn run_to_completion(
+    nodes: &[TestNode],
+    spec: &Path,
+    mut each: impl FnMut(usize) -> TrainOptions,
+) -> (Vec<TrainingStatus>, Vec<TrainingHandle>) {
+    let mut creator_options = each(0);
+    creator_options.create = Some(spec.to_path_buf());
+    let starts = nodes.iter().enumerate().map(|(i, node)| {
+        let opts = if i == 0 {
+            creator_options.clone()
+        } else {
+            each(i)
+        };
+        train(node, opts)
+    });
+    let mut handles = futures::future::join_all(starts).await;
+    for h in &mut handles {
+        tokio::time::timeout(TRAIN_TIMEOUT, h.finished())
+            .await
+            .expect("training finished in time")
+            .unwrap();
+    }
+    // Finished nodes still answer rounds that others open, and evaluate again after them:
+    // wait until every node's evaluation describes its current parameters.
+    let finals = common::wait_for(
+        "evaluations of the final parameters",
+        TRAIN_TIMEOUT,
+        || async {
+            let statuses: Vec<TrainingStatus> =
+                handles.iter().map(|h| h.status.borrow().clone()).collect();
+            statuses
+                .iter()
+                .all(|s| s.evaluated_after_rounds == s.averaging_rounds)
+                .then_some(statuses)
+        },
+    )
+    .await;
+    (finals, handles)
+}
+
+async fn start_nodes(n: usize) -> Vec<TestNode> {
+    common::init_logs();
+    let first = start_node(vec![]).await;
+    let mut nodes = vec![];
+    for _ in 1..n {
+        nodes.push(start_node(vec![first.bootstrap_addr()]).await);
+    }
+    nodes.insert(0, first);
+    nodes
+}
+
+fn accuracies(statuses: &[TrainingStatus]) -> Vec<f64> {
+    statuses.iter().map(|s| s.accuracy.unwrap()).collect()
+}
+
+async fn stop_all(handles: Vec<TrainingHandle>, nodes: Vec<TestNode>) {
+    for h in handles {
+        h.stop().await.unwrap();
+    }
+    for n in nodes {
+        n.handle.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn averaging_lets_four_non_iid_nodes_reach_90_percent_and_training_alone_does_not() {
+    let files = tempfile::tempdir().unwrap();
+    let spec = files.path().join("digits.toml");
+    std::fs::write(&spec, EXAMPLE_SPEC).unwrap();
+
+    let nodes = start_nodes(4).await;
+    let (with, handles) = run_to_completion(&nodes, &spec, |i| options((i as u32, 4), true)).await;
+    let acc = accuracies(&with);
+    eprintln!(
+        "with averaging: accuracies {acc:?}, rounds {:?}",
+        with.iter().map(|s| s.averaging_rounds).collect::<Vec<_>>()
+    );
+    for s in &with {
+        assert_eq!(s.step, 600, "{s:?}");
+        assert!(
+            s.averaging_rounds >= 30,
+            "averaged only {} times",
+            s.averaging_rounds
+        );
+        assert!(s.checkpoints_published >= 6, "{s:?}");
+    }
+    let (lo, hi) = (
+        acc.iter().copied().fold(1.0, f64::min),
+        acc.iter().copied().fold(0.0, f64::max),
+    );
+    assert!(
+        lo >= 0.90,
+        "every node reaches 90% on the full test split: {acc:?}"
+    );
+    assert!(
+        hi - lo <= 0.02,
+        "nodes end within 2 points of each other: {acc:?}"
+    );
+    stop_all(handles, nodes).await;
+
+    // The same run, each node training only on its own labels.
+    let nodes = start_nodes(4).await;
+    let (alone, handles) =
+        run_to_completion(&nodes, &spec, |i| options((i as u32, 4), false)).await;
+    let alone_acc = accuracies(&alone);
+    eprintln!("without averaging: accuracies {alone_acc:?}");
+    for (s, a) in alone.iter().zip(&alone_acc) {
+        assert_eq!(s.averaging_rounds, 0);
+        assert!(
+            *a < lo - 0.3,
+            "training alone on a few labels is clearly worse: {alone_acc:?} vs {acc:?}"
+        );
+    }
+    stop_all(handles, nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_nan_parameters_is_refused_and_the_others_converge() {
+    let files = tempfile::tempdir().unwrap();
+    let spec = files.path().join("digits.toml");
+    std::fs::write(&spec, format!("{EXAMPLE_SPEC}\nmin_peers = 4\n")).unwrap();
+
+    // Four honest nodes on the four label shards, and a fifth that sends NaN.
+    let nodes = start_nodes(5).await;
+    let liar = nodes[4].peer_id().to_string();
+    let (finals, handles) = run_to_completion(&nodes, &spec, |i| {
+        let mut o = options(((i % 4) as u32, 4), true);
+        o.poison = i == 4;
+        o
+    })
+    .await;
+    let acc = accuracies(&finals[..4]);
+    eprintln!("honest accuracies {acc:?}");
+    assert!(
+        acc.iter().all(|a| *a >= 0.85),
+        "honest nodes still converge: {acc:?}"
+    );
+    for node in &nodes[..4] {
+        // The event loop's view: the averager's refusals are merged into `/status`.
+        let status = node.handle.client.status().await.unwrap().training.unwrap();
+        assert_eq!(
+            status.refused_peers,
+            vec![liar.clone()],
+            "every honest node refused the NaN peer, and only it"
+        );
+    }
+    for node in &nodes[..4] {
+        let penalties = node.handle.client.penalties().await.unwrap();
+        assert!(
+            penalties.get(&nodes[4].peer_id()).is_some_and(|p| *p >= 1),
+            "{penalties:?}"
+        );
+    }
+    stop_all(handles, nodes).await;
+}

@@ -1,0 +1,293 @@
+//! Training: run announcements ([`RUNS_TOPIC`]) and the gossip-averaging protocol
+//! ([`TRAINING_PROTOCOL`]).
+//!
+//! # Runs
+//!
+//! A run is identified by the id of its version 0 (the initial weights, an ordinary model
+//! version). Its creator announces a [`RunAnnouncement`] (run id, model name, the spec as TOML,
+//! creator) on gossipsub; nodes that missed it ask connected peers with
+//! [`TrainRequest::Runs`]. Checkpoints are further versions of the run's model whose
+//! announcements carry [`TrainingMeta`] (step, samples seen, test loss and accuracy).
+//!
+//! # Averaging
+//!
+//! Every few local steps a node opens a session with a random peer of the same run:
+//!
+//! ```text
+//! A -> B  Open { run, layout, dtype, params, samples, step }
+//! B -> A  Accepted { session, samples, step, pieces }   (or Busy / Refused)
+//! A -> B  Piece { session, index: i, A's piece i }       for i in 0..pieces, a few in flight
+//! B -> A  Piece { index: i, B's piece i }
+//! ```
+//!
+//! Each side snapshots its parameters when the session opens, sends them in pieces of at most
+//! [`MAX_PIECE_BYTES`] (a flat vector in the order of the model's tensors sorted by name, as
+//! `dtype`), and once it holds all of the other's pieces mixes them in, weighted by samples
+//! seen. A piece with a NaN or infinity, a wrong length, or parameters too far from the local
+//! ones are refused and the sender penalized; a session that breaks off leaves both models as
+//! they were. `layout` is the BLAKE3 hash of the tensor names and shapes, so peers whose models
+//! differ never exchange a byte of parameters.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Hash32, VersionId};
+
+/// Request-response protocol id of gossip averaging and run discovery.
+pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/1.0.0";
+
+/// The gossipsub topic of run announcements.
+pub const RUNS_TOPIC: &str = "p2p-ml/runs/1";
+
+/// Largest piece of parameters in one message.
+pub const MAX_PIECE_BYTES: usize = 1 << 20;
+
+/// Largest encoded training request or response: a piece plus framing.
+pub const MAX_TRAINING_MESSAGE_BYTES: u64 = MAX_PIECE_BYTES as u64 + 64 * 1024;
+
+/// Largest run spec carried in an announcement.
+pub const MAX_SPEC_BYTES: usize = 32 * 1024;
+
+/// Most runs listed in one [`TrainResponse::Runs`].
+pub const MAX_RUNS_LISTED: usize = 16;
+
+/// Element type of parameters on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamDtype {
+    /// 4-byte IEEE floats.
+    F32,
+    /// 2-byte IEEE half floats.
+    F16,
+    /// 2-byte brain floats.
+    Bf16,
+}
+
+impl ParamDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// Parameters per piece.
+    pub fn per_piece(self) -> usize {
+        MAX_PIECE_BYTES / self.size()
+    }
+
+    /// Number of pieces for `params` parameters.
+    pub fn pieces(self, params: u64) -> u32 {
+        params.div_ceil(self.per_piece() as u64) as u32
+    }
+}
+
+/// A training run, announced by its creator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAnnouncement {
+    /// The run's id: the id of version 0, its initial weights.
+    pub run: VersionId,
+    /// The model name under which the run's versions are published.
+    pub model: String,
+    /// The run spec, TOML.
+    pub spec: String,
+    /// Peer id (base58) of the creator.
+    pub creator: String,
+    /// When the run was created (Unix seconds), to tell the newest run.
+    pub created_unix: u64,
+}
+
+impl RunAnnouncement {
+    /// Encodes for gossipsub.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("writing CBOR to a Vec cannot fail");
+        out
+    }
+
+    /// Decodes and checks a gossip message.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() > crate::MAX_GOSSIP_MESSAGE_BYTES {
+            return Err("run announcement too large".into());
+        }
+        let a: Self =
+            ciborium::from_reader(bytes).map_err(|e| format!("malformed run announcement: {e}"))?;
+        a.check()?;
+        Ok(a)
+    }
+
+    /// Checks the model name and the spec's size.
+    pub fn check(&self) -> Result<(), String> {
+        crate::manifest::validate_model_name(&self.model)?;
+        if self.spec.len() > MAX_SPEC_BYTES {
+            return Err("run spec too large".into());
+        }
+        Ok(())
+    }
+}
+
+/// Training state carried by a checkpoint's announcement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingMeta {
+    /// The run.
+    pub run: VersionId,
+    /// Local steps of the publisher.
+    pub step: u64,
+    /// Samples the weights have been trained on.
+    pub samples_seen: u64,
+    /// Test loss, if evaluated.
+    pub loss: Option<f64>,
+    /// Test accuracy, if evaluated.
+    pub accuracy: Option<f64>,
+}
+
+/// What one peer asks another about training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrainRequest {
+    /// The runs the peer knows of.
+    Runs,
+    /// Opens an averaging session.
+    Open {
+        /// The run.
+        run: VersionId,
+        /// BLAKE3 of the model's tensor names and shapes.
+        layout: Hash32,
+        /// Element type of the pieces.
+        dtype: ParamDtype,
+        /// Number of parameters.
+        params: u64,
+        /// Samples the opener's parameters have seen (its averaging weight).
+        samples: u64,
+        /// The opener's local step.
+        step: u64,
+    },
+    /// Piece `index` of the opener's parameters; answered with the same piece of the peer's.
+    Piece {
+        /// The session, as accepted.
+        session: u64,
+        /// Which piece.
+        index: u32,
+        /// The values, little-endian `dtype`.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+/// The answer to a [`TrainRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrainResponse {
+    /// Runs known, newest first.
+    Runs {
+        /// The announcements.
+        runs: Vec<RunAnnouncement>,
+        /// The run the answering peer trains, if any.
+        training: Option<VersionId>,
+    },
+    /// The session is open.
+    Accepted {
+        /// Its id, to quote in pieces.
+        session: u64,
+        /// Samples the peer's parameters have seen.
+        samples: u64,
+        /// The peer's local step.
+        step: u64,
+        /// Number of pieces each side sends.
+        pieces: u32,
+    },
+    /// Piece `index` of the peer's parameters.
+    Piece {
+        /// Which piece.
+        index: u32,
+        /// The values, little-endian in the session's dtype.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The peer is averaging with someone else or has no parameters yet; try another.
+    Busy,
+    /// The request does not fit (another run or model, unknown session, bad piece).
+    Refused {
+        /// Why, in a few words.
+        reason: String,
+    },
+}
+
+/// The layout hash of tensors given as `(name, shape)` in name order.
+pub fn layout_hash<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Hash32 {
+    let mut text = String::new();
+    for (name, shape) in tensors {
+        text.push_str(name);
+        text.push(':');
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        text.push_str(&dims.join("x"));
+        text.push(';');
+    }
+    Hash32::of(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::CborCodec;
+    use futures::executor::block_on;
+    use libp2p::request_response::Codec;
+    use libp2p::StreamProtocol;
+
+    #[test]
+    fn pieces_cover_every_parameter() {
+        assert_eq!(ParamDtype::F32.pieces(0), 0);
+        assert_eq!(ParamDtype::F32.pieces(1), 1);
+        assert_eq!(ParamDtype::F32.pieces(262_144), 1);
+        assert_eq!(ParamDtype::F32.pieces(262_145), 2);
+        assert_eq!(ParamDtype::F16.pieces(524_288), 1);
+    }
+
+    #[test]
+    fn a_full_piece_fits_the_message_limit() {
+        let mut codec = CborCodec::<TrainRequest, TrainResponse>::new(
+            MAX_TRAINING_MESSAGE_BYTES,
+            MAX_TRAINING_MESSAGE_BYTES,
+        );
+        let protocol = StreamProtocol::new(TRAINING_PROTOCOL);
+        let piece = TrainRequest::Piece {
+            session: u64::MAX,
+            index: u32::MAX,
+            data: vec![7; MAX_PIECE_BYTES],
+        };
+        let mut wire = Vec::new();
+        block_on(codec.write_request(&protocol, &mut wire, piece.clone())).unwrap();
+        let back = block_on(codec.read_request(&protocol, &mut wire.as_slice())).unwrap();
+        assert_eq!(back, piece);
+    }
+
+    #[test]
+    fn run_announcements_round_trip_and_are_checked() {
+        let a = RunAnnouncement {
+            run: Hash32::of(b"v0"),
+            model: "digits-mlp-3fa2".into(),
+            spec: "model = \"digits-mlp\"".into(),
+            creator: "12D3KooW".into(),
+            created_unix: 1,
+        };
+        assert_eq!(RunAnnouncement::decode(&a.encode()).unwrap(), a);
+        let big = RunAnnouncement {
+            spec: "x".repeat(MAX_SPEC_BYTES + 1),
+            ..a.clone()
+        };
+        assert!(RunAnnouncement::decode(&big.encode()).is_err());
+        let bad = RunAnnouncement {
+            model: "a b".into(),
+            ..a
+        };
+        assert!(RunAnnouncement::decode(&bad.encode()).is_err());
+    }
+
+    #[test]
+    fn layouts_that_differ_hash_differently() {
+        let a = layout_hash([("fc1.weight", &[2usize, 3][..])]);
+        let b = layout_hash([("fc1.weight", &[3usize, 2][..])]);
+        let c = layout_hash([("fc2.weight", &[2usize, 3][..])]);
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, layout_hash([("fc1.weight", &[2usize, 3][..])]));
+    }
+}
