@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use libp2p::PeerId;
 use p2p_models::checkpoint;
+use p2p_models::data::Dataset;
 use p2p_models::device::{self, SelectedDevice};
 use p2p_models::params;
 use p2p_models::spec::RunSpec;
@@ -143,6 +144,11 @@ pub async fn start(
         steps: prepared.spec.steps,
         samples_seen: trainer.samples_seen,
         shard: format!("{}/{}", prepared.shard.0, prepared.shard.1),
+        shard_labels: match &prepared.data {
+            Dataset::Labeled { train, .. } => Some(train.label_set()),
+            Dataset::Text { .. } => None,
+        },
+        shard_samples: prepared.data.train_len(),
         device: selected.name(),
         ..TrainingStatus::default()
     };

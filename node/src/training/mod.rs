@@ -74,6 +74,10 @@ pub struct TrainingStatus {
     pub checkpoints_published: u64,
     /// This node's shard of the training data, `I/N`.
     pub shard: String,
+    /// Labels present in this node's shard (labelled data sets only).
+    pub shard_labels: Option<Vec<u32>>,
+    /// Training samples in this node's shard (tokens for text).
+    pub shard_samples: usize,
     /// The device training runs on.
     pub device: String,
     /// Why training failed, when it did.

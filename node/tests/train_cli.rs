@@ -1,0 +1,188 @@
+//! `p2p-node train` as a user runs it: real processes on loopback. A node killed with SIGKILL
+//! mid-run resumes from its last checkpoint and rejoins averaging; bad specs, data and shards
+//! get one-line errors and non-zero exit codes.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::http_get;
+use common::process::{poll, run, Running, Stream};
+
+const QUICK: Duration = Duration::from_secs(60);
+const SLOW: Duration = Duration::from_secs(300);
+const LOOPBACK: [&str; 5] = [
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api-addr",
+    "127.0.0.1:0",
+];
+
+/// Long enough that the node killed at step 300 restarts well before its peers finish.
+const SPEC: &str = r#"
+model = "digits-mlp"
+dataset = "digits"
+partition = "by-label"
+shards = 3
+steps = 4000
+batch_size = 32
+learning_rate = 0.05
+average_every = 10
+checkpoint_every = 100
+"#;
+
+fn train(dir: &Path, extra: &[&str]) -> Running {
+    let mut args = vec!["train", "--data-dir", dir.to_str().unwrap()];
+    args.extend(extra);
+    args.extend(LOOPBACK);
+    Running::start(&args)
+}
+
+/// The `training` object of the node whose data dir is `dir`, once its API answers.
+fn training(dir: &Path) -> Option<serde_json::Value> {
+    let api = std::fs::read_to_string(dir.join("api-addr")).ok()?;
+    let (_, body) = http_get(api.trim().parse().ok()?, "/status").ok()?;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    Some(status["training"].clone()).filter(|t| !t.is_null())
+}
+
+fn field(t: &serde_json::Value, name: &str) -> u64 {
+    t[name].as_u64().unwrap_or_else(|| panic!("{name} in {t}"))
+}
+
+#[test]
+fn a_node_killed_mid_run_resumes_from_its_checkpoint_and_rejoins_averaging() {
+    let files = tempfile::tempdir().unwrap();
+    let spec = files.path().join("digits.toml");
+    std::fs::write(&spec, SPEC).unwrap();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+
+    let mut creator = train(
+        dirs[0].path(),
+        &["--create", spec.to_str().unwrap(), "--shard", "0/3"],
+    );
+    let join = creator.join_addr();
+    let _second = train(dirs[1].path(), &["--bootstrap", &join, "--shard", "1/3"]);
+    let victim_args = ["--bootstrap", join.as_str(), "--shard", "2/3"];
+    let victim = train(dirs[2].path(), &victim_args);
+
+    // Kill the third node with SIGKILL once it has checkpointed past step 300 and averaged.
+    let victim_dir = dirs[2].path();
+    poll(SLOW, "the third node to reach step 300", || {
+        training(victim_dir).filter(|t| {
+            field(t, "step") >= 300
+                && field(t, "averaging_rounds") > 0
+                && t["checkpoint_path"].is_string()
+        })
+    });
+    drop(victim); // SIGKILL: no chance to save anything
+    let creator_step = field(&training(dirs[0].path()).unwrap(), "step");
+
+    let mut restarted = train(victim_dir, &victim_args);
+    let resumed = restarted.wait_line(Stream::Stderr, QUICK, |l| {
+        l.contains("resumed from the local checkpoint at step")
+    });
+    let step: u64 = resumed
+        .split("at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a step in {resumed}"));
+    eprintln!("resumed: {resumed}");
+    assert!(step >= 300, "resumed at step {step}, not from scratch");
+    assert!(step < 4000, "the kill came before the end: {step}");
+
+    // The restarted process averages with the survivors again (its counters start at zero).
+    let after = poll(SLOW, "the restarted node to average again", || {
+        training(victim_dir).filter(|t| field(t, "averaging_rounds") >= 3)
+    });
+    eprintln!("after restart: {after}");
+    assert!(field(&after, "step") >= step, "{after}");
+    assert!(
+        after["last_peer"].is_string(),
+        "it averaged with a peer: {after}"
+    );
+    // The others never stopped.
+    poll(SLOW, "the creator to train on", || {
+        training(dirs[0].path()).filter(|t| field(t, "step") > creator_step)
+    });
+
+    let (code, _) = restarted.terminate(QUICK);
+    assert_eq!(code, 0);
+    let (code, _) = creator.terminate(QUICK);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn bad_specs_data_and_shards_are_one_line_errors_with_nonzero_exit() {
+    let files = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let path = |name: &str| files.path().join(name).to_str().unwrap().to_string();
+    let write = |name: &str, text: &str| std::fs::write(files.path().join(name), text).unwrap();
+    write("ok.toml", "model = \"digits-mlp\"\ndataset = \"digits\"\n");
+    write("model.toml", "model = \"resnet\"\ndataset = \"digits\"\n");
+    write(
+        "dataset.toml",
+        "model = \"digits-mlp\"\ndataset = \"imagenet\"\n",
+    );
+    let mnist = files.path().join("mnist");
+    std::fs::create_dir(&mnist).unwrap();
+    for f in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(mnist.join(f), b"not an IDX file at all").unwrap();
+    }
+    write(
+        "mnist.toml",
+        &format!(
+            "model = \"digits-mlp\"\ndataset = \"mnist:{}\"\n",
+            mnist.display()
+        ),
+    );
+    write("steps.toml", "model = \"digits-mlp\"\nsteps = \"many\"\n");
+
+    let d = data.path().to_str().unwrap();
+    let cases: [(Vec<String>, i32, &str); 6] = [
+        (
+            vec!["--create".into(), path("model.toml")],
+            1,
+            "unknown variant `resnet`",
+        ),
+        (vec!["--create".into(), path("dataset.toml")], 1, "imagenet"),
+        (vec!["--create".into(), path("mnist.toml")], 1, "not IDX3"),
+        (vec!["--create".into(), path("steps.toml")], 1, "line 2"),
+        (
+            vec!["--create".into(), path("missing.toml")],
+            1,
+            "cannot read",
+        ),
+        (
+            vec![
+                "--create".into(),
+                path("ok.toml"),
+                "--shard".into(),
+                "5/4".into(),
+            ],
+            2,
+            "shard '5/4'",
+        ),
+    ];
+    for (extra, code, message) in cases {
+        let mut args = vec!["train", "--data-dir", d];
+        args.extend(extra.iter().map(String::as_str));
+        args.extend(LOOPBACK);
+        let (got, _stdout, stderr) = run(&args, QUICK);
+        assert_eq!(got, code, "{args:?}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one error line for {args:?}: {stderr}");
+        assert!(errors[0].contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
