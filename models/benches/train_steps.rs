@@ -1,113 +1,132 @@
-//! Training speed on this machine's CPU: steps per second of the digits MLP and of the
-//! character transformer, with the shapes and batch sizes of the README's specs, plus the cost
-//! of the parameter math a round adds (flatten, mix back in). Figures, not pass/fail. Run with
-//! `scripts/bench-train` (or `cargo bench -p p2p-models --bench train_steps`).
+//! Training step time on this machine's CPU, one line per case:
+//! `<case>: <X> ms/step (forward+loss A, backward B, optimizer C)`. Each case trains on one
+//! fixed random batch (as `scripts/bench_train_torch.py` does for PyTorch), so only the step
+//! itself is timed. Figures, not pass/fail. Run with `scripts/bench-train` (which pins the
+//! thread count and can run PyTorch on the same cases), or
+//! `cargo bench -p p2p-models --bench train_steps`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use p2p_models::data::{Dataset, Vocab};
-use p2p_models::params;
+use candle_core::{DType, Tensor};
+use p2p_models::model::{Batch, Model};
+use p2p_models::optim::Optimizer;
 use p2p_models::spec::RunSpec;
-use p2p_models::train::Trainer;
 use p2p_models::Device;
 
-/// Each figure is measured over at least this long, after a warm-up.
+/// Each case is timed for at least this long (and at least `MIN_STEPS` steps), after warm-up.
 const MEASURE_FOR: Duration = Duration::from_secs(3);
-const WARM_UP_STEPS: u64 = 10;
+const MIN_STEPS: u32 = 5;
+const WARM_UP_STEPS: u32 = 3;
+
+/// The cases, shared with the PyTorch script: name, spec, batch shape.
+fn cases() -> Vec<(&'static str, String)> {
+    let printable: String = (' '..='~').collect();
+    vec![
+        (
+            "mlp-784-512-512-10 b128 adamw",
+            "model = \"digits-mlp\"\ndataset = \"mnist:unused\"\nhidden = [512, 512]\n\
+             batch_size = 128\noptimizer = \"adamw\"\nlearning_rate = 0.001\n"
+                .to_string(),
+        ),
+        (
+            "digits-mlp-64-64-10 b32 sgd-momentum",
+            "model = \"digits-mlp\"\ndataset = \"digits\"\nbatch_size = 32\nlearning_rate = 0.05\n"
+                .to_string(),
+        ),
+        (
+            "char-transformer-2x64-ctx64 b16 adamw",
+            format!(
+                "model = \"char-transformer\"\ndataset = \"text:unused\"\nbatch_size = 16\n\
+                 optimizer = \"adamw\"\nlearning_rate = 0.003\n[transformer]\nvocab = {:?}\n",
+                printable
+            ),
+        ),
+    ]
+}
 
 fn main() {
+    // As `p2p-node train` does (see p2p_models::memory).
+    let kept = p2p_models::memory::keep_freed_memory();
     let device = Device::Cpu;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("CPU, {threads} threads available to candle");
-    println!(
-        "{:<52} {:>10} {:>12} {:>10}",
-        "model", "params", "steps/s", "samples/s"
-    );
-
-    let mlp = RunSpec::parse(
-        "model = \"digits-mlp\"\ndataset = \"digits\"\nbatch_size = 32\nlearning_rate = 0.05\n",
-    )
-    .unwrap();
-    let widths: Vec<String> = mlp.hidden.iter().map(|w| w.to_string()).collect();
-    let name = format!("digits-mlp (64-{}-10), batch 32", widths.join("-"));
-    measure(&name, &mlp, None, &device);
-
-    let text = corpus();
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &text).unwrap();
-    let mut transformer = RunSpec::parse(&format!(
-        "model = \"char-transformer\"\ndataset = \"text:{}\"\nbatch_size = 16\nlearning_rate = 0.003\n",
-        file.path().display()
-    ))
-    .unwrap();
-    transformer.transformer.vocab = Vocab::from_text(&text).chars();
-    let t = &transformer.transformer;
-    let name = format!(
-        "char-transformer ({} layers, dim {}, ctx {}), batch 16",
-        t.layers, t.dim, t.context
-    );
-    measure(&name, &transformer, Some(file.path()), &device);
-}
-
-fn measure(name: &str, spec: &RunSpec, data: Option<&Path>, device: &Device) {
-    let dataset = Dataset::load(spec, data).unwrap();
-    let mut trainer = Trainer::new(spec, dataset, device, 1).unwrap();
-    for _ in 0..WARM_UP_STEPS {
-        trainer.train_step().unwrap();
-    }
-    let started = Instant::now();
-    let mut steps = 0u64;
-    while started.elapsed() < MEASURE_FOR {
-        trainer.train_step().unwrap();
-        steps += 1;
-    }
-    let per_second = steps as f64 / started.elapsed().as_secs_f64();
-    let values = trainer.params().unwrap();
-    println!(
-        "{name:<52} {:>10} {per_second:>12.1} {:>10.0}",
-        values.len(),
-        per_second * spec.batch_size as f64
-    );
-
-    // What one averaging round adds to the trainer: read the weights out, mix a peer's in,
-    // write them back.
-    let peer: Vec<f32> = values.iter().map(|v| v * 0.5).collect();
-    let rounds = 50;
-    let started = Instant::now();
-    for _ in 0..rounds {
-        let mut local = trainer.params().unwrap();
-        params::mix_into(&mut local, &values, &peer, 0.5).unwrap();
-        trainer.set_params(&local).unwrap();
-    }
-    let round = started.elapsed().as_secs_f64() / rounds as f64;
-    println!(
-        "{:<52} {:>10} {:>12} {:>10}   = {:.2} training steps",
-        "  + parameter math of one round",
-        "",
-        format!("{:.3} ms", round * 1e3),
-        "",
-        round * per_second
-    );
-}
-
-/// Real UTF-8 text for the transformer: this workspace's documentation and sources.
-fn corpus() -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut files = Vec::new();
-    for dir in ["", "protocol/src", "models/src", "node/src"] {
-        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
-            let path = entry.unwrap().path();
-            if matches!(path.extension().and_then(|e| e.to_str()), Some("md" | "rs")) {
-                files.push(path);
-            }
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .to_string()
+    });
+    println!("candle, CPU, {threads} threads, freed memory kept for reuse: {kept}");
+    // `cargo bench ... -- transformer` runs only the cases whose name contains "transformer".
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for (name, spec) in cases() {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
         }
+        let spec = RunSpec::parse(&spec).unwrap();
+        let model = Model::new(&spec, &device).unwrap();
+        let mut optimizer = Optimizer::new(&spec, model.vars().to_vec()).unwrap();
+        let batch = random_batch(&spec, &device);
+        let step = |optimizer: &mut Optimizer| -> [Duration; 3] {
+            let t0 = Instant::now();
+            let loss = model.loss(&batch).unwrap();
+            let _ = loss.to_scalar::<f32>().unwrap();
+            let t1 = Instant::now();
+            let grads = loss.backward().unwrap();
+            let t2 = Instant::now();
+            optimizer.step(&grads).unwrap();
+            [t1 - t0, t2 - t1, t2.elapsed()]
+        };
+        for _ in 0..WARM_UP_STEPS {
+            step(&mut optimizer);
+        }
+        let (mut steps, mut phases) = (0u32, [Duration::ZERO; 3]);
+        let started = Instant::now();
+        while steps < MIN_STEPS || started.elapsed() < MEASURE_FOR {
+            for (sum, t) in phases.iter_mut().zip(step(&mut optimizer)) {
+                *sum += t;
+            }
+            steps += 1;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(steps);
+        println!(
+            "{name}: {:.2} ms/step (forward+loss {:.2}, backward {:.2}, optimizer {:.2})",
+            ms(started.elapsed()),
+            ms(phases[0]),
+            ms(phases[1]),
+            ms(phases[2]),
+        );
     }
-    files.sort();
-    files
-        .iter()
-        .map(|p| std::fs::read_to_string(p).unwrap())
-        .collect()
+}
+
+/// One batch of seeded random inputs and targets of the shape the spec trains on.
+fn random_batch(spec: &RunSpec, device: &Device) -> Batch {
+    let b = spec.batch_size;
+    if spec.transformer.vocab.is_empty() {
+        let inputs = Tensor::rand(0f32, 1f32, (b, spec.input_dim()), device).unwrap();
+        let targets: Vec<u32> = (0..b as u32).map(|i| i % 10).collect();
+        Batch {
+            inputs,
+            targets: Tensor::new(targets, device).unwrap(),
+        }
+    } else {
+        let (t, vocab) = (
+            spec.transformer.context,
+            spec.transformer.vocab.chars().count() as u32 + 1,
+        );
+        let ids = |offset: u32| -> Tensor {
+            let v: Vec<u32> = (0..(b * t) as u32)
+                .map(|i| (i * 7 + offset) % vocab)
+                .collect();
+            Tensor::from_vec(v, (b, t), device).unwrap()
+        };
+        let batch = Batch {
+            inputs: ids(0),
+            targets: ids(1),
+        };
+        assert_eq!(batch.inputs.dtype(), DType::U32);
+        batch
+    }
 }

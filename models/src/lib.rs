@@ -18,8 +18,11 @@
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod layers;
+pub mod memory;
 pub mod mlp;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod spec;

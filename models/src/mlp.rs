@@ -4,12 +4,14 @@
 //! divided by 16, MNIST by 255).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::layers::Dense;
 
 /// A stack of linear layers with ReLU between.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    layers: Vec<Linear>,
+    layers: Vec<Dense>,
 }
 
 impl Mlp {
@@ -19,7 +21,7 @@ impl Mlp {
         let layers = dims
             .windows(2)
             .enumerate()
-            .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("fc{}", i + 1))))
+            .map(|(i, w)| Dense::new(w[0], w[1], vb.pp(format!("fc{}", i + 1))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
     }

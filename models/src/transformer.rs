@@ -9,7 +9,10 @@
 //! backward pass, so training through it would leave its inputs without gradients.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
+
+use crate::layers::Dense;
+use crate::ops;
 
 /// Shape of the transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,21 +50,19 @@ impl Module for Norm {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        centered
-            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        let normalized = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        ops::scale_shift(&normalized, &self.weight, &self.bias)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Block {
     ln1: Norm,
-    qkv: Linear,
-    proj: Linear,
+    qkv: Dense,
+    proj: Dense,
     ln2: Norm,
-    fc: Linear,
-    out: Linear,
+    fc: Dense,
+    out: Dense,
     heads: usize,
 }
 
@@ -70,11 +71,11 @@ impl Block {
         let d = cfg.dim;
         Ok(Self {
             ln1: Norm::new(d, vb.pp("ln1"))?,
-            qkv: linear(d, 3 * d, vb.pp("attn.qkv"))?,
-            proj: linear(d, d, vb.pp("attn.proj"))?,
+            qkv: Dense::new(d, 3 * d, vb.pp("attn.qkv"))?,
+            proj: Dense::new(d, d, vb.pp("attn.proj"))?,
             ln2: Norm::new(d, vb.pp("ln2"))?,
-            fc: linear(d, 4 * d, vb.pp("mlp.fc"))?,
-            out: linear(4 * d, d, vb.pp("mlp.out"))?,
+            fc: Dense::new(d, 4 * d, vb.pp("mlp.fc"))?,
+            out: Dense::new(4 * d, d, vb.pp("mlp.out"))?,
             heads: cfg.heads,
         })
     }
@@ -95,7 +96,7 @@ impl Block {
         let attn = candle_nn::ops::softmax_last_dim(&scores)?;
         let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         let x = (x + self.proj.forward(&y)?)?;
-        let h = self.fc.forward(&self.ln2.forward(&x)?)?.gelu()?;
+        let h = ops::gelu(&self.fc.forward(&self.ln2.forward(&x)?)?)?;
         x + self.out.forward(&h)?
     }
 }
@@ -107,7 +108,7 @@ pub struct CharTransformer {
     pos_emb: Embedding,
     blocks: Vec<Block>,
     ln_f: Norm,
-    head: Linear,
+    head: Dense,
     config: TransformerConfig,
 }
 
@@ -121,7 +122,7 @@ impl CharTransformer {
                 .map(|i| Block::new(&cfg, vb.pp(format!("blocks.{i}"))))
                 .collect::<Result<Vec<_>>>()?,
             ln_f: Norm::new(cfg.dim, vb.pp("ln_f"))?,
-            head: linear(cfg.dim, cfg.vocab, vb.pp("head"))?,
+            head: Dense::new(cfg.dim, cfg.vocab, vb.pp("head"))?,
             config: cfg,
         })
     }

@@ -18,6 +18,10 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     logging::init(cli.common.log_format);
+    if matches!(cli.command, Some(Command::Train(_))) {
+        // Training allocates and frees the same large tensors every step: keep them.
+        p2p_models::memory::keep_freed_memory();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
