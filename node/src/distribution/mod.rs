@@ -63,8 +63,8 @@ impl Default for DistributionConfig {
         Self {
             stage: Stage::Swarm,
             chunk_size: p2p_protocol::manifest::DEFAULT_CHUNK_SIZE,
-            max_requests_per_peer: 8,
-            max_uploads: 32,
+            max_requests_per_peer: 4,
+            max_uploads: 4,
             endgame_copies: 2,
             portion: None,
             have_refresh: Duration::from_millis(200),
