@@ -349,30 +349,39 @@ def run_distribution(net, hosts, stage, size_mib, file, model, timeout):
     completion times (seconds since the publish) and the publisher's upload."""
     n = len(hosts) - 1
     common = ["--stage", stage, "--follow", model]
-    join = hosts[0].start(["--stage", stage]).join_addr()
+    join = hosts[0].start(["--stage", stage, "--chunk-size-kib", str(net.args.chunk_kib)]).join_addr()
     for i, h in enumerate(hosts[1:]):
         extra = ["--portion", f"{i}/{n}"] if stage == "coordinated" else []
         h.start(common + extra, bootstrap=join)
     all_connected(hosts)
     started = time.monotonic()
     answer = http(hosts[0].api(), "/publish", {"path": str(file), "model": model}, timeout=120)
-    done = {}
+    done, timeline, last_sample = {}, [], 0.0
 
     def progress():
+        nonlocal last_sample
+        now = time.monotonic() - started
         for h in hosts[1:]:
             h.check_alive()
             if h.name not in done:
                 v = version_of(h, model)
                 if v and v["complete"]:
-                    done[h.name] = time.monotonic() - started
+                    done[h.name] = now
+        if now - last_sample >= 0.25:
+            last_sample = now
+            v = version_of(hosts[0], model)
+            timeline.append([round(now, 2), v["bytes_uploaded"] if v else 0])
         return len(done) == n
 
     wait_for(f"{n} hosts to fetch {size_mib} MiB with stage {stage}", timeout, progress, 0.05)
+    traffic = {h.name: {k: (version_of(h, model) or {}).get(k, 0)
+                        for k in ("bytes_uploaded", "bytes_downloaded")} for h in hosts}
     published = version_of(hosts[0], model)
     for h in hosts:
         h.stop()
     return {"stage": stage, "times": [done[h.name] for h in hosts[1:]], "id": answer["id"],
             "publisher_uploaded": published["bytes_uploaded"] if published else None,
+            "publisher_timeline": timeline, "traffic": traffic,
             "size": published["size"] if published else size_mib * MIB}
 
 
@@ -594,6 +603,7 @@ def main():
     parser.add_argument("--delay", type=float, help="custom one-way latency, ms")
     parser.add_argument("--loss", type=float, help="custom loss, percent")
     parser.add_argument("--size", type=int, default=64, help="MiB to distribute (default 64)")
+    parser.add_argument("--chunk-kib", type=int, default=1024, help="distribute: chunk size of the version")
     parser.add_argument("--stages", default="all", help="distribute: comma-separated stages, or all")
     parser.add_argument("--kill", type=float, default=0.25, help="churn: fraction of fetchers killed")
     parser.add_argument("--steps", type=int, default=600, help="train: local steps per host")

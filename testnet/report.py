@@ -115,6 +115,30 @@ def distribute(result, out, stem):
     svg.hline(1.0, "#888", "one copy")
     svg.save(out / f"{stem}-publisher.svg")
     lines += ["", f"![completion times]({stem}-times.svg)", "", f"![publisher upload]({stem}-publisher.svg)", ""]
+    last = runs[-1]
+    if last.get("traffic"):
+        hosts = list(last["traffic"])
+        mib = [(last["traffic"][h]["bytes_uploaded"] / 2**20, last["traffic"][h]["bytes_downloaded"] / 2**20)
+               for h in hosts]
+        svg = Svg(f"Bytes per node, stage {last['stage']}", "host (1 is the publisher)", "MiB",
+                  len(hosts), max(max(m) for m in mib))
+        for i, (up, down) in enumerate(mib):
+            svg.bar(i + 0.1, 0.38, up, COLORS[0])
+            svg.bar(i + 0.52, 0.38, down, COLORS[1])
+        svg.x_ticks([h.replace("host-", "") for h in hosts])
+        svg.key(COLORS[0], "uploaded")
+        svg.key(COLORS[1], "downloaded")
+        svg.save(out / f"{stem}-bytes.svg")
+        lines += [f"![bytes per node]({stem}-bytes.svg)", ""]
+    if last.get("publisher_timeline"):
+        tl = last["publisher_timeline"]
+        svg = Svg(f"Publisher upload over time, stage {last['stage']}", "seconds after publishing",
+                  "MiB uploaded", nice_max(max(max(r["times"]) for r in runs[-1:])), tl[-1][1] / 2**20)
+        svg.x_axis_numbers()
+        svg.polyline([(0, 0)] + [(t, b / 2**20) for t, b in tl], COLORS[0])
+        svg.hline(result["size_bytes"] / 2**20, "#888", "one copy")
+        svg.save(out / f"{stem}-publisher-timeline.svg")
+        lines += [f"![publisher timeline]({stem}-publisher-timeline.svg)", ""]
     return lines
 
 
