@@ -572,6 +572,7 @@ def scenario_train(net, args):
           f"{'-':>7} {b.get('accuracy') or 0:>9.3f}")
     return {"hosts": args.hosts, "steps": steps, "curves": curves,
             "final": {k: v.get("accuracy") for k, v in finals.items()},
+            "steps_per_second": {k: v.get("steps_per_second") for k, v in finals.items()},
             "baseline": baseline_host.name}
 
 

@@ -173,10 +173,14 @@ def bootstrap_loss(result, out, stem):
 def train(result, out, stem):
     curves, base = result["curves"], result["baseline"]
     lines = [f"### Training: {result['hosts']} hosts, non-iid digits shards, {result['steps']} local steps "
-             f"({result['links']['summary']})", "", "| host | final test accuracy |", "|---|---|"]
+             f"({result['links']['summary']})", "", "| host | final test accuracy | training steps/s |",
+             "|---|---|---|"]
+    speeds = result.get("steps_per_second", {})
     for name, acc in result["final"].items():
         label = "baseline (one node, all data, same total samples)" if name == base else name
-        lines.append(f"| {label} | {acc:.3f} |" if acc is not None else f"| {label} | - |")
+        acc_text = f"{acc:.3f}" if acc is not None else "-"
+        speed = speeds.get(name)
+        lines.append(f"| {label} | {acc_text} | {speed:.0f} |" if speed else f"| {label} | {acc_text} | - |")
     t_max = max((c[-1][0] for c in curves.values() if c), default=1)
     svg = Svg("Test accuracy over time", "seconds", "accuracy (full test split)", nice_max(t_max), 1.0)
     svg.x_axis_numbers()
