@@ -97,6 +97,7 @@ class Network:
         self.bridge = f"pnb{self.tag}"
         self.hosts = []
         self.netem = False
+        self.shaping = False
         self.created_bridge = False
         p = PROFILES.get(args.profile, {}) if args.profile != "custom" else {}
         self.link = dict(up=args.up or p.get("up", 100.0), down=args.down or p.get("down", 100.0),
@@ -134,6 +135,10 @@ class Network:
             sh("ip", "netns", "del", probe, check=False)
             raise NamespacesUnavailable(f"cannot create network namespaces and links here ({e}); use --loopback")
         try:
+            self.shaping = sh("tc", "qdisc", "add", "dev", f"pnp{self.tag}a", "root", "tbf", "rate",
+                              "1mbit", "burst", "32kbit", "latency", "50ms", check=False).returncode == 0
+            if not self.shaping:
+                log("this kernel has no tbf qdisc: links are NOT shaped")
             return sh("ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root",
                       "netem", "delay", "1ms", check=False).returncode == 0
         finally:
@@ -157,11 +162,13 @@ class Network:
 
     def describe(self):
         l = self.link
-        shaped = "not shaped (loopback)" if self.loopback else (
+        shaped = "not shaped (loopback)" if self.loopback else "not shaped (no tbf qdisc)" if not (
+            self.shaping or self.netem) else (
             f"{l['up']:g} Mbit/s up, {l['down']:g} Mbit/s down"
             + (f", {l['delay']:g} ms, {l['loss']:g}% loss" if self.netem
                else " (latency and loss not emulated: no netem)"))
-        return {"profile": self.args.profile, **l, "netem": self.netem, "loopback": self.loopback,
+        return {"profile": self.args.profile, **l, "netem": self.netem, "shaped": self.shaping or self.netem,
+                "loopback": self.loopback,
                 "summary": shaped}
 
 
@@ -206,8 +213,9 @@ class Host:
         sh("ip", "-n", self.ns, "link", "set", "lo", "up")
         sh("ip", "link", "set", outer, "master", net.bridge, "up")
         l = net.link
-        tc_shape(["ip", "netns", "exec", self.ns], "eth0", l["up"], l["delay"] / 2, l["loss"], net.netem)
-        tc_shape([], outer, l["down"], l["delay"] / 2, 0.0, net.netem)
+        if net.shaping or net.netem:
+            tc_shape(["ip", "netns", "exec", self.ns], "eth0", l["up"], l["delay"] / 2, l["loss"], net.netem)
+            tc_shape([], outer, l["down"], l["delay"] / 2, 0.0, net.netem)
 
     def start(self, args, bootstrap=None, fresh=True):
         """Starts p2p-node with `args` (subcommand and flags) in this host."""
