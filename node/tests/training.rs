@@ -206,3 +206,211 @@ async fn a_peer_sending_nan_parameters_is_refused_and_the_others_converge() {
     }
     stop_all(handles, nodes).await;
 }
+
+/// A bare libp2p peer that speaks only the training protocol, driven by hand.
+struct FakePeer {
+    swarm: libp2p::Swarm<
+        libp2p::request_response::Behaviour<
+            p2p_protocol::codec::CborCodec<
+                p2p_protocol::training::TrainRequest,
+                p2p_protocol::training::TrainResponse,
+            >,
+        >,
+    >,
+}
+
+impl FakePeer {
+    async fn connect(to: &TestNode) -> Self {
+        use libp2p::request_response::{self, ProtocolSupport};
+        use p2p_protocol::training::{MAX_TRAINING_MESSAGE_BYTES, TRAINING_PROTOCOL};
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                libp2p::noise::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    p2p_protocol::codec::CborCodec::new(
+                        MAX_TRAINING_MESSAGE_BYTES,
+                        MAX_TRAINING_MESSAGE_BYTES,
+                    ),
+                    [(
+                        libp2p::StreamProtocol::new(TRAINING_PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default(),
+                )
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let addr = to
+            .handle
+            .join_addrs()
+            .into_iter()
+            .find(|a| a.to_string().contains("/tcp/"))
+            .unwrap();
+        swarm.dial(addr).unwrap();
+        Self { swarm }
+    }
+
+    /// Sends `request` to `peer` and drives the swarm until its answer (refusing whatever the
+    /// node asks of us meanwhile).
+    async fn ask(
+        &mut self,
+        peer: libp2p::PeerId,
+        request: p2p_protocol::training::TrainRequest,
+    ) -> p2p_protocol::training::TrainResponse {
+        use futures::StreamExt;
+        use libp2p::request_response::{Event, Message};
+        use libp2p::swarm::SwarmEvent;
+        let id = self.swarm.behaviour_mut().send_request(&peer, request);
+        let answer = async {
+            loop {
+                match self.swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(Event::Message {
+                        message:
+                            Message::Response {
+                                request_id,
+                                response,
+                            },
+                        ..
+                    }) if request_id == id => return response,
+                    SwarmEvent::Behaviour(Event::Message {
+                        message: Message::Request { channel, .. },
+                        ..
+                    }) => {
+                        let refusal = p2p_protocol::training::TrainResponse::Refused {
+                            reason: "a test peer".into(),
+                        };
+                        let _ = self.swarm.behaviour_mut().send_response(channel, refusal);
+                    }
+                    SwarmEvent::Behaviour(Event::OutboundFailure {
+                        request_id, error, ..
+                    }) if request_id == id => panic!("request failed: {error}"),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(TRAIN_TIMEOUT, answer)
+            .await
+            .expect("an answer in time")
+    }
+
+    /// Opens a session with `peer` (asking again while it is busy); returns the session id
+    /// and its piece count.
+    async fn open(
+        &mut self,
+        peer: libp2p::PeerId,
+        open: &p2p_protocol::training::TrainRequest,
+    ) -> (u64, u32) {
+        use p2p_protocol::training::TrainResponse;
+        for _ in 0..600 {
+            match self.ask(peer, open.clone()).await {
+                TrainResponse::Accepted {
+                    session, pieces, ..
+                } => return (session, pieces),
+                TrainResponse::Busy => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => panic!("the node answered {other:?}"),
+            }
+        }
+        panic!("the node stayed busy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_dying_mid_exchange_leaves_the_model_unchanged_and_the_next_session_works() {
+    use p2p_protocol::training::{self, ParamDtype, TrainRequest, TrainResponse};
+    // Two pieces of parameters (about 300k f32), and no rounds opened by the node itself.
+    let text = "model = \"digits-mlp\"\ndataset = \"digits\"\nhidden = [512, 512]\n\
+                steps = 1000000\naverage_every = 1000000\nmin_peers = 0\ncheckpoint_every = 0\n";
+    let files = tempfile::tempdir().unwrap();
+    let spec_path = files.path().join("big.toml");
+    std::fs::write(&spec_path, text).unwrap();
+    let node = start_nodes(1).await.remove(0);
+    let mut opts = options((0, 1), true);
+    opts.create = Some(spec_path);
+    let handle = train(&node, opts).await;
+
+    let spec = p2p_models::spec::RunSpec::parse(text).unwrap();
+    let layout = p2p_models::model::Model::new(&spec, &p2p_models::Device::Cpu)
+        .unwrap()
+        .layout()
+        .clone();
+    let params = layout.len() as u64;
+    let open = TrainRequest::Open {
+        run: handle.status.borrow().run_id.parse().unwrap(),
+        layout: training::layout_hash(
+            layout
+                .tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice())),
+        ),
+        dtype: ParamDtype::F32,
+        params,
+        samples: 1000,
+        step: 10,
+    };
+    let per_piece = ParamDtype::F32.per_piece();
+    let piece = |index: u32| {
+        let start = index as usize * per_piece;
+        let len = per_piece.min(params as usize - start);
+        vec![0u8; len * 4]
+    };
+
+    // The first peer sends one piece of two, gets the node's piece back, and vanishes.
+    let peer = node.peer_id();
+    let mut first = FakePeer::connect(&node).await;
+    let (session, pieces) = first.open(peer, &open).await;
+    assert_eq!(pieces, 2, "the test needs a session of several pieces");
+    let reply = first
+        .ask(
+            peer,
+            TrainRequest::Piece {
+                session,
+                index: 0,
+                data: piece(0),
+            },
+        )
+        .await;
+    assert!(
+        matches!(reply, TrainResponse::Piece { index: 0, .. }),
+        "{reply:?}"
+    );
+    drop(first);
+
+    // A second peer can open a session once the node let go of the first one, and by then
+    // nothing of the first was mixed in.
+    let mut second = FakePeer::connect(&node).await;
+    let (session, _) = second.open(peer, &open).await;
+    assert_eq!(handle.status.borrow().averaging_rounds, 0);
+    for index in 0..pieces {
+        let data = piece(index);
+        let reply = second
+            .ask(
+                peer,
+                TrainRequest::Piece {
+                    session,
+                    index,
+                    data,
+                },
+            )
+            .await;
+        assert!(matches!(reply, TrainResponse::Piece { .. }), "{reply:?}");
+    }
+    // A complete session is mixed in: the counter that stayed at 0 moves.
+    let status = common::wait_for(
+        "the complete session to be mixed in",
+        TRAIN_TIMEOUT,
+        || async {
+            let s = handle.status.borrow().clone();
+            (s.averaging_rounds == 1).then_some(s)
+        },
+    )
+    .await;
+    assert!(status.refused_peers.is_empty(), "{status:?}");
+    stop_all(vec![handle], vec![node]).await;
+}
