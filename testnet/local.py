@@ -64,15 +64,16 @@ def node_dirs(base):
     return sorted((d for d in base.glob("node-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
 
 
-def wait_for(what, timeout, check):
+def wait_for(what, timeout, check, interval=0.2):
+    """Calls `check` every `interval` seconds until it returns something true; returns that."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
 
 
 def read_join_addr(log_file):

@@ -39,6 +39,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from local import DEMO_SPEC, wait_for  # the demo's run spec and polling, shared
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BIN = ROOT / "target" / "release" / "p2p-node"
 STAGES = ["sequential", "parallel-push", "host-assisted", "coordinated", "swarm"]
@@ -65,17 +67,6 @@ def sh(*args, check=True):
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip() or r.returncode}")
     return r
-
-
-def wait_for(what, timeout, check, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def http(api, path, body=None, timeout=5):
@@ -520,24 +511,12 @@ def scenario_bootstrap_loss(net, args):
             "restarted_rejoined": rejoined, "ok": True}
 
 
-TRAIN_SPEC = """model = "digits-mlp"
-dataset = "digits"
-partition = "by-label"
-shards = {shards}
-steps = {steps}
-batch_size = 32
-learning_rate = 0.05
-average_every = 10
-checkpoint_every = 100
-"""
-
-
 def scenario_train(net, args):
     steps = args.steps
     spec = net.out / "digits.toml"
-    spec.write_text(TRAIN_SPEC.format(shards=args.hosts, steps=steps))
+    spec.write_text(DEMO_SPEC.format(shards=args.hosts, steps=steps))
     base = net.out / "baseline.toml"
-    base.write_text(TRAIN_SPEC.format(shards=1, steps=steps * args.hosts).replace("by-label", "iid"))
+    base.write_text(DEMO_SPEC.format(shards=1, steps=steps * args.hosts).replace("by-label", "iid"))
     hosts = [net.add_host() for _ in range(args.hosts)]
     baseline_host = net.add_host()
     t0 = time.monotonic()

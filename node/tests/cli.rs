@@ -8,16 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::http_get;
-use common::process::{run, Running, Stream};
+use common::process::{run, Running, Stream, LOOPBACK};
 
 const QUICK: Duration = Duration::from_secs(60);
-const LOOPBACK: [&str; 5] = [
-    "--no-mdns",
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-    "--api-addr",
-    "127.0.0.1:0",
-];
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()

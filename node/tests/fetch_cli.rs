@@ -8,18 +8,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::process::{poll, run, Running, Stream};
+use common::process::{poll, run, Running, Stream, LOOPBACK};
 use common::{http_get, http_post_json};
 
 const QUICK: Duration = Duration::from_secs(60);
 const SLOW: Duration = Duration::from_secs(240);
-const LOOPBACK: [&str; 5] = [
-    "--no-mdns",
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-    "--api-addr",
-    "127.0.0.1:0",
-];
 
 fn args<'a>(base: &[&'a str]) -> Vec<&'a str> {
     let mut v = base.to_vec();

@@ -10,17 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::http_get;
-use common::process::{poll, run, Running, Stream};
+use common::process::{poll, run, Running, Stream, LOOPBACK};
 
 const QUICK: Duration = Duration::from_secs(60);
 const SLOW: Duration = Duration::from_secs(300);
-const LOOPBACK: [&str; 5] = [
-    "--no-mdns",
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-    "--api-addr",
-    "127.0.0.1:0",
-];
 
 /// Long enough that the node killed at step 300 restarts well before its peers finish.
 const SPEC: &str = r#"

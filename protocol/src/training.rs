@@ -100,18 +100,12 @@ pub struct RunAnnouncement {
 impl RunAnnouncement {
     /// Encodes for gossipsub.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        ciborium::into_writer(self, &mut out).expect("writing CBOR to a Vec cannot fail");
-        out
+        crate::messages::encode_gossip(self)
     }
 
     /// Decodes and checks a gossip message.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        if bytes.len() > crate::MAX_GOSSIP_MESSAGE_BYTES {
-            return Err("run announcement too large".into());
-        }
-        let a: Self =
-            ciborium::from_reader(bytes).map_err(|e| format!("malformed run announcement: {e}"))?;
+        let a: Self = crate::messages::decode_gossip(bytes, "run announcement")?;
         a.check()?;
         Ok(a)
     }

@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_p2p-node");
 
+/// Flags that keep a node on loopback: no mDNS, TCP and API on 127.0.0.1 with OS-chosen ports.
+pub const LOOPBACK: [&str; 5] = [
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api-addr",
+    "127.0.0.1:0",
+];
+
 /// Runs the binary to completion with a deadline; returns (exit code, stdout, stderr).
 pub fn run(args: &[&str], timeout: Duration) -> (i32, String, String) {
     let mut child = Command::new(BIN)
