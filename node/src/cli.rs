@@ -72,6 +72,14 @@ pub struct TrainArgs {
     /// Seconds to look for a run (and its newest version) before giving up.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub find_timeout: u64,
+    /// With --create: start a new run even though this data dir trains another one (which is
+    /// then abandoned by this node).
+    #[arg(long, requires = "create")]
+    pub new_run: bool,
+    /// Checkpoint versions of the run's model kept on disk: the newest N, plus any a peer is
+    /// still fetching; older ones are deleted.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub keep_checkpoints: u64,
     /// Fault injection for testnets: send NaN instead of parameters to peers.
     #[arg(long, hide = true)]
     pub poison_averaging: bool,

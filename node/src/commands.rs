@@ -10,7 +10,8 @@ use p2p_protocol::manifest::VersionId;
 
 use crate::cli::{FetchArgs, TrainArgs};
 use crate::config::NodeConfig;
-use crate::distribution::engine::ModelInfo;
+use crate::distribution::engine::{DownloadReport, DownloadState, ModelInfo};
+use crate::network::client::NetworkStatus;
 use crate::network::Client;
 use crate::node::{self, NodeHandle};
 use crate::training::coordinator;
@@ -90,11 +91,9 @@ async fn fetch_with(client: &Client, args: &FetchArgs, deadline: Instant) -> Res
         id,
         !args.no_progress && std::io::stderr().is_terminal(),
     ));
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let report = tokio::time::timeout(remaining, client.fetch(id)).await;
+    let report = download(client, id, deadline, args.timeout).await;
     progress.abort();
-    let report = report
-        .map_err(|_| anyhow::anyhow!("version {id} was not downloaded within {} s (no peer has it, or the network is too slow); run again to resume", args.timeout))??;
+    let report = report?;
     client.export(id, &args.out).await?;
     println!(
         "fetched {} version {} ({} bytes, id {}) to {}: {} chunks downloaded from {} peers, {} copied locally, {} already held, in {:.1} s",
@@ -110,6 +109,70 @@ async fn fetch_with(client: &Client, args: &FetchArgs, deadline: Instant) -> Res
         report.seconds
     );
     Ok(())
+}
+
+/// How often a fetch checks whether joining has failed for good.
+const JOIN_CHECK: Duration = Duration::from_millis(250);
+
+/// Downloads `id`; gives up at once when every way to join the network has failed, and at
+/// the deadline with the reason the download did not finish.
+async fn download(
+    client: &Client,
+    id: VersionId,
+    deadline: Instant,
+    timeout_s: u64,
+) -> Result<DownloadReport> {
+    let fetching = client.fetch(id);
+    tokio::pin!(fetching);
+    loop {
+        tokio::select! {
+            report = &mut fetching => return report,
+            () = tokio::time::sleep(JOIN_CHECK) => {}
+        }
+        let status = client.status().await?;
+        if let Some(why) = status.join.failure(status.connected_peers) {
+            bail!("cannot fetch version {id}: {why}");
+        }
+        if Instant::now() >= deadline {
+            let state = client.download_state(id).await?.unwrap_or_default();
+            bail!(
+                "version {id} was not downloaded within {timeout_s} s: {}; run the same command again to resume",
+                stall_reason(&status, &state)
+            );
+        }
+    }
+}
+
+/// Why a download has not finished: nobody reachable, nobody with the version, holders that
+/// do not answer, or a network that is merely slow.
+fn stall_reason(status: &NetworkStatus, state: &DownloadState) -> String {
+    let last = |e: &Option<String>| {
+        e.as_ref()
+            .map_or(String::new(), |e| format!(" (last error: {e})"))
+    };
+    if status.connected_peers == 0 && !status.join.ever_connected {
+        return format!(
+            "no peer could be reached{}",
+            last(&status.join.last_dial_error)
+        );
+    }
+    if state.chunks_held > 0 {
+        return format!(
+            "{} of {} chunks arrived; the network is too slow",
+            state.chunks_held, state.chunks
+        );
+    }
+    if state.holders == 0 {
+        return format!(
+            "{} peer(s) reachable, but none has this version (is a node serving it?)",
+            status.connected_peers
+        );
+    }
+    format!(
+        "{} peer(s) hold it, but none answered{}",
+        state.holders,
+        last(&state.last_failure)
+    )
 }
 
 /// `p2p-node train`: start the node, create or join a run, train until the local steps are
@@ -133,6 +196,8 @@ pub async fn train(config: NodeConfig, args: &TrainArgs) -> Result<()> {
         no_averaging: args.no_averaging,
         poison: args.poison_averaging,
         find_timeout: Duration::from_secs(args.find_timeout),
+        keep_versions: usize::try_from(args.keep_checkpoints).unwrap_or(usize::MAX),
+        new_run: args.new_run,
     };
     let started = tokio::select! {
         r = coordinator::start(handle.client.clone(), handle.peer_id, &data_dir, options) => r,
@@ -182,20 +247,37 @@ pub async fn train(config: NodeConfig, args: &TrainArgs) -> Result<()> {
     handle.stop().await
 }
 
-/// Finds the newest version of `model` known to the network.
+/// Finds the newest version of `model` known to the network. Gives up at once when every way
+/// to join has failed; at the deadline, says whether no peer was reachable or none knew the
+/// model.
 async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Result<VersionId> {
     p2p_protocol::manifest::validate_model_name(model)
         .map_err(|e| anyhow::anyhow!("'{model}' is neither a version id nor a model name: {e}"))?;
     let deadline = deadline.min(Instant::now() + RESOLVE_TIMEOUT);
+    let mut most_connected = 0;
     loop {
-        if client.status().await?.connected_peers > 0 {
+        let status = client.status().await?;
+        if let Some(why) = status.join.failure(status.connected_peers) {
+            bail!("cannot look up model '{model}': {why}");
+        }
+        most_connected = most_connected.max(status.connected_peers);
+        if status.connected_peers > 0 {
             if let Some(newest) = client.query_versions(model).await?.into_iter().next() {
                 tracing::info!(model, version = newest.version, id = %newest.id, size = newest.size, "newest version found");
                 return Ok(newest.id);
             }
         }
         if Instant::now() >= deadline {
-            bail!("no version of model '{model}' found on the network (is the name right, and is a node serving it?)");
+            if most_connected == 0 {
+                bail!(
+                    "cannot look up model '{model}': no peer could be reached{}",
+                    status
+                        .join
+                        .last_dial_error
+                        .map_or(String::new(), |e| format!(" (last error: {e})"))
+                );
+            }
+            bail!("{most_connected} peer(s) reachable, but none knows a version of model '{model}' (is the name right, and is a node serving it?)");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

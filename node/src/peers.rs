@@ -61,6 +61,8 @@ pub struct AddressBook {
     entries: HashMap<PeerId, PeerEntry>,
     capacity: usize,
     dirty: bool,
+    /// A peer or an address was learned since the last save: worth saving soon.
+    learned: bool,
 }
 
 impl AddressBook {
@@ -70,6 +72,7 @@ impl AddressBook {
             entries: HashMap::new(),
             capacity: capacity.max(1),
             dirty: false,
+            learned: false,
         }
     }
 
@@ -112,6 +115,9 @@ impl AddressBook {
             if entry.addrs.first() == Some(&addr) {
                 continue;
             }
+            if !entry.addrs.contains(&addr) {
+                self.learned = true;
+            }
             entry.addrs.retain(|a| a != &addr);
             entry.addrs.insert(0, addr);
             entry.addrs.truncate(MAX_ADDRS_PER_PEER);
@@ -151,6 +157,13 @@ impl AddressBook {
             .take(n)
             .map(|(p, e)| (*p, e.addrs.clone()))
             .collect()
+    }
+
+    /// Whether a new peer or a new address was learned since the last call: such changes are
+    /// saved within a second, so that a node killed right after its first contact still
+    /// finds the network again.
+    pub fn take_learned(&mut self) -> bool {
+        std::mem::take(&mut self.learned)
     }
 
     /// Whether the book changed since the last [`AddressBook::take_dirty`].
@@ -204,6 +217,7 @@ impl AddressBook {
             }
         }
         book.dirty = false;
+        book.learned = false;
         (book, skipped)
     }
 
@@ -352,6 +366,27 @@ mod tests {
         assert_eq!(entry.source, Source::Bootstrap, "first source is kept");
         assert_eq!(entry.addrs.len(), MAX_ADDRS_PER_PEER);
         assert_eq!(entry.addrs[0], addr("/ip4/1.2.3.4/tcp/19"), "newest first");
+    }
+
+    #[test]
+    fn new_peers_and_new_addresses_are_flagged_for_a_prompt_save_and_repeats_are_not() {
+        let mut book = AddressBook::new(10);
+        let peer = PeerId::random();
+        assert!(!book.take_learned());
+        book.learn(peer, [addr("/ip4/1.2.3.4/tcp/1")], Source::Kademlia);
+        assert!(book.take_learned(), "a new peer");
+        book.learn(peer, [addr("/ip4/1.2.3.4/tcp/1")], Source::Kademlia);
+        book.set_connected(peer, true, 5);
+        assert!(
+            !book.take_learned(),
+            "nothing new: the periodic save covers it"
+        );
+        assert!(book.take_dirty(), "but the book changed");
+        book.learn(peer, [addr("/ip4/1.2.3.4/tcp/2")], Source::Kademlia);
+        assert!(
+            book.take_learned(),
+            "a new address (a restart on a new port)"
+        );
     }
 
     #[test]

@@ -139,10 +139,136 @@ fn fetch_of_an_unknown_model_fails_with_one_line() {
     assert_eq!(code, 1, "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("error: ") && last.contains("no version of model 'no-such-model'"),
+        last.starts_with("error: ")
+            && last.contains("reachable, but none knows a version of model 'no-such-model'"),
         "{stderr}"
     );
     assert!(!out.exists());
+}
+
+/// The only way in is a stopped node: the error names that cause (not a missing model), and
+/// the fetch ends as soon as every way to join has failed, long before its timeout.
+#[test]
+fn a_fetch_through_a_stopped_bootstrap_node_says_no_peer_was_reachable_at_once() {
+    let (files, stopped_dir, fetch_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut stopped = Running::start(&args(&["--data-dir", stopped_dir.path().to_str().unwrap()]));
+    let join = stopped.join_addr();
+    let (code, _) = stopped.terminate(QUICK);
+    assert_eq!(code, 0);
+    let out = files.path().join("out");
+    for target in ["anything", &"ab".repeat(32)] {
+        let started = std::time::Instant::now();
+        // The 600 s timeout is never reached: `run` fails the test after QUICK.
+        let (code, _, stderr) = run(
+            &args(&[
+                "fetch",
+                target,
+                "--out",
+                out.to_str().unwrap(),
+                "--timeout",
+                "600",
+                "--data-dir",
+                fetch_dir.path().to_str().unwrap(),
+                "--bootstrap",
+                &join,
+            ]),
+            QUICK,
+        );
+        assert_eq!(code, 1, "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains("no peer could be reached"),
+            "{target}: {stderr}"
+        );
+        assert!(
+            last.contains("Connection refused"),
+            "the dial error: {last}"
+        );
+        assert!(!last.contains("found"), "blames the model: {last}");
+        assert!(started.elapsed() < QUICK, "{:?}", started.elapsed());
+    }
+}
+
+/// A publisher that started alone is contacted by a hub, then killed (SIGKILL) a few seconds
+/// later and restarted on a new port with no `--bootstrap`: the hub it learned from the first
+/// contact was saved in its peer cache in time, so it rejoins through the hub, and a fetcher
+/// that knows only the hub finds it again.
+#[test]
+fn a_publisher_killed_soon_after_its_first_contact_is_found_again_after_a_restart() {
+    let (files, hub_dir, pub_dir, fetch_dir) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (file, bytes) = common::model_file(files.path(), "m.safetensors", 2, 11);
+    let pub_args = args(&[
+        "--data-dir",
+        pub_dir.path().to_str().unwrap(),
+        "--publish",
+        file.to_str().unwrap(),
+        "--model",
+        "comeback",
+    ]);
+    let mut publisher = Running::start(&pub_args);
+    let pub_join = publisher.join_addr();
+    publisher.wait_line(Stream::Stdout, QUICK, |l| l.starts_with("published "));
+    let mut hub = Running::start(&args(&[
+        "--data-dir",
+        hub_dir.path().to_str().unwrap(),
+        "--bootstrap",
+        &pub_join,
+    ]));
+    let hub_join = hub.join_addr();
+    let hub_id = hub_join.rsplit('/').next().unwrap().to_string();
+    hub.wait_line(Stream::Stderr, QUICK, |l| {
+        l.contains("connected to bootstrap peer")
+    });
+    // The publisher learned the hub from its inbound connection: saved within about a
+    // second (the periodic save of other changes is every 10 s).
+    let cache = pub_dir.path().join("peers.json");
+    poll(
+        Duration::from_secs(3),
+        "the hub in the publisher's peer cache",
+        || {
+            std::fs::read_to_string(&cache)
+                .ok()
+                .filter(|c| c.contains(&hub_id))
+        },
+    );
+    publisher.child.kill().unwrap();
+    publisher.child.wait().unwrap();
+    drop(publisher);
+
+    let mut restarted = Running::start(&args(&["--data-dir", pub_dir.path().to_str().unwrap()]));
+    assert_ne!(restarted.join_addr(), pub_join, "a new port");
+    let out = files.path().join("out.safetensors");
+    let (code, stdout, stderr) = run(
+        &args(&[
+            "fetch",
+            "comeback",
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+            "--timeout",
+            "120",
+            "--data-dir",
+            fetch_dir.path().to_str().unwrap(),
+            "--bootstrap",
+            &hub_join,
+        ]),
+        Duration::from_secs(180),
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        std::fs::read(&out).unwrap() == bytes,
+        "fetched bytes differ"
+    );
+    drop(hub);
 }
 
 #[test]

@@ -179,3 +179,87 @@ fn bad_specs_data_and_shards_are_one_line_errors_with_nonzero_exit() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// The run id a `train` process prints: `training run <id> (model ...)`.
+fn printed_run(node: &mut Running) -> String {
+    let line = node.wait_line(Stream::Stdout, SLOW, |l| l.starts_with("training run "));
+    line.split_whitespace().nth(2).unwrap().to_string()
+}
+
+/// `train --create SPEC` killed with SIGKILL and run again identically resumes the same run
+/// (same id, its checkpoint) instead of forking a new one; another spec is refused in one
+/// line naming the run; `--new-run` starts a new run deliberately.
+#[test]
+fn the_creator_restarted_with_the_same_command_resumes_its_run() {
+    let files = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = files.path().join("digits.toml");
+    // No name: the run's generated name must still match on restart.
+    std::fs::write(
+        &spec,
+        "model = \"digits-mlp\"\ndataset = \"digits\"\nsteps = 100000\ncheckpoint_every = 50\nbatch_size = 32\n",
+    )
+    .unwrap();
+    let create = ["--create", spec.to_str().unwrap(), "--no-averaging"];
+    let mut first = train(dir.path(), &create);
+    let run_id = printed_run(&mut first);
+    poll(SLOW, "a checkpoint past step 100", || {
+        training(dir.path()).filter(|t| field(t, "step") >= 100 && t["checkpoint_path"].is_string())
+    });
+    drop(first); // SIGKILL
+
+    let mut again = train(dir.path(), &create);
+    again.wait_line(Stream::Stderr, SLOW, |l| {
+        l.contains("already trains the run created from this spec; resuming it")
+    });
+    assert_eq!(
+        printed_run(&mut again),
+        run_id,
+        "the same command forked the run"
+    );
+    again.wait_line(Stream::Stderr, QUICK, |l| {
+        l.contains("resumed from the local checkpoint at step")
+    });
+    let (code, _) = again.terminate(QUICK);
+    assert_eq!(code, 0);
+
+    // Another spec on the same data dir: refused, naming the run and the way out.
+    let other = files.path().join("other.toml");
+    std::fs::write(
+        &other,
+        "model = \"digits-mlp\"\ndataset = \"digits\"\nsteps = 100000\nlearning_rate = 0.2\n",
+    )
+    .unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let mut refused = vec![
+        "train",
+        "--data-dir",
+        data_dir,
+        "--create",
+        other.to_str().unwrap(),
+    ];
+    refused.extend(LOOPBACK);
+    let (code, _, stderr) = run(&refused, QUICK);
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains(&run_id),
+        "{stderr}"
+    );
+    assert!(last.contains("--new-run"), "{last}");
+
+    // --new-run: a new run on purpose.
+    let mut new_run = train(
+        dir.path(),
+        &[
+            "--create",
+            other.to_str().unwrap(),
+            "--new-run",
+            "--no-averaging",
+        ],
+    );
+    let new_id = printed_run(&mut new_run);
+    assert_ne!(new_id, run_id);
+    let (code, _) = new_run.terminate(QUICK);
+    assert_eq!(code, 0);
+}

@@ -414,3 +414,65 @@ async fn a_peer_dying_mid_exchange_leaves_the_model_unchanged_and_the_next_sessi
     assert!(status.refused_peers.is_empty(), "{status:?}");
     stop_all(vec![handle], vec![node]).await;
 }
+
+/// Checkpoints published every few steps (so the trainer rewrites its resume file while the
+/// previous checkpoint is still being imported): every announced version's step, samples, loss
+/// and accuracy are those stored in the version's own bytes, and only the newest
+/// `keep_versions` checkpoint versions stay on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_checkpoints_describe_their_own_bytes_and_old_ones_are_pruned() {
+    let files = tempfile::tempdir().unwrap();
+    let spec = files.path().join("digits.toml");
+    std::fs::write(
+        &spec,
+        "model = \"digits-mlp\"\ndataset = \"digits\"\nname = \"ckpt\"\nsteps = 400\ncheckpoint_every = 5\nbatch_size = 32\n",
+    )
+    .unwrap();
+    let nodes = start_nodes(1).await;
+    let (statuses, handles) = run_to_completion(&nodes, &spec, |_| TrainOptions {
+        keep_versions: 2,
+        ..options((0, 1), false)
+    })
+    .await;
+    assert!(statuses[0].checkpoints_published >= 40, "{:?}", statuses[0]);
+
+    let client = &nodes[0].handle.client;
+    let held: Vec<_> = client
+        .models()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.model == "ckpt")
+        .collect();
+    let numbers: Vec<u64> = held.iter().map(|m| m.version).collect();
+    assert_eq!(held.len(), 2, "pruned to the newest 2: versions {numbers:?}");
+    let announced = client.query_versions("ckpt").await.unwrap();
+    for m in &held {
+        let a = announced
+            .iter()
+            .find(|a| a.id.to_hex() == m.id)
+            .unwrap_or_else(|| panic!("version {} announced", m.id));
+        let training = a
+            .training
+            .as_ref()
+            .expect("a checkpoint's training metadata");
+        let bytes = std::fs::read(&m.path).unwrap();
+        let header = p2p_protocol::safetensors::parse_file(&bytes).unwrap();
+        let stored: p2p_models::checkpoint::CheckpointMeta =
+            serde_json::from_str(&header.metadata.unwrap()[p2p_models::checkpoint::METADATA_KEY])
+                .unwrap();
+        assert_eq!(training.step, stored.step, "{m:?}");
+        assert_eq!(training.samples_seen, stored.samples_seen);
+        assert_eq!(training.loss, stored.loss);
+        assert_eq!(training.accuracy, stored.accuracy);
+        assert_eq!(training.run.to_hex(), stored.run);
+    }
+    // The per-step files handed to the store are gone once published.
+    let run_dir =
+        p2p_node::training::run::run_dir(nodes[0].dir.path(), &statuses[0].run_id.parse().unwrap());
+    let leftover = std::fs::read_dir(run_dir.join("publish"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftover, 0);
+    stop_all(handles, nodes).await;
+}

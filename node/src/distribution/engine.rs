@@ -47,6 +47,9 @@ const MAX_PENDING_WRITES: usize = 32;
 /// How long before peers that could not give a manifest are asked again.
 const MANIFEST_RETRY: Duration = Duration::from_secs(2);
 
+/// A version a peer asked for within this long is not pruned: the peer is still fetching it.
+pub const IN_USE_WINDOW: Duration = Duration::from_secs(30);
+
 /// How long a query for a model's versions waits for answers.
 const VERSIONS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -73,6 +76,21 @@ pub struct DownloadReport {
     pub peers_used: usize,
     /// Seconds from start to completion.
     pub seconds: f64,
+}
+
+/// Where a download in progress stands, to explain why it does not finish.
+#[derive(Debug, Clone, Default)]
+pub struct DownloadState {
+    /// Whether the manifest was obtained.
+    pub manifest: bool,
+    /// Chunks held and the version's chunk count (0 before the manifest).
+    pub chunks_held: u32,
+    /// Chunks in the version.
+    pub chunks: u32,
+    /// Peers known to hold the version (publisher, providers, peers with chunks).
+    pub holders: usize,
+    /// The last failed request of the download: `<peer id>: <error>`.
+    pub last_failure: Option<String>,
 }
 
 /// One version as listed by `GET /models`.
@@ -213,6 +231,11 @@ struct Download {
     senders: HashSet<PeerId>,
     writes_pending: usize,
     waiters: Vec<oneshot::Sender<Result<DownloadReport, String>>>,
+    /// Peers known to hold the version: its publisher, Kademlia providers, peers that said
+    /// they hold chunks of it.
+    holders: HashSet<PeerId>,
+    /// The last request of this download that failed, and why.
+    last_failure: Option<String>,
 }
 
 impl Download {
@@ -234,6 +257,8 @@ impl Download {
             senders: HashSet::new(),
             writes_pending: 0,
             waiters: Vec::new(),
+            holders: publisher.into_iter().collect(),
+            last_failure: None,
         }
     }
 }
@@ -259,6 +284,8 @@ pub struct Engine {
     upload_limiter: Option<RateLimiter>,
     /// Per published version, how often each chunk was uploaded (for initial seeding).
     seeded: HashMap<VersionId, Vec<u32>>,
+    /// When a peer last asked for a version's chunks or availability (pruning spares it).
+    last_served: HashMap<VersionId, Instant>,
     penalties: HashMap<PeerId, u32>,
     followed: HashSet<String>,
     versions_queries: HashMap<u64, VersionsQuery>,
@@ -290,6 +317,7 @@ impl Engine {
             traffic: HashMap::new(),
             uploads: HashSet::new(),
             seeded: HashMap::new(),
+            last_served: HashMap::new(),
             upload_limiter: config
                 .max_upload_rate
                 .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
@@ -497,9 +525,69 @@ impl Engine {
         out
     }
 
+    /// Where the download of `id` stands, if one is in progress.
+    pub fn download_state(&self, id: &VersionId) -> Option<DownloadState> {
+        let d = self.downloads.get(id)?;
+        let v = self.store.get(id);
+        Some(DownloadState {
+            manifest: d.picker.is_some(),
+            chunks_held: v.map_or(0, |v| v.have.count()),
+            chunks: v.map_or(0, |v| v.manifest.chunk_count()),
+            holders: d.holders.len(),
+            last_failure: d.last_failure.clone(),
+        })
+    }
+
     /// Penalty points per peer (bad chunks sent).
     pub fn penalties(&self) -> HashMap<PeerId, u32> {
         self.penalties.clone()
+    }
+
+    /// Deletes the complete versions of `model` beyond the newest `keep` (by version number),
+    /// except any a peer asked for within [`IN_USE_WINDOW`] (it is still downloading from us)
+    /// and any this node is downloading. Their provider records are withdrawn. Returns the ids
+    /// deleted.
+    pub fn prune(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        model: &str,
+        keep: usize,
+    ) -> Vec<VersionId> {
+        let mut held: Vec<(u64, VersionId)> = self
+            .store
+            .iter()
+            .filter(|(id, v)| {
+                v.manifest.model == model && v.is_complete() && !self.downloads.contains_key(id)
+            })
+            .map(|(id, v)| (v.manifest.version, *id))
+            .collect();
+        held.sort_by_key(|v| std::cmp::Reverse(*v));
+        let mut removed = Vec::new();
+        for (number, id) in held.into_iter().skip(keep) {
+            if self
+                .last_served
+                .get(&id)
+                .is_some_and(|t| t.elapsed() < IN_USE_WINDOW)
+            {
+                tracing::debug!(version = %id.short(), "not pruning a version peers are fetching");
+                continue;
+            }
+            swarm
+                .behaviour_mut()
+                .kademlia
+                .stop_providing(&kad::RecordKey::new(&id.0));
+            if let Err(e) = self.store.remove(&id) {
+                tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot prune a version");
+                continue;
+            }
+            self.announcements.remove(&id);
+            self.traffic.remove(&id);
+            self.seeded.remove(&id);
+            self.last_served.remove(&id);
+            tracing::info!(model, version = number, id = %id.short(), "pruned an old version");
+            removed.push(id);
+        }
+        removed
     }
 
     // ----- events -----
@@ -539,6 +627,11 @@ impl Engine {
 
     /// A connection to `peer` came up: it may hold what we download.
     pub fn on_peer_connected(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        if swarm.connected_peers().count() == 1 {
+            // The first peer after a time alone (a restart, a lost network): provider records
+            // put while nobody was there reached no one, so put them again.
+            self.start(swarm);
+        }
         let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
         for id in ids {
             if let Some(d) = self.downloads.get_mut(&id) {
@@ -582,8 +675,11 @@ impl Engine {
         };
         let mut new = 0;
         for p in providers {
-            if p != self.local_peer && !d.banned.contains(&p) && d.candidates.insert(p) {
-                new += 1;
+            if p != self.local_peer && !d.banned.contains(&p) {
+                d.holders.insert(p);
+                if d.candidates.insert(p) {
+                    new += 1;
+                }
             }
         }
         if new > 0 {
@@ -629,6 +725,11 @@ impl Engine {
         channel: ResponseChannel<Response>,
     ) {
         let mut chunk_bytes = 0;
+        if let Request::Have { id } | Request::Chunk { id, .. } = &request {
+            if self.store.get(id).is_some() {
+                self.last_served.insert(*id, Instant::now());
+            }
+        }
         let response = match request {
             Request::Manifest { id } => match self.store.get(&id) {
                 Some(v) => Response::Manifest {
@@ -791,6 +892,12 @@ impl Engine {
             return;
         };
         tracing::debug!(%peer, error = %error, purpose = ?pending.purpose, "request failed");
+        if let Purpose::Manifest(id) | Purpose::Have(id) | Purpose::Chunk(id, _) = &pending.purpose
+        {
+            if let Some(d) = self.downloads.get_mut(id) {
+                d.last_failure = Some(format!("{peer}: {error}"));
+            }
+        }
         match pending.purpose {
             Purpose::Versions(qid) => self.answered_versions_query(qid),
             Purpose::Manifest(id) => self.drive(swarm, &id),
@@ -898,6 +1005,7 @@ impl Engine {
             d.publisher.get_or_insert(p);
             if p != self.local_peer {
                 d.candidates.insert(p);
+                d.holders.insert(p);
             }
         }
         if followed && newer && self.store.get(&id).is_none() {
@@ -1139,6 +1247,9 @@ impl Engine {
         let mut bits = bitfield
             .filter(|b| b.is_well_formed() && b.len() == len)
             .unwrap_or_else(|| Bitfield::new(len));
+        if bits.count() > 0 {
+            d.holders.insert(peer);
+        }
         if let (Some((index, count)), Some(publisher)) = (portion, d.publisher) {
             if publisher == peer && count > 0 {
                 let mut mine = Bitfield::new(len);
@@ -1315,6 +1426,22 @@ impl Engine {
             if matches!(pending.purpose, Purpose::Chunk(v, _) | Purpose::Have(v) if v == *id) {
                 pending.cancelled = true;
             }
+        }
+        if let Err(e) = self.store.check_header(id) {
+            // Every chunk matched its hash, so the manifest itself describes a file that is
+            // not a model: nothing of it is kept or served.
+            let why = format!(
+                "version {} is not a safetensors file the reference reader opens: {e:#}",
+                id.short()
+            );
+            tracing::error!(version = %id.short(), error = %why, "download refused");
+            if let Err(e) = self.store.remove(id) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot delete a refused version");
+            }
+            for waiter in d.waiters {
+                let _ = waiter.send(Err(why.clone()));
+            }
+            return;
         }
         let Some(v) = self.store.get(id) else {
             return;

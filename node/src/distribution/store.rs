@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -126,6 +125,8 @@ pub struct ImportedFile {
     pub chunk_hashes: Vec<u8>,
     /// The safetensors tensor index.
     pub tensors: Vec<safetensors::TensorEntry>,
+    /// The file's `__metadata__`, as stored.
+    pub metadata: Option<HashMap<String, String>>,
 }
 
 /// All versions held on disk.
@@ -192,66 +193,20 @@ impl Store {
             .max_by_key(|(id, v)| (v.manifest.version, **id))
     }
 
-    /// Copies `source` into a staging directory of the store, checking that it is a
-    /// well-formed safetensors file and hashing its chunks. Bounded memory: one chunk at a
-    /// time. Runs on a blocking thread; finish with [`Store::adopt`].
+    /// Takes an immutable snapshot of `source` into a staging directory of the store and
+    /// hashes the snapshot's chunks: the bytes hashed are the bytes stored. Where the file
+    /// system can share extents (`FICLONE`: btrfs, XFS, bcachefs) the snapshot is a reflink;
+    /// elsewhere each chunk is hashed while it is copied (bounded memory: one chunk at a time).
+    ///
+    /// Every check runs before anything is written: the header is parsed by the reference
+    /// safetensors reader, and the version must fit [`manifest::MAX_CHUNKS`] chunks and a
+    /// manifest of [`manifest::MAX_MANIFEST_BYTES`]. A source whose size, modification or
+    /// change time, inode or header bytes differ between the start and the end of the copy
+    /// was written meanwhile and is refused (`... changed while being read`). A refused or
+    /// failed import leaves nothing behind. Runs on a blocking thread; finish with
+    /// [`Store::adopt`].
     pub fn import_file(root: &Path, source: &Path, chunk_size: u32) -> Result<ImportedFile> {
-        let mut input =
-            File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
-        let total_size = input.metadata()?.len();
-        let mut prefix = [0u8; 8];
-        input.read_exact(&mut prefix).map_err(|_| {
-            anyhow::anyhow!("{} is not a safetensors file: too short", source.display())
-        })?;
-        let header_len = safetensors::header_len(&prefix, total_size)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
-        let mut header = vec![0u8; header_len as usize];
-        input.read_exact(&mut header)?;
-        let tensors = safetensors::parse_index(&header, total_size)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
-        if manifest::chunk_count(total_size, chunk_size) > manifest::MAX_CHUNKS as u64 {
-            bail!(
-                "{} is too large for chunks of {chunk_size} bytes",
-                source.display()
-            );
-        }
-
-        fs::create_dir_all(root)?;
-        let staging = root.join(format!(
-            ".import-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        fs::create_dir_all(&staging)?;
-        let result = (|| -> Result<ImportedFile> {
-            let out = File::create(staging.join(DATA_FILE))?;
-            let mut input = File::open(source)?;
-            let mut buffer = vec![0u8; chunk_size as usize];
-            let mut chunk_hashes = Vec::new();
-            let mut offset = 0u64;
-            while offset < total_size {
-                let len = (total_size - offset).min(u64::from(chunk_size)) as usize;
-                input
-                    .read_exact(&mut buffer[..len])
-                    .with_context(|| format!("{} changed while being read", source.display()))?;
-                chunk_hashes.extend_from_slice(&Hash32::of(&buffer[..len]).0);
-                out.write_all_at(&buffer[..len], offset)
-                    .context("cannot write into the store (disk full?)")?;
-                offset += len as u64;
-            }
-            out.sync_all()?;
-            Ok(ImportedFile {
-                staging: staging.clone(),
-                total_size,
-                chunk_size,
-                chunk_hashes,
-                tensors,
-            })
-        })();
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&staging);
-        }
-        result
+        import_observed(root, source, chunk_size, &mut |_| {})
     }
 
     /// Turns an imported file into version `version` of `model` (child of `parent`) and holds
@@ -274,6 +229,7 @@ impl Store {
             let _ = fs::remove_dir_all(&imported.staging);
             return Ok(id);
         }
+        let staging = imported.staging.clone();
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             model: model.to_string(),
@@ -284,25 +240,57 @@ impl Store {
             chunk_hashes: imported.chunk_hashes,
             tensors: imported.tensors,
         };
-        manifest.validate()?;
-        let bytes = manifest.encode();
-        let id = Hash32::of(&bytes);
+        let id = manifest.id();
         let dir = self.root.join(id.to_hex());
-        let staging = &imported.staging;
-        fsutil::write_atomic(&staging.join(MANIFEST_FILE), &bytes, 0o644)?;
-        fsutil::write_atomic(
-            &staging.join(VERIFIED_FILE),
-            Bitfield::full(manifest.chunk_count()).as_bytes(),
-            0o644,
-        )?;
-        fsutil::write_atomic(&staging.join(ORIGIN_FILE), b"", 0o644)?;
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
+        let result = (|| -> Result<StoredVersion> {
+            manifest.validate()?;
+            let bytes = manifest.encode();
+            fsutil::write_atomic(&staging.join(MANIFEST_FILE), &bytes, 0o644)?;
+            fsutil::write_atomic(
+                &staging.join(VERIFIED_FILE),
+                Bitfield::full(manifest.chunk_count()).as_bytes(),
+                0o644,
+            )?;
+            fsutil::write_atomic(&staging.join(ORIGIN_FILE), b"", 0o644)?;
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+            fs::rename(&staging, &dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            load_version(&dir, &id)
+        })();
+        match result {
+            Ok(stored) => {
+                self.versions.insert(id, stored);
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
         }
-        fs::rename(staging, &dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let stored = load_version(&dir, &id)?;
-        self.versions.insert(id, stored);
-        Ok(id)
+    }
+
+    /// Checks that the complete version `id` is a safetensors file the reference reader opens
+    /// and that its header lists exactly the manifest's tensor index (a publisher could
+    /// describe one file in the manifest and ship another).
+    pub fn check_header(&self, id: &VersionId) -> Result<()> {
+        let v = self.versions.get(id).context("version not held")?;
+        let (header, _, _) = read_header(&v.file, v.manifest.total_size)?;
+        if header.tensors != v.manifest.tensors {
+            bail!("its manifest lists other tensors than the file's header");
+        }
+        Ok(())
+    }
+
+    /// Stops holding `id` and deletes its files.
+    pub fn remove(&mut self, id: &VersionId) -> Result<()> {
+        if let Some(v) = self.versions.remove(id) {
+            fs::remove_dir_all(&v.dir)
+                .with_context(|| format!("cannot delete {}", v.dir.display()))?;
+        }
+        Ok(())
     }
 
     /// Starts holding version `id` from its verified manifest bytes (data empty), unless held.
@@ -491,6 +479,182 @@ impl Store {
     }
 }
 
+/// What tells cheaply whether a file's bytes may have changed: if none of these moved, no
+/// write reached the file in between (to the resolution of the file system's timestamps,
+/// which Linux 6.13 and later make fine-grained once a time has been read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// The error for a source written to while it was being imported.
+fn changed_while_read(source: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} changed while being read; publish it again once it is written",
+        source.display()
+    )
+}
+
+/// [`Store::import_file`], calling `after_chunk(bytes done)` after each chunk (tests use it to
+/// write to the source mid-import).
+fn import_observed(
+    root: &Path,
+    source: &Path,
+    chunk_size: u32,
+    after_chunk: &mut dyn FnMut(u64),
+) -> Result<ImportedFile> {
+    let input = File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
+    let opened = input
+        .metadata()
+        .with_context(|| format!("cannot read {}", source.display()))?;
+    if !opened.is_file() {
+        bail!("{} is not a regular file", source.display());
+    }
+    let before = FileStamp::of(&opened);
+    let total_size = before.size;
+    let (header, header_hash, prefix_len) = read_header(&input, total_size)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    check_limits(source, total_size, chunk_size, &header)?;
+
+    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let staging = root.join(format!(
+        ".import-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let result = (|| -> Result<ImportedFile> {
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(staging.join(DATA_FILE))?;
+        // A reflink is an atomic snapshot sharing the source's extents; without one, copy.
+        let cloned = total_size > 0 && rustix::fs::ioctl_ficlone(&out, &input).is_ok();
+        if !cloned {
+            reserve(&out, total_size).context("cannot reserve space in the store (disk full?)")?;
+        }
+        let mut prefix = blake3::Hasher::new();
+        let mut buffer = vec![0u8; chunk_size as usize];
+        let mut chunk_hashes = Vec::with_capacity(
+            manifest::chunk_count(total_size, chunk_size) as usize * manifest::HASH_BYTES,
+        );
+        let mut offset = 0u64;
+        while offset < total_size {
+            let len = (total_size - offset).min(u64::from(chunk_size)) as usize;
+            let chunk = &mut buffer[..len];
+            if cloned {
+                out.read_exact_at(chunk, offset)
+                    .context("cannot read the snapshot in the store")?;
+            } else {
+                input
+                    .read_exact_at(chunk, offset)
+                    .map_err(|_| changed_while_read(source))?;
+                out.write_all_at(chunk, offset)
+                    .context("cannot write into the store (disk full?)")?;
+            }
+            chunk_hashes.extend_from_slice(&Hash32::of(chunk).0);
+            if offset < prefix_len {
+                prefix.update(&chunk[..((prefix_len - offset) as usize).min(len)]);
+            }
+            offset += len as u64;
+            after_chunk(offset);
+        }
+        let after = FileStamp::of(&input.metadata()?);
+        let at_path = fs::metadata(source).ok().map(|m| FileStamp::of(&m));
+        if after != before || at_path != Some(before) || prefix.finalize() != header_hash {
+            return Err(changed_while_read(source));
+        }
+        out.sync_all()
+            .context("cannot write into the store (disk full?)")?;
+        Ok(ImportedFile {
+            staging: staging.clone(),
+            total_size,
+            chunk_size,
+            chunk_hashes,
+            tensors: header.tensors,
+            metadata: header.metadata,
+        })
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Reads and parses the safetensors header of `file`: the header, the BLAKE3 hash of the
+/// length prefix and header bytes, and their length.
+fn read_header(file: &File, total_size: u64) -> Result<(safetensors::Header, blake3::Hash, u64)> {
+    let mut prefix = [0u8; 8];
+    if total_size < 8 {
+        bail!(safetensors::SafetensorsError::TooShort);
+    }
+    file.read_exact_at(&mut prefix, 0)?;
+    let len = safetensors::header_len(&prefix, total_size)?;
+    let mut bytes = vec![0u8; 8 + len as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    let header = safetensors::parse_header(&bytes[8..], total_size)?;
+    Ok((header, blake3::hash(&bytes), 8 + len))
+}
+
+/// Refuses, before anything is written, a file that would not fit a version: too many chunks
+/// or a tensor index too large for a manifest.
+fn check_limits(
+    source: &Path,
+    total_size: u64,
+    chunk_size: u32,
+    header: &safetensors::Header,
+) -> Result<()> {
+    let chunks = manifest::chunk_count(total_size, chunk_size);
+    if chunks > manifest::MAX_CHUNKS as u64 {
+        bail!(
+            "{} is {total_size} bytes: more than {} chunks of {} KiB, the most one version may have; publish it with a larger --chunk-size-kib",
+            source.display(),
+            manifest::MAX_CHUNKS,
+            chunk_size / 1024
+        );
+    }
+    // The largest manifest this file could get: longest name, largest number, a parent.
+    let probe = Manifest {
+        format: MANIFEST_FORMAT,
+        model: "m".repeat(manifest::MAX_MODEL_NAME_BYTES),
+        version: u64::MAX,
+        parent: Some(Hash32([0xff; manifest::HASH_BYTES])),
+        total_size,
+        chunk_size,
+        chunk_hashes: vec![0; chunks as usize * manifest::HASH_BYTES],
+        tensors: header.tensors.clone(),
+    };
+    let size = probe.encode().len();
+    if size > manifest::MAX_MANIFEST_BYTES {
+        bail!(
+            "{} has {} tensors: their index would make a manifest of {:.1} MiB, more than the {} MiB one version may have; store fewer, larger tensors (concatenate small ones)",
+            source.display(),
+            header.tensors.len(),
+            size as f64 / (1024.0 * 1024.0),
+            manifest::MAX_MANIFEST_BYTES >> 20
+        );
+    }
+    Ok(())
+}
+
 /// Sizes a download's data file and reserves its disk space up front, so that a full disk is
 /// reported when the download starts, not halfway through. File systems without `fallocate`
 /// get a sparse file of the right size instead.
@@ -592,4 +756,176 @@ fn load_version(dir: &Path, id: &VersionId) -> Result<StoredVersion> {
         version.unsynced = false;
     }
     Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const CHUNK: u32 = 64 * 1024;
+
+    /// A safetensors file with one U8 tensor of `len` bytes, all `fill`.
+    fn model(path: &Path, len: usize, fill: u8) -> Vec<u8> {
+        let header =
+            format!(r#"{{"w":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(fill, len));
+        fs::write(path, &bytes).unwrap();
+        // An hour old: a write during the test moves the time whatever the file system's
+        // timestamp resolution.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        bytes
+    }
+
+    /// What the store's directory holds besides nothing: every entry's name.
+    fn leftovers(root: &Path) -> Vec<String> {
+        fs::read_dir(root)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_bytes_hashed_are_the_bytes_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("m.safetensors");
+        let bytes = model(&source, 300_000, 3);
+        let root = dir.path().join("models");
+        let imported = Store::import_file(&root, &source, CHUNK).unwrap();
+        let stored = fs::read(imported.staging.join(DATA_FILE)).unwrap();
+        assert_eq!(stored, bytes);
+        let hashes: Vec<u8> = stored
+            .chunks(CHUNK as usize)
+            .flat_map(|c| Hash32::of(c).0)
+            .collect();
+        assert_eq!(imported.chunk_hashes, hashes);
+    }
+
+    /// A file overwritten in place (same size) while it is copied would give a version that
+    /// never existed: the old first half and the new second half.
+    #[test]
+    fn a_source_overwritten_in_place_mid_import_is_refused_and_nothing_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("m.safetensors");
+        let bytes = model(&source, 1 << 20, 1);
+        let root = dir.path().join("models");
+        let half = bytes.len() as u64 / 2;
+        let mut overwritten = false;
+        let result = import_observed(&root, &source, CHUNK, &mut |done| {
+            if done >= u64::from(CHUNK) && !overwritten {
+                overwritten = true;
+                let f = OpenOptions::new().write(true).open(&source).unwrap();
+                f.write_all_at(&vec![9u8; (bytes.len() as u64 - half) as usize], half)
+                    .unwrap();
+            }
+        });
+        assert!(overwritten);
+        let e = format!("{:#}", result.unwrap_err());
+        assert!(
+            e.contains("changed while being read; publish it again once it is written"),
+            "{e}"
+        );
+        assert_eq!(leftovers(&root), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_source_replaced_by_rename_mid_import_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("m.safetensors");
+        model(&source, 1 << 20, 1);
+        let root = dir.path().join("models");
+        let mut replaced = false;
+        let result = import_observed(&root, &source, CHUNK, &mut |_| {
+            if !replaced {
+                replaced = true;
+                let other = source.with_extension("new");
+                model(&other, 1 << 20, 2);
+                fs::rename(&other, &source).unwrap();
+            }
+        });
+        let e = format!("{:#}", result.unwrap_err());
+        assert!(e.contains("changed while being read"), "{e}");
+        assert_eq!(leftovers(&root), Vec::<String>::new());
+    }
+
+    /// 300,000 one-byte tensors: a valid file whose index cannot fit a manifest. The limit is
+    /// named in the user's terms, before anything is written.
+    #[test]
+    fn a_tensor_index_too_large_for_a_manifest_is_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("many.safetensors");
+        let n = 300_000;
+        let mut header = String::from("{");
+        for i in 0..n {
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(&format!(
+                r#""t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{}]}}"#,
+                i + 1
+            ));
+        }
+        header.push('}');
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, n));
+        fs::write(&source, &bytes).unwrap();
+        assert!(safetensors::parse_file(&bytes).is_ok(), "a valid file");
+        let root = dir.path().join("models");
+        let e = format!(
+            "{:#}",
+            Store::import_file(&root, &source, CHUNK).unwrap_err()
+        );
+        assert!(e.contains("300000 tensors"), "{e}");
+        assert!(e.contains("MiB one version may have"), "{e}");
+        assert!(!e.contains("manifest.cbor"), "{e}");
+        assert_eq!(leftovers(&root), Vec::<String>::new());
+    }
+
+    #[test]
+    fn non_string_metadata_is_refused_like_the_reference_reader_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("m.safetensors");
+        let header =
+            r#"{"__metadata__":{"step":0},"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend([1, 2]);
+        fs::write(&source, &bytes).unwrap();
+        let root = dir.path().join("models");
+        let e = format!(
+            "{:#}",
+            Store::import_file(&root, &source, CHUNK).unwrap_err()
+        );
+        assert!(e.contains("not a valid safetensors file"), "{e}");
+        assert_eq!(leftovers(&root), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_complete_version_whose_file_disagrees_with_its_manifest_fails_the_header_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("m.safetensors");
+        model(&source, 100_000, 5);
+        let root = dir.path().join("models");
+        let mut store = Store::open(&root).unwrap();
+        let mut imported = Store::import_file(&root, &source, CHUNK).unwrap();
+        imported.tensors[0].name = "other".into();
+        let id = store.adopt(imported, "m", 0, None).unwrap();
+        let e = format!("{:#}", store.check_header(&id).unwrap_err());
+        assert!(e.contains("other tensors"), "{e}");
+        store.remove(&id).unwrap();
+        assert!(store.get(&id).is_none());
+        assert_eq!(leftovers(&root), Vec::<String>::new());
+    }
 }

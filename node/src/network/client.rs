@@ -13,7 +13,7 @@ use p2p_protocol::training::{RunAnnouncement, TrainingMeta};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::distribution::engine::{DownloadReport, ModelInfo};
+use crate::distribution::engine::{DownloadReport, DownloadState, ModelInfo};
 use crate::distribution::store::{self, ImportedFile, Store};
 use crate::peers::Source;
 use crate::training::averaging::{AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot};
@@ -64,8 +64,25 @@ pub enum Command {
         /// `None` unless held completely.
         reply: oneshot::Sender<Option<(Manifest, PathBuf)>>,
     },
+    /// Where the download of a version stands (`None`: no download of it in progress).
+    DownloadState {
+        /// The version.
+        id: VersionId,
+        /// Its state.
+        reply: oneshot::Sender<Option<DownloadState>>,
+    },
     /// Penalty points of peers that sent bad data.
     Penalties(oneshot::Sender<HashMap<PeerId, u32>>),
+    /// Delete the complete versions of a model beyond the newest `keep` (see
+    /// [`crate::distribution::engine::Engine::prune`]).
+    PruneVersions {
+        /// Model name.
+        model: String,
+        /// How many of the newest versions to keep.
+        keep: usize,
+        /// The versions deleted.
+        reply: oneshot::Sender<Vec<VersionId>>,
+    },
     /// Announce a training run on gossip.
     AnnounceRun(RunAnnouncement),
     /// Runs known to this node and its connected peers, newest first.
@@ -110,8 +127,51 @@ pub struct NetworkStatus {
     pub routing_table_peers: usize,
     /// Number of peers in the address book.
     pub known_peers: usize,
+    /// How joining the network went.
+    pub join: JoinState,
     /// Training, when this node trains (`null` otherwise).
     pub training: Option<TrainingStatus>,
+}
+
+/// How joining the network went (`GET /status` → `join`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JoinState {
+    /// Whether a connection to any peer has come up since the node started.
+    pub ever_connected: bool,
+    /// Dials to bootstrap, cached or mDNS peers still in progress.
+    pub dials_pending: usize,
+    /// Dials to bootstrap, cached or mDNS peers that failed.
+    pub dials_failed: u32,
+    /// The last failed dial of any kind: `<peer id>: <error>`.
+    pub last_dial_error: Option<String>,
+    /// Whether mDNS may still find a LAN peer (it is on and the node started less than a few
+    /// seconds ago).
+    pub mdns_searching: bool,
+}
+
+impl JoinState {
+    /// Why the node cannot join, once every way to join has failed: no connection ever came
+    /// up, no dial is in progress, and mDNS (if on) had its few seconds. `None` while a way
+    /// remains (or once joined).
+    pub fn failure(&self, connected_peers: usize) -> Option<String> {
+        if self.ever_connected
+            || connected_peers > 0
+            || self.dials_pending > 0
+            || self.mdns_searching
+        {
+            return None;
+        }
+        Some(match &self.last_dial_error {
+            _ if self.dials_failed == 0 => {
+                "no peer to join through: no --bootstrap address, no cached peers, and no LAN peer found by mDNS".to_string()
+            }
+            Some(error) => format!(
+                "no peer could be reached ({} dial(s) failed; last: {error})",
+                self.dials_failed
+            ),
+            None => format!("no peer could be reached ({} dial(s) failed)", self.dials_failed),
+        })
+    }
 }
 
 /// One peer of the address book (`GET /peers`).
@@ -179,26 +239,45 @@ impl Client {
         self.ask(Command::WaitListening).await
     }
 
-    /// Publishes `file` as the next version of `model`: imports it (on a blocking thread),
-    /// then announces and serves it. Identical bytes give the same version id again.
+    /// Publishes `file` as the next version of `model`: takes an immutable snapshot of it into
+    /// the store (on a blocking thread), then announces and serves it. Identical bytes give
+    /// the same version id again.
     pub async fn publish(&self, file: &Path, model: &str) -> Result<Announcement> {
-        self.publish_with(file, model, None).await
+        let imported = self.import(file, model).await?;
+        self.adopt(imported, model, None).await
     }
 
-    /// Like [`Client::publish`], with training metadata in the announcement (a checkpoint).
-    pub async fn publish_with(
-        &self,
-        file: &Path,
-        model: &str,
-        training: Option<TrainingMeta>,
-    ) -> Result<Announcement> {
+    /// Publishes a checkpoint file: like [`Client::publish`], with the training metadata
+    /// (run, step, samples, loss, accuracy) read from the stored snapshot's own
+    /// `p2p-node` metadata key, so that the announcement describes exactly the bytes
+    /// published. Fails if the file has no such metadata.
+    pub async fn publish_checkpoint(&self, file: &Path, model: &str) -> Result<Announcement> {
+        let imported = self.import(file, model).await?;
+        let training = match training_meta(imported.metadata.as_ref()) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&imported.staging);
+                return Err(anyhow!("{}: {e}", file.display()));
+            }
+        };
+        self.adopt(imported, model, Some(training)).await
+    }
+
+    async fn import(&self, file: &Path, model: &str) -> Result<ImportedFile> {
         p2p_protocol::manifest::validate_model_name(model).map_err(|e| anyhow!(e))?;
         let (root, source, chunk_size) =
             (self.models_dir.clone(), file.to_path_buf(), self.chunk_size);
-        let imported =
-            tokio::task::spawn_blocking(move || Store::import_file(&root, &source, chunk_size))
-                .await
-                .context("import task failed")??;
+        tokio::task::spawn_blocking(move || Store::import_file(&root, &source, chunk_size))
+            .await
+            .context("import task failed")?
+    }
+
+    async fn adopt(
+        &self,
+        imported: ImportedFile,
+        model: &str,
+        training: Option<TrainingMeta>,
+    ) -> Result<Announcement> {
         let model = model.to_string();
         self.ask(|reply| Command::Publish {
             imported,
@@ -210,11 +289,24 @@ impl Client {
         .map_err(|e| anyhow!(e))
     }
 
+    /// Deletes the complete versions of `model` beyond the newest `keep`, sparing those peers
+    /// are still fetching; returns the ids deleted.
+    pub async fn prune_versions(&self, model: &str, keep: usize) -> Result<Vec<VersionId>> {
+        let model = model.to_string();
+        self.ask(|reply| Command::PruneVersions { model, keep, reply })
+            .await
+    }
+
     /// Downloads version `id` from the swarm; returns when it is complete and verified.
     pub async fn fetch(&self, id: VersionId) -> Result<DownloadReport> {
         self.ask(|reply| Command::Fetch { id, reply })
             .await?
             .map_err(|e| anyhow!(e))
+    }
+
+    /// Where the download of `id` stands, if one is in progress.
+    pub async fn download_state(&self, id: VersionId) -> Result<Option<DownloadState>> {
+        self.ask(|reply| Command::DownloadState { id, reply }).await
     }
 
     /// Versions of `model` known to this node and its connected peers, newest first.
@@ -310,4 +402,27 @@ impl Client {
             .await
             .context("export task failed")?
     }
+}
+
+/// The training metadata of a checkpoint, from its safetensors `__metadata__`
+/// ([`p2p_models::checkpoint::METADATA_KEY`]).
+fn training_meta(
+    metadata: Option<&HashMap<String, String>>,
+) -> std::result::Result<TrainingMeta, String> {
+    let json = metadata
+        .and_then(|m| m.get(p2p_models::checkpoint::METADATA_KEY))
+        .ok_or("not a checkpoint: no training metadata in the file")?;
+    let meta: p2p_models::checkpoint::CheckpointMeta = serde_json::from_str(json)
+        .map_err(|e| format!("not a checkpoint: bad training metadata ({e})"))?;
+    let run = meta
+        .run
+        .parse::<VersionId>()
+        .map_err(|e| format!("not a checkpoint of a run: {e}"))?;
+    Ok(TrainingMeta {
+        run,
+        step: meta.step,
+        samples_seen: meta.samples_seen,
+        loss: meta.loss,
+        accuracy: meta.accuracy,
+    })
 }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{runs_topic, Behaviour, BehaviourEvent};
-use super::client::{Client, Command, NetworkStatus, PeerInfo};
+use super::client::{Client, Command, JoinState, NetworkStatus, PeerInfo};
 use crate::config::NodeConfig;
 use crate::distribution::engine::{self, DiskEvent, Engine};
 use crate::distribution::store::Store;
@@ -29,6 +29,12 @@ use crate::training::TrainingStatus;
 
 /// How often the distribution engine schedules requests and refreshes availability.
 const ENGINE_TICK: Duration = Duration::from_millis(200);
+
+/// A peer or address learned is written to the peer cache within this long.
+const CACHE_SAVE_SOON: Duration = Duration::from_secs(1);
+
+/// How long mDNS may take to find a LAN peer before joining counts as failed.
+const MDNS_GRACE: Duration = Duration::from_secs(5);
 
 /// Capacity of the command channel: callers wait when the loop is this far behind.
 const COMMAND_QUEUE: usize = 64;
@@ -47,6 +53,11 @@ pub struct EventLoop {
     disk_events: mpsc::UnboundedReceiver<DiskEvent>,
     averager: Averager,
     training_status: Option<TrainingStatus>,
+    /// Peers dialled to join (bootstrap, cached, mDNS) whose dial has not ended yet.
+    join_dials: HashSet<PeerId>,
+    join: JoinState,
+    started: std::time::Instant,
+    last_cache_save: std::time::Instant,
 }
 
 impl EventLoop {
@@ -103,6 +114,10 @@ impl EventLoop {
             engine,
             disk_events,
             training_status: None,
+            join_dials: HashSet::new(),
+            join: JoinState::default(),
+            started: std::time::Instant::now(),
+            last_cache_save: std::time::Instant::now(),
         };
         Ok((event_loop, client))
     }
@@ -121,7 +136,8 @@ impl EventLoop {
         let mut maintenance = tokio::time::interval(self.config.maintenance_interval);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         maintenance.tick().await; // the first tick fires at once; join() just ran
-        let mut save = tokio::time::interval(self.config.peer_cache_save_interval);
+        let mut save =
+            tokio::time::interval(self.config.peer_cache_save_interval.min(CACHE_SAVE_SOON));
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -129,7 +145,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
                 _ = maintenance.tick() => self.maintain(),
-                _ = save.tick() => self.save_cache_if_dirty(),
+                _ = save.tick() => self.save_cache_if_due(),
                 _ = engine_tick.tick() => {
                     self.engine.tick(&mut self.swarm);
                     self.averager.tick(&mut self.swarm);
@@ -200,8 +216,11 @@ impl EventLoop {
             .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!(%peer, error = %e, "dial not started");
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.join_dials.insert(peer);
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "dial not started"),
         }
     }
 
@@ -283,6 +302,12 @@ impl EventLoop {
             Command::Penalties(reply) => {
                 let _ = reply.send(self.engine.penalties());
             }
+            Command::DownloadState { id, reply } => {
+                let _ = reply.send(self.engine.download_state(&id));
+            }
+            Command::PruneVersions { model, keep, reply } => {
+                let _ = reply.send(self.engine.prune(&mut self.swarm, &model, keep));
+            }
             Command::AnnounceRun(announcement) => {
                 self.averager.announce_run(&mut self.swarm, announcement)
             }
@@ -320,6 +345,11 @@ impl EventLoop {
             connected_peers: self.swarm.connected_peers().count(),
             routing_table_peers: self.routing_table().len(),
             known_peers: self.book.len(),
+            join: JoinState {
+                dials_pending: self.join_dials.len(),
+                mdns_searching: self.config.mdns && self.started.elapsed() < MDNS_GRACE,
+                ..self.join.clone()
+            },
             training: self.training_status.clone().map(|mut t| {
                 let a = self.averager.status();
                 t.run_peers = a.run_peers;
@@ -401,6 +431,8 @@ impl EventLoop {
                     self.book
                         .learn(peer_id, [address.clone()], Source::Kademlia);
                 }
+                self.join_dials.remove(&peer_id);
+                self.join.ever_connected = true;
                 if num_established.get() == 1 {
                     self.book.set_connected(peer_id, true, unix_now());
                     self.engine.on_peer_connected(&mut self.swarm, peer_id);
@@ -425,6 +457,10 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                if self.join_dials.remove(&peer) {
+                    self.join.dials_failed += 1;
+                }
+                self.join.last_dial_error = Some(format!("{peer}: {}", dial_error(&error)));
                 if self.bootstrap_peers.contains(&peer) {
                     tracing::warn!(
                         %peer, error = %one_line(&error),
@@ -546,8 +582,13 @@ impl EventLoop {
         }
     }
 
-    fn save_cache_if_dirty(&mut self) {
-        if self.book.take_dirty() {
+    /// Saves the peer cache within [`CACHE_SAVE_SOON`] of learning a peer or an address, and
+    /// other changes (last seen times) every `peer_cache_save_interval`.
+    fn save_cache_if_due(&mut self) {
+        let learned = self.book.take_learned();
+        let due = learned || self.last_cache_save.elapsed() >= self.config.peer_cache_save_interval;
+        if due && self.book.take_dirty() {
+            self.last_cache_save = std::time::Instant::now();
             if let Err(e) = self.save_cache() {
                 tracing::warn!(error = %format!("{e:#}"), "cannot save the peer cache");
             }
@@ -580,6 +621,25 @@ fn transport_error(e: &TransportError<std::io::Error>) -> String {
     match e {
         TransportError::MultiaddrNotSupported(addr) => format!("unsupported address {addr}"),
         TransportError::Other(io) => one_line(io),
+    }
+}
+
+/// A dial error in short: each address tried with the innermost cause (e.g. `Connection
+/// refused`), instead of libp2p's nested wrappers.
+fn dial_error(e: &libp2p::swarm::DialError) -> String {
+    match e {
+        libp2p::swarm::DialError::Transport(errors) => errors
+            .iter()
+            .map(|(addr, e)| {
+                let mut cause: &dyn std::error::Error = e;
+                while let Some(inner) = cause.source() {
+                    cause = inner;
+                }
+                format!("{addr}: {cause}")
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => one_line(other),
     }
 }
 

@@ -22,7 +22,6 @@ use p2p_models::device::{self, SelectedDevice};
 use p2p_models::params;
 use p2p_models::spec::RunSpec;
 use p2p_models::train::Trainer;
-use p2p_protocol::training::TrainingMeta;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -171,6 +170,7 @@ pub async fn start(
         run: prepared.announcement.run,
         to_trainer,
         status: status_tx,
+        keep_versions: options.keep_versions.max(1),
         round_running: false,
         pace_limit,
         peer_progress: HashMap::new(),
@@ -289,6 +289,8 @@ struct Coordinator {
     run: p2p_protocol::manifest::VersionId,
     to_trainer: SyncSender<ToTrainer>,
     status: watch::Sender<TrainingStatus>,
+    /// Checkpoint versions of the model kept in the store (newest first).
+    keep_versions: usize,
     round_running: bool,
     /// Shared with the trainer: samples seen beyond which it waits for slower peers.
     pace_limit: Arc<AtomicU64>,
@@ -399,27 +401,8 @@ impl Coordinator {
             } => {
                 self.status
                     .send_modify(|s| s.checkpoint_path = Some(path.display().to_string()));
-                if publish {
-                    let training = TrainingMeta {
-                        run: self.run,
-                        step: meta.step,
-                        samples_seen: meta.samples_seen,
-                        loss: meta.loss,
-                        accuracy: meta.accuracy,
-                    };
-                    match self
-                        .client
-                        .publish_with(&path, &self.model, Some(training))
-                        .await
-                    {
-                        Ok(a) => {
-                            tracing::info!(model = %a.model, version = a.version, id = %a.id.short(), step = meta.step, "checkpoint published");
-                            self.status.send_modify(|s| s.checkpoints_published += 1);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "cannot publish the checkpoint")
-                        }
-                    }
+                if let Some(own) = publish {
+                    self.publish_checkpoint(&own, meta.step).await;
                 }
             }
             FromTrainer::Finished => {
@@ -435,6 +418,38 @@ impl Coordinator {
                 });
                 self.push_status().await;
             }
+        }
+    }
+
+    /// Publishes the immutable checkpoint file `own` (then deletes it: the store holds the
+    /// bytes) and prunes the model's old versions.
+    async fn publish_checkpoint(&mut self, own: &std::path::Path, step: u64) {
+        match self.client.publish_checkpoint(own, &self.model).await {
+            Ok(a) => {
+                tracing::info!(model = %a.model, version = a.version, id = %a.id.short(), step, "checkpoint published");
+                self.status.send_modify(|s| s.checkpoints_published += 1);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot publish the checkpoint")
+            }
+        }
+        if let Err(e) = std::fs::remove_file(own) {
+            tracing::debug!(path = %own.display(), error = %e, "cannot delete a published checkpoint file");
+        }
+        match self
+            .client
+            .prune_versions(&self.model, self.keep_versions)
+            .await
+        {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::debug!(
+                    pruned = removed.len(),
+                    keep = self.keep_versions,
+                    "old checkpoint versions pruned"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "cannot prune old versions"),
         }
     }
 

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::network::Client;
 
 /// How a node takes part in training.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TrainOptions {
     /// Create a run from this spec file.
     pub create: Option<PathBuf>,
@@ -47,6 +47,31 @@ pub struct TrainOptions {
     pub poison: bool,
     /// How long to look for a run to join.
     pub find_timeout: Duration,
+    /// Checkpoint versions of the run's model kept in the store: the newest this many, plus
+    /// any a peer is still fetching ([`DEFAULT_KEEP_VERSIONS`] by default; at least 1).
+    pub keep_versions: usize,
+    /// With `create`: start a new run even if this data dir trains another one.
+    pub new_run: bool,
+}
+
+/// Checkpoint versions kept by default.
+pub const DEFAULT_KEEP_VERSIONS: usize = 3;
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            create: None,
+            run: None,
+            data: None,
+            shard: None,
+            device: DeviceChoice::default(),
+            no_averaging: false,
+            poison: false,
+            find_timeout: Duration::from_secs(120),
+            keep_versions: DEFAULT_KEEP_VERSIONS,
+            new_run: false,
+        }
+    }
 }
 
 /// Where the starting weights come from.
@@ -107,7 +132,8 @@ pub fn checkpoint_path(dir: &Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
 }
 
-/// Reads and resolves a spec file for a new run: the vocabulary of a text run, and a name.
+/// Reads and resolves a spec file for a new run: the data path, and the vocabulary of a text
+/// run. A spec without a name gets one when the run is created.
 pub fn resolve_spec(path: &Path, data: Option<&Path>) -> Result<RunSpec> {
     let mut spec = RunSpec::from_file(path)?;
     if let Some(p) = data {
@@ -118,14 +144,21 @@ pub fn resolve_spec(path: &Path, data: Option<&Path>) -> Result<RunSpec> {
         spec.transformer.vocab = Vocab::from_text(&text).chars();
         spec.validate()?;
     }
-    if spec.name.is_none() {
-        spec.name = Some(format!(
-            "{}-{:06x}",
-            spec.model,
-            rand::random::<u32>() & 0xff_ffff
-        ));
-    }
     Ok(spec)
+}
+
+/// Whether `spec` (resolved from a spec file, possibly without a name) is the spec `run` was
+/// created from. A spec without a name matches the run's generated name.
+pub fn created_from(spec: &RunSpec, run: &RunAnnouncement) -> bool {
+    let mut candidate = spec.clone();
+    candidate.name.get_or_insert_with(|| run.model.clone());
+    match (
+        RunSpec::parse(&run.spec),
+        RunSpec::parse(&candidate.to_toml()),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Decides the run, the shard and the starting weights (see the module docs).
@@ -138,7 +171,28 @@ pub async fn prepare(
     std::fs::create_dir_all(training_dir(data_dir))
         .with_context(|| format!("cannot create {}", training_dir(data_dir).display()))?;
     if let Some(spec_path) = &options.create {
-        return create(client, local_peer, data_dir, spec_path, options).await;
+        let spec = resolve_spec(spec_path, options.data.as_deref())?;
+        match load_state(data_dir)? {
+            Some(state) if !options.new_run => {
+                let run = &state.announcement;
+                if created_from(&spec, run) {
+                    tracing::info!(run = %run.run.short(), model = %run.model, "this data dir already trains the run created from this spec; resuming it (add --new-run to start another)");
+                    return resume(client, data_dir, state, options).await;
+                }
+                bail!(
+                    "this data dir trains run {} (model {}), which was not created from {}; \
+                     to abandon it and start a new run, add --new-run (or use another --data-dir)",
+                    run.run,
+                    run.model,
+                    spec_path.display()
+                );
+            }
+            Some(state) => {
+                tracing::warn!(run = %state.announcement.run.short(), model = %state.announcement.model, "--new-run: this node leaves the run it trained and creates a new one");
+            }
+            None => {}
+        }
+        return create(client, local_peer, data_dir, spec, options).await;
     }
     if let Some(state) = load_state(data_dir)? {
         if options.run.is_none_or(|r| r == state.announcement.run) {
@@ -152,10 +206,16 @@ async fn create(
     client: &Client,
     local_peer: PeerId,
     data_dir: &Path,
-    spec_path: &Path,
+    mut spec: RunSpec,
     options: &TrainOptions,
 ) -> Result<PreparedRun> {
-    let spec = resolve_spec(spec_path, options.data.as_deref())?;
+    if spec.name.is_none() {
+        spec.name = Some(format!(
+            "{}-{:06x}",
+            spec.model,
+            rand::random::<u32>() & 0xff_ffff
+        ));
+    }
     let name = spec.name.clone().unwrap_or_default();
     let shard = options.shard.unwrap_or((0, 1));
     let data = load_data(&spec, None, shard)?;
@@ -179,10 +239,11 @@ async fn create(
         creator: local_peer.to_string(),
         created_unix: unix_now(),
     };
+    // Recorded before it is announced: from here on, the same command resumes this run.
+    save_state(data_dir, &announcement, shard, None)?;
     client.announce_run(announcement.clone()).await?;
     tracing::info!(run = %announcement.run, model = %announcement.model, "training run created");
     let dir = run_dir(data_dir, &announcement.run);
-    save_state(data_dir, &announcement, shard, None)?;
     Ok(PreparedRun {
         announcement,
         spec,
@@ -266,7 +327,11 @@ async fn find_run(
 ) -> Result<RunAnnouncement> {
     let deadline = Instant::now() + timeout;
     loop {
-        if client.status().await?.connected_peers > 0 {
+        let status = client.status().await?;
+        if let Some(why) = status.join.failure(status.connected_peers) {
+            bail!("cannot look for a training run: {why}");
+        }
+        if status.connected_peers > 0 {
             let runs = client.query_runs().await?;
             let found = match wanted {
                 Some(id) => runs.into_iter().find(|r| r.run == id),
@@ -389,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn a_text_spec_gets_the_vocabulary_of_its_file_and_a_name() {
+    fn a_text_spec_gets_the_vocabulary_of_its_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("t.txt"), "abcabc cab").unwrap();
         let spec_path = dir.path().join("run.toml");
@@ -400,6 +465,6 @@ mod tests {
         .unwrap();
         let spec = resolve_spec(&spec_path, None).unwrap();
         assert_eq!(spec.transformer.vocab, " abc");
-        assert!(spec.name.unwrap().starts_with("char-transformer-"));
+        assert_eq!(spec.name, None);
     }
 }

@@ -102,19 +102,29 @@ pub enum FromTrainer {
         /// The peer.
         peer: PeerId,
     },
-    /// A checkpoint was written; `publish` asks for it to be published as a new version.
+    /// A checkpoint was written to the local resume file `path`; with `publish`, the same
+    /// bytes were also written to their own immutable file (one per step), to be published as
+    /// a new version and then deleted.
     Checkpoint {
-        /// The file.
+        /// The local resume file (rewritten atomically at every checkpoint).
         path: PathBuf,
         /// Its metadata.
         meta: CheckpointMeta,
-        /// Whether to publish it.
-        publish: bool,
+        /// The immutable copy to publish, if this checkpoint is to be published.
+        publish: Option<PathBuf>,
     },
     /// Local steps and final rounds are done; the thread now only serves.
     Finished,
     /// Training failed (the node keeps running).
     Failed(String),
+}
+
+/// The immutable file of the checkpoint at `step` to publish, beside the resume file
+/// `resume`: `<run dir>/publish/step-00000300.safetensors`.
+pub fn step_checkpoint_path(resume: &std::path::Path, step: u64) -> PathBuf {
+    let dir = resume.parent().unwrap_or(std::path::Path::new("."));
+    dir.join("publish")
+        .join(format!("step-{step:08}.safetensors"))
 }
 
 /// Everything the trainer thread needs.
@@ -391,16 +401,32 @@ impl State {
             accuracy: self.last_eval.map(|e| e.accuracy),
         };
         let values = self.job.trainer.params().map_err(|e| e.to_string())?;
-        checkpoint::save(
-            &self.job.checkpoint_path,
-            self.job.trainer.layout(),
-            &values,
-            &meta,
-        )
-        .map_err(|e| e.to_string())?;
+        let bytes = checkpoint::to_bytes(self.job.trainer.layout(), &values, &meta)
+            .map_err(|e| e.to_string())?;
+        let path = &self.job.checkpoint_path;
+        checkpoint::write_atomic(path, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        // The version to publish gets its own file, never rewritten: the resume file above
+        // may be replaced by the next checkpoint while this one is still being imported.
+        let publish = if publish {
+            let own = step_checkpoint_path(path, meta.step);
+            let written = own
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| checkpoint::write_atomic(&own, &bytes));
+            match written {
+                Ok(()) => Some(own),
+                Err(e) => {
+                    tracing::warn!(path = %own.display(), error = %e, "cannot write the checkpoint to publish");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // The coordinator may be gone at shutdown; the checkpoint is on disk either way.
         let _ = self.events.blocking_send(FromTrainer::Checkpoint {
-            path: self.job.checkpoint_path.clone(),
+            path: path.clone(),
             meta,
             publish,
         });
