@@ -445,7 +445,11 @@ async fn announced_checkpoints_describe_their_own_bytes_and_old_ones_are_pruned(
         .filter(|m| m.model == "ckpt")
         .collect();
     let numbers: Vec<u64> = held.iter().map(|m| m.version).collect();
-    assert_eq!(held.len(), 2, "pruned to the newest 2: versions {numbers:?}");
+    assert_eq!(
+        held.len(),
+        2,
+        "pruned to the newest 2: versions {numbers:?}"
+    );
     let announced = client.query_versions("ckpt").await.unwrap();
     for m in &held {
         let a = announced
