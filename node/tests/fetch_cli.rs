@@ -20,6 +20,33 @@ fn args<'a>(base: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// Runs `p2p-node fetch TARGET --out OUT --timeout SECONDS` on `data_dir`, joining through
+/// `join`; returns (exit code, stdout, stderr).
+fn fetch(
+    target: &str,
+    out: &Path,
+    timeout: &str,
+    data_dir: &Path,
+    join: &str,
+) -> (i32, String, String) {
+    run(
+        &args(&[
+            "fetch",
+            target,
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+            "--timeout",
+            timeout,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--bootstrap",
+            join,
+        ]),
+        Duration::from_secs(180),
+    )
+}
+
 /// Starts a publisher process of `file` as `model`, capped at `rate` MiB/s; returns it with
 /// its joining address.
 fn publisher(dir: &Path, file: &Path, model: &str, rate: &str) -> (Running, String) {
@@ -121,21 +148,7 @@ fn fetch_of_an_unknown_model_fails_with_one_line() {
     let (file, _) = common::model_file(files.path(), "m.safetensors", 1, 8);
     let (_publisher, join) = publisher(pub_dir.path(), &file, "known", "100");
     let out = files.path().join("out");
-    let (code, _, stderr) = run(
-        &args(&[
-            "fetch",
-            "no-such-model",
-            "--out",
-            out.to_str().unwrap(),
-            "--timeout",
-            "3",
-            "--data-dir",
-            fetch_dir.path().to_str().unwrap(),
-            "--bootstrap",
-            &join,
-        ]),
-        QUICK,
-    );
+    let (code, _, stderr) = fetch("no-such-model", &out, "3", fetch_dir.path(), &join);
     assert_eq!(code, 1, "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
@@ -162,22 +175,7 @@ fn a_fetch_through_a_stopped_bootstrap_node_says_no_peer_was_reachable_at_once()
     let out = files.path().join("out");
     for target in ["anything", &"ab".repeat(32)] {
         let started = std::time::Instant::now();
-        // The 600 s timeout is never reached: `run` fails the test after QUICK.
-        let (code, _, stderr) = run(
-            &args(&[
-                "fetch",
-                target,
-                "--out",
-                out.to_str().unwrap(),
-                "--timeout",
-                "600",
-                "--data-dir",
-                fetch_dir.path().to_str().unwrap(),
-                "--bootstrap",
-                &join,
-            ]),
-            QUICK,
-        );
+        let (code, _, stderr) = fetch(target, &out, "600", fetch_dir.path(), &join);
         assert_eq!(code, 1, "{stderr}");
         let last = stderr.lines().last().unwrap_or_default();
         assert!(
@@ -247,22 +245,7 @@ fn a_publisher_killed_soon_after_its_first_contact_is_found_again_after_a_restar
     let mut restarted = Running::start(&args(&["--data-dir", pub_dir.path().to_str().unwrap()]));
     assert_ne!(restarted.join_addr(), pub_join, "a new port");
     let out = files.path().join("out.safetensors");
-    let (code, stdout, stderr) = run(
-        &args(&[
-            "fetch",
-            "comeback",
-            "--out",
-            out.to_str().unwrap(),
-            "--no-progress",
-            "--timeout",
-            "120",
-            "--data-dir",
-            fetch_dir.path().to_str().unwrap(),
-            "--bootstrap",
-            &hub_join,
-        ]),
-        Duration::from_secs(180),
-    );
+    let (code, stdout, stderr) = fetch("comeback", &out, "120", fetch_dir.path(), &hub_join);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(
         std::fs::read(&out).unwrap() == bytes,

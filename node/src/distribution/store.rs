@@ -766,14 +766,20 @@ mod tests {
 
     const CHUNK: u32 = 64 * 1024;
 
+    /// Writes a safetensors file of `header` and `data` to `path`; returns its bytes.
+    fn write_file(path: &Path, header: &str, data: impl IntoIterator<Item = u8>) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(data);
+        fs::write(path, &bytes).unwrap();
+        bytes
+    }
+
     /// A safetensors file with one U8 tensor of `len` bytes, all `fill`.
     fn model(path: &Path, len: usize, fill: u8) -> Vec<u8> {
         let header =
             format!(r#"{{"w":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend(std::iter::repeat_n(fill, len));
-        fs::write(path, &bytes).unwrap();
+        let bytes = write_file(path, &header, std::iter::repeat_n(fill, len));
         // An hour old: a write during the test moves the time whatever the file system's
         // timestamp resolution.
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
@@ -877,10 +883,7 @@ mod tests {
             ));
         }
         header.push('}');
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend(std::iter::repeat_n(0u8, n));
-        fs::write(&source, &bytes).unwrap();
+        let bytes = write_file(&source, &header, std::iter::repeat_n(0u8, n));
         assert!(safetensors::parse_file(&bytes).is_ok(), "a valid file");
         let root = dir.path().join("models");
         let e = format!(
@@ -899,10 +902,7 @@ mod tests {
         let source = dir.path().join("m.safetensors");
         let header =
             r#"{"__metadata__":{"step":0},"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend([1, 2]);
-        fs::write(&source, &bytes).unwrap();
+        write_file(&source, header, [1, 2]);
         let root = dir.path().join("models");
         let e = format!(
             "{:#}",
