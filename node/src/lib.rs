@@ -5,10 +5,13 @@
 //! * [`network`] holds the libp2p behaviours and the event loop that owns the swarm;
 //! * [`peers`] is the persisted address book that lets a node rejoin without bootstrap;
 //! * [`distribution`] stores, serves and downloads model versions (the swarm engine);
+//! * [`averaging`] is the `/p2p-ml/train` protocol (averaging sessions, run discovery) as its
+//!   own libp2p behaviour;
 //! * [`training`] trains a run's model with candle and averages it with peers;
 //! * [`api`] serves the local JSON API.
 
 pub mod api;
+pub mod averaging;
 pub mod cli;
 pub mod commands;
 pub mod config;

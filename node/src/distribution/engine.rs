@@ -7,7 +7,7 @@
 //! complete: provider record, waiters told.
 //!
 //! A peer that sends a chunk that does not match its hash is dropped for that version and
-//! penalized (disconnected after [`MAX_PENALTY`] offences). Failed and timed-out requests give
+//! reported ([`Engine::take_misbehaved`]); the node's reputation decides on penalties. Failed and timed-out requests give
 //! their chunk back to the picker; new peers and providers join the download at once.
 
 use std::collections::{HashMap, HashSet};
@@ -32,9 +32,6 @@ use super::picker::Picker;
 use super::store::{ChunkWrite, ImportedFile, Store};
 use super::{DistributionConfig, RateLimiter, Stage};
 use crate::network::behaviour::{announce_topic, Behaviour};
-
-/// Bad chunks after which a peer is disconnected.
-pub const MAX_PENALTY: u32 = 3;
 
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
@@ -286,7 +283,8 @@ pub struct Engine {
     seeded: HashMap<VersionId, Vec<u32>>,
     /// When a peer last asked for a version's chunks or availability (pruning spares it).
     last_served: HashMap<VersionId, Instant>,
-    penalties: HashMap<PeerId, u32>,
+    /// Peers that sent bad data since the last [`Engine::take_misbehaved`]: `(peer, why)`.
+    misbehaved: Vec<(PeerId, String)>,
     followed: HashSet<String>,
     versions_queries: HashMap<u64, VersionsQuery>,
     next_query: u64,
@@ -321,7 +319,7 @@ impl Engine {
             upload_limiter: config
                 .max_upload_rate
                 .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
-            penalties: HashMap::new(),
+            misbehaved: Vec::new(),
             followed: HashSet::new(),
             versions_queries: HashMap::new(),
             next_query: 0,
@@ -538,9 +536,10 @@ impl Engine {
         })
     }
 
-    /// Penalty points per peer (bad chunks sent).
-    pub fn penalties(&self) -> HashMap<PeerId, u32> {
-        self.penalties.clone()
+    /// Peers that sent bad data (a chunk or manifest that does not match its hash) since the
+    /// last call: `(peer, why)`, for the node's reputation.
+    pub fn take_misbehaved(&mut self) -> Vec<(PeerId, String)> {
+        std::mem::take(&mut self.misbehaved)
     }
 
     /// Deletes the complete versions of `model` beyond the newest `keep` (by version number),
@@ -1391,7 +1390,7 @@ impl Engine {
     /// Drops `peer` from the download of `id` and counts a penalty.
     fn punish(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, id: VersionId, why: &str) {
         tracing::warn!(%peer, version = %id.short(), "dropping peer from the download: {why}");
-        self.penalize(swarm, peer, why);
+        self.misbehaved.push((peer, why.to_string()));
         if let Some(d) = self.downloads.get_mut(&id) {
             d.banned.insert(peer);
             d.candidates.remove(&peer);
@@ -1405,20 +1404,6 @@ impl Engine {
             }
         }
         self.drive(swarm, &id);
-    }
-
-    /// Counts a penalty against `peer` for sending bad data (a bad chunk, manifest or
-    /// parameters); after [`MAX_PENALTY`] of them the peer is disconnected. Returns its score.
-    pub fn penalize(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, why: &str) -> u32 {
-        let score = self.penalties.entry(peer).or_insert(0);
-        *score += 1;
-        let score = *score;
-        tracing::warn!(%peer, penalty = score, "penalized peer: {why}");
-        if score >= MAX_PENALTY {
-            tracing::warn!(%peer, "disconnecting a peer that keeps sending bad data");
-            let _ = swarm.disconnect_peer_id(peer);
-        }
-        score
     }
 
     fn complete(&mut self, swarm: &mut Swarm<Behaviour>, id: &VersionId, d: Download) {

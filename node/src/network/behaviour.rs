@@ -13,8 +13,9 @@ use libp2p::{
 use p2p_protocol as proto;
 use p2p_protocol::codec::CborCodec;
 use p2p_protocol::messages::{self, Request, Response};
-use p2p_protocol::training::{self, TrainRequest, TrainResponse};
+use p2p_protocol::training;
 
+use crate::averaging;
 use crate::cli::KadMode;
 use crate::config::NodeConfig;
 
@@ -37,7 +38,7 @@ pub struct Behaviour {
     /// Model distribution: manifests, bitfields and chunks.
     pub models: request_response::Behaviour<CborCodec<Request, Response>>,
     /// Training: gossip averaging sessions and run discovery.
-    pub training: request_response::Behaviour<CborCodec<TrainRequest, TrainResponse>>,
+    pub averaging: averaging::Behaviour,
 }
 
 impl Behaviour {
@@ -115,20 +116,6 @@ impl Behaviour {
                 .with_max_concurrent_streams(512),
         );
 
-        let training = request_response::Behaviour::with_codec(
-            CborCodec::new(
-                training::MAX_TRAINING_MESSAGE_BYTES,
-                training::MAX_TRAINING_MESSAGE_BYTES,
-            ),
-            [(
-                StreamProtocol::new(training::TRAINING_PROTOCOL),
-                request_response::ProtocolSupport::Full,
-            )],
-            request_response::Config::default()
-                .with_request_timeout(Duration::from_secs(30))
-                .with_max_concurrent_streams(64),
-        );
-
         Ok(Self {
             limits,
             kademlia,
@@ -137,7 +124,7 @@ impl Behaviour {
             gossipsub,
             mdns: mdns.into(),
             models,
-            training,
+            averaging: averaging::Behaviour::new(peer_id),
         })
     }
 }

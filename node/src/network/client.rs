@@ -13,10 +13,10 @@ use p2p_protocol::training::{RunAnnouncement, TrainingMeta};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::averaging::{AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot};
 use crate::distribution::engine::{DownloadReport, DownloadState, ModelInfo};
 use crate::distribution::store::{self, ImportedFile, Store};
 use crate::peers::Source;
-use crate::training::averaging::{AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot};
 use crate::training::TrainingStatus;
 
 /// Requests the event loop serves.

@@ -20,11 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{runs_topic, Behaviour, BehaviourEvent};
 use super::client::{Client, Command, JoinState, NetworkStatus, PeerInfo};
+use super::reputation::{Reputation, Verdict};
+use crate::averaging;
 use crate::config::NodeConfig;
 use crate::distribution::engine::{self, DiskEvent, Engine};
 use crate::distribution::store::Store;
 use crate::peers::{self, AddressBook, Source};
-use crate::training::averaging::{self, Averager};
 use crate::training::TrainingStatus;
 
 /// How often the distribution engine schedules requests and refreshes availability.
@@ -51,8 +52,8 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     engine: Engine,
     disk_events: mpsc::UnboundedReceiver<DiskEvent>,
-    averager: Averager,
     training_status: Option<TrainingStatus>,
+    reputation: Reputation,
     /// Peers dialled to join (bootstrap, cached, mDNS) whose dial has not ended yet.
     join_dials: HashSet<PeerId>,
     join: JoinState,
@@ -110,10 +111,10 @@ impl EventLoop {
             pending_listeners,
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
-            averager: Averager::new(local_peer),
             engine,
             disk_events,
             training_status: None,
+            reputation: Reputation::default(),
             join_dials: HashSet::new(),
             join: JoinState::default(),
             started: std::time::Instant::now(),
@@ -148,13 +149,12 @@ impl EventLoop {
                 _ = save.tick() => self.save_cache_if_due(),
                 _ = engine_tick.tick() => {
                     self.engine.tick(&mut self.swarm);
-                    self.averager.tick(&mut self.swarm);
-                    self.apply_training_penalties();
                 }
                 Some(done) = self.disk_events.recv() => {
                     self.engine.on_disk_event(&mut self.swarm, done)
                 }
             }
+            self.apply_misbehaviour();
         }
         self.engine.shutdown();
         self.save_cache()
@@ -300,7 +300,7 @@ impl EventLoop {
                 let _ = reply.send(self.engine.complete_version(&id));
             }
             Command::Penalties(reply) => {
-                let _ = reply.send(self.engine.penalties());
+                let _ = reply.send(self.reputation.scores());
             }
             Command::DownloadState { id, reply } => {
                 let _ = reply.send(self.engine.download_state(&id));
@@ -309,24 +309,25 @@ impl EventLoop {
                 let _ = reply.send(self.engine.prune(&mut self.swarm, &model, keep));
             }
             Command::AnnounceRun(announcement) => {
-                self.averager.announce_run(&mut self.swarm, announcement)
+                let bytes = self.averaging().announce_run(announcement);
+                self.publish_gossip(runs_topic(), bytes, "run");
             }
-            Command::QueryRuns(reply) => self.averager.query_runs(&mut self.swarm, reply),
+            Command::QueryRuns(reply) => self.averaging().query_runs(reply),
             Command::JoinRun {
                 membership,
                 subscriber,
-            } => self.averager.join(membership, subscriber),
-            Command::SetSnapshot(snapshot) => self.averager.set_snapshot(&mut self.swarm, snapshot),
-            Command::Average(reply) => self.averager.average(&mut self.swarm, reply),
+            } => self.averaging().join(membership, subscriber),
+            Command::SetSnapshot(snapshot) => self.averaging().set_snapshot(snapshot),
+            Command::Average(reply) => self.averaging().average(reply),
             Command::RefusePeer { peer, why, exclude } => {
                 if exclude {
-                    self.averager.refuse(peer);
+                    self.averaging().refuse(peer);
                 }
-                self.engine.penalize(&mut self.swarm, peer, &why);
+                self.penalize(peer, &why);
             }
             Command::SetTrainingStatus(status) => self.training_status = Some(*status),
             Command::RunPeers(reply) => {
-                let _ = reply.send(self.averager.status().run_peers);
+                let _ = reply.send(self.averaging().status().run_peers);
             }
             Command::WaitListening(reply) => {
                 if self.pending_listeners.is_empty() {
@@ -351,7 +352,7 @@ impl EventLoop {
                 ..self.join.clone()
             },
             training: self.training_status.clone().map(|mut t| {
-                let a = self.averager.status();
+                let a = self.swarm.behaviour().averaging.status();
                 t.run_peers = a.run_peers;
                 t.refused_peers = a.refused_peers;
                 t
@@ -359,10 +360,35 @@ impl EventLoop {
         }
     }
 
-    /// Applies the penalties the averager counted against peers that sent bad parameters.
-    fn apply_training_penalties(&mut self) {
-        for (peer, why) in self.averager.take_penalties() {
-            self.engine.penalize(&mut self.swarm, peer, &why);
+    /// Counts an offence of `peer` and disconnects it when its reputation says so.
+    fn penalize(&mut self, peer: PeerId, why: &str) {
+        if self.reputation.penalize(peer, why) == Verdict::Disconnect {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Feeds the distribution engine's reports of bad data to the reputation.
+    fn apply_misbehaviour(&mut self) {
+        for (peer, why) in self.engine.take_misbehaved() {
+            self.penalize(peer, &why);
+        }
+    }
+
+    /// The averaging behaviour.
+    fn averaging(&mut self) -> &mut averaging::Behaviour {
+        &mut self.swarm.behaviour_mut().averaging
+    }
+
+    /// Publishes `bytes` on gossipsub `topic` (best effort: peers that miss it ask later).
+    fn publish_gossip(&mut self, topic: libp2p::gossipsub::IdentTopic, bytes: Vec<u8>, what: &str) {
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+            Ok(_) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                tracing::info!(
+                    "no peers to announce the {what} to yet; they will find it when they ask"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot announce the {what}"),
         }
     }
 
@@ -449,7 +475,6 @@ impl EventLoop {
             } => {
                 self.book.set_connected(peer_id, false, unix_now());
                 self.engine.on_peer_disconnected(peer_id);
-                self.averager.on_peer_disconnected(&mut self.swarm, peer_id);
                 tracing::debug!(peer = %peer_id, "disconnected");
             }
             SwarmEvent::OutgoingConnectionError {
@@ -552,22 +577,21 @@ impl EventLoop {
             }) => {
                 tracing::debug!(from = %propagation_source, topic = %message.topic, bytes = message.data.len(), "gossip message");
                 if message.topic == runs_topic().hash() {
-                    self.averager.on_gossip(message.source, &message.data);
+                    self.averaging().on_gossip(message.source, &message.data);
                 } else if let Some(a) =
                     self.engine
                         .on_gossip(&mut self.swarm, message.source, &message.data)
                 {
                     if let (Some(t), Ok(publisher)) = (&a.training, a.publisher.parse::<PeerId>()) {
-                        self.averager.note_member(&t.run, publisher);
+                        self.averaging().note_member(&t.run, publisher);
                     }
                 }
             }
             BehaviourEvent::Models(event) => {
                 engine::on_models_event(&mut self.engine, &mut self.swarm, event);
             }
-            BehaviourEvent::Training(event) => {
-                averaging::on_training_event(&mut self.averager, &mut self.swarm, event);
-                self.apply_training_penalties();
+            BehaviourEvent::Averaging(averaging::Event::Misbehaved { peer, why }) => {
+                self.penalize(peer, &why);
             }
             _ => {}
         }

@@ -6,6 +6,7 @@
 pub mod behaviour;
 pub mod client;
 pub mod event_loop;
+pub mod reputation;
 
 pub use client::{Client, NetworkStatus, PeerInfo};
 pub use event_loop::EventLoop;

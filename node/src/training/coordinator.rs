@@ -27,12 +27,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::averaging::{
-    param_dtype, AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot,
-};
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
 use super::TrainingStatus;
+use crate::averaging::{
+    param_dtype, AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot,
+};
 use crate::network::Client;
 
 /// Capacity of the channels to and from the trainer thread.

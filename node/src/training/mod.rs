@@ -5,13 +5,13 @@
 //! * [`run`]: creating a run (its spec and version 0), finding one to join, or resuming the
 //!   one this node trained before a restart; data shard and starting weights;
 //! * [`trainer`]: the trainer thread (candle; never on the async runtime);
-//! * [`averaging`]: the network side of averaging and run discovery, in the event loop;
+//! * the network side of averaging and run discovery is [`crate::averaging`], a libp2p
+//!   behaviour of its own;
 //! * [`coordinator`]: the task between them: snapshots to serve, rounds to open, peers'
 //!   parameters checked and handed to the trainer, checkpoints published as versions.
 
 use serde::Serialize;
 
-pub mod averaging;
 pub mod coordinator;
 pub mod run;
 pub mod trainer;

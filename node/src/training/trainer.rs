@@ -25,7 +25,7 @@ use p2p_models::params;
 use p2p_models::train::Trainer;
 use tokio::sync::mpsc;
 
-use super::averaging::Snapshot;
+use crate::averaging::Snapshot;
 
 /// How long an averaging round may take before the trainer goes on without it.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(10);

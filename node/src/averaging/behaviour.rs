@@ -1,31 +1,38 @@
-//! [`Averager`]: the network side of gossip averaging and run discovery. It lives in the event
-//! loop (which hands it the swarm), like the distribution engine.
+//! [`Behaviour`]: the `/p2p-ml/train` protocol as a libp2p `NetworkBehaviour`. It wraps a
+//! request-response behaviour, tracks which peers are connected, runs its own timers, and
+//! emits [`Event`]s; it sees neither the swarm nor the other protocols.
 //!
 //! The trainer thread publishes a [`Snapshot`] of its parameters every few steps; the
-//! averager serves that snapshot to peers that open a session, and on request opens a session
-//! with a random peer of the run ([`Averager::average`]). Pieces are decoded and checked for
+//! behaviour serves that snapshot to peers that open a session, and on request opens a session
+//! with a random peer of the run ([`Behaviour::average`]). Pieces are decoded and checked for
 //! length and finiteness as they arrive; a peer that sends a NaN is refused at once and
-//! penalized. A finished session yields [`PeerParams`]: the caller's for sessions it opened,
-//! the subscriber's channel for sessions peers opened. Mixing them in (after the distance
-//! check) is the trainer's job, so nothing here blocks on training and no session holds more
-//! than one model's worth of parameters.
+//! reported ([`Event::Misbehaved`]). A finished session yields [`PeerParams`]: the caller's for
+//! sessions it opened, the subscriber's channel for sessions peers opened. Mixing them in
+//! (after the distance check) is the trainer's job, so nothing here blocks on training and no
+//! session holds more than one model's worth of parameters.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use libp2p::core::transport::PortUse;
+use libp2p::core::Endpoint;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
-use libp2p::{gossipsub, PeerId, Swarm};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use p2p_models::params::{self as pm, WireDtype};
+use p2p_protocol::codec::CborCodec;
 use p2p_protocol::manifest::{Hash32, VersionId};
 use p2p_protocol::training::{
-    ParamDtype, RunAnnouncement, TrainRequest, TrainResponse, MAX_RUNS_LISTED,
+    self as wire, ParamDtype, RunAnnouncement, TrainRequest, TrainResponse, MAX_RUNS_LISTED,
 };
 use rand::seq::SliceRandom;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-
-use crate::network::behaviour::{runs_topic, Behaviour};
 
 /// Peers tried by one averaging round before it gives up.
 const MAX_ATTEMPTS: usize = 3;
@@ -41,6 +48,15 @@ const SESSION_IDLE: Duration = Duration::from_secs(30);
 
 /// A peer that said it is not in the run is not asked again for this long.
 const NON_MEMBER_FOR: Duration = Duration::from_secs(60);
+
+/// How often sessions and queries are checked for timeouts.
+const TICK: Duration = Duration::from_millis(200);
+
+/// How long one request of the protocol may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Streams of the protocol open at once on one connection.
+const MAX_CONCURRENT_STREAMS: usize = 64;
 
 /// How long a query for runs waits for answers.
 const RUNS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -66,6 +82,19 @@ pub enum AveragerEvent {
     /// A peer wants to average: take a fresh snapshot ([`Averager::set_snapshot`]), so that
     /// the session exchanges the current parameters, not stale ones.
     SnapshotWanted,
+}
+
+/// What the behaviour reports to the swarm's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer sent parameters that failed a check (NaN, Inf, a wrong length): it is refused
+    /// for the rest of the run here; the node decides on penalties.
+    Misbehaved {
+        /// The peer.
+        peer: PeerId,
+        /// What it did.
+        why: String,
+    },
 }
 
 /// A peer's parameters from a finished session, with the snapshot they are to be mixed with.
@@ -243,7 +272,12 @@ type RoundReply = oneshot::Sender<Result<PeerParams, RoundError>>;
 type Opening = (PeerId, Vec<PeerId>, RoundReply);
 
 /// Gossip averaging and run discovery of one node.
-pub struct Averager {
+pub struct Behaviour {
+    inner: request_response::Behaviour<CborCodec<TrainRequest, TrainResponse>>,
+    /// Peers with at least one connection.
+    connected: HashSet<PeerId>,
+    events: VecDeque<Event>,
+    tick: tokio::time::Interval,
     local_peer: PeerId,
     runs: HashMap<VersionId, RunAnnouncement>,
     joined: Option<Joined>,
@@ -257,13 +291,32 @@ pub struct Averager {
     runs_queries: HashMap<u64, RunsQuery>,
     next_query: u64,
     subscriber: Option<mpsc::Sender<AveragerEvent>>,
-    penalties: Vec<(PeerId, String)>,
 }
 
-impl Averager {
-    /// An averager for the node `local_peer`.
+impl Behaviour {
+    /// The protocol for the node `local_peer`. Must be created inside a tokio runtime (it runs
+    /// a timer).
     pub fn new(local_peer: PeerId) -> Self {
+        let inner = request_response::Behaviour::with_codec(
+            CborCodec::new(
+                wire::MAX_TRAINING_MESSAGE_BYTES,
+                wire::MAX_TRAINING_MESSAGE_BYTES,
+            ),
+            [(
+                StreamProtocol::new(wire::TRAINING_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(REQUEST_TIMEOUT)
+                .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
+        );
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
+            inner,
+            connected: HashSet::new(),
+            events: VecDeque::new(),
+            tick,
             local_peer,
             runs: HashMap::new(),
             joined: None,
@@ -276,7 +329,6 @@ impl Averager {
             runs_queries: HashMap::new(),
             next_query: 0,
             subscriber: None,
-            penalties: Vec::new(),
         }
     }
 
@@ -299,7 +351,7 @@ impl Averager {
 
     /// The parameters to serve from now on; sessions peers asked for while waiting for them
     /// open now.
-    pub fn set_snapshot(&mut self, swarm: &mut Swarm<Behaviour>, snapshot: Arc<Snapshot>) {
+    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
         let Some(j) = self.joined.as_mut() else {
             return;
         };
@@ -307,10 +359,7 @@ impl Averager {
         let pieces = j.membership.dtype.pieces(j.membership.params);
         for open in std::mem::take(&mut self.pending_opens) {
             let response = self.accept(open.peer, &snapshot, open.samples, open.step, pieces);
-            let _ = swarm
-                .behaviour_mut()
-                .training
-                .send_response(open.channel, response);
+            let _ = self.inner.send_response(open.channel, response);
         }
     }
 
@@ -345,11 +394,6 @@ impl Averager {
             || !self.pending_opens.is_empty()
     }
 
-    /// Penalties earned by peers since the last call: `(peer, why)`.
-    pub fn take_penalties(&mut self) -> Vec<(PeerId, String)> {
-        std::mem::take(&mut self.penalties)
-    }
-
     /// Status for `/status`.
     pub fn status(&self) -> AveragerStatus {
         let sessions =
@@ -369,21 +413,12 @@ impl Averager {
 
     // ----- run discovery -----
 
-    /// Announces a run on gossip and remembers it.
-    pub fn announce_run(&mut self, swarm: &mut Swarm<Behaviour>, announcement: RunAnnouncement) {
-        self.remember_run(announcement.clone());
-        if let Err(e) = swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(runs_topic(), announcement.encode())
-        {
-            match e {
-                gossipsub::PublishError::NoPeersSubscribedToTopic => tracing::info!(
-                    "no peers to announce the run to yet; they will find it when they ask"
-                ),
-                e => tracing::warn!(error = %e, "cannot announce the run"),
-            }
-        }
+    /// Remembers a run this node announces; returns the bytes to publish on the runs topic
+    /// ([`wire::RUNS_TOPIC`]).
+    pub fn announce_run(&mut self, announcement: RunAnnouncement) -> Vec<u8> {
+        let bytes = announcement.encode();
+        self.remember_run(announcement);
+        bytes
     }
 
     /// A run announcement from gossip, signed by `source`.
@@ -403,19 +438,12 @@ impl Averager {
 
     /// Asks every connected peer for the runs it knows; `reply` gets them merged with ours,
     /// newest first.
-    pub fn query_runs(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        reply: oneshot::Sender<Vec<RunAnnouncement>>,
-    ) {
+    pub fn query_runs(&mut self, reply: oneshot::Sender<Vec<RunAnnouncement>>) {
         let qid = self.next_query;
         self.next_query += 1;
-        let peers: Vec<PeerId> = swarm.connected_peers().copied().collect();
+        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
         for peer in &peers {
-            let rid = swarm
-                .behaviour_mut()
-                .training
-                .send_request(peer, TrainRequest::Runs);
+            let rid = self.inner.send_request(peer, TrainRequest::Runs);
             self.requests.insert(rid, Purpose::Runs(qid));
         }
         self.runs_queries.insert(
@@ -465,21 +493,16 @@ impl Averager {
 
     /// Opens an averaging round with a random peer of the run (trying others if it is busy or
     /// gone); `reply` gets the peer's parameters or why none could be had.
-    pub fn average(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        reply: oneshot::Sender<Result<PeerParams, RoundError>>,
-    ) {
+    pub fn average(&mut self, reply: oneshot::Sender<Result<PeerParams, RoundError>>) {
         if self.in_session() {
             let _ = reply.send(Err("already averaging with a peer".into()));
             return;
         }
-        self.try_next_peer(swarm, Vec::new(), reply);
+        self.try_next_peer(Vec::new(), reply);
     }
 
     fn try_next_peer(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         tried: Vec<PeerId>,
         reply: oneshot::Sender<Result<PeerParams, RoundError>>,
     ) {
@@ -502,8 +525,9 @@ impl Averager {
         let now = Instant::now();
         j.non_members
             .retain(|_, since| now.duration_since(*since) < NON_MEMBER_FOR);
-        let connected: Vec<PeerId> = swarm
-            .connected_peers()
+        let connected: Vec<PeerId> = self
+            .connected
+            .iter()
             .copied()
             .filter(|p| !tried.contains(p) && !j.refused.contains(p))
             .collect();
@@ -538,14 +562,14 @@ impl Averager {
             samples: snapshot.samples,
             step: snapshot.step,
         };
-        let rid = swarm.behaviour_mut().training.send_request(&peer, request);
+        let rid = self.inner.send_request(&peer, request);
         self.requests.insert(rid, Purpose::Open);
         self.opening = Some((peer, tried, reply));
         tracing::debug!(%peer, "averaging round: opening a session");
     }
 
     /// The opened session failed with `peer`: try another peer, or report.
-    fn retry(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, why: &str) {
+    fn retry(&mut self, peer: PeerId, why: &str) {
         let (mut tried, reply) = match (self.opening.take(), self.outbound.take()) {
             (Some((p, tried, reply)), _) if p == peer => (tried, reply),
             (opening, Some(o)) if o.peer == peer => {
@@ -560,18 +584,10 @@ impl Averager {
         };
         tracing::debug!(%peer, why, "averaging with this peer failed; trying another");
         tried.push(peer);
-        self.try_next_peer(swarm, tried, reply);
+        self.try_next_peer(tried, reply);
     }
 
-    fn on_accepted(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        peer: PeerId,
-        session: u64,
-        samples: u64,
-        step: u64,
-        pieces: u32,
-    ) {
+    fn on_accepted(&mut self, peer: PeerId, session: u64, samples: u64, step: u64, pieces: u32) {
         let Some((p, tried, reply)) = self.opening.take() else {
             return;
         };
@@ -588,7 +604,7 @@ impl Averager {
         };
         if p != peer || pieces != expected {
             self.opening = Some((p, tried, reply));
-            self.retry(swarm, peer, "peer answered with another piece count");
+            self.retry(peer, "peer answered with another piece count");
             return;
         }
         j.members.insert(peer);
@@ -608,11 +624,11 @@ impl Averager {
             last_activity: now,
             bytes: (0, 0),
         });
-        self.send_pieces(swarm);
+        self.send_pieces();
     }
 
     /// Sends our next pieces, keeping [`PIECES_IN_FLIGHT`] outstanding.
-    fn send_pieces(&mut self, swarm: &mut Swarm<Behaviour>) {
+    fn send_pieces(&mut self) {
         let Some(j) = self.joined.as_ref() else {
             return;
         };
@@ -632,22 +648,13 @@ impl Averager {
                 index: o.next,
                 data,
             };
-            let rid = swarm
-                .behaviour_mut()
-                .training
-                .send_request(&o.peer, request);
+            let rid = self.inner.send_request(&o.peer, request);
             self.requests.insert(rid, Purpose::Piece);
             o.next += 1;
         }
     }
 
-    fn on_piece_back(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        peer: PeerId,
-        index: u32,
-        data: &[u8],
-    ) {
+    fn on_piece_back(&mut self, peer: PeerId, index: u32, data: &[u8]) {
         let Some(dtype) = self.joined.as_ref().map(|j| j.membership.dtype) else {
             return;
         };
@@ -657,14 +664,16 @@ impl Averager {
         o.last_activity = Instant::now();
         o.bytes.1 += data.len() as u64;
         if let Err(why) = store_piece(&mut o.incoming, index, data, dtype) {
-            self.penalties
-                .push((peer, format!("sent bad parameters: {why}")));
+            self.events.push_back(Event::Misbehaved {
+                peer,
+                why: format!("sent bad parameters: {why}"),
+            });
             self.refuse(peer);
-            self.retry(swarm, peer, "bad parameters");
+            self.retry(peer, "bad parameters");
             return;
         }
         if !o.incoming.complete() {
-            self.send_pieces(swarm);
+            self.send_pieces();
             return;
         }
         let Some(o) = self.outbound.take() else {
@@ -686,9 +695,8 @@ impl Averager {
     // ----- events -----
 
     /// An inbound training request.
-    pub fn on_request(
+    fn on_request(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
         request: TrainRequest,
         channel: ResponseChannel<TrainResponse>,
@@ -728,10 +736,7 @@ impl Averager {
                 data,
             } => self.on_piece(peer, session, index, &data),
         };
-        let _ = swarm
-            .behaviour_mut()
-            .training
-            .send_response(channel, response);
+        let _ = self.inner.send_response(channel, response);
     }
 
     /// Checks a peer's request to open a session: `Some(answer)` refuses it, `None` lets it
@@ -818,8 +823,10 @@ impl Averager {
         s.bytes.1 += data.len() as u64;
         if let Err(why) = store_piece(&mut s.incoming, index, data, dtype) {
             self.inbound.remove(&session);
-            self.penalties
-                .push((peer, format!("sent bad parameters: {why}")));
+            self.events.push_back(Event::Misbehaved {
+                peer,
+                why: format!("sent bad parameters: {why}"),
+            });
             self.refuse(peer);
             return TrainResponse::Refused {
                 reason: format!("bad parameters: {why}"),
@@ -855,9 +862,8 @@ impl Averager {
     }
 
     /// A response to one of our requests.
-    pub fn on_response(
+    fn on_response(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
         request_id: OutboundRequestId,
         response: TrainResponse,
@@ -886,46 +892,41 @@ impl Averager {
                     step,
                     pieces,
                 },
-            ) => self.on_accepted(swarm, peer, session, samples, step, pieces),
+            ) => self.on_accepted(peer, session, samples, step, pieces),
             (Purpose::Open, TrainResponse::Refused { reason }) => {
                 if let Some(j) = self.joined.as_mut() {
                     j.members.remove(&peer);
                     j.non_members.insert(peer, Instant::now());
                 }
-                self.retry(swarm, peer, &reason);
+                self.retry(peer, &reason);
             }
-            (Purpose::Open, _) => self.retry(swarm, peer, "busy"),
+            (Purpose::Open, _) => self.retry(peer, "busy"),
             (Purpose::Piece, TrainResponse::Piece { index, data }) => {
-                self.on_piece_back(swarm, peer, index, &data)
+                self.on_piece_back(peer, index, &data)
             }
-            (Purpose::Piece, _) => self.retry(swarm, peer, "session refused mid-way"),
+            (Purpose::Piece, _) => self.retry(peer, "session refused mid-way"),
         }
     }
 
     /// A request of ours failed (timeout, connection lost, protocol not supported).
-    pub fn on_failure(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        peer: PeerId,
-        request_id: OutboundRequestId,
-    ) {
+    fn on_failure(&mut self, peer: PeerId, request_id: OutboundRequestId) {
         match self.requests.remove(&request_id) {
             Some(Purpose::Runs(qid)) => self.answered_runs_query(qid),
-            Some(Purpose::Open | Purpose::Piece) => self.retry(swarm, peer, "request failed"),
+            Some(Purpose::Open | Purpose::Piece) => self.retry(peer, "request failed"),
             None => {}
         }
     }
 
     /// The last connection to `peer` closed: its inbound sessions end without effect.
-    pub fn on_peer_disconnected(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+    fn on_peer_disconnected(&mut self, peer: PeerId) {
         self.inbound.retain(|_, s| s.peer != peer);
         self.pending_opens.retain(|o| o.peer != peer);
-        self.retry(swarm, peer, "disconnected");
+        self.retry(peer, "disconnected");
     }
 
     /// Periodic work: idle sessions, sessions that waited too long for a snapshot, expired
     /// queries.
-    pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
+    fn tick(&mut self) {
         let now = Instant::now();
         let (late, waiting): (Vec<PendingOpen>, Vec<PendingOpen>) =
             std::mem::take(&mut self.pending_opens)
@@ -933,10 +934,7 @@ impl Averager {
                 .partition(|o| now.duration_since(o.since) >= SNAPSHOT_WAIT);
         self.pending_opens = waiting;
         for open in late {
-            let _ = swarm
-                .behaviour_mut()
-                .training
-                .send_response(open.channel, TrainResponse::Busy);
+            let _ = self.inner.send_response(open.channel, TrainResponse::Busy);
         }
         self.inbound
             .retain(|_, s| now.duration_since(s.last_activity) < SESSION_IDLE);
@@ -946,7 +944,7 @@ impl Averager {
             .filter(|o| now.duration_since(o.last_activity) >= SESSION_IDLE)
             .map(|o| o.peer)
         {
-            self.retry(swarm, peer, "session idle");
+            self.retry(peer, "session idle");
         }
         let expired: Vec<u64> = self
             .runs_queries
@@ -960,27 +958,136 @@ impl Averager {
     }
 }
 
-/// Feeds a training request-response event to the averager.
-pub fn on_training_event(
-    averager: &mut Averager,
-    swarm: &mut Swarm<Behaviour>,
-    event: request_response::Event<TrainRequest, TrainResponse>,
-) {
-    match event {
-        request_response::Event::Message { peer, message, .. } => match message {
-            request_response::Message::Request {
-                request, channel, ..
-            } => averager.on_request(swarm, peer, request, channel),
-            request_response::Message::Response {
-                request_id,
-                response,
-            } => averager.on_response(swarm, peer, request_id, response),
-        },
-        request_response::Event::OutboundFailure {
-            peer, request_id, ..
-        } => averager.on_failure(swarm, peer, request_id),
-        request_response::Event::InboundFailure { .. }
-        | request_response::Event::ResponseSent { .. } => {}
+impl Behaviour {
+    /// An event of the wrapped request-response behaviour.
+    fn on_inner_event(&mut self, event: request_response::Event<TrainRequest, TrainResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.on_response(peer, request_id, response),
+            },
+            request_response::Event::OutboundFailure {
+                peer, request_id, ..
+            } => self.on_failure(peer, request_id),
+            request_response::Event::InboundFailure { .. }
+            | request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+type Inner = request_response::Behaviour<CborCodec<TrainRequest, TrainResponse>>;
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = <Inner as NetworkBehaviour>::ConnectionHandler;
+    type ToSwarm = Event;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        self.inner
+            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.inner.handle_established_inbound_connection(
+            connection_id,
+            peer,
+            local_addr,
+            remote_addr,
+        )
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.inner.handle_pending_outbound_connection(
+            connection_id,
+            maybe_peer,
+            addresses,
+            effective_role,
+        )
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.inner.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        match &event {
+            FromSwarm::ConnectionEstablished(e) => {
+                self.connected.insert(e.peer_id);
+            }
+            FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
+                self.connected.remove(&e.peer_id);
+                self.on_peer_disconnected(e.peer_id);
+            }
+            _ => {}
+        }
+        self.inner.on_swarm_event(event);
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.inner
+            .on_connection_handler_event(peer, connection_id, event);
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
+        while self.tick.poll_tick(cx).is_ready() {
+            self.tick();
+        }
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Poll::Ready(ToSwarm::GenerateEvent(event));
+            }
+            match self.inner.poll(cx) {
+                Poll::Ready(ToSwarm::GenerateEvent(event)) => self.on_inner_event(event),
+                Poll::Ready(other) => {
+                    // Dials, handler notifications and the like pass through unchanged; the
+                    // inner behaviour's own events were handled in the arm above.
+                    return Poll::Ready(
+                        other
+                            .map_out(|_| unreachable!("request-response events are handled above")),
+                    );
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
