@@ -25,7 +25,7 @@ struct ApiState {
     started: Instant,
     data_dir: PathBuf,
     mdns: bool,
-    kad_mode: crate::cli::KadMode,
+    kad_mode: crate::config::KadMode,
 }
 
 /// `GET /status` body.
@@ -37,7 +37,7 @@ struct StatusBody {
     version: &'static str,
     data_dir: String,
     mdns: bool,
-    kad_mode: crate::cli::KadMode,
+    kad_mode: crate::config::KadMode,
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled.

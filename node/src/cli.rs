@@ -5,13 +5,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
 
+pub use crate::config::{parse_multiaddr, BootstrapAddr};
+use crate::config::{KadMode, NodeConfig};
 use crate::distribution::Stage;
+pub use crate::logging::LogFormat;
 use p2p_models::device::DeviceChoice;
 use p2p_protocol::manifest::VersionId;
 
@@ -131,7 +133,8 @@ pub struct CommonArgs {
     pub no_mdns: bool,
 
     /// Kademlia mode: `server` answers DHT queries (for reachable nodes), `client` only asks.
-    #[arg(long, global = true, value_enum, default_value_t = KadMode::Server)]
+    #[arg(long, global = true, default_value = "server",
+          value_parser = PossibleValuesParser::new(KadMode::NAMES).map(|s| s.parse::<KadMode>().unwrap_or_default()))]
     pub kad_mode: KadMode,
 
     /// Publish a safetensors file as the next version of a model (repeatable): the running
@@ -148,7 +151,8 @@ pub struct CommonArgs {
     pub follow: Vec<String>,
 
     /// Distribution stage (1-4 exist for measurement; `swarm` is stage 5, the default).
-    #[arg(long, global = true, value_enum, default_value_t = Stage::Swarm)]
+    #[arg(long, global = true, default_value = "swarm",
+          value_parser = PossibleValuesParser::new(Stage::NAMES).map(|s| s.parse::<Stage>().unwrap_or_default()))]
     pub stage: Stage,
 
     /// Stage `coordinated` only: this fetcher's portion I/N of the chunks taken from the
@@ -165,27 +169,41 @@ pub struct CommonArgs {
     pub max_upload_rate: Option<f64>,
 
     /// Log line format on stderr; the level is set with RUST_LOG (e.g. RUST_LOG=debug).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, default_value = "text",
+          value_parser = PossibleValuesParser::new(LogFormat::NAMES).map(|s| s.parse::<LogFormat>().unwrap_or_default()))]
     pub log_format: LogFormat,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Whether this node serves the DHT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KadMode {
-    /// Answer DHT queries: other nodes put this node into their routing tables.
-    Server,
-    /// Only issue queries (for nodes others cannot dial).
-    Client,
+impl CommonArgs {
+    /// Resolves the CLI flags: flag > environment (handled by clap) > platform default.
+    pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
+        let data_dir = match &self.data_dir {
+            Some(dir) => dir.clone(),
+            None => crate::config::default_data_dir()?,
+        };
+        let mut config = NodeConfig::new(data_dir);
+        if !self.listen.is_empty() {
+            config.listen = self.listen.clone();
+        }
+        config.bootstrap = self.bootstrap.clone();
+        if let Some(api) = self.api_addr {
+            config.api_addr = Some(api);
+        }
+        config.mdns = !self.no_mdns;
+        config.kad_mode = self.kad_mode;
+        config.distribution.stage = self.stage;
+        if let Some(portion) = self.portion {
+            config.distribution.portion = Some((portion.index, portion.count));
+        }
+        if let Some(kib) = self.chunk_size_kib {
+            config.distribution.chunk_size = kib.saturating_mul(1024);
+        }
+        config.follow = self.follow.clone();
+        config.distribution.max_upload_rate = self
+            .max_upload_rate
+            .map(|mib| (mib * 1024.0 * 1024.0) as u64);
+        Ok(config)
+    }
 }
 
 /// A fetcher's share in the coordinated stage: chunk `i` is its own if `i % count == index`.
@@ -235,43 +253,6 @@ fn parse_share(s: &str, what: &str) -> Result<Portion, String> {
     Ok(Portion { index, count })
 }
 
-/// A bootstrap peer: its address and the peer id the address must end with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootstrapAddr {
-    /// The peer's id, from the address's `/p2p/` component.
-    pub peer_id: PeerId,
-    /// The full address, `/p2p/<id>` included.
-    pub addr: Multiaddr,
-}
-
-impl FromStr for BootstrapAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let addr = parse_multiaddr(s)?;
-        match addr.iter().last() {
-            Some(Protocol::P2p(peer_id)) => Ok(Self { peer_id, addr }),
-            _ => Err(format!(
-                "bootstrap address '{s}' has no /p2p/<peer id> at the end \
-                 (the joining command printed by a running node has it)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for BootstrapAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.addr.fmt(f)
-    }
-}
-
-/// Parses a multiaddr with an error message that names the bad input.
-pub fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
-    Multiaddr::from_str(s.trim()).map_err(|e| {
-        format!("'{s}' is not a valid multiaddr ({e}); expected e.g. /ip4/192.0.2.7/tcp/4001")
-    })
-}
-
 fn parse_bootstrap(s: &str) -> Result<BootstrapAddr, String> {
     s.parse()
 }
@@ -279,6 +260,7 @@ fn parse_bootstrap(s: &str) -> Result<BootstrapAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libp2p::PeerId;
 
     #[test]
     fn bootstrap_requires_peer_id() {

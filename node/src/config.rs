@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use libp2p::Multiaddr;
+use std::str::FromStr;
 
-use crate::cli::{BootstrapAddr, CommonArgs, KadMode};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
 use crate::distribution::DistributionConfig;
 
 /// Everything a node needs to start. Tests build one with [`NodeConfig::new`] and adjust fields.
@@ -92,36 +94,6 @@ impl NodeConfig {
         }
     }
 
-    /// Resolves the CLI flags: flag > environment (handled by clap) > platform default.
-    pub fn from_args(args: &CommonArgs) -> Result<Self> {
-        let data_dir = match &args.data_dir {
-            Some(dir) => dir.clone(),
-            None => default_data_dir()?,
-        };
-        let mut config = Self::new(data_dir);
-        if !args.listen.is_empty() {
-            config.listen = args.listen.clone();
-        }
-        config.bootstrap = args.bootstrap.clone();
-        if let Some(api) = args.api_addr {
-            config.api_addr = Some(api);
-        }
-        config.mdns = !args.no_mdns;
-        config.kad_mode = args.kad_mode;
-        config.distribution.stage = args.stage;
-        if let Some(portion) = args.portion {
-            config.distribution.portion = Some((portion.index, portion.count));
-        }
-        if let Some(kib) = args.chunk_size_kib {
-            config.distribution.chunk_size = kib.saturating_mul(1024);
-        }
-        config.follow = args.follow.clone();
-        config.distribution.max_upload_rate = args
-            .max_upload_rate
-            .map(|mib| (mib * 1024.0 * 1024.0) as u64);
-        Ok(config)
-    }
-
     /// Path of the identity key file.
     pub fn identity_path(&self) -> PathBuf {
         self.data_dir.join("identity.key")
@@ -145,6 +117,73 @@ impl NodeConfig {
     /// Path of the file where a running node writes its API address (for scripts).
     pub fn api_addr_path(&self) -> PathBuf {
         self.data_dir.join("api-addr")
+    }
+}
+
+/// A bootstrap peer: its address and the peer id the address must end with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapAddr {
+    /// The peer's id, from the address's `/p2p/` component.
+    pub peer_id: PeerId,
+    /// The full address, `/p2p/<id>` included.
+    pub addr: Multiaddr,
+}
+
+impl FromStr for BootstrapAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let addr = parse_multiaddr(s)?;
+        match addr.iter().last() {
+            Some(Protocol::P2p(peer_id)) => Ok(Self { peer_id, addr }),
+            _ => Err(format!(
+                "bootstrap address '{s}' has no /p2p/<peer id> at the end \
+                 (the joining command printed by a running node has it)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BootstrapAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+/// Parses a multiaddr with an error message that names the bad input.
+pub fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
+    Multiaddr::from_str(s.trim()).map_err(|e| {
+        format!("'{s}' is not a valid multiaddr ({e}); expected e.g. /ip4/192.0.2.7/tcp/4001")
+    })
+}
+
+/// Whether this node serves the DHT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KadMode {
+    /// Answer DHT queries: other nodes put this node into their routing tables.
+    #[default]
+    Server,
+    /// Only issue queries (for nodes others cannot dial).
+    Client,
+}
+
+impl KadMode {
+    /// The names `FromStr` accepts.
+    pub const NAMES: [&'static str; 2] = ["server", "client"];
+}
+
+impl std::str::FromStr for KadMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "server" => Ok(Self::Server),
+            "client" => Ok(Self::Client),
+            other => Err(format!(
+                "unknown Kademlia mode '{other}' (server or client)"
+            )),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::error::ErrorKind;
 use clap::Parser;
 use p2p_node::cli::{Cli, Command};
-use p2p_node::config::{prepare_data_dir, NodeConfig};
+use p2p_node::config::prepare_data_dir;
 use p2p_node::{commands, identity, logging};
 
 fn main() -> ExitCode {
@@ -58,7 +58,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let config = NodeConfig::from_args(&cli.common)?;
+    let config = cli.common.node_config()?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Id => {
             prepare_data_dir(&config.data_dir)?;

@@ -1,6 +1,8 @@
 //! [`CborCodec`]: a libp2p request-response codec that frames each message as one CBOR value
 //! (ciborium) on its own stream, with a size limit per direction. A message over its limit is
 //! refused before it is decoded; a malformed one is an I/O error of kind `InvalidData`.
+//! Gossip messages (announcements of versions and runs) are single CBOR values too
+//! ([`encode_gossip`], [`decode_gossip`]).
 
 use std::io;
 use std::marker::PhantomData;
@@ -129,6 +131,25 @@ where
         let bytes = encode_limited(&res, self.max_response, "response")?;
         write_all_and_close(io, bytes).await
     }
+}
+
+/// CBOR bytes of a gossip message.
+pub(crate) fn encode_gossip<M: serde::Serialize>(message: &M) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(message, &mut out).expect("writing CBOR to a Vec cannot fail");
+    out
+}
+
+/// Decodes a gossip message of at most [`crate::MAX_GOSSIP_MESSAGE_BYTES`]; `what` names it
+/// in errors.
+pub(crate) fn decode_gossip<M: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<M, String> {
+    if bytes.len() > crate::MAX_GOSSIP_MESSAGE_BYTES {
+        return Err(format!("{what} too large"));
+    }
+    ciborium::from_reader(bytes).map_err(|e| format!("malformed {what}: {e}"))
 }
 
 #[cfg(test)]

@@ -108,34 +108,15 @@ pub struct Announcement {
     pub training: Option<crate::training::TrainingMeta>,
 }
 
-/// CBOR bytes of a gossip message.
-pub(crate) fn encode_gossip<M: serde::Serialize>(message: &M) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(message, &mut out).expect("writing CBOR to a Vec cannot fail");
-    out
-}
-
-/// Decodes a gossip message of at most [`crate::MAX_GOSSIP_MESSAGE_BYTES`]; `what` names it
-/// in errors.
-pub(crate) fn decode_gossip<M: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    what: &str,
-) -> Result<M, String> {
-    if bytes.len() > crate::MAX_GOSSIP_MESSAGE_BYTES {
-        return Err(format!("{what} too large"));
-    }
-    ciborium::from_reader(bytes).map_err(|e| format!("malformed {what}: {e}"))
-}
-
 impl Announcement {
     /// Encodes for gossipsub.
     pub fn encode(&self) -> Vec<u8> {
-        encode_gossip(self)
+        crate::codec::encode_gossip(self)
     }
 
     /// Decodes a gossip message, checking the model name.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let a: Self = decode_gossip(bytes, "announcement")?;
+        let a: Self = crate::codec::decode_gossip(bytes, "announcement")?;
         crate::manifest::validate_model_name(&a.model)?;
         Ok(a)
     }

@@ -100,12 +100,12 @@ pub struct RunAnnouncement {
 impl RunAnnouncement {
     /// Encodes for gossipsub.
     pub fn encode(&self) -> Vec<u8> {
-        crate::messages::encode_gossip(self)
+        crate::codec::encode_gossip(self)
     }
 
     /// Decodes and checks a gossip message.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let a: Self = crate::messages::decode_gossip(bytes, "run announcement")?;
+        let a: Self = crate::codec::decode_gossip(bytes, "run announcement")?;
         a.check()?;
         Ok(a)
     }

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use clap::ValueEnum;
 use serde::Serialize;
 
 pub mod engine;
@@ -12,7 +11,7 @@ pub mod store;
 
 /// The five distribution stages of the seed design. The engine is one; stages 1-4 are settings
 /// that restrict it, kept for measurement against the full swarm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
     /// Stage 1: only publishers serve, one upload at a time.
@@ -27,6 +26,32 @@ pub enum Stage {
     /// Stage 5: every verified chunk is served at once to anyone; rarest first; endgame.
     #[default]
     Swarm,
+}
+
+impl Stage {
+    /// The names `FromStr` accepts, in stage order.
+    pub const NAMES: [&'static str; 5] = [
+        "sequential",
+        "parallel-push",
+        "host-assisted",
+        "coordinated",
+        "swarm",
+    ];
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "sequential" => Self::Sequential,
+            "parallel-push" => Self::ParallelPush,
+            "host-assisted" => Self::HostAssisted,
+            "coordinated" => Self::Coordinated,
+            "swarm" => Self::Swarm,
+            other => return Err(format!("unknown stage '{other}'")),
+        })
+    }
 }
 
 /// Tunables of the distribution engine.

@@ -16,8 +16,7 @@ use p2p_protocol::messages::{self, Request, Response};
 use p2p_protocol::training;
 
 use crate::averaging;
-use crate::cli::KadMode;
-use crate::config::NodeConfig;
+use crate::config::{KadMode, NodeConfig};
 
 /// Every protocol a node speaks. Field order is the order in which behaviours are polled and
 /// asked about new connections, so the connection limits come first.
