@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{prepare_data_dir, NodeConfig};
-use crate::network::event_loop::{is_loopback, with_peer_id};
+use crate::network::discovery::{is_loopback, with_peer_id};
 use crate::network::{Client, EventLoop};
 use crate::peers::{self, AddressBook};
 use crate::{api, fsutil, identity};

@@ -5,8 +5,10 @@
 #[allow(missing_docs)]
 pub mod behaviour;
 pub mod client;
+pub mod discovery;
 pub mod event_loop;
 pub mod reputation;
+pub mod swarm;
 
 pub use client::{Client, NetworkStatus, PeerInfo};
 pub use event_loop::EventLoop;

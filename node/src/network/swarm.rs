@@ -1,0 +1,66 @@
+//! Building the libp2p [`Swarm`]: TCP (Noise + yamux) and QUIC v1 transports, DNS, the
+//! node's [`Behaviour`], and the listeners.
+
+use std::collections::HashSet;
+
+use anyhow::{anyhow, Context, Result};
+use libp2p::core::transport::{ListenerId, TransportError};
+use libp2p::identity::Keypair;
+use libp2p::{noise, tcp, yamux, Swarm};
+
+use super::behaviour::Behaviour;
+use crate::config::NodeConfig;
+
+/// The swarm for `key` as configured, listening on every `config.listen` address; returns it
+/// with the listeners that have not reported an address yet.
+///
+/// Fails (with a one-line reason) if an address cannot be listened on.
+pub fn build(key: Keypair, config: &NodeConfig) -> Result<(Swarm<Behaviour>, HashSet<ListenerId>)> {
+    let behaviour = Behaviour::new(&key, config)?;
+    let idle_timeout = config.idle_connection_timeout;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .context("cannot set up the TCP transport")?
+        .with_quic()
+        .with_dns()
+        .context("cannot set up DNS resolution")?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| anyhow!("cannot set up the network behaviour: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
+        .build();
+    let mut pending = HashSet::new();
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| anyhow!("cannot listen on {addr}: {}", transport_error(&e)))?;
+        pending.insert(id);
+    }
+    Ok((swarm, pending))
+}
+
+fn transport_error(e: &TransportError<std::io::Error>) -> String {
+    match e {
+        TransportError::MultiaddrNotSupported(addr) => format!("unsupported address {addr}"),
+        TransportError::Other(io) => one_line(io),
+    }
+}
+
+/// An error and its sources on one line.
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text.replace('\n', " ")
+}
