@@ -143,8 +143,11 @@ async fn download(
     }
 }
 
+/// A download with no chunk for this long is stalled rather than slow.
+const STALLED_AFTER_S: f64 = 10.0;
+
 /// Why a download has not finished: nobody reachable, nobody with the version, holders that
-/// do not answer, or a network that is merely slow.
+/// do not answer (or left), or a network that is merely slow.
 fn stall_reason(status: &NetworkStatus, state: &DownloadState) -> String {
     let last = |e: &Option<String>| {
         e.as_ref()
@@ -156,23 +159,23 @@ fn stall_reason(status: &NetworkStatus, state: &DownloadState) -> String {
             last(&status.join.last_dial_error)
         );
     }
-    if state.chunks_held > 0 {
-        return format!(
-            "{} of {} chunks arrived; the network is too slow",
-            state.chunks_held, state.chunks
-        );
-    }
-    if state.holders == 0 {
-        return format!(
-            "{} peer(s) reachable, but none has this version (is a node serving it?)",
+    let arrived = format!("{} of {} chunks held", state.chunks_held, state.chunks);
+    match state.seconds_since_chunk {
+        Some(s) if s < STALLED_AFTER_S => format!("{arrived}; the network is too slow"),
+        _ if status.connected_peers == 0 => {
+            format!("{arrived}, and no peer is connected any more (the holders left)")
+        }
+        _ if state.holders == 0 => format!(
+            "{arrived}; {} peer(s) reachable, but none has this version (is a node serving it?)",
             status.connected_peers
-        );
+        ),
+        since => format!(
+            "{arrived}; {} peer(s) hold it, but none sent a chunk{}{}",
+            state.holders,
+            since.map_or(String::new(), |s| format!(" for {s:.0} s")),
+            last(&state.last_failure)
+        ),
     }
-    format!(
-        "{} peer(s) hold it, but none answered{}",
-        state.holders,
-        last(&state.last_failure)
-    )
 }
 
 /// `p2p-node train`: start the node, create or join a run, train until the local steps are
@@ -384,5 +387,60 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::client::JoinState;
+
+    fn status(connected: usize, ever: bool) -> NetworkStatus {
+        NetworkStatus {
+            peer_id: String::new(),
+            listen_addrs: Vec::new(),
+            connected_peers: connected,
+            routing_table_peers: 0,
+            known_peers: 0,
+            join: JoinState {
+                ever_connected: ever,
+                last_dial_error: Some("p: Connection refused".into()),
+                ..JoinState::default()
+            },
+            training: None,
+        }
+    }
+
+    fn state(held: u32, holders: usize, since: Option<f64>) -> DownloadState {
+        DownloadState {
+            manifest: held > 0,
+            chunks_held: held,
+            chunks: 10,
+            holders,
+            last_failure: Some("q: timeout".into()),
+            seconds_since_chunk: since,
+        }
+    }
+
+    #[test]
+    fn a_stalled_download_is_explained_by_what_was_seen() {
+        let unreachable = stall_reason(&status(0, false), &state(0, 0, None));
+        assert!(
+            unreachable.starts_with("no peer could be reached"),
+            "{unreachable}"
+        );
+        assert!(unreachable.contains("Connection refused"), "{unreachable}");
+        let slow = stall_reason(&status(2, true), &state(4, 2, Some(1.0)));
+        assert!(slow.contains("too slow"), "{slow}");
+        let left = stall_reason(&status(0, true), &state(4, 1, Some(30.0)));
+        assert!(left.contains("the holders left"), "{left}");
+        let nobody = stall_reason(&status(3, true), &state(0, 0, None));
+        assert!(nobody.contains("none has this version"), "{nobody}");
+        let silent = stall_reason(&status(3, true), &state(4, 2, Some(25.0)));
+        assert!(
+            silent.contains("2 peer(s) hold it, but none sent a chunk for 25 s")
+                && silent.contains("q: timeout"),
+            "{silent}"
+        );
     }
 }

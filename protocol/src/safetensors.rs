@@ -95,7 +95,7 @@ pub fn header_len(first_bytes: &[u8], file_size: u64) -> Result<u64, Safetensors
 
 /// Parses the JSON header (`header` is the `N` bytes after the length prefix) of a file of
 /// `file_size` bytes with the reference implementation and returns its tensors (sorted by
-/// offset, with absolute offsets) and metadata.
+/// offset, then name; with absolute offsets) and metadata.
 pub fn parse_header(header: &[u8], file_size: u64) -> Result<Header, SafetensorsError> {
     let text = std::str::from_utf8(header).map_err(|_| SafetensorsError::NotUtf8)?;
     let metadata: Metadata =
@@ -107,7 +107,7 @@ pub fn parse_header(header: &[u8], file_size: u64) -> Result<Header, Safetensors
         return Err(SafetensorsError::DataSize { described, actual });
     }
     let infos = metadata.tensors();
-    let tensors = metadata
+    let mut tensors: Vec<TensorEntry> = metadata
         .offset_keys()
         .into_iter()
         .filter_map(|name| {
@@ -122,6 +122,10 @@ pub fn parse_header(header: &[u8], file_size: u64) -> Result<Header, Safetensors
             })
         })
         .collect();
+    // Empty tensors share an offset, and the reference reader orders those as its hash map
+    // does (differently from run to run): the name breaks the tie, so that the same file
+    // always gives the same index (and the same version id).
+    tensors.sort_by(|a, b| (a.start, a.end, &a.name).cmp(&(b.start, b.end, &b.name)));
     Ok(Header {
         tensors,
         metadata: metadata.metadata().clone(),
@@ -218,6 +222,19 @@ mod tests {
             let file = file_of(&header, bytes);
             assert!(reference_accepts(&file), "{dtype}");
             assert_eq!(parse_file(&file).unwrap().tensors[0].dtype, dtype);
+        }
+    }
+
+    /// Empty tensors share an offset: the index must not depend on hash-map order.
+    #[test]
+    fn tensors_at_one_offset_always_come_in_the_same_order() {
+        let header = r#"{"b":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"c":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"d":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
+        let file = file_of(header, 2);
+        let first = parse_file(&file).unwrap();
+        let names: Vec<&str> = first.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        for _ in 0..50 {
+            assert_eq!(parse_file(&file).unwrap(), first);
         }
     }
 

@@ -88,6 +88,8 @@ pub struct DownloadState {
     pub holders: usize,
     /// The last failed request of the download: `<peer id>: <error>`.
     pub last_failure: Option<String>,
+    /// Seconds since a chunk last arrived from a peer (`None`: none arrived in this run).
+    pub seconds_since_chunk: Option<f64>,
 }
 
 /// One version as listed by `GET /models`.
@@ -233,6 +235,8 @@ struct Download {
     holders: HashSet<PeerId>,
     /// The last request of this download that failed, and why.
     last_failure: Option<String>,
+    /// When the last chunk arrived from a peer.
+    last_chunk: Option<Instant>,
 }
 
 impl Download {
@@ -256,6 +260,7 @@ impl Download {
             waiters: Vec::new(),
             holders: publisher.into_iter().collect(),
             last_failure: None,
+            last_chunk: None,
         }
     }
 }
@@ -533,6 +538,7 @@ impl Engine {
             chunks: v.map_or(0, |v| v.manifest.chunk_count()),
             holders: d.holders.len(),
             last_failure: d.last_failure.clone(),
+            seconds_since_chunk: d.last_chunk.map(|t| t.elapsed().as_secs_f64()),
         })
     }
 
@@ -1305,6 +1311,7 @@ impl Engine {
         self.traffic.entry(id).or_default().downloaded += len;
         if let Some(d) = self.downloads.get_mut(&id) {
             d.chunks_downloaded += 1;
+            d.last_chunk = Some(Instant::now());
             d.senders.insert(peer);
             d.writes_pending += 1;
             if let Some(p) = d.picker.as_mut() {

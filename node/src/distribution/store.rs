@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -129,6 +129,16 @@ pub struct ImportedFile {
     pub metadata: Option<HashMap<String, String>>,
 }
 
+impl Drop for ImportedFile {
+    /// An import that is never adopted (refused, or its caller went away, e.g. an HTTP client
+    /// that disconnected) leaves nothing behind.
+    fn drop(&mut self) {
+        if !self.staging.as_os_str().is_empty() {
+            let _ = fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
 /// All versions held on disk.
 #[derive(Debug)]
 pub struct Store {
@@ -154,14 +164,22 @@ impl Store {
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.parse::<VersionId>().ok())
             else {
-                if path
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(".import-"))
-                {
-                    let _ = fs::remove_dir_all(&path); // an import interrupted by a crash
+                if path.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with(".import-") || n.starts_with(".removing-")
+                }) {
+                    // An import or a removal interrupted by a crash.
+                    let _ = fs::remove_dir_all(&path);
                 }
                 continue;
             };
+            if !path.join(MANIFEST_FILE).exists() {
+                // A download that had not stored its manifest yet: nothing in it can be
+                // verified, so nothing is lost.
+                tracing::info!(path = %path.display(), "deleting a version folder without a manifest");
+                let _ = fs::remove_dir_all(&path);
+                continue;
+            }
             match load_version(&path, &id) {
                 Ok(v) => {
                     tracing::info!(version = %id.short(), model = %v.manifest.model, chunks_held = v.have.count(), chunks = v.have.len(), "loaded stored version");
@@ -214,7 +232,7 @@ impl Store {
     /// returned and the staging copy is dropped.
     pub fn adopt(
         &mut self,
-        imported: ImportedFile,
+        mut imported: ImportedFile,
         model: &str,
         version: u64,
         parent: Option<VersionId>,
@@ -225,9 +243,7 @@ impl Store {
                 && v.manifest.total_size == imported.total_size
                 && v.is_complete()
         }) {
-            let id = *id;
-            let _ = fs::remove_dir_all(&imported.staging);
-            return Ok(id);
+            return Ok(*id); // the staging copy goes when `imported` is dropped
         }
         let staging = imported.staging.clone();
         let manifest = Manifest {
@@ -237,8 +253,8 @@ impl Store {
             parent,
             total_size: imported.total_size,
             chunk_size: imported.chunk_size,
-            chunk_hashes: imported.chunk_hashes,
-            tensors: imported.tensors,
+            chunk_hashes: std::mem::take(&mut imported.chunk_hashes),
+            tensors: std::mem::take(&mut imported.tensors),
         };
         let id = manifest.id();
         let dir = self.root.join(id.to_hex());
@@ -257,6 +273,7 @@ impl Store {
             }
             fs::rename(&staging, &dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
+            imported.staging = PathBuf::new(); // moved into the store: nothing to clean up
             load_version(&dir, &id)
         })();
         match result {
@@ -265,7 +282,6 @@ impl Store {
                 Ok(id)
             }
             Err(e) => {
-                let _ = fs::remove_dir_all(&staging);
                 let _ = fs::remove_dir_all(&dir);
                 Err(e)
             }
@@ -284,11 +300,16 @@ impl Store {
         Ok(())
     }
 
-    /// Stops holding `id` and deletes its files.
+    /// Stops holding `id` and deletes its files. The folder is first renamed out of the way
+    /// (atomically), so a crash midway leaves a `.removing-*` folder that the next
+    /// [`Store::open`] deletes, never a damaged version.
     pub fn remove(&mut self, id: &VersionId) -> Result<()> {
         if let Some(v) = self.versions.remove(id) {
-            fs::remove_dir_all(&v.dir)
+            let doomed = self.root.join(format!(".removing-{}", id.to_hex()));
+            fs::rename(&v.dir, &doomed)
                 .with_context(|| format!("cannot delete {}", v.dir.display()))?;
+            fs::remove_dir_all(&doomed)
+                .with_context(|| format!("cannot delete {}", doomed.display()))?;
         }
         Ok(())
     }
@@ -520,13 +541,30 @@ fn import_observed(
     chunk_size: u32,
     after_chunk: &mut dyn FnMut(u64),
 ) -> Result<ImportedFile> {
-    let input = File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
+    let not_regular = || anyhow::anyhow!("{} is not a regular file", source.display());
+    let at_path =
+        fs::metadata(source).with_context(|| format!("cannot open {}", source.display()))?;
+    if !at_path.is_file() {
+        return Err(not_regular()); // a FIFO would block the open below
+    }
+    // Non-blocking, in case the path became a FIFO since (regular files ignore the flag).
+    let input = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(source)
+        .with_context(|| format!("cannot open {}", source.display()))?;
+    if !input.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    // Written-back pages are write-protected again, so a write through a shared mmap after
+    // this point updates the modification time (dirty pages would not): the stamps below see
+    // every writer, not only write(2).
+    input
+        .sync_all()
+        .with_context(|| format!("cannot read {}", source.display()))?;
     let opened = input
         .metadata()
         .with_context(|| format!("cannot read {}", source.display()))?;
-    if !opened.is_file() {
-        bail!("{} is not a regular file", source.display());
-    }
     let before = FileStamp::of(&opened);
     let total_size = before.size;
     let (header, header_hash, prefix_len) = read_header(&input, total_size)
@@ -894,6 +932,51 @@ mod tests {
         assert!(e.contains("MiB one version may have"), "{e}");
         assert!(!e.contains("manifest.cbor"), "{e}");
         assert_eq!(leftovers(&root), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_import_that_is_never_adopted_leaves_nothing_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("m.safetensors");
+        model(&source, 100_000, 5);
+        let root = dir.path().join("models");
+        let imported = Store::import_file(&root, &source, CHUNK).unwrap();
+        assert_eq!(leftovers(&root).len(), 1, "the staging copy");
+        drop(imported);
+        assert_eq!(leftovers(&root), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_instead_of_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.safetensors");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("SKIPPED: mkfifo is not available");
+            return;
+        }
+        let root = dir.path().join("models");
+        let e = format!("{:#}", Store::import_file(&root, &fifo, CHUNK).unwrap_err());
+        assert!(e.contains("is not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn interrupted_removals_and_folders_without_a_manifest_are_cleaned_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("models");
+        let source = dir.path().join("m.safetensors");
+        model(&source, 100_000, 5);
+        let mut store = Store::open(&root).unwrap();
+        let imported = Store::import_file(&root, &source, CHUNK).unwrap();
+        let id = store.adopt(imported, "m", 0, None).unwrap();
+        drop(store);
+        fs::create_dir_all(root.join(format!(".removing-{}", Hash32::of(b"x").to_hex()))).unwrap();
+        let orphan = root.join(Hash32::of(b"y").to_hex());
+        fs::create_dir_all(&orphan).unwrap();
+        fs::write(orphan.join(DATA_FILE), b"data").unwrap();
+        let store = Store::open(&root).unwrap();
+        assert!(store.get(&id).is_some(), "the good version stays");
+        assert_eq!(leftovers(&root), vec![id.to_hex()]);
     }
 
     #[test]

@@ -255,10 +255,8 @@ impl Client {
         let imported = self.import(file, model).await?;
         let training = match training_meta(imported.metadata.as_ref()) {
             Ok(t) => t,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&imported.staging);
-                return Err(anyhow!("{}: {e}", file.display()));
-            }
+            // Dropping the import deletes its staging copy.
+            Err(e) => return Err(anyhow!("{}: {e}", file.display())),
         };
         self.adopt(imported, model, Some(training)).await
     }

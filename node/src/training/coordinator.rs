@@ -129,6 +129,9 @@ pub async fn start(
 
     std::fs::create_dir_all(&prepared.dir)
         .with_context(|| format!("cannot create {}", prepared.dir.display()))?;
+    // Checkpoints a killed process had not published yet: the local resume checkpoint is
+    // newer, and the next checkpoint is published anyway.
+    let _ = std::fs::remove_dir_all(trainer::publish_dir(&prepared.dir));
     let wait = averaging && trainer.step == 0 && prepared.spec.min_peers() > 0;
     let status = TrainingStatus {
         run_id: prepared.announcement.run.to_hex(),

@@ -148,17 +148,19 @@ pub fn resolve_spec(path: &Path, data: Option<&Path>) -> Result<RunSpec> {
 }
 
 /// Whether `spec` (resolved from a spec file, possibly without a name) is the spec `run` was
-/// created from. A spec without a name matches the run's generated name.
+/// created from. A spec without a name matches the run's generated name, and the data set's
+/// local path may differ (`--data` with a copy of the same file): a text run's vocabulary,
+/// fixed from the file, still has to match.
 pub fn created_from(spec: &RunSpec, run: &RunAnnouncement) -> bool {
+    let Ok(original) = RunSpec::parse(&run.spec) else {
+        return false;
+    };
     let mut candidate = spec.clone();
     candidate.name.get_or_insert_with(|| run.model.clone());
-    match (
-        RunSpec::parse(&run.spec),
-        RunSpec::parse(&candidate.to_toml()),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+    if std::mem::discriminant(&candidate.dataset) == std::mem::discriminant(&original.dataset) {
+        candidate.dataset = original.dataset.clone();
     }
+    RunSpec::parse(&candidate.to_toml()).is_ok_and(|c| c == original)
 }
 
 /// Decides the run, the shard and the starting weights (see the module docs).
@@ -180,8 +182,9 @@ pub async fn prepare(
                     return resume(client, data_dir, state, options).await;
                 }
                 bail!(
-                    "this data dir trains run {} (model {}), which was not created from {}; \
-                     to abandon it and start a new run, add --new-run (or use another --data-dir)",
+                    "this data dir trains run {} (model {}), which was not created from {} \
+                     (with this data); to abandon it and start a new run, add --new-run (or use \
+                     another --data-dir)",
                     run.run,
                     run.model,
                     spec_path.display()
@@ -221,7 +224,8 @@ async fn create(
     let data = load_data(&spec, None, shard)?;
     // Version 0: the run's initial weights, drawn from its seed.
     let model = Model::new(&spec, &p2p_models::Device::Cpu)?;
-    let initial = training_dir(data_dir).join(format!("{name}-v0.safetensors"));
+    // The name may hold '/' (a namespace): it never becomes a path.
+    let initial = training_dir(data_dir).join(format!("{}-v0.safetensors", name.replace('/', "_")));
     checkpoint::save(
         &initial,
         model.layout(),
@@ -451,6 +455,47 @@ mod tests {
             seen[shard_of(&PeerId::random(), 4) as usize] += 1;
         }
         assert!(seen.iter().all(|n| *n > 20), "{seen:?}");
+    }
+
+    fn text_run(dir: &Path, text: &str, file: &str) -> RunSpec {
+        std::fs::write(dir.join(file), text).unwrap();
+        let spec_path = dir.join("run.toml");
+        std::fs::write(
+            &spec_path,
+            format!("model = \"char-transformer\"\ndataset = \"text:{file}\""),
+        )
+        .unwrap();
+        resolve_spec(&spec_path, None).unwrap()
+    }
+
+    fn announced(spec: &RunSpec) -> RunAnnouncement {
+        let mut named = spec.clone();
+        named.name = Some("char-transformer-abc123".into());
+        RunAnnouncement {
+            run: VersionId::of(b"run"),
+            model: "char-transformer-abc123".into(),
+            spec: named.to_toml(),
+            creator: PeerId::random().to_string(),
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn the_same_spec_with_a_copy_of_the_data_elsewhere_is_the_same_run() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let original = text_run(a.path(), "abcabc cab", "t.txt");
+        let run = announced(&original);
+        assert!(created_from(&original, &run), "the same spec file");
+        let copy = text_run(b.path(), "abcabc cab", "copy.txt");
+        assert!(created_from(&copy, &run), "a copy of the text elsewhere");
+        let other_text = text_run(b.path(), "xyz", "other.txt");
+        assert!(
+            !created_from(&other_text, &run),
+            "another text: another vocabulary"
+        );
+        let mut other_lr = original.clone();
+        other_lr.learning_rate *= 2.0;
+        assert!(!created_from(&other_lr, &run), "another learning rate");
     }
 
     #[test]

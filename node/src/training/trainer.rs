@@ -119,11 +119,15 @@ pub enum FromTrainer {
     Failed(String),
 }
 
+/// The folder of checkpoint files waiting to be published, in a run's folder.
+pub fn publish_dir(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("publish")
+}
+
 /// The immutable file of the checkpoint at `step` to publish, beside the resume file
 /// `resume`: `<run dir>/publish/step-00000300.safetensors`.
 pub fn step_checkpoint_path(resume: &std::path::Path, step: u64) -> PathBuf {
-    let dir = resume.parent().unwrap_or(std::path::Path::new("."));
-    dir.join("publish")
+    publish_dir(resume.parent().unwrap_or(std::path::Path::new(".")))
         .join(format!("step-{step:08}.safetensors"))
 }
 
