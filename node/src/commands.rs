@@ -1,17 +1,19 @@
 //! The long-running subcommands: `run` (with `--publish`) and `fetch`. Each starts a node,
 //! does its job, and stops the node gracefully on Ctrl-C or SIGTERM.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
 use p2p_protocol::manifest::VersionId;
+use tokio::sync::watch;
 
 use crate::cli::{FetchArgs, TrainArgs};
 use crate::config::NodeConfig;
-use crate::distribution::engine::{DownloadReport, DownloadState, ModelInfo};
-use crate::network::client::NetworkStatus;
+use crate::distribution::engine::{DownloadReport, DownloadState, FetchProgress};
+use crate::network::client::{Fetching, NetworkStatus};
 use crate::network::Client;
 use crate::node::{self, NodeHandle};
 use crate::training::coordinator;
@@ -86,14 +88,8 @@ async fn fetch_with(client: &Client, args: &FetchArgs, deadline: Instant) -> Res
         Ok(id) => id,
         Err(_) => resolve_model(client, &args.target, deadline).await?,
     };
-    let progress = tokio::spawn(show_progress(
-        client.clone(),
-        id,
-        !args.no_progress && std::io::stderr().is_terminal(),
-    ));
-    let report = download(client, id, deadline, args.timeout).await;
-    progress.abort();
-    let report = report?;
+    let bar = !args.no_progress && std::io::stderr().is_terminal();
+    let report = download(client, id, deadline, args.timeout, bar).await?;
     client.export(id, &args.out).await?;
     println!(
         "fetched {} version {} ({} bytes, id {}) to {}: {} chunks downloaded from {} peers, {} copied locally, {} already held, in {:.1} s",
@@ -121,12 +117,28 @@ async fn download(
     id: VersionId,
     deadline: Instant,
     timeout_s: u64,
+    bar: bool,
 ) -> Result<DownloadReport> {
-    let fetching = client.fetch(id);
-    tokio::pin!(fetching);
+    let fetching = client.fetch_with_progress(id).await?;
+    let progress = tokio::spawn(show_progress(fetching.progress.clone(), id, bar));
+    let result = download_until(client, id, fetching, deadline, timeout_s).await;
+    progress.abort();
+    let _ = progress.await; // the bar is cleared before anything else is printed
+    result
+}
+
+async fn download_until(
+    client: &Client,
+    id: VersionId,
+    fetching: Fetching,
+    deadline: Instant,
+    timeout_s: u64,
+) -> Result<DownloadReport> {
+    let finished = fetching.finished();
+    tokio::pin!(finished);
     loop {
         tokio::select! {
-            report = &mut fetching => return report,
+            report = &mut finished => return report,
             () = tokio::time::sleep(JOIN_CHECK) => {}
         }
         let status = client.status().await?;
@@ -286,60 +298,51 @@ async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Resul
     }
 }
 
-/// Draws a progress bar on a terminal, or logs a line every few seconds otherwise.
-async fn show_progress(client: Client, id: VersionId, bar: bool) {
+/// Shows a download's progress as it arrives: an `indicatif` bar on a terminal (cleared
+/// when the download ends or fails), a log line every few seconds otherwise.
+async fn show_progress(mut progress: watch::Receiver<FetchProgress>, id: VersionId, bar: bool) {
+    let pb = bar.then(|| {
+        let pb = ProgressBar::new(0);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} peers {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    // Dropping the bar (when the task is aborted) does not clear it: this guard does.
+    struct Clear(Option<ProgressBar>);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            if let Some(pb) = &self.0 {
+                pb.finish_and_clear();
+            }
+        }
+    }
+    let _clear = Clear(pb.clone());
     let started = Instant::now();
     let mut last_log = Instant::now();
     let mut first_held: Option<u64> = None;
-    loop {
-        tokio::time::sleep(Duration::from_millis(if bar { 250 } else { 500 })).await;
-        let Ok(models) = client.models().await else {
-            return;
-        };
-        let hex = id.to_hex();
-        let Some(info) = models.into_iter().find(|m| m.id == hex) else {
-            continue;
-        };
-        let held = held_bytes(&info);
-        let base = *first_held.get_or_insert(held);
-        let elapsed = started.elapsed().as_secs_f64().max(1e-3);
-        let rate = (held - base) as f64 / elapsed;
-        let eta = if rate > 0.0 {
-            format!("{:.0}s", (info.size - held) as f64 / rate)
-        } else {
-            "?".into()
-        };
-        if bar {
-            let width = 30;
-            let filled = (info.progress * width as f64) as usize;
-            let mut err = std::io::stderr();
-            let _ = write!(
-                err,
-                "\r[{}{}] {:5.1}% {:.1}/{:.1} MiB {:.1} MiB/s peers {} ETA {}   ",
-                "#".repeat(filled),
-                ".".repeat(width - filled),
-                info.progress * 100.0,
-                mib(held),
-                mib(info.size),
-                mib(rate as u64),
-                info.peers_serving,
-                eta
-            );
-            let _ = err.flush();
-        } else if last_log.elapsed() >= Duration::from_secs(2) {
+    while progress.changed().await.is_ok() {
+        let p = *progress.borrow_and_update();
+        if let Some(pb) = &pb {
+            pb.set_length(p.size);
+            pb.set_position(p.bytes_held);
+            pb.set_message(p.peers.to_string());
+        } else if last_log.elapsed() >= Duration::from_secs(2) && p.chunks > 0 {
             last_log = Instant::now();
+            let base = *first_held.get_or_insert(p.bytes_held);
+            let rate = (p.bytes_held - base) as f64 / started.elapsed().as_secs_f64().max(1e-3);
             tracing::info!(
-                version = %id.short(), progress = format!("{:.1}%", info.progress * 100.0),
-                held_mib = format!("{:.1}", mib(held)), size_mib = format!("{:.1}", mib(info.size)),
-                rate_mib_s = format!("{:.1}", mib(rate as u64)), peers = info.peers_serving, eta = %eta,
+                version = %id.short(),
+                progress = format!("{:.1}%", 100.0 * f64::from(p.chunks_held) / f64::from(p.chunks)),
+                held_mib = format!("{:.1}", mib(p.bytes_held)), size_mib = format!("{:.1}", mib(p.size)),
+                rate_mib_s = format!("{:.1}", rate / (1024.0 * 1024.0)), peers = p.peers,
                 "downloading"
             );
         }
     }
-}
-
-fn held_bytes(info: &ModelInfo) -> u64 {
-    (info.progress * info.size as f64) as u64
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -408,6 +411,7 @@ mod tests {
                 ..JoinState::default()
             },
             training: None,
+            averaging: Default::default(),
         }
     }
 

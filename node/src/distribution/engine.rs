@@ -26,7 +26,7 @@ use p2p_protocol::training::TrainingMeta;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::picker::Picker;
 use super::store::{ChunkWrite, ImportedFile, Store};
@@ -90,6 +90,21 @@ pub struct DownloadState {
     pub last_failure: Option<String>,
     /// Seconds since a chunk last arrived from a peer (`None`: none arrived in this run).
     pub seconds_since_chunk: Option<f64>,
+}
+
+/// How far a download is, sent to watchers as it moves ([`Engine::fetch`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Chunks held and verified.
+    pub chunks_held: u32,
+    /// Chunks in the version (0 until the manifest is known).
+    pub chunks: u32,
+    /// Bytes held (approximately: whole chunks).
+    pub bytes_held: u64,
+    /// Size of the version in bytes (0 until the manifest is known).
+    pub size: u64,
+    /// Peers known to hold chunks of it.
+    pub peers: usize,
 }
 
 /// One version as listed by `GET /models`.
@@ -237,6 +252,8 @@ struct Download {
     last_failure: Option<String>,
     /// When the last chunk arrived from a peer.
     last_chunk: Option<Instant>,
+    /// Where progress goes as the download moves.
+    progress: Vec<watch::Sender<FetchProgress>>,
 }
 
 impl Download {
@@ -261,6 +278,7 @@ impl Download {
             holders: publisher.into_iter().collect(),
             last_failure: None,
             last_chunk: None,
+            progress: Vec::new(),
         }
     }
 }
@@ -411,12 +429,14 @@ impl Engine {
         Ok(announcement)
     }
 
-    /// Downloads `id` (or joins the download in progress); `reply` gets the report at the end.
+    /// Downloads `id` (or joins the download in progress); `reply` gets the report at the end
+    /// and `progress` (if any) every change on the way.
     pub fn fetch(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
         id: VersionId,
         reply: oneshot::Sender<Result<DownloadReport, String>>,
+        progress: Option<watch::Sender<FetchProgress>>,
     ) {
         if let Some(v) = self.store.get(&id) {
             if v.is_complete() {
@@ -439,6 +459,7 @@ impl Engine {
         self.ensure_download(swarm, id);
         if let Some(d) = self.downloads.get_mut(&id) {
             d.waiters.push(reply);
+            d.progress.extend(progress);
         }
         self.drive(swarm, &id);
     }
@@ -1177,7 +1198,33 @@ impl Engine {
             }
             self.start_sync(id);
         }
+        self.report_progress(id, &mut d);
         self.downloads.insert(*id, d);
+    }
+
+    /// Sends the download's progress to its watchers (those still listening).
+    fn report_progress(&self, id: &VersionId, d: &mut Download) {
+        if d.progress.is_empty() {
+            return;
+        }
+        let progress = match self.store.get(id) {
+            Some(v) => {
+                let (held, chunks) = (v.have.count(), v.manifest.chunk_count());
+                FetchProgress {
+                    chunks_held: held,
+                    chunks,
+                    bytes_held: (u64::from(held) * u64::from(v.manifest.chunk_size))
+                        .min(v.manifest.total_size),
+                    size: v.manifest.total_size,
+                    peers: d.picker.as_ref().map_or(0, |p| p.peers().count()),
+                }
+            }
+            None => FetchProgress::default(),
+        };
+        d.progress.retain(|tx| !tx.is_closed());
+        for tx in &d.progress {
+            tx.send_if_modified(|p| std::mem::replace(p, progress) != progress);
+        }
     }
 
     fn send(

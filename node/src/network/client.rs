@@ -11,10 +11,12 @@ use p2p_protocol::manifest::{Manifest, VersionId};
 use p2p_protocol::messages::Announcement;
 use p2p_protocol::training::{RunAnnouncement, TrainingMeta};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::averaging::{AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot};
-use crate::distribution::engine::{DownloadReport, DownloadState, ModelInfo};
+use crate::averaging::{
+    AveragerEvent, AveragerStatus, PeerParams, RoundError, RunMembership, Snapshot,
+};
+use crate::distribution::engine::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use crate::distribution::store::{self, ImportedFile, Store};
 use crate::peers::Source;
 use crate::training::TrainingStatus;
@@ -47,6 +49,8 @@ pub enum Command {
         id: VersionId,
         /// The report, or why it failed.
         reply: oneshot::Sender<Result<DownloadReport, String>>,
+        /// Where progress goes on the way, if anywhere.
+        progress: Option<watch::Sender<FetchProgress>>,
     },
     /// Known versions of a model, after asking connected peers.
     QueryVersions {
@@ -108,8 +112,6 @@ pub enum Command {
         /// Whether to exclude it from the run.
         exclude: bool,
     },
-    /// The training status to show in `/status`.
-    SetTrainingStatus(Box<TrainingStatus>),
     /// Connected peers known to train the same run.
     RunPeers(oneshot::Sender<usize>),
 }
@@ -131,6 +133,9 @@ pub struct NetworkStatus {
     pub join: JoinState,
     /// Training, when this node trains (`null` otherwise).
     pub training: Option<TrainingStatus>,
+    /// The averaging protocol's view (merged into `training`).
+    #[serde(skip)]
+    pub averaging: AveragerStatus,
 }
 
 /// How joining the network went (`GET /status` → `join`).
@@ -191,12 +196,32 @@ pub struct PeerInfo {
     pub in_routing_table: bool,
 }
 
+/// A download in progress ([`Client::fetch_with_progress`]).
+#[derive(Debug)]
+pub struct Fetching {
+    /// Chunks and bytes held so far; changes as chunks are verified.
+    pub progress: watch::Receiver<FetchProgress>,
+    done: oneshot::Receiver<Result<DownloadReport, String>>,
+}
+
+impl Fetching {
+    /// Waits for the download to end: the report, or why it failed.
+    pub async fn finished(self) -> Result<DownloadReport> {
+        self.done
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))?
+            .map_err(|e| anyhow!(e))
+    }
+}
+
 /// Cloneable handle to a running node's network.
 #[derive(Debug, Clone)]
 pub struct Client {
     sender: mpsc::Sender<Command>,
     models_dir: PathBuf,
     chunk_size: u32,
+    /// The training coordinator's status, once one runs (shared by every clone).
+    training: Arc<std::sync::Mutex<Option<watch::Receiver<TrainingStatus>>>>,
 }
 
 impl Client {
@@ -207,6 +232,7 @@ impl Client {
             sender,
             models_dir,
             chunk_size,
+            training: Arc::default(),
         }
     }
 
@@ -219,9 +245,28 @@ impl Client {
         rx.await.map_err(|_| anyhow!("the node has stopped"))
     }
 
-    /// Current network status.
+    /// Current network status, with the training status when this node trains.
     pub async fn status(&self) -> Result<NetworkStatus> {
-        self.ask(Command::Status).await
+        let mut status = self.ask(Command::Status).await?;
+        status.training = self.training_status().map(|mut t| {
+            t.run_peers = status.averaging.run_peers;
+            t.refused_peers = status.averaging.refused_peers.clone();
+            t
+        });
+        Ok(status)
+    }
+
+    /// Shows `status` (the coordinator's watch) in [`Client::status`] from now on.
+    pub fn watch_training(&self, status: watch::Receiver<TrainingStatus>) {
+        if let Ok(mut slot) = self.training.lock() {
+            *slot = Some(status);
+        }
+    }
+
+    /// The latest training status, if this node trains.
+    pub fn training_status(&self) -> Option<TrainingStatus> {
+        let slot = self.training.lock().ok()?;
+        slot.as_ref().map(|rx| rx.borrow().clone())
     }
 
     /// The address book, sorted by peer id.
@@ -297,9 +342,29 @@ impl Client {
 
     /// Downloads version `id` from the swarm; returns when it is complete and verified.
     pub async fn fetch(&self, id: VersionId) -> Result<DownloadReport> {
-        self.ask(|reply| Command::Fetch { id, reply })
-            .await?
-            .map_err(|e| anyhow!(e))
+        self.ask(|reply| Command::Fetch {
+            id,
+            reply,
+            progress: None,
+        })
+        .await?
+        .map_err(|e| anyhow!(e))
+    }
+
+    /// Starts downloading version `id`: progress arrives on the returned watch as the
+    /// download moves, and [`Fetching::finished`] gives the report.
+    pub async fn fetch_with_progress(&self, id: VersionId) -> Result<Fetching> {
+        let (reply, done) = oneshot::channel();
+        let (tx, progress) = watch::channel(FetchProgress::default());
+        self.sender
+            .send(Command::Fetch {
+                id,
+                reply,
+                progress: Some(tx),
+            })
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))?;
+        Ok(Fetching { progress, done })
     }
 
     /// Where the download of `id` stands, if one is in progress.
@@ -379,14 +444,6 @@ impl Client {
     /// Peers known to train this node's run.
     pub async fn run_peers(&self) -> Result<usize> {
         self.ask(Command::RunPeers).await
-    }
-
-    /// Sets the training status `/status` shows.
-    pub async fn set_training_status(&self, status: TrainingStatus) -> Result<()> {
-        self.sender
-            .send(Command::SetTrainingStatus(Box::new(status)))
-            .await
-            .map_err(|_| anyhow!("the node has stopped"))
     }
 
     /// Writes the complete version `id` to `out`, verifying every chunk again.

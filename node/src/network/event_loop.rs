@@ -25,7 +25,6 @@ use crate::config::NodeConfig;
 use crate::distribution::engine::{self, DiskEvent, Engine};
 use crate::distribution::store::Store;
 use crate::peers::AddressBook;
-use crate::training::TrainingStatus;
 
 /// How often the distribution engine schedules requests and refreshes availability.
 const ENGINE_TICK: Duration = Duration::from_millis(200);
@@ -45,7 +44,6 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     engine: Engine,
     disk_events: mpsc::UnboundedReceiver<DiskEvent>,
-    training_status: Option<TrainingStatus>,
     reputation: Reputation,
 }
 
@@ -75,7 +73,6 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             engine,
             disk_events,
-            training_status: None,
             reputation: Reputation::default(),
         };
         Ok((event_loop, client))
@@ -145,7 +142,11 @@ impl EventLoop {
                     .map_err(|e| format!("{e:#}"));
                 let _ = reply.send(result);
             }
-            Command::Fetch { id, reply } => self.engine.fetch(&mut self.swarm, id, reply),
+            Command::Fetch {
+                id,
+                reply,
+                progress,
+            } => self.engine.fetch(&mut self.swarm, id, reply, progress),
             Command::QueryVersions { model, reply } => {
                 self.engine.query_versions(&mut self.swarm, model, reply)
             }
@@ -181,7 +182,6 @@ impl EventLoop {
                 }
                 self.penalize(peer, &why);
             }
-            Command::SetTrainingStatus(status) => self.training_status = Some(*status),
             Command::RunPeers(reply) => {
                 let _ = reply.send(self.averaging().status().run_peers);
             }
@@ -203,12 +203,8 @@ impl EventLoop {
             routing_table_peers: self.routing_table().len(),
             known_peers: self.discovery.known_peers(),
             join: self.discovery.join_state(),
-            training: self.training_status.clone().map(|mut t| {
-                let a = self.swarm.behaviour().averaging.status();
-                t.run_peers = a.run_peers;
-                t.refused_peers = a.refused_peers;
-                t
-            }),
+            training: None, // filled in by the client from the coordinator's watch
+            averaging: self.swarm.behaviour().averaging.status(),
         }
     }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
-use super::TrainingStatus;
+use super::{TrainingState, TrainingStatus};
 use crate::averaging::{
     param_dtype, AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot,
 };
@@ -37,9 +37,6 @@ use crate::network::Client;
 
 /// Capacity of the channels to and from the trainer thread.
 const TRAINER_QUEUE: usize = 64;
-
-/// How often the status is pushed to the event loop (for `/status`).
-const STATUS_PUSH: Duration = Duration::from_millis(250);
 
 /// A peer not averaged with for this long no longer holds back the pace (it may be gone).
 const PEER_PROGRESS_TTL: Duration = Duration::from_secs(10);
@@ -67,9 +64,9 @@ impl TrainingHandle {
         loop {
             {
                 let s = self.status.borrow_and_update();
-                match s.state.as_str() {
-                    "finished" => return Ok(s.clone()),
-                    "failed" => {
+                match s.state {
+                    TrainingState::Finished => return Ok(s.clone()),
+                    TrainingState::Failed => {
                         anyhow::bail!("training failed: {}", s.error.clone().unwrap_or_default())
                     }
                     _ => {}
@@ -137,11 +134,10 @@ pub async fn start(
         run_id: prepared.announcement.run.to_hex(),
         model: prepared.announcement.model.clone(),
         state: if wait {
-            "waiting for peers"
+            TrainingState::WaitingForPeers
         } else {
-            "training"
-        }
-        .into(),
+            TrainingState::Training
+        },
         step: trainer.step,
         steps: prepared.spec.steps,
         samples_seen: trainer.samples_seen,
@@ -155,6 +151,8 @@ pub async fn start(
         ..TrainingStatus::default()
     };
     let (status_tx, status_rx) = watch::channel(status);
+    // `/status` reads the training status from this watch, through the client.
+    client.watch_training(status_rx.clone());
     let pace_limit = Arc::new(AtomicU64::new(u64::MAX));
     let (to_trainer, from_coordinator) = sync_channel(TRAINER_QUEUE);
     let (events_tx, events) = mpsc::channel(TRAINER_QUEUE);
@@ -166,7 +164,7 @@ pub async fn start(
         pace_limit: Arc::clone(&pace_limit),
     };
     let stop = CancellationToken::new();
-    let mut coordinator = Coordinator {
+    let coordinator = Coordinator {
         client,
         spec: prepared.spec,
         model: prepared.announcement.model,
@@ -181,14 +179,13 @@ pub async fn start(
     let stopped = stop.clone();
     let task = tokio::spawn(async move {
         if wait {
-            coordinator.push_status().await;
             tokio::select! {
                 r = wait_for_peers(&coordinator.client, &coordinator.spec) => r?,
                 () = stopped.cancelled() => return Ok(()),
             }
             coordinator
                 .status
-                .send_modify(|s| s.state = "training".into());
+                .send_modify(|s| s.state = TrainingState::Training);
         }
         let thread = std::thread::Builder::new()
             .name("trainer".into())
@@ -319,8 +316,6 @@ impl Coordinator {
     ) -> Result<()> {
         let (round_tx, mut rounds) =
             mpsc::channel::<std::result::Result<PeerParams, RoundError>>(1);
-        let mut push = tokio::time::interval(STATUS_PUSH);
-        push.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -338,13 +333,11 @@ impl Coordinator {
                         let _ = self.to_trainer.try_send(ToTrainer::SnapshotNow);
                     }
                 },
-                _ = push.tick() => self.push_status().await,
             }
         }
         let _ = self.to_trainer.try_send(ToTrainer::Stop);
         drop(events); // the trainer's last sends fail fast instead of blocking
         let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-        self.push_status().await;
         if !matches!(joined, Ok(Ok(()))) {
             anyhow::bail!("the trainer thread panicked");
         }
@@ -410,16 +403,15 @@ impl Coordinator {
             }
             FromTrainer::Finished => {
                 tracing::info!(run = %self.run.short(), "local training finished; serving the model and answering averaging rounds");
-                self.status.send_modify(|s| s.state = "finished".into());
-                self.push_status().await;
+                self.status
+                    .send_modify(|s| s.state = TrainingState::Finished);
             }
             FromTrainer::Failed(e) => {
                 tracing::error!(run = %self.run.short(), error = %e, "training failed; the node keeps serving");
                 self.status.send_modify(|s| {
-                    s.state = "failed".into();
+                    s.state = TrainingState::Failed;
                     s.error = Some(e);
                 });
-                self.push_status().await;
             }
         }
     }
@@ -553,11 +545,5 @@ impl Coordinator {
             _ => u64::MAX,
         };
         self.pace_limit.store(limit, Ordering::Relaxed);
-    }
-
-    /// Copies the status to the event loop, where `/status` reads it.
-    async fn push_status(&mut self) {
-        let status = self.status.borrow().clone();
-        let _ = self.client.set_training_status(status).await;
     }
 }

@@ -16,6 +16,24 @@ pub mod coordinator;
 pub mod run;
 pub mod trainer;
 
+/// Where a node's training stands (`GET /status` → `training.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum TrainingState {
+    /// Waiting until enough peers of the run are known (or the wait ends).
+    #[default]
+    #[serde(rename = "waiting for peers")]
+    WaitingForPeers,
+    /// Taking local steps.
+    #[serde(rename = "training")]
+    Training,
+    /// Local steps done; the node still serves the model and answers averaging rounds.
+    #[serde(rename = "finished")]
+    Finished,
+    /// Training failed (see `error`); the node keeps serving.
+    #[serde(rename = "failed")]
+    Failed,
+}
+
 /// Training as `GET /status` reports it (`training`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TrainingStatus {
@@ -23,8 +41,8 @@ pub struct TrainingStatus {
     pub run_id: String,
     /// Model name of the run's versions.
     pub model: String,
-    /// `starting`, `training`, `finished` (local steps done; still serving), or `failed`.
-    pub state: String,
+    /// Where the node's training stands.
+    pub state: TrainingState,
     /// Local steps taken.
     pub step: u64,
     /// Local steps the run asks for.
