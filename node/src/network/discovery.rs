@@ -8,7 +8,9 @@
 //! `peer_cache_save_interval` for other changes.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use anyhow::Result;
 use libp2p::core::ConnectedPoint;

@@ -13,7 +13,9 @@
 //! A node without `--shard` takes shard `hash(peer id) % shards` of the run's data set.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use libp2p::PeerId;
