@@ -81,7 +81,7 @@ pub struct Snapshot {
 pub enum AveragerEvent {
     /// A session a peer opened is complete: its parameters, to check and mix in.
     Finished(PeerParams),
-    /// A peer wants to average: take a fresh snapshot ([`Averager::set_snapshot`]), so that
+    /// A peer wants to average: take a fresh snapshot ([`Behaviour::set_snapshot`]), so that
     /// the session exchanges the current parameters, not stale ones.
     SnapshotWanted,
 }

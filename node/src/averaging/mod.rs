@@ -7,7 +7,7 @@
 //! and step; the other side answers `Busy` (one session at a time), `Refused` (another run or
 //! layout, or a peer refused before) or, once its trainer has handed out a fresh snapshot,
 //! `Accepted` with the piece count. The opener then sends its parameters in pieces of at most
-//! 1 MiB ([`PIECES_IN_FLIGHT`](behaviour) at a time); each `Piece` is answered with the same
+//! 1 MiB (4 in flight at a time); each `Piece` is answered with the same
 //! piece of the other side's snapshot, so both end holding each other's parameters from the
 //! same moment. `Runs` asks a peer for the runs it knows and which one it trains.
 //! **Limits**: messages of at most [`p2p_protocol::training::MAX_TRAINING_MESSAGE_BYTES`];

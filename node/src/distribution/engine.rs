@@ -1,29 +1,52 @@
-//! [`Engine`]: the swarm engine. It lives inside the network event loop (which owns the swarm
-//! and hands it in), serves the versions in the [`Store`], and drives downloads:
+//! [`Engine`]: the `/p2p-ml/models/1.0.0` protocol and the swarm engine, as one libp2p
+//! `NetworkBehaviour`. It wraps a request-response behaviour, tracks which peers are
+//! connected, runs its own timer and its disk writer's completions, serves the versions in the
+//! [`Store`], and drives downloads; it never sees the swarm or the other protocols. What it
+//! needs from them it asks for as [`Event`]s (provider lookups and records in the DHT,
+//! announcements on gossip), and what it learns from them comes back through
+//! [`Engine::on_providers`] and [`Engine::on_gossip`].
 //!
-//! manifest from any peer, checked against the id -> chunks already held locally copied ->
-//! every connected peer and every Kademlia provider asked which chunks it holds -> the
-//! [`Picker`] schedules chunk requests -> each chunk verified, written, served at once ->
-//! complete: provider record, waiters told.
+//! **Participants**: any node holding chunks of a version serves them; fetchers ask every
+//! connected peer and every DHT provider. **Flow**: manifest from any peer, checked against the
+//! id -> chunks already held locally copied -> every candidate asked which chunks it holds
+//! (`Have`, refreshed every 200 ms) -> the [`Picker`] schedules chunk requests, rarest first,
+//! at most 4 in flight per peer -> each chunk verified, written, served at once -> endgame:
+//! the last chunks asked of two peers, the slower answer dropped -> complete: header checked
+//! with the reference reader, provider record, waiters told. **Limits**: requests and
+//! responses of at most [`MAX_REQUEST_BYTES`] / [`MAX_RESPONSE_BYTES`], 4 uploads at once
+//! (more are answered "busy"), 32 verified chunks waiting for the disk per download, 4096
+//! announcements remembered.
 //!
-//! A peer that sends a chunk that does not match its hash is dropped for that version and
-//! reported ([`Engine::take_misbehaved`]); the node's reputation decides on penalties. Failed and timed-out requests give
-//! their chunk back to the picker; new peers and providers join the download at once.
+//! A peer that sends a chunk or manifest that does not match its hash is dropped for that
+//! version and reported ([`Event::Misbehaved`]); the node's reputation decides on penalties.
+//! Failed and timed-out requests give their chunk back to the picker; new peers and providers
+//! join the download at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use anyhow::{anyhow, Result};
+use libp2p::core::transport::PortUse;
+use libp2p::core::Endpoint;
 use libp2p::request_response::{
     self, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
 };
-use libp2p::{gossipsub, kad, PeerId, Swarm};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use p2p_protocol::bitfield::Bitfield;
+use p2p_protocol::codec::CborCodec;
 use p2p_protocol::manifest::{Manifest, VersionId};
-use p2p_protocol::messages::{Announcement, Request, Response, MAX_VERSIONS_LISTED};
+use p2p_protocol::messages::{
+    Announcement, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MAX_VERSIONS_LISTED,
+    MODELS_PROTOCOL,
+};
 use p2p_protocol::training::TrainingMeta;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -33,7 +56,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::picker::Picker;
 use super::store::{ChunkWrite, ImportedFile, Store};
 use super::{DistributionConfig, RateLimiter, Stage};
-use crate::network::behaviour::{announce_topic, Behaviour};
 
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
@@ -45,6 +67,32 @@ const MAX_PENDING_WRITES: usize = 32;
 
 /// How long before peers that could not give a manifest are asked again.
 const MANIFEST_RETRY: Duration = Duration::from_secs(2);
+
+/// How often downloads are driven and availability refreshed.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Streams of the protocol open at once on one connection.
+const MAX_CONCURRENT_STREAMS: usize = 512;
+
+/// What the models behaviour asks of the rest of the node, or reports to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Look up the DHT's providers of this version; answer with [`Engine::on_providers`].
+    FindProviders(VersionId),
+    /// Put a provider record of this version in the DHT.
+    Provide(VersionId),
+    /// Withdraw this node's provider record of this version.
+    StopProviding(VersionId),
+    /// Publish these bytes (an encoded [`Announcement`]) on the announcements topic.
+    Announce(Vec<u8>),
+    /// A peer sent data that does not match its hash (a chunk or a manifest).
+    Misbehaved {
+        /// The peer.
+        peer: PeerId,
+        /// What it did.
+        why: String,
+    },
+}
 
 /// A version a peer asked for within this long is not pruned: the peer is still fetching it.
 pub const IN_USE_WINDOW: Duration = Duration::from_secs(30);
@@ -294,12 +342,17 @@ struct VersionsQuery {
 
 /// The distribution engine of one node.
 pub struct Engine {
+    inner: Inner,
+    /// Peers with at least one connection.
+    connected: HashSet<PeerId>,
+    events: VecDeque<Event>,
+    tick: tokio::time::Interval,
+    disk_events: mpsc::UnboundedReceiver<DiskEvent>,
     config: DistributionConfig,
     store: Store,
     local_peer: PeerId,
     downloads: HashMap<VersionId, Download>,
     requests: HashMap<OutboundRequestId, Pending>,
-    provider_queries: HashMap<kad::QueryId, VersionId>,
     announcements: HashMap<VersionId, Announcement>,
     traffic: HashMap<VersionId, Traffic>,
     uploads: HashSet<InboundRequestId>,
@@ -308,8 +361,6 @@ pub struct Engine {
     seeded: HashMap<VersionId, Vec<u32>>,
     /// When a peer last asked for a version's chunks or availability (pruning spares it).
     last_served: HashMap<VersionId, Instant>,
-    /// Peers that sent bad data since the last [`Engine::take_misbehaved`]: `(peer, why)`.
-    misbehaved: Vec<(PeerId, String)>,
     followed: HashSet<String>,
     versions_queries: HashMap<u64, VersionsQuery>,
     next_query: u64,
@@ -324,18 +375,30 @@ impl Engine {
     /// An engine serving `store`. Incomplete versions found in the store resume downloading.
     /// Finished disk work comes back through `write_done`, to be passed to
     /// [`Engine::on_disk_event`].
-    pub fn new(
-        config: DistributionConfig,
-        store: Store,
-        local_peer: PeerId,
-        write_done: mpsc::UnboundedSender<DiskEvent>,
-    ) -> Self {
+    pub fn new(config: DistributionConfig, store: Store, local_peer: PeerId) -> Self {
+        let (write_done, disk_events) = mpsc::unbounded_channel();
+        let inner = request_response::Behaviour::with_codec(
+            CborCodec::new(MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES),
+            [(
+                StreamProtocol::new(MODELS_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default()
+                .with_request_timeout(config.request_timeout)
+                .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
+        );
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut engine = Self {
+            inner,
+            connected: HashSet::new(),
+            events: VecDeque::new(),
+            tick,
+            disk_events,
             store,
             local_peer,
             downloads: HashMap::new(),
             requests: HashMap::new(),
-            provider_queries: HashMap::new(),
             announcements: HashMap::new(),
             traffic: HashMap::new(),
             uploads: HashSet::new(),
@@ -344,7 +407,6 @@ impl Engine {
             upload_limiter: config
                 .max_upload_rate
                 .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
-            misbehaved: Vec::new(),
             followed: HashSet::new(),
             versions_queries: HashMap::new(),
             next_query: 0,
@@ -371,7 +433,7 @@ impl Engine {
     }
 
     /// Called once the swarm runs: provider records for held versions, pending downloads.
-    pub fn start(&mut self, swarm: &mut Swarm<Behaviour>) {
+    pub fn start(&mut self) {
         let held: Vec<VersionId> = self
             .store
             .iter()
@@ -381,7 +443,7 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in held {
-            start_providing(swarm, &id);
+            self.start_providing(&id);
         }
     }
 
@@ -403,7 +465,6 @@ impl Engine {
     /// metadata for a checkpoint) and serves it.
     pub fn publish(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         imported: ImportedFile,
         model: &str,
         training: Option<TrainingMeta>,
@@ -425,8 +486,8 @@ impl Engine {
             training,
         };
         self.announcements.insert(id, announcement.clone());
-        start_providing(swarm, &id);
-        self.announce(swarm, &announcement);
+        self.start_providing(&id);
+        self.announce(&announcement);
         tracing::info!(model, version = announcement.version, id = %id, size = announcement.size, "published version");
         Ok(announcement)
     }
@@ -435,7 +496,6 @@ impl Engine {
     /// and `progress` (if any) every change on the way.
     pub fn fetch(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         id: VersionId,
         reply: oneshot::Sender<Result<DownloadReport, String>>,
         progress: Option<watch::Sender<FetchProgress>>,
@@ -458,27 +518,22 @@ impl Engine {
                 return;
             }
         }
-        self.ensure_download(swarm, id);
+        self.ensure_download(id);
         if let Some(d) = self.downloads.get_mut(&id) {
             d.waiters.push(reply);
             d.progress.extend(progress);
         }
-        self.drive(swarm, &id);
+        self.drive(&id);
     }
 
     /// Asks every connected peer which versions of `model` it knows; `reply` gets them merged
     /// with those known here, newest first.
-    pub fn query_versions(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        model: String,
-        reply: oneshot::Sender<Vec<Announcement>>,
-    ) {
+    pub fn query_versions(&mut self, model: String, reply: oneshot::Sender<Vec<Announcement>>) {
         let qid = self.next_query;
         self.next_query += 1;
-        let peers: Vec<PeerId> = swarm.connected_peers().copied().collect();
+        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
         for peer in &peers {
-            let rid = swarm.behaviour_mut().models.send_request(
+            let rid = self.inner.send_request(
                 peer,
                 Request::Versions {
                     model: model.clone(),
@@ -565,22 +620,11 @@ impl Engine {
         })
     }
 
-    /// Peers that sent bad data (a chunk or manifest that does not match its hash) since the
-    /// last call: `(peer, why)`, for the node's reputation.
-    pub fn take_misbehaved(&mut self) -> Vec<(PeerId, String)> {
-        std::mem::take(&mut self.misbehaved)
-    }
-
     /// Deletes the complete versions of `model` beyond the newest `keep` (by version number),
     /// except any a peer asked for within [`IN_USE_WINDOW`] (it is still downloading from us)
     /// and any this node is downloading. Their provider records are withdrawn. Returns the ids
     /// deleted.
-    pub fn prune(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        model: &str,
-        keep: usize,
-    ) -> Vec<VersionId> {
+    pub fn prune(&mut self, model: &str, keep: usize) -> Vec<VersionId> {
         let mut held: Vec<(u64, VersionId)> = self
             .store
             .iter()
@@ -600,10 +644,7 @@ impl Engine {
                 tracing::debug!(version = %id.short(), "not pruning a version peers are fetching");
                 continue;
             }
-            swarm
-                .behaviour_mut()
-                .kademlia
-                .stop_providing(&kad::RecordKey::new(&id.0));
+            self.events.push_back(Event::StopProviding(id));
             if let Err(e) = self.store.remove(&id) {
                 tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot prune a version");
                 continue;
@@ -621,7 +662,7 @@ impl Engine {
     // ----- events -----
 
     /// Periodic work: durability, provider lookups, availability refresh, scheduling.
-    pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
+    pub fn tick(&mut self) {
         if self.last_sync.elapsed() >= Duration::from_secs(1) {
             self.last_sync = Instant::now();
             for id in self.store.unsynced() {
@@ -630,16 +671,16 @@ impl Engine {
         }
         let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
         for id in ids {
-            self.drive(swarm, &id);
+            self.drive(&id);
         }
         let poll_due = self
             .last_follow_poll
             .is_none_or(|t| t.elapsed() >= FOLLOW_POLL);
-        if poll_due && swarm.connected_peers().next().is_some() {
+        if poll_due && !self.connected.is_empty() {
             self.last_follow_poll = Some(Instant::now());
             for model in self.followed.clone() {
                 let (reply, _) = oneshot::channel();
-                self.query_versions(swarm, model, reply);
+                self.query_versions(model, reply);
             }
         }
         let expired: Vec<u64> = self
@@ -654,11 +695,11 @@ impl Engine {
     }
 
     /// A connection to `peer` came up: it may hold what we download.
-    pub fn on_peer_connected(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
-        if swarm.connected_peers().count() == 1 {
+    pub fn on_peer_connected(&mut self, peer: PeerId) {
+        if self.connected.len() == 1 {
             // The first peer after a time alone (a restart, a lost network): provider records
             // put while nobody was there reached no one, so put them again.
-            self.start(swarm);
+            self.start();
         }
         let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
         for id in ids {
@@ -667,7 +708,7 @@ impl Engine {
                     d.candidates.insert(peer);
                 }
             }
-            self.drive(swarm, &id);
+            self.drive(&id);
         }
     }
 
@@ -683,21 +724,8 @@ impl Engine {
         }
     }
 
-    /// Kademlia found providers for a version.
-    pub fn on_providers(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        query: kad::QueryId,
-        providers: HashSet<PeerId>,
-        last: bool,
-    ) {
-        let Some(id) = (if last {
-            self.provider_queries.remove(&query)
-        } else {
-            self.provider_queries.get(&query).copied()
-        }) else {
-            return;
-        };
+    /// The DHT named providers of version `id` (after [`Event::FindProviders`]).
+    pub fn on_providers(&mut self, id: VersionId, providers: HashSet<PeerId>) {
         let Some(d) = self.downloads.get_mut(&id) else {
             return;
         };
@@ -712,18 +740,13 @@ impl Engine {
         }
         if new > 0 {
             tracing::debug!(version = %id.short(), new, "providers found");
-            self.drive(swarm, &id);
+            self.drive(&id);
         }
     }
 
     /// A gossip message on the announcements topic from `source` (the signed author). Returns
     /// the announcement if it was valid.
-    pub fn on_gossip(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        source: Option<PeerId>,
-        data: &[u8],
-    ) -> Option<Announcement> {
+    pub fn on_gossip(&mut self, source: Option<PeerId>, data: &[u8]) -> Option<Announcement> {
         let announcement = match Announcement::decode(data) {
             Ok(a) => a,
             Err(e) => {
@@ -739,14 +762,13 @@ impl Engine {
             return None;
         }
         tracing::info!(model = %announcement.model, version = announcement.version, id = %announcement.id.short(), from = %announcement.publisher, "version announced");
-        self.learn_announcement(swarm, announcement.clone());
+        self.learn_announcement(announcement.clone());
         Some(announcement)
     }
 
     /// An inbound request.
     pub fn on_request(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
         request_id: InboundRequestId,
         request: Request,
@@ -806,13 +828,7 @@ impl Engine {
                 versions: self.known_versions(&model),
             },
         };
-        if swarm
-            .behaviour_mut()
-            .models
-            .send_response(channel, response)
-            .is_ok()
-            && chunk_bytes > 0
-        {
+        if self.inner.send_response(channel, response).is_ok() && chunk_bytes > 0 {
             self.uploads.insert(request_id);
         } else if chunk_bytes > 0 {
             tracing::debug!(%peer, "requester went away before the chunk was sent");
@@ -825,13 +841,7 @@ impl Engine {
     }
 
     /// A response to one of our requests.
-    pub fn on_response(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        peer: PeerId,
-        request_id: OutboundRequestId,
-        response: Response,
-    ) {
+    pub fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: Response) {
         let Some(pending) = self.requests.remove(&request_id) else {
             return;
         };
@@ -840,7 +850,7 @@ impl Engine {
         }
         match (pending.purpose, response) {
             (Purpose::Manifest(id), Response::Manifest { bytes }) => {
-                self.on_manifest(swarm, peer, id, &bytes)
+                self.on_manifest(peer, id, &bytes)
             }
             (
                 Purpose::Have(id),
@@ -860,15 +870,15 @@ impl Engine {
                     }
                 }
                 self.on_have(peer, id, Some(bitfield));
-                self.drive(swarm, &id);
+                self.drive(&id);
             }
             (Purpose::Chunk(id, index), Response::Chunk { index: got, data }) => {
-                self.on_chunk(swarm, peer, id, index, got, data)
+                self.on_chunk(peer, id, index, got, data)
             }
             (Purpose::Versions(qid), Response::Versions { versions }) => {
                 for a in versions.into_iter().take(MAX_VERSIONS_LISTED) {
                     if p2p_protocol::manifest::validate_model_name(&a.model).is_ok() {
-                        self.learn_announcement(swarm, a);
+                        self.learn_announcement(a);
                     }
                 }
                 self.answered_versions_query(qid);
@@ -878,7 +888,7 @@ impl Engine {
                 if let Some(d) = self.downloads.get_mut(&id) {
                     d.candidates.remove(&peer);
                 }
-                self.drive(swarm, &id);
+                self.drive(&id);
             }
             (Purpose::Have(id), _) => {
                 self.on_have(peer, id, None);
@@ -887,7 +897,7 @@ impl Engine {
                 if let Some(p) = self.picker_mut(&id) {
                     p.peer_lacks(&peer, index);
                 }
-                self.drive(swarm, &id);
+                self.drive(&id);
             }
             (Purpose::Chunk(id, index), Response::Busy) => {
                 // Back off from this peer until its next availability refresh.
@@ -899,19 +909,15 @@ impl Engine {
                     }
                 }
             }
-            (Purpose::Chunk(id, _), _) => self.punish(
-                swarm,
-                peer,
-                id,
-                "answered a chunk request with something else",
-            ),
+            (Purpose::Chunk(id, _), _) => {
+                self.punish(peer, id, "answered a chunk request with something else")
+            }
         }
     }
 
     /// A request of ours failed (timeout, connection lost, protocol not supported).
     pub fn on_outbound_failure(
         &mut self,
-        swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
         request_id: OutboundRequestId,
         error: &OutboundFailure,
@@ -928,7 +934,7 @@ impl Engine {
         }
         match pending.purpose {
             Purpose::Versions(qid) => self.answered_versions_query(qid),
-            Purpose::Manifest(id) => self.drive(swarm, &id),
+            Purpose::Manifest(id) => self.drive(&id),
             Purpose::Have(id) => self.on_have(peer, id, None),
             Purpose::Chunk(id, index) => {
                 if pending.cancelled {
@@ -943,7 +949,7 @@ impl Engine {
                         p.remove_peer(&peer);
                     }
                 }
-                self.drive(swarm, &id);
+                self.drive(&id);
             }
         }
     }
@@ -1019,7 +1025,7 @@ impl Engine {
         list
     }
 
-    fn learn_announcement(&mut self, swarm: &mut Swarm<Behaviour>, a: Announcement) {
+    fn learn_announcement(&mut self, a: Announcement) {
         let id = a.id;
         let publisher = a.publisher.parse::<PeerId>().ok();
         let newer = self
@@ -1037,12 +1043,12 @@ impl Engine {
             }
         }
         if followed && newer && self.store.get(&id).is_none() {
-            self.ensure_download(swarm, id);
+            self.ensure_download(id);
             if let (Some(d), Some(p)) = (self.downloads.get_mut(&id), publisher) {
                 d.publisher = Some(p);
                 d.candidates.insert(p);
             }
-            self.drive(swarm, &id);
+            self.drive(&id);
         }
     }
 
@@ -1065,7 +1071,7 @@ impl Engine {
         }
     }
 
-    fn ensure_download(&mut self, swarm: &mut Swarm<Behaviour>, id: VersionId) {
+    fn ensure_download(&mut self, id: VersionId) {
         if self.downloads.contains_key(&id) {
             return;
         }
@@ -1075,8 +1081,8 @@ impl Engine {
             .and_then(|a| a.publisher.parse::<PeerId>().ok());
         let mut d = Download::new(publisher);
         d.candidates.extend(
-            swarm
-                .connected_peers()
+            self.connected
+                .iter()
                 .copied()
                 .filter(|p| *p != self.local_peer),
         );
@@ -1119,7 +1125,7 @@ impl Engine {
     }
 
     /// Moves a download forward: manifest, availability, providers, chunk requests, completion.
-    fn drive(&mut self, swarm: &mut Swarm<Behaviour>, id: &VersionId) {
+    fn drive(&mut self, id: &VersionId) {
         let Some(mut d) = self.downloads.remove(id) else {
             return;
         };
@@ -1128,11 +1134,7 @@ impl Engine {
             .is_none_or(|t| now.duration_since(t) >= self.config.provider_refresh)
         {
             d.last_provider_query = Some(now);
-            let q = swarm
-                .behaviour_mut()
-                .kademlia
-                .get_providers(kad::RecordKey::new(&id.0));
-            self.provider_queries.insert(q, *id);
+            self.events.push_back(Event::FindProviders(*id));
         }
         if d.picker.is_none() {
             // Ask one new peer at a time for the manifest.
@@ -1154,12 +1156,7 @@ impl Engine {
                 }
                 if let Some(peer) = next {
                     d.manifest_asked.insert(peer);
-                    self.send(
-                        swarm,
-                        peer,
-                        Request::Manifest { id: *id },
-                        Purpose::Manifest(*id),
-                    );
+                    self.send(peer, Request::Manifest { id: *id }, Purpose::Manifest(*id));
                 }
             }
             self.downloads.insert(*id, d);
@@ -1173,7 +1170,7 @@ impl Engine {
             if due && !d.have_pending.contains(&peer) && !d.banned.contains(&peer) {
                 d.have_pending.insert(peer);
                 d.last_have.insert(peer, now);
-                self.send(swarm, peer, Request::Have { id: *id }, Purpose::Have(*id));
+                self.send(peer, Request::Have { id: *id }, Purpose::Have(*id));
             }
         }
         // Backpressure: while the disk is behind, ask for nothing more, so that chunks waiting
@@ -1184,7 +1181,6 @@ impl Engine {
         };
         for (peer, index) in requests {
             self.send(
-                swarm,
                 peer,
                 Request::Chunk { id: *id, index },
                 Purpose::Chunk(*id, index),
@@ -1195,7 +1191,7 @@ impl Engine {
             // Complete means durable: the last sync runs off the event loop, and its end
             // drives the download again.
             if self.store.get(id).is_some_and(|v| v.is_durable()) {
-                self.complete(swarm, id, d);
+                self.complete(id, d);
                 return;
             }
             self.start_sync(id);
@@ -1229,14 +1225,8 @@ impl Engine {
         }
     }
 
-    fn send(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        peer: PeerId,
-        request: Request,
-        purpose: Purpose,
-    ) {
-        let rid = swarm.behaviour_mut().models.send_request(&peer, request);
+    fn send(&mut self, peer: PeerId, request: Request, purpose: Purpose) {
+        let rid = self.inner.send_request(&peer, request);
         self.requests.insert(
             rid,
             Pending {
@@ -1247,24 +1237,13 @@ impl Engine {
         );
     }
 
-    fn on_manifest(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        peer: PeerId,
-        id: VersionId,
-        bytes: &[u8],
-    ) {
+    fn on_manifest(&mut self, peer: PeerId, id: VersionId, bytes: &[u8]) {
         if self.downloads.get(&id).is_none_or(|d| d.picker.is_some()) {
             return;
         }
         if let Err(e) = Manifest::decode_verified(bytes, &id) {
             tracing::warn!(%peer, version = %id.short(), error = %e, "peer sent a bad manifest");
-            self.punish(
-                swarm,
-                peer,
-                id,
-                "sent a manifest that does not match its id",
-            );
+            self.punish(peer, id, "sent a manifest that does not match its id");
             return;
         }
         if let Err(e) = self.store.begin(id, bytes) {
@@ -1279,7 +1258,7 @@ impl Engine {
             tracing::info!(version = %id.short(), model = %v.manifest.model, number = v.manifest.version, size = v.manifest.total_size, chunks = v.manifest.chunk_count(), "manifest verified");
         }
         self.downloads.insert(id, d);
-        self.drive(swarm, &id);
+        self.drive(&id);
     }
 
     fn on_have(&mut self, peer: PeerId, id: VersionId, bitfield: Option<Bitfield>) {
@@ -1316,17 +1295,9 @@ impl Engine {
         picker.set_availability(peer, bits);
     }
 
-    fn on_chunk(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        peer: PeerId,
-        id: VersionId,
-        index: u32,
-        got: u32,
-        data: Vec<u8>,
-    ) {
+    fn on_chunk(&mut self, peer: PeerId, id: VersionId, index: u32, got: u32, data: Vec<u8>) {
         if got != index {
-            self.punish(swarm, peer, id, "sent a different chunk than asked");
+            self.punish(peer, id, "sent a different chunk than asked");
             return;
         }
         let Some(v) = self.store.get(&id) else {
@@ -1346,7 +1317,7 @@ impl Engine {
             return;
         }
         if !v.manifest.verify_chunk(index, &data) {
-            self.punish(swarm, peer, id, "sent a chunk that does not match its hash");
+            self.punish(peer, id, "sent a chunk that does not match its hash");
             return;
         }
         let len = data.len() as u64;
@@ -1377,14 +1348,14 @@ impl Engine {
         }
         // Disk writes run off the event loop, which goes on serving and scheduling.
         self.chunk_writer.write(id, index, write);
-        self.drive(swarm, &id);
+        self.drive(&id);
     }
 
     /// Disk work finished on a blocking thread.
-    pub fn on_disk_event(&mut self, swarm: &mut Swarm<Behaviour>, event: DiskEvent) {
+    pub fn on_disk_event(&mut self, event: DiskEvent) {
         match event {
             DiskEvent::ChunkWritten { id, index, result } => {
-                self.on_chunk_written(swarm, id, index, result)
+                self.on_chunk_written(id, index, result)
             }
             DiskEvent::Synced { id, result } => {
                 self.store.sync_finished(&id, result.is_ok());
@@ -1395,7 +1366,7 @@ impl Engine {
                     }
                     return;
                 }
-                self.drive(swarm, &id);
+                self.drive(&id);
             }
         }
     }
@@ -1414,13 +1385,7 @@ impl Engine {
     }
 
     /// A verified chunk reached the disk (or failed to): it is served from now on.
-    fn on_chunk_written(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        id: VersionId,
-        index: u32,
-        result: Result<(), String>,
-    ) {
+    fn on_chunk_written(&mut self, id: VersionId, index: u32, result: Result<(), String>) {
         if let Some(d) = self.downloads.get_mut(&id) {
             d.writes_pending = d.writes_pending.saturating_sub(1);
         }
@@ -1438,15 +1403,18 @@ impl Engine {
         }
         let first = self.store.get(&id).is_some_and(|v| v.have.count() == 1);
         if first && self.serves_version(false, false) {
-            start_providing(swarm, &id);
+            self.start_providing(&id);
         }
-        self.drive(swarm, &id);
+        self.drive(&id);
     }
 
     /// Drops `peer` from the download of `id` and counts a penalty.
-    fn punish(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, id: VersionId, why: &str) {
+    fn punish(&mut self, peer: PeerId, id: VersionId, why: &str) {
         tracing::warn!(%peer, version = %id.short(), "dropping peer from the download: {why}");
-        self.misbehaved.push((peer, why.to_string()));
+        self.events.push_back(Event::Misbehaved {
+            peer,
+            why: why.to_string(),
+        });
         if let Some(d) = self.downloads.get_mut(&id) {
             d.banned.insert(peer);
             d.candidates.remove(&peer);
@@ -1459,10 +1427,10 @@ impl Engine {
                 pending.cancelled = true;
             }
         }
-        self.drive(swarm, &id);
+        self.drive(&id);
     }
 
-    fn complete(&mut self, swarm: &mut Swarm<Behaviour>, id: &VersionId, d: Download) {
+    fn complete(&mut self, id: &VersionId, d: Download) {
         for pending in self.requests.values_mut() {
             if matches!(pending.purpose, Purpose::Chunk(v, _) | Purpose::Have(v) if v == *id) {
                 pending.cancelled = true;
@@ -1519,7 +1487,7 @@ impl Engine {
             );
         }
         if self.serves_version(false, true) {
-            start_providing(swarm, id);
+            self.start_providing(id);
         }
         for waiter in d.waiters {
             let _ = waiter.send(Ok(report.clone()));
@@ -1535,62 +1503,158 @@ impl Engine {
         }
     }
 
-    /// Publishes `announcement` on gossipsub (best effort: peers that miss it ask later).
-    fn announce(&mut self, swarm: &mut Swarm<Behaviour>, announcement: &Announcement) {
-        if let Err(e) = swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(announce_topic(), announcement.encode())
-        {
-            match e {
-                gossipsub::PublishError::NoPeersSubscribedToTopic => {
-                    tracing::info!(
-                        "no peers to announce to yet; they will find the version when they ask"
-                    )
-                }
-                e => tracing::warn!(error = %e, "cannot announce the version"),
+    /// Asks for `announcement` to be published on the announcements topic.
+    fn announce(&mut self, announcement: &Announcement) {
+        self.events
+            .push_back(Event::Announce(announcement.encode()));
+    }
+
+    /// Asks for a provider record of `id` to be put in the DHT.
+    fn start_providing(&mut self, id: &VersionId) {
+        self.events.push_back(Event::Provide(*id));
+    }
+}
+
+type Inner = request_response::Behaviour<CborCodec<Request, Response>>;
+
+impl Engine {
+    /// An event of the wrapped request-response behaviour.
+    fn on_inner_event(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request_id,
+                    request,
+                    channel,
+                } => self.on_request(peer, request_id, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.on_response(peer, request_id, response),
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => self.on_outbound_failure(peer, request_id, &error),
+            request_response::Event::InboundFailure { request_id, .. }
+            | request_response::Event::ResponseSent { request_id, .. } => {
+                self.on_upload_done(request_id)
             }
         }
     }
 }
 
-fn start_providing(swarm: &mut Swarm<Behaviour>, id: &VersionId) {
-    if let Err(e) = swarm
-        .behaviour_mut()
-        .kademlia
-        .start_providing(kad::RecordKey::new(&id.0))
-    {
-        tracing::warn!(error = %e, "cannot store the provider record");
-    }
-}
+impl NetworkBehaviour for Engine {
+    type ConnectionHandler = <Inner as NetworkBehaviour>::ConnectionHandler;
+    type ToSwarm = Event;
 
-/// Feeds a request-response event to the engine.
-pub fn on_models_event(
-    engine: &mut Engine,
-    swarm: &mut Swarm<Behaviour>,
-    event: request_response::Event<Request, Response>,
-) {
-    match event {
-        request_response::Event::Message { peer, message, .. } => match message {
-            request_response::Message::Request {
-                request_id,
-                request,
-                channel,
-            } => engine.on_request(swarm, peer, request_id, request, channel),
-            request_response::Message::Response {
-                request_id,
-                response,
-            } => engine.on_response(swarm, peer, request_id, response),
-        },
-        request_response::Event::OutboundFailure {
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> std::result::Result<(), ConnectionDenied> {
+        self.inner
+            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> std::result::Result<THandler<Self>, ConnectionDenied> {
+        self.inner.handle_established_inbound_connection(
+            connection_id,
             peer,
-            request_id,
-            error,
-            ..
-        } => engine.on_outbound_failure(swarm, peer, request_id, &error),
-        request_response::Event::InboundFailure { request_id, .. }
-        | request_response::Event::ResponseSent { request_id, .. } => {
-            engine.on_upload_done(request_id)
+            local_addr,
+            remote_addr,
+        )
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> std::result::Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.inner.handle_pending_outbound_connection(
+            connection_id,
+            maybe_peer,
+            addresses,
+            effective_role,
+        )
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> std::result::Result<THandler<Self>, ConnectionDenied> {
+        self.inner.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        match &event {
+            FromSwarm::ConnectionEstablished(e) if e.other_established == 0 => {
+                self.connected.insert(e.peer_id);
+                self.on_peer_connected(e.peer_id);
+            }
+            FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
+                self.connected.remove(&e.peer_id);
+                self.on_peer_disconnected(e.peer_id);
+            }
+            _ => {}
+        }
+        self.inner.on_swarm_event(event);
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.inner
+            .on_connection_handler_event(peer, connection_id, event);
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
+        while self.tick.poll_tick(cx).is_ready() {
+            self.tick();
+        }
+        while let Poll::Ready(Some(done)) = self.disk_events.poll_recv(cx) {
+            self.on_disk_event(done);
+        }
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Poll::Ready(ToSwarm::GenerateEvent(event));
+            }
+            match self.inner.poll(cx) {
+                Poll::Ready(ToSwarm::GenerateEvent(event)) => self.on_inner_event(event),
+                Poll::Ready(other) => {
+                    // Dials and handler notifications pass through; the inner behaviour's own
+                    // events were handled in the arm above.
+                    return Poll::Ready(
+                        other
+                            .map_out(|_| unreachable!("request-response events are handled above")),
+                    );
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

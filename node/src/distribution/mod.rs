@@ -147,3 +147,6 @@ impl RateLimiter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

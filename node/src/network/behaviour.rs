@@ -7,16 +7,13 @@ use anyhow::{anyhow, Result};
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{
-    connection_limits, gossipsub, identify, kad, mdns, ping, request_response, StreamProtocol,
-};
+use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, StreamProtocol};
 use p2p_protocol as proto;
-use p2p_protocol::codec::CborCodec;
-use p2p_protocol::messages::{self, Request, Response};
 use p2p_protocol::training;
 
 use crate::averaging;
 use crate::config::{KadMode, NodeConfig};
+use crate::distribution::engine::Engine;
 
 /// Every protocol a node speaks. Field order is the order in which behaviours are polled and
 /// asked about new connections, so the connection limits come first.
@@ -34,15 +31,15 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Local-network discovery; off with `--no-mdns`.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
-    /// Model distribution: manifests, bitfields and chunks.
-    pub models: request_response::Behaviour<CborCodec<Request, Response>>,
+    /// Model distribution: manifests, bitfields and chunks (the swarm engine).
+    pub models: Engine,
     /// Training: gossip averaging sessions and run discovery.
     pub averaging: averaging::Behaviour,
 }
 
 impl Behaviour {
-    /// Builds the behaviours for `key` as configured.
-    pub fn new(key: &Keypair, config: &NodeConfig) -> Result<Self> {
+    /// Builds the behaviours for `key` as configured, around the models behaviour `models`.
+    pub fn new(key: &Keypair, config: &NodeConfig, models: Engine) -> Result<Self> {
         let peer_id = key.public().to_peer_id();
 
         let limits = connection_limits::Behaviour::new(
@@ -103,17 +100,6 @@ impl Behaviour {
         } else {
             None
         };
-
-        let models = request_response::Behaviour::with_codec(
-            CborCodec::new(messages::MAX_REQUEST_BYTES, messages::MAX_RESPONSE_BYTES),
-            [(
-                StreamProtocol::new(messages::MODELS_PROTOCOL),
-                request_response::ProtocolSupport::Full,
-            )],
-            request_response::Config::default()
-                .with_request_timeout(config.distribution.request_timeout)
-                .with_max_concurrent_streams(512),
-        );
 
         Ok(Self {
             limits,

@@ -4,7 +4,7 @@
 //! the distribution [`Engine`] for models, the averaging behaviour, [`Reputation`] for
 //! misbehaving peers).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -13,21 +13,19 @@ use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, identify, kad, mdns, Multiaddr, PeerId, Swarm};
+use p2p_protocol::manifest::VersionId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::behaviour::{runs_topic, Behaviour, BehaviourEvent};
+use super::behaviour::{announce_topic, runs_topic, Behaviour, BehaviourEvent};
 use super::client::{Client, Command, NetworkStatus};
 use super::discovery::{Discovery, CACHE_SAVE_SOON};
 use super::reputation::{Reputation, Verdict};
 use crate::averaging;
 use crate::config::NodeConfig;
-use crate::distribution::engine::{self, DiskEvent, Engine};
+use crate::distribution::engine::{self, Engine};
 use crate::distribution::store::Store;
 use crate::peers::AddressBook;
-
-/// How often the distribution engine schedules requests and refreshes availability.
-const ENGINE_TICK: Duration = Duration::from_millis(200);
 
 /// Capacity of the command channel: callers wait when the loop is this far behind.
 const COMMAND_QUEUE: usize = 64;
@@ -42,8 +40,8 @@ pub struct EventLoop {
     pending_listeners: HashSet<ListenerId>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     listen_addrs: Vec<Multiaddr>,
-    engine: Engine,
-    disk_events: mpsc::UnboundedReceiver<DiskEvent>,
+    /// Provider lookups running for the models behaviour, by Kademlia query.
+    provider_queries: HashMap<kad::QueryId, VersionId>,
     reputation: Reputation,
 }
 
@@ -53,13 +51,12 @@ impl EventLoop {
     /// Fails (with a one-line reason) if an address cannot be listened on.
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
         let store = Store::open(&config.models_dir())?;
-        let (write_done, disk_events) = mpsc::unbounded_channel();
         let local_peer = key.public().to_peer_id();
-        let mut engine = Engine::new(config.distribution.clone(), store, local_peer, write_done);
+        let mut engine = Engine::new(config.distribution.clone(), store, local_peer);
         for model in &config.follow {
             engine.follow(model.clone());
         }
-        let (swarm, pending_listeners) = super::swarm::build(key, &config)?;
+        let (swarm, pending_listeners) = super::swarm::build(key, &config, engine)?;
         let (sender, commands) = mpsc::channel(COMMAND_QUEUE);
         let client = Client::new(sender, config.models_dir(), config.distribution.chunk_size);
         let event_loop = Self {
@@ -71,8 +68,7 @@ impl EventLoop {
             pending_listeners,
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
-            engine,
-            disk_events,
+            provider_queries: HashMap::new(),
             reputation: Reputation::default(),
         };
         Ok((event_loop, client))
@@ -86,8 +82,7 @@ impl EventLoop {
     /// Runs until `shutdown` is cancelled, then saves the peer cache.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         self.discovery.join(&mut self.swarm);
-        self.engine.start(&mut self.swarm);
-        let mut engine_tick = interval(ENGINE_TICK);
+        self.models().start();
         let mut maintenance = interval(self.maintenance_interval);
         maintenance.tick().await; // the first tick fires at once; join() just ran
         let mut save = interval(self.peer_cache_save_interval.min(CACHE_SAVE_SOON));
@@ -98,16 +93,9 @@ impl EventLoop {
                 Some(command) = self.commands.recv() => self.on_command(command),
                 _ = maintenance.tick() => self.discovery.maintain(&mut self.swarm),
                 _ = save.tick() => self.discovery.save_cache_if_due(),
-                _ = engine_tick.tick() => self.engine.tick(&mut self.swarm),
-                Some(done) = self.disk_events.recv() => {
-                    self.engine.on_disk_event(&mut self.swarm, done)
-                }
-            }
-            for (peer, why) in self.engine.take_misbehaved() {
-                self.penalize(peer, &why);
             }
         }
-        self.engine.shutdown();
+        self.models().shutdown();
         self.discovery
             .save_cache()
             .context("cannot save the peer cache at shutdown")?;
@@ -137,8 +125,8 @@ impl EventLoop {
                 reply,
             } => {
                 let result = self
-                    .engine
-                    .publish(&mut self.swarm, imported, &model, training)
+                    .models()
+                    .publish(imported, &model, training)
                     .map_err(|e| format!("{e:#}"));
                 let _ = reply.send(result);
             }
@@ -146,24 +134,22 @@ impl EventLoop {
                 id,
                 reply,
                 progress,
-            } => self.engine.fetch(&mut self.swarm, id, reply, progress),
-            Command::QueryVersions { model, reply } => {
-                self.engine.query_versions(&mut self.swarm, model, reply)
-            }
+            } => self.models().fetch(id, reply, progress),
+            Command::QueryVersions { model, reply } => self.models().query_versions(model, reply),
             Command::Models(reply) => {
-                let _ = reply.send(self.engine.models());
+                let _ = reply.send(self.models().models());
             }
             Command::CompleteVersion { id, reply } => {
-                let _ = reply.send(self.engine.complete_version(&id));
+                let _ = reply.send(self.models().complete_version(&id));
             }
             Command::Penalties(reply) => {
                 let _ = reply.send(self.reputation.scores());
             }
             Command::DownloadState { id, reply } => {
-                let _ = reply.send(self.engine.download_state(&id));
+                let _ = reply.send(self.models().download_state(&id));
             }
             Command::PruneVersions { model, keep, reply } => {
-                let _ = reply.send(self.engine.prune(&mut self.swarm, &model, keep));
+                let _ = reply.send(self.models().prune(&model, keep));
             }
             Command::AnnounceRun(announcement) => {
                 let bytes = self.averaging().announce_run(announcement);
@@ -212,6 +198,34 @@ impl EventLoop {
     fn penalize(&mut self, peer: PeerId, why: &str) {
         if self.reputation.penalize(peer, why) == Verdict::Disconnect {
             let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// The models behaviour (the distribution engine).
+    fn models(&mut self) -> &mut Engine {
+        &mut self.swarm.behaviour_mut().models
+    }
+
+    /// What the models behaviour asks of the DHT and gossip, or reports.
+    fn on_models_event(&mut self, event: engine::Event) {
+        let kademlia = &mut self.swarm.behaviour_mut().kademlia;
+        match event {
+            engine::Event::FindProviders(id) => {
+                let query = kademlia.get_providers(kad::RecordKey::new(&id.0));
+                self.provider_queries.insert(query, id);
+            }
+            engine::Event::Provide(id) => {
+                if let Err(e) = kademlia.start_providing(kad::RecordKey::new(&id.0)) {
+                    tracing::warn!(error = %e, "cannot store the provider record");
+                }
+            }
+            engine::Event::StopProviding(id) => {
+                kademlia.stop_providing(&kad::RecordKey::new(&id.0))
+            }
+            engine::Event::Announce(bytes) => {
+                self.publish_gossip(announce_topic(), bytes, "version")
+            }
+            engine::Event::Misbehaved { peer, why } => self.penalize(peer, &why),
         }
     }
 
@@ -276,9 +290,6 @@ impl EventLoop {
             } => {
                 let first = num_established.get() == 1;
                 self.discovery.on_connected(peer_id, &endpoint, first);
-                if first {
-                    self.engine.on_peer_connected(&mut self.swarm, peer_id);
-                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -286,7 +297,6 @@ impl EventLoop {
                 ..
             } => {
                 self.discovery.on_disconnected(peer_id);
-                self.engine.on_peer_disconnected(peer_id);
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
@@ -324,22 +334,26 @@ impl EventLoop {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
                     _ => Default::default(),
                 };
-                self.engine.on_providers(swarm, id, providers, step.last);
+                let version = if step.last {
+                    self.provider_queries.remove(&id)
+                } else {
+                    self.provider_queries.get(&id).copied()
+                };
+                if let Some(version) = version {
+                    self.models().on_providers(version, providers);
+                }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 if message.topic == runs_topic().hash() {
                     self.averaging().on_gossip(message.source, &message.data);
-                } else if let Some(a) = self.engine.on_gossip(swarm, message.source, &message.data)
-                {
+                } else if let Some(a) = self.models().on_gossip(message.source, &message.data) {
                     // A checkpoint's publisher trains its run.
                     if let (Some(t), Ok(publisher)) = (&a.training, a.publisher.parse::<PeerId>()) {
                         self.averaging().note_member(&t.run, publisher);
                     }
                 }
             }
-            BehaviourEvent::Models(event) => {
-                engine::on_models_event(&mut self.engine, swarm, event)
-            }
+            BehaviourEvent::Models(event) => self.on_models_event(event),
             BehaviourEvent::Averaging(averaging::Event::Misbehaved { peer, why }) => {
                 self.penalize(peer, &why)
             }

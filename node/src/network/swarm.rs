@@ -10,13 +10,18 @@ use libp2p::{noise, tcp, yamux, Swarm};
 
 use super::behaviour::Behaviour;
 use crate::config::NodeConfig;
+use crate::distribution::engine::Engine;
 
-/// The swarm for `key` as configured, listening on every `config.listen` address; returns it
+/// The swarm for `key` as configured (with the models behaviour `models`), listening on every `config.listen` address; returns it
 /// with the listeners that have not reported an address yet.
 ///
 /// Fails (with a one-line reason) if an address cannot be listened on.
-pub fn build(key: Keypair, config: &NodeConfig) -> Result<(Swarm<Behaviour>, HashSet<ListenerId>)> {
-    let behaviour = Behaviour::new(&key, config)?;
+pub fn build(
+    key: Keypair,
+    config: &NodeConfig,
+    models: Engine,
+) -> Result<(Swarm<Behaviour>, HashSet<ListenerId>)> {
+    let behaviour = Behaviour::new(&key, config, models)?;
     let idle_timeout = config.idle_connection_timeout;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()

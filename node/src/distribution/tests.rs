@@ -1,0 +1,199 @@
+//! The models behaviour ([`Engine`]) alone, on in-memory swarms (`libp2p-swarm-test`): no
+//! event loop, no DHT, no gossip. The test answers nothing the behaviour asks of the rest of
+//! the node (provider lookups, announcements); peers find each other by being connected.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use libp2p::swarm::{Swarm, SwarmEvent};
+use libp2p::PeerId;
+use libp2p_swarm_test::SwarmExt;
+use p2p_protocol::manifest::VersionId;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+use super::engine::{DownloadReport, Engine, Event};
+use super::store::Store;
+use super::DistributionConfig;
+
+const CHUNK: u32 = 64 * 1024;
+
+/// A node's models behaviour with its store in a temp dir.
+struct Node {
+    swarm: Swarm<Engine>,
+    _dir: TempDir,
+    events: Vec<Event>,
+}
+
+fn node(config: DistributionConfig) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("models")).unwrap();
+    let swarm =
+        Swarm::new_ephemeral_tokio(|key| Engine::new(config, store, key.public().to_peer_id()));
+    Node {
+        swarm,
+        _dir: dir,
+        events: Vec::new(),
+    }
+}
+
+/// A safetensors file of one U8 tensor of `len` bytes in `dir`.
+fn model_file(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
+    let header = format!(r#"{{"w":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend((0..len).map(|i| (i * 7 % 251) as u8));
+    let path = dir.join("m.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Publishes the same 10-chunk file on `node`; returns the version id.
+fn publish(node: &mut Node, file: &std::path::Path) -> VersionId {
+    let root = node._dir.path().join("models");
+    let imported = Store::import_file(&root, file, CHUNK).unwrap();
+    node.swarm
+        .behaviour_mut()
+        .publish(imported, "m", None)
+        .unwrap()
+        .id
+}
+
+/// Runs every node until `fetcher` (the last) has `id` (or failed), collecting events.
+async fn fetch(nodes: &mut [Node], id: VersionId) -> Result<DownloadReport, String> {
+    let (tx, mut rx) = oneshot::channel();
+    let last = nodes.len() - 1;
+    nodes[last].swarm.behaviour_mut().fetch(id, tx, None);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let polls = nodes.iter_mut().map(|n| {
+                Box::pin(async move {
+                    if let SwarmEvent::Behaviour(e) = n.swarm.next_swarm_event().await {
+                        n.events.push(e);
+                    }
+                })
+            });
+            tokio::select! {
+                result = &mut rx => return result.unwrap(),
+                _ = futures::future::select_all(polls) => {}
+            }
+        }
+    })
+    .await
+    .expect("the fetch ended in time")
+}
+
+async fn connect(nodes: &mut [Node]) {
+    for n in nodes.iter_mut() {
+        n.swarm.listen().with_memory_addr_external().await;
+    }
+    let last = nodes.len() - 1;
+    let (holders, fetcher) = nodes.split_at_mut(last);
+    for h in holders {
+        fetcher[0].swarm.connect(&mut h.swarm).await;
+    }
+}
+
+fn misbehaved(node: &Node) -> Vec<PeerId> {
+    node.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Misbehaved { peer, .. } => Some(*peer),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_version_moves_between_two_behaviours_and_is_verified() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 10 * CHUNK as usize - 100);
+    let mut nodes = vec![
+        node(DistributionConfig::default()),
+        node(DistributionConfig::default()),
+    ];
+    connect(&mut nodes).await;
+    let id = publish(&mut nodes[0], &file);
+    let report = fetch(&mut nodes, id).await.unwrap();
+    assert_eq!(report.chunks, 10);
+    assert_eq!(report.chunks_downloaded, 10);
+    let (manifest, data) = nodes[1].swarm.behaviour().complete_version(&id).unwrap();
+    assert_eq!(manifest.total_size, std::fs::metadata(&file).unwrap().len());
+    assert!(std::fs::read(data).unwrap() == std::fs::read(&file).unwrap());
+    assert!(misbehaved(&nodes[1]).is_empty());
+    // The holder asked for its provider record; the fetcher for providers.
+    assert!(nodes[0].events.contains(&Event::Provide(id)));
+    assert!(nodes[1].events.contains(&Event::FindProviders(id)));
+}
+
+#[tokio::test]
+async fn a_peer_that_sends_a_bad_chunk_is_reported_and_the_good_one_serves_the_version() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 10 * CHUNK as usize - 100);
+    let liar_config = DistributionConfig {
+        corrupt_uploads: true,
+        ..DistributionConfig::default()
+    };
+    let mut nodes = vec![
+        node(liar_config),
+        node(DistributionConfig::default()),
+        node(DistributionConfig::default()),
+    ];
+    connect(&mut nodes).await;
+    let id = publish(&mut nodes[0], &file);
+    assert_eq!(
+        publish(&mut nodes[1], &file),
+        id,
+        "same bytes, same version"
+    );
+    let liar = *nodes[0].swarm.local_peer_id();
+    let report = fetch(&mut nodes, id).await.unwrap();
+    assert_eq!(report.chunks_downloaded, 10);
+    let (_, data) = nodes[2].swarm.behaviour().complete_version(&id).unwrap();
+    assert!(std::fs::read(data).unwrap() == std::fs::read(&file).unwrap());
+    // The liar was asked (each holder gets a share of the first requests) and reported.
+    assert_eq!(misbehaved(&nodes[2]), vec![liar], "{:?}", nodes[2].events);
+}
+
+#[tokio::test]
+async fn a_busy_holder_is_left_for_another_one() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 10 * CHUNK as usize - 100);
+    // One chunk's worth of burst, then 1 byte/s: every further request is answered "busy".
+    let busy_config = DistributionConfig {
+        max_upload_rate: Some(1),
+        chunk_size: CHUNK,
+        ..DistributionConfig::default()
+    };
+    let mut nodes = vec![
+        node(busy_config),
+        node(DistributionConfig::default()),
+        node(DistributionConfig::default()),
+    ];
+    connect(&mut nodes).await;
+    let id = publish(&mut nodes[0], &file);
+    publish(&mut nodes[1], &file);
+    let report = fetch(&mut nodes, id).await.unwrap();
+    assert_eq!(report.chunks_downloaded, 10);
+    let sent_by = |n: &Node| {
+        n.swarm
+            .behaviour()
+            .models()
+            .iter()
+            .find(|m| m.id == id.to_hex())
+            .map_or(0, |m| m.bytes_uploaded)
+    };
+    assert!(
+        sent_by(&nodes[0]) <= u64::from(CHUNK),
+        "the busy holder sent {}",
+        sent_by(&nodes[0])
+    );
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        sent_by(&nodes[1]) >= size - u64::from(CHUNK),
+        "the other holder sent {} of {size}",
+        sent_by(&nodes[1])
+    );
+    assert!(misbehaved(&nodes[2]).is_empty(), "busy is not misbehaviour");
+}
