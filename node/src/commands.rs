@@ -5,12 +5,11 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use p2p_protocol::manifest::VersionId;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::cli::{FetchArgs, TrainArgs};
 use crate::config::NodeConfig;

@@ -16,8 +16,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
@@ -35,6 +33,7 @@ use p2p_protocol::training::{
 use rand::seq::SliceRandom;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// Peers tried by one averaging round before it gives up.
 const MAX_ATTEMPTS: usize = 3;

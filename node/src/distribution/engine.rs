@@ -27,8 +27,6 @@ use std::path::PathBuf;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use anyhow::{anyhow, Result};
 use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
@@ -52,6 +50,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use super::picker::Picker;
 use super::store::{ChunkWrite, ImportedFile, Store};

@@ -10,14 +10,13 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::time::Instant;
-
 use anyhow::Result;
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::DialError;
 use libp2p::{identify, kad, Multiaddr, PeerId, StreamProtocol, Swarm};
+use tokio::time::Instant;
 
 use super::behaviour::Behaviour;
 use super::client::{JoinState, PeerInfo};

@@ -14,8 +14,6 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use anyhow::{Context, Result};
 use libp2p::PeerId;
 use p2p_models::checkpoint;
@@ -27,6 +25,7 @@ use p2p_models::train::Trainer;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};

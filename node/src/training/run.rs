@@ -15,8 +15,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::time::Instant;
-
 use anyhow::{anyhow, bail, Context, Result};
 use libp2p::PeerId;
 use p2p_models::checkpoint::{self, CheckpointMeta};
@@ -27,6 +25,7 @@ use p2p_models::spec::{DatasetSpec, RunSpec};
 use p2p_protocol::manifest::VersionId;
 use p2p_protocol::training::RunAnnouncement;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 use crate::network::Client;
 
