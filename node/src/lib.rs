@@ -23,3 +23,4 @@ pub mod network;
 pub mod node;
 pub mod peers;
 pub mod training;
+pub mod wire_behaviour;

@@ -13,17 +13,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::Duration;
 
-use libp2p::core::transport::PortUse;
-use libp2p::core::Endpoint;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm,
-};
-use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use libp2p::{PeerId, StreamProtocol};
 use p2p_models::params::{self as pm, WireDtype};
 use p2p_protocol::codec::CborCodec;
 use p2p_protocol::manifest::{Hash32, VersionId};
@@ -34,6 +28,8 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+use crate::wire_behaviour::WrapsRequestResponse;
 
 /// Peers tried by one averaging round before it gives up.
 const MAX_ATTEMPTS: usize = 3;
@@ -919,7 +915,7 @@ impl Behaviour {
     }
 
     /// The last connection to `peer` closed: its inbound sessions end without effect.
-    fn on_peer_disconnected(&mut self, peer: PeerId) {
+    fn peer_gone(&mut self, peer: PeerId) {
         self.inbound.retain(|_, s| s.peer != peer);
         self.pending_opens.retain(|o| o.peer != peer);
         self.retry(peer, "disconnected");
@@ -959,7 +955,23 @@ impl Behaviour {
     }
 }
 
-impl Behaviour {
+impl WrapsRequestResponse for Behaviour {
+    type Codec = CborCodec<TrainRequest, TrainResponse>;
+    type Event = Event;
+
+    fn inner(&mut self) -> &mut request_response::Behaviour<Self::Codec> {
+        &mut self.inner
+    }
+
+    fn on_peer_connected(&mut self, peer: PeerId) {
+        self.connected.insert(peer);
+    }
+
+    fn on_peer_disconnected(&mut self, peer: PeerId) {
+        self.connected.remove(&peer);
+        self.peer_gone(peer);
+    }
+
     /// An event of the wrapped request-response behaviour.
     fn on_inner_event(&mut self, event: request_response::Event<TrainRequest, TrainResponse>) {
         match event {
@@ -979,118 +991,19 @@ impl Behaviour {
             | request_response::Event::ResponseSent { .. } => {}
         }
     }
-}
 
-type Inner = request_response::Behaviour<CborCodec<TrainRequest, TrainResponse>>;
-
-impl NetworkBehaviour for Behaviour {
-    type ConnectionHandler = <Inner as NetworkBehaviour>::ConnectionHandler;
-    type ToSwarm = Event;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner.handle_established_inbound_connection(
-            connection_id,
-            peer,
-            local_addr,
-            remote_addr,
-        )
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner.handle_established_outbound_connection(
-            connection_id,
-            peer,
-            addr,
-            role_override,
-            port_use,
-        )
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
-        match &event {
-            FromSwarm::ConnectionEstablished(e) => {
-                self.connected.insert(e.peer_id);
-            }
-            FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
-                self.connected.remove(&e.peer_id);
-                self.on_peer_disconnected(e.peer_id);
-            }
-            _ => {}
-        }
-        self.inner.on_swarm_event(event);
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner
-            .on_connection_handler_event(peer, connection_id, event);
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
+    fn poll_due(&mut self, cx: &mut Context<'_>) {
         while self.tick.poll_tick(cx).is_ready() {
             self.tick();
         }
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Poll::Ready(ToSwarm::GenerateEvent(event));
-            }
-            match self.inner.poll(cx) {
-                Poll::Ready(ToSwarm::GenerateEvent(event)) => self.on_inner_event(event),
-                Poll::Ready(other) => {
-                    // Dials, handler notifications and the like pass through unchanged; the
-                    // inner behaviour's own events were handled in the arm above.
-                    return Poll::Ready(
-                        other
-                            .map_out(|_| unreachable!("request-response events are handled above")),
-                    );
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+    }
+
+    fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 }
+
+crate::impl_wire_behaviour!(Behaviour);
 
 /// The wire dtype of the models crate for a protocol dtype.
 pub fn wire_dtype(dtype: ParamDtype) -> WireDtype {

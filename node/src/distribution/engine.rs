@@ -28,16 +28,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use libp2p::core::transport::PortUse;
-use libp2p::core::Endpoint;
 use libp2p::request_response::{
     self, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
 };
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm,
-};
-use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use libp2p::{PeerId, StreamProtocol};
 use p2p_protocol::bitfield::Bitfield;
 use p2p_protocol::codec::CborCodec;
 use p2p_protocol::manifest::{Manifest, VersionId};
@@ -55,6 +49,7 @@ use tokio::time::Instant;
 use super::picker::Picker;
 use super::store::{ChunkWrite, ImportedFile, Store};
 use super::{DistributionConfig, RateLimiter, Stage};
+use crate::wire_behaviour::WrapsRequestResponse;
 
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
@@ -341,7 +336,7 @@ struct VersionsQuery {
 
 /// The distribution engine of one node.
 pub struct Engine {
-    inner: Inner,
+    inner: request_response::Behaviour<CborCodec<Request, Response>>,
     /// Peers with at least one connection.
     connected: HashSet<PeerId>,
     events: VecDeque<Event>,
@@ -694,7 +689,7 @@ impl Engine {
     }
 
     /// A connection to `peer` came up: it may hold what we download.
-    pub fn on_peer_connected(&mut self, peer: PeerId) {
+    fn peer_joined(&mut self, peer: PeerId) {
         if self.connected.len() == 1 {
             // The first peer after a time alone (a restart, a lost network): provider records
             // put while nobody was there reached no one, so put them again.
@@ -712,7 +707,7 @@ impl Engine {
     }
 
     /// The last connection to `peer` closed.
-    pub fn on_peer_disconnected(&mut self, peer: PeerId) {
+    fn peer_gone(&mut self, peer: PeerId) {
         for d in self.downloads.values_mut() {
             d.candidates.remove(&peer);
             d.have_pending.remove(&peer);
@@ -1514,9 +1509,24 @@ impl Engine {
     }
 }
 
-type Inner = request_response::Behaviour<CborCodec<Request, Response>>;
+impl WrapsRequestResponse for Engine {
+    type Codec = CborCodec<Request, Response>;
+    type Event = Event;
 
-impl Engine {
+    fn inner(&mut self) -> &mut request_response::Behaviour<Self::Codec> {
+        &mut self.inner
+    }
+
+    fn on_peer_connected(&mut self, peer: PeerId) {
+        self.connected.insert(peer);
+        self.peer_joined(peer);
+    }
+
+    fn on_peer_disconnected(&mut self, peer: PeerId) {
+        self.connected.remove(&peer);
+        self.peer_gone(peer);
+    }
+
     /// An event of the wrapped request-response behaviour.
     fn on_inner_event(&mut self, event: request_response::Event<Request, Response>) {
         match event {
@@ -1543,117 +1553,19 @@ impl Engine {
             }
         }
     }
-}
 
-impl NetworkBehaviour for Engine {
-    type ConnectionHandler = <Inner as NetworkBehaviour>::ConnectionHandler;
-    type ToSwarm = Event;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> std::result::Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> std::result::Result<THandler<Self>, ConnectionDenied> {
-        self.inner.handle_established_inbound_connection(
-            connection_id,
-            peer,
-            local_addr,
-            remote_addr,
-        )
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> std::result::Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> std::result::Result<THandler<Self>, ConnectionDenied> {
-        self.inner.handle_established_outbound_connection(
-            connection_id,
-            peer,
-            addr,
-            role_override,
-            port_use,
-        )
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
-        match &event {
-            FromSwarm::ConnectionEstablished(e) if e.other_established == 0 => {
-                self.connected.insert(e.peer_id);
-                self.on_peer_connected(e.peer_id);
-            }
-            FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
-                self.connected.remove(&e.peer_id);
-                self.on_peer_disconnected(e.peer_id);
-            }
-            _ => {}
-        }
-        self.inner.on_swarm_event(event);
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner
-            .on_connection_handler_event(peer, connection_id, event);
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
+    fn poll_due(&mut self, cx: &mut Context<'_>) {
         while self.tick.poll_tick(cx).is_ready() {
             self.tick();
         }
         while let Poll::Ready(Some(done)) = self.disk_events.poll_recv(cx) {
             self.on_disk_event(done);
         }
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Poll::Ready(ToSwarm::GenerateEvent(event));
-            }
-            match self.inner.poll(cx) {
-                Poll::Ready(ToSwarm::GenerateEvent(event)) => self.on_inner_event(event),
-                Poll::Ready(other) => {
-                    // Dials and handler notifications pass through; the inner behaviour's own
-                    // events were handled in the arm above.
-                    return Poll::Ready(
-                        other
-                            .map_out(|_| unreachable!("request-response events are handled above")),
-                    );
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+    }
+
+    fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 }
+
+crate::impl_wire_behaviour!(Engine);
