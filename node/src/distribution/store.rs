@@ -256,11 +256,12 @@ impl Store {
             chunk_hashes: std::mem::take(&mut imported.chunk_hashes),
             tensors: std::mem::take(&mut imported.tensors),
         };
-        let id = manifest.id();
+        // Encoded once: the id is the hash of exactly these bytes.
+        let bytes = manifest.encode();
+        let id = Hash32::of(&bytes);
         let dir = self.root.join(id.to_hex());
         let result = (|| -> Result<StoredVersion> {
             manifest.validate()?;
-            let bytes = manifest.encode();
             fsutil::write_atomic(&staging.join(MANIFEST_FILE), &bytes, 0o644)?;
             fsutil::write_atomic(
                 &staging.join(VERIFIED_FILE),

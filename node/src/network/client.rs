@@ -166,16 +166,21 @@ impl JoinState {
         {
             return None;
         }
-        Some(match &self.last_dial_error {
-            _ if self.dials_failed == 0 => {
-                "no peer to join through: no --bootstrap address, no cached peers, and no LAN peer found by mDNS".to_string()
-            }
-            Some(error) => format!(
-                "no peer could be reached ({} dial(s) failed; last: {error})",
-                self.dials_failed
-            ),
-            None => format!("no peer could be reached ({} dial(s) failed)", self.dials_failed),
-        })
+        if self.dials_failed == 0 {
+            return Some(
+                "no peer to join through: no --bootstrap address, no cached peers, and no LAN \
+                 peer found by mDNS"
+                    .to_string(),
+            );
+        }
+        let last = self
+            .last_dial_error
+            .as_ref()
+            .map_or(String::new(), |e| format!("; last: {e}"));
+        Some(format!(
+            "no peer could be reached ({} dial(s) failed{last})",
+            self.dials_failed
+        ))
     }
 }
 
