@@ -17,6 +17,7 @@ use crate::distribution::engine::{DownloadReport, DownloadState, FetchProgress};
 use crate::network::client::{Fetching, NetworkStatus};
 use crate::network::Client;
 use crate::node::{self, NodeHandle};
+use crate::shutdown::ShutdownSignal;
 use crate::training::coordinator;
 use crate::training::run::TrainOptions;
 
@@ -25,7 +26,12 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `p2p-node [run]`: start, print how to join, publish the `--publish` files, run until a
 /// signal.
-pub async fn run_node(config: NodeConfig, publish: &[PathBuf], model: Option<&str>) -> Result<()> {
+pub async fn run_node(
+    config: NodeConfig,
+    publish: &[PathBuf],
+    model: Option<&str>,
+    shutdown: &mut ShutdownSignal,
+) -> Result<()> {
     let handle = node::start(config).await?;
     print_banner(&handle);
     for file in publish {
@@ -34,7 +40,7 @@ pub async fn run_node(config: NodeConfig, publish: &[PathBuf], model: Option<&st
             return Err(e);
         }
     }
-    run_until_signal(handle).await
+    run_until_signal(handle, shutdown).await
 }
 
 /// Publishes one file and prints the version.
@@ -64,17 +70,21 @@ async fn publish_file(client: &Client, file: &Path, model: Option<&str>) -> Resu
 }
 
 /// `p2p-node fetch`: join, resolve the target, download, verify, write the file.
-pub async fn fetch(config: NodeConfig, args: &FetchArgs) -> Result<()> {
+pub async fn fetch(
+    config: NodeConfig,
+    args: &FetchArgs,
+    shutdown: &mut ShutdownSignal,
+) -> Result<()> {
     let handle = node::start(config).await?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let result = tokio::select! {
         r = fetch_with(&handle.client, args, deadline) => r,
-        () = wait_for_signal() => Err(anyhow::anyhow!("interrupted; run the same command again to resume")),
+        () = shutdown.recv() => Err(anyhow::anyhow!("interrupted; run the same command again to resume")),
     };
     match result {
         Ok(()) if args.seed => {
             print_banner(&handle);
-            run_until_signal(handle).await
+            run_until_signal(handle, shutdown).await
         }
         Ok(()) => handle.stop().await,
         Err(e) => {
@@ -194,7 +204,11 @@ fn stall_reason(status: &NetworkStatus, state: &DownloadState) -> String {
 /// `p2p-node train`: start the node, create or join a run, train until the local steps are
 /// done, then serve on (or exit with `--exit-when-done`). Ctrl-C or SIGTERM stops training
 /// after a checkpoint; the same command resumes it.
-pub async fn train(config: NodeConfig, args: &TrainArgs) -> Result<()> {
+pub async fn train(
+    config: NodeConfig,
+    args: &TrainArgs,
+    shutdown: &mut ShutdownSignal,
+) -> Result<()> {
     // A bad spec or data set is reported before the node starts.
     if let Some(spec) = &args.create {
         let spec = crate::training::run::resolve_spec(spec, args.data.as_deref())?;
@@ -217,7 +231,7 @@ pub async fn train(config: NodeConfig, args: &TrainArgs) -> Result<()> {
     };
     let started = tokio::select! {
         r = coordinator::start(handle.client.clone(), handle.peer_id, &data_dir, options) => r,
-        () = wait_for_signal() => Err(anyhow::anyhow!("interrupted before training started")),
+        () = shutdown.recv() => Err(anyhow::anyhow!("interrupted before training started")),
     };
     let mut training = match started {
         Ok(t) => t,
@@ -235,7 +249,7 @@ pub async fn train(config: NodeConfig, args: &TrainArgs) -> Result<()> {
     }
     let done = tokio::select! {
         r = training.finished() => Some(r),
-        () = wait_for_signal() => None,
+        () = shutdown.recv() => None,
     };
     match done {
         Some(Ok(s)) => {
@@ -249,7 +263,7 @@ pub async fn train(config: NodeConfig, args: &TrainArgs) -> Result<()> {
             );
             if !args.exit_when_done {
                 println!("serving the model and answering averaging rounds until Ctrl-C");
-                wait_for_signal().await;
+                shutdown.recv().await;
             }
         }
         Some(Err(e)) => {
@@ -366,32 +380,13 @@ fn print_banner(handle: &NodeHandle) {
 }
 
 /// Runs until Ctrl-C or SIGTERM (then stops gracefully) or until the node fails.
-async fn run_until_signal(mut handle: NodeHandle) -> Result<()> {
+async fn run_until_signal(mut handle: NodeHandle, shutdown: &mut ShutdownSignal) -> Result<()> {
     tokio::select! {
-        () = wait_for_signal() => {}
+        () = shutdown.recv() => {}
         result = handle.stopped() => return result,
     }
     tracing::info!("shutting down");
     handle.stop().await
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn wait_for_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot install the SIGTERM handler");
-                std::future::pending::<()>().await
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }
 
 #[cfg(test)]

@@ -22,5 +22,6 @@ pub mod logging;
 pub mod network;
 pub mod node;
 pub mod peers;
+pub mod shutdown;
 pub mod training;
 pub mod wire_behaviour;

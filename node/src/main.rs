@@ -10,6 +10,7 @@ use clap::error::ErrorKind;
 use clap::Parser;
 use p2p_node::cli::{Cli, Command};
 use p2p_node::config::prepare_data_dir;
+use p2p_node::shutdown::ShutdownSignal;
 use p2p_node::{commands, identity, logging};
 
 fn main() -> ExitCode {
@@ -58,6 +59,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // Before anything starts: a signal from here on stops the node gracefully.
+    let mut shutdown = ShutdownSignal::install();
     let config = cli.common.node_config()?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Id => {
@@ -67,19 +70,25 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run => {
-            commands::run_node(config, &cli.common.publish, cli.common.model.as_deref()).await
+            commands::run_node(
+                config,
+                &cli.common.publish,
+                cli.common.model.as_deref(),
+                &mut shutdown,
+            )
+            .await
         }
         Command::Fetch(args) => {
             if !cli.common.publish.is_empty() {
                 anyhow::bail!("--publish belongs to a running node, not to fetch");
             }
-            commands::fetch(config, &args).await
+            commands::fetch(config, &args, &mut shutdown).await
         }
         Command::Train(args) => {
             if !cli.common.publish.is_empty() {
                 anyhow::bail!("--publish belongs to a running node, not to train");
             }
-            commands::train(config, &args).await
+            commands::train(config, &args, &mut shutdown).await
         }
     }
 }
