@@ -2,9 +2,10 @@
 //! request-response behaviour, tracks which peers are connected, runs its own timers, and
 //! emits [`Event`]s; it sees neither the swarm nor the other protocols.
 //!
-//! The trainer thread publishes a [`Snapshot`] of its parameters every few steps; the
-//! behaviour serves that snapshot to peers that open a session, and on request opens a session
-//! with a random peer of the run ([`Behaviour::average`]). Pieces are decoded and checked for
+//! The trainer thread publishes a [`Snapshot`] of its parameters every few steps into a
+//! [`watch`] channel ([`Snapshots`]); the behaviour holds the receiving end and answers a
+//! peer's `Open` itself, at once, with the latest snapshot (no thread or task is asked), and on
+//! request opens a session with a random peer of the run ([`Behaviour::average`]). Pieces are decoded and checked for
 //! length and finiteness as they arrive; a peer that sends a NaN is refused at once and
 //! reported ([`Event::Misbehaved`]). A finished session yields [`PeerParams`]: the caller's for
 //! sessions it opened, the subscriber's channel for sessions peers opened. Mixing them in
@@ -26,7 +27,7 @@ use p2p_protocol::training::{
 };
 use rand::seq::SliceRandom;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::wire_behaviour::WrapsRequestResponse;
@@ -36,9 +37,6 @@ const MAX_ATTEMPTS: usize = 3;
 
 /// Pieces of one session in flight at once.
 const PIECES_IN_FLIGHT: u32 = 4;
-
-/// A session a peer opens waits this long for a fresh snapshot, then is answered "busy".
-const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
 
 /// A session with no message for this long is dropped.
 const SESSION_IDLE: Duration = Duration::from_secs(30);
@@ -71,15 +69,9 @@ pub struct Snapshot {
     pub step: u64,
 }
 
-/// What the averager tells the node's training coordinator.
-#[derive(Debug)]
-pub enum AveragerEvent {
-    /// A session a peer opened is complete: its parameters, to check and mix in.
-    Finished(PeerParams),
-    /// A peer wants to average: take a fresh snapshot ([`Behaviour::set_snapshot`]), so that
-    /// the session exchanges the current parameters, not stale ones.
-    SnapshotWanted,
-}
+/// The trainer's latest snapshot, as the behaviour reads it: `None` until the first one.
+/// The trainer holds the sender and replaces the value every few steps.
+pub type Snapshots = watch::Receiver<Option<Arc<Snapshot>>>;
 
 /// What the behaviour reports to the swarm's owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +156,7 @@ pub struct AveragerStatus {
 
 struct Joined {
     membership: RunMembership,
-    snapshot: Option<Arc<Snapshot>>,
+    snapshots: Snapshots,
     members: HashSet<PeerId>,
     non_members: HashMap<PeerId, Instant>,
     refused: HashSet<PeerId>,
@@ -218,15 +210,6 @@ struct Inbound {
     bytes: (u64, u64),
 }
 
-/// A session a peer asked for, waiting for a fresh snapshot.
-struct PendingOpen {
-    peer: PeerId,
-    channel: ResponseChannel<TrainResponse>,
-    samples: u64,
-    step: u64,
-    since: Instant,
-}
-
 enum Purpose {
     Open,
     Piece,
@@ -265,8 +248,16 @@ impl From<String> for RoundError {
 /// Where a round's result goes once it ends.
 type RoundReply = oneshot::Sender<Result<PeerParams, RoundError>>;
 
-/// A session being opened: the peer asked, the peers already tried, the reply.
-type Opening = (PeerId, Vec<PeerId>, RoundReply);
+/// A session being opened.
+struct Opening {
+    /// The peer asked.
+    peer: PeerId,
+    /// The snapshot announced in the `Open` (its samples and step), to be sent once accepted.
+    snapshot: Arc<Snapshot>,
+    /// Peers already tried in this round.
+    tried: Vec<PeerId>,
+    reply: RoundReply,
+}
 
 /// Gossip averaging and run discovery of one node.
 pub struct Behaviour {
@@ -282,12 +273,12 @@ pub struct Behaviour {
     outbound: Option<Outbound>,
     opening: Option<Opening>,
     inbound: HashMap<u64, Inbound>,
-    pending_opens: Vec<PendingOpen>,
     next_session: u64,
     requests: HashMap<OutboundRequestId, Purpose>,
     runs_queries: HashMap<u64, RunsQuery>,
     next_query: u64,
-    subscriber: Option<mpsc::Sender<AveragerEvent>>,
+    /// Where sessions peers opened deliver their parameters.
+    served: Option<mpsc::Sender<PeerParams>>,
 }
 
 impl Behaviour {
@@ -320,44 +311,35 @@ impl Behaviour {
             outbound: None,
             opening: None,
             inbound: HashMap::new(),
-            pending_opens: Vec::new(),
             next_session: rand::random(),
             requests: HashMap::new(),
             runs_queries: HashMap::new(),
             next_query: 0,
-            subscriber: None,
+            served: None,
         }
     }
 
-    /// Starts training `membership`'s run: peers' sessions for it are accepted from now on;
-    /// `subscriber` is asked for fresh snapshots and gets the finished sessions.
-    pub fn join(&mut self, membership: RunMembership, subscriber: mpsc::Sender<AveragerEvent>) {
+    /// Starts training `membership`'s run: peers' sessions for it are accepted from now on,
+    /// each on the latest value of `snapshots`; `served` gets the parameters of every session
+    /// a peer opened once it is complete (dropped if the channel is full).
+    pub fn join(
+        &mut self,
+        membership: RunMembership,
+        snapshots: Snapshots,
+        served: mpsc::Sender<PeerParams>,
+    ) {
         let creator = membership.announcement.creator.parse::<PeerId>().ok();
         self.remember_run(membership.announcement.clone());
         let mut members = HashSet::new();
         members.extend(creator.filter(|c| *c != self.local_peer));
         self.joined = Some(Joined {
             membership,
-            snapshot: None,
+            snapshots,
             members,
             non_members: HashMap::new(),
             refused: HashSet::new(),
         });
-        self.subscriber = Some(subscriber);
-    }
-
-    /// The parameters to serve from now on; sessions peers asked for while waiting for them
-    /// open now.
-    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        let Some(j) = self.joined.as_mut() else {
-            return;
-        };
-        j.snapshot = Some(Arc::clone(&snapshot));
-        let pieces = j.membership.dtype.pieces(j.membership.params);
-        for open in std::mem::take(&mut self.pending_opens) {
-            let response = self.accept(open.peer, &snapshot, open.samples, open.step, pieces);
-            let _ = self.inner.send_response(open.channel, response);
-        }
+        self.served = Some(served);
     }
 
     /// Excludes `peer` from averaging in this run (its parameters failed a check).
@@ -385,16 +367,12 @@ impl Behaviour {
     /// node's own parameters would count less than a half and the network's average would
     /// drift. A peer that finds it busy tries another.
     fn in_session(&self) -> bool {
-        self.outbound.is_some()
-            || self.opening.is_some()
-            || !self.inbound.is_empty()
-            || !self.pending_opens.is_empty()
+        self.outbound.is_some() || self.opening.is_some() || !self.inbound.is_empty()
     }
 
     /// Status for `/status`.
     pub fn status(&self) -> AveragerStatus {
-        let sessions =
-            self.inbound.len() + self.pending_opens.len() + usize::from(self.outbound.is_some());
+        let sessions = self.inbound.len() + usize::from(self.outbound.is_some());
         match &self.joined {
             Some(j) => AveragerStatus {
                 run_peers: j.members.len(),
@@ -507,7 +485,7 @@ impl Behaviour {
             let _ = reply.send(Err("not training any run".into()));
             return;
         };
-        let Some(snapshot) = j.snapshot.clone() else {
+        let Some(snapshot) = j.snapshots.borrow().clone() else {
             let _ = reply.send(Err("no parameters to average yet".into()));
             return;
         };
@@ -561,14 +539,19 @@ impl Behaviour {
         };
         let rid = self.inner.send_request(&peer, request);
         self.requests.insert(rid, Purpose::Open);
-        self.opening = Some((peer, tried, reply));
+        self.opening = Some(Opening {
+            peer,
+            snapshot,
+            tried,
+            reply,
+        });
         tracing::debug!(%peer, "averaging round: opening a session");
     }
 
     /// The opened session failed with `peer`: try another peer, or report.
     fn retry(&mut self, peer: PeerId, why: &str) {
         let (mut tried, reply) = match (self.opening.take(), self.outbound.take()) {
-            (Some((p, tried, reply)), _) if p == peer => (tried, reply),
+            (Some(o), _) if o.peer == peer => (o.tried, o.reply),
             (opening, Some(o)) if o.peer == peer => {
                 self.opening = opening;
                 (o.tried, o.reply)
@@ -585,25 +568,25 @@ impl Behaviour {
     }
 
     fn on_accepted(&mut self, peer: PeerId, session: u64, samples: u64, step: u64, pieces: u32) {
-        let Some((p, tried, reply)) = self.opening.take() else {
+        let Some(opening) = self.opening.take() else {
             return;
         };
         let Some(j) = self.joined.as_mut() else {
-            let _ = reply.send(Err("left the run".into()));
+            let _ = opening.reply.send(Err("left the run".into()));
             return;
         };
-        let (Some(snapshot), expected) = (
-            j.snapshot.clone(),
-            j.membership.dtype.pieces(j.membership.params),
-        ) else {
-            let _ = reply.send(Err("no parameters to average".into()));
-            return;
-        };
-        if p != peer || pieces != expected {
-            self.opening = Some((p, tried, reply));
+        let expected = j.membership.dtype.pieces(j.membership.params);
+        if opening.peer != peer || pieces != expected {
+            self.opening = Some(opening);
             self.retry(peer, "peer answered with another piece count");
             return;
         }
+        let Opening {
+            snapshot,
+            tried,
+            reply,
+            ..
+        } = opening;
         j.members.insert(peer);
         let now = Instant::now();
         self.outbound = Some(Outbound {
@@ -711,21 +694,8 @@ impl Behaviour {
                 samples,
                 step,
             } => match self.on_open(peer, run, layout, dtype, params) {
-                Some(refusal) => refusal,
-                None => {
-                    // Answered once the trainer hands out a fresh snapshot.
-                    self.pending_opens.push(PendingOpen {
-                        peer,
-                        channel,
-                        samples,
-                        step,
-                        since: Instant::now(),
-                    });
-                    if let Some(tx) = &self.subscriber {
-                        let _ = tx.try_send(AveragerEvent::SnapshotWanted);
-                    }
-                    return;
-                }
+                Err(refusal) => refusal,
+                Ok((snapshot, pieces)) => self.accept(peer, &snapshot, samples, step, pieces),
             },
             TrainRequest::Piece {
                 session,
@@ -736,8 +706,8 @@ impl Behaviour {
         let _ = self.inner.send_response(channel, response);
     }
 
-    /// Checks a peer's request to open a session: `Some(answer)` refuses it, `None` lets it
-    /// wait for a fresh snapshot.
+    /// Checks a peer's request to open a session: `Ok` gives the snapshot to exchange (the
+    /// trainer's latest) and the piece count, `Err` the answer that refuses it.
     fn on_open(
         &mut self,
         peer: PeerId,
@@ -745,9 +715,9 @@ impl Behaviour {
         layout: Hash32,
         dtype: ParamDtype,
         params: u64,
-    ) -> Option<TrainResponse> {
+    ) -> Result<(Arc<Snapshot>, u32), TrainResponse> {
         let refused = |reason: &str| {
-            Some(TrainResponse::Refused {
+            Err(TrainResponse::Refused {
                 reason: reason.to_string(),
             })
         };
@@ -765,10 +735,14 @@ impl Behaviour {
             return refused("different model layout or dtype");
         }
         j.members.insert(peer);
-        if self.in_session() {
-            return Some(TrainResponse::Busy);
+        let pieces = m.dtype.pieces(m.params);
+        let snapshot = j.snapshots.borrow().clone();
+        match snapshot {
+            // Not trained far enough to have parameters yet: like busy, try later.
+            None => Err(TrainResponse::Busy),
+            Some(_) if self.in_session() => Err(TrainResponse::Busy),
+            Some(snapshot) => Ok((snapshot, pieces)),
         }
-        None
     }
 
     /// Opens a session with `peer` on `snapshot`.
@@ -843,11 +817,7 @@ impl Behaviour {
                     bytes: s.bytes,
                     seconds: s.started.elapsed().as_secs_f64(),
                 };
-                match self
-                    .subscriber
-                    .as_ref()
-                    .map(|tx| tx.try_send(AveragerEvent::Finished(done)).is_ok())
-                {
+                match self.served.as_ref().map(|tx| tx.try_send(done).is_ok()) {
                     Some(true) => {}
                     _ => {
                         tracing::debug!(%peer, "trainer busy; dropping a finished averaging session")
@@ -917,22 +887,12 @@ impl Behaviour {
     /// The last connection to `peer` closed: its inbound sessions end without effect.
     fn peer_gone(&mut self, peer: PeerId) {
         self.inbound.retain(|_, s| s.peer != peer);
-        self.pending_opens.retain(|o| o.peer != peer);
         self.retry(peer, "disconnected");
     }
 
-    /// Periodic work: idle sessions, sessions that waited too long for a snapshot, expired
-    /// queries.
+    /// Periodic work: idle sessions, expired queries.
     fn tick(&mut self) {
         let now = Instant::now();
-        let (late, waiting): (Vec<PendingOpen>, Vec<PendingOpen>) =
-            std::mem::take(&mut self.pending_opens)
-                .into_iter()
-                .partition(|o| now.duration_since(o.since) >= SNAPSHOT_WAIT);
-        self.pending_opens = waiting;
-        for open in late {
-            let _ = self.inner.send_response(open.channel, TrainResponse::Busy);
-        }
         self.inbound
             .retain(|_, s| now.duration_since(s.last_activity) < SESSION_IDLE);
         if let Some(peer) = self

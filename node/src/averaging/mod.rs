@@ -4,23 +4,25 @@
 //!
 //! **Participants**: nodes training the same run (same run id, tensor layout hash, parameter
 //! count and wire dtype). **Flow**: the opener sends `Open` with its run, layout, samples seen
-//! and step; the other side answers `Busy` (one session at a time), `Refused` (another run or
-//! layout, or a peer refused before) or, once its trainer has handed out a fresh snapshot,
-//! `Accepted` with the piece count. The opener then sends its parameters in pieces of at most
-//! 1 MiB (4 in flight at a time); each `Piece` is answered with the same
-//! piece of the other side's snapshot, so both end holding each other's parameters from the
-//! same moment. `Runs` asks a peer for the runs it knows and which one it trains.
+//! and step; the other side answers `Busy` (one session at a time, or no parameters yet),
+//! `Refused` (another run or layout, or a peer refused before) or `Accepted` with the piece
+//! count and the samples and step of its trainer's latest snapshot. That snapshot is read
+//! from a `watch` the trainer keeps fresh ([`Snapshots`]): the behaviour answers alone, at
+//! once, and no thread is asked. The opener then sends its parameters in pieces of at most
+//! 1 MiB (4 in flight at a time); each `Piece` is answered with the same piece of the other
+//! side's snapshot, so both end holding each other's parameters from the same moment. `Runs`
+//! asks a peer for the runs it knows and which one it trains.
+//!
 //! **Limits**: messages of at most [`p2p_protocol::training::MAX_TRAINING_MESSAGE_BYTES`];
-//! 30 s per request; a session idle for 30 s is dropped; an `Open` waits at most 2 s for a
-//! fresh snapshot; at most 256 runs remembered. Every piece is checked for length and
-//! finiteness before it is stored; a bad one ends the session and reports
-//! [`Event::Misbehaved`].
+//! 30 s per request; a session idle for 30 s is dropped; one session at a time; at most 256
+//! runs remembered. Every piece is checked for length and finiteness before it is stored; a
+//! bad one ends the session and reports [`Event::Misbehaved`].
 
 mod behaviour;
 
 pub use behaviour::{
-    param_dtype, wire_dtype, AveragerEvent, AveragerStatus, Behaviour, Event, PeerParams,
-    RoundError, RunMembership, Snapshot,
+    param_dtype, wire_dtype, AveragerStatus, Behaviour, Event, PeerParams, RoundError,
+    RunMembership, Snapshot, Snapshots,
 };
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! The averaging behaviour alone, on two in-memory swarms (`libp2p-swarm-test`): no event
-//! loop, no trainer thread, no other protocol. The test plays the trainer by handing out a
-//! snapshot when the behaviour asks for one.
+//! The averaging behaviour alone, on two in-memory swarms (`libp2p-swarm-test`) with tokio's
+//! clock paused: no event loop, no trainer thread, no other protocol. Each side's snapshot is
+//! set once in its `watch` and nobody plays the trainer: a peer's `Open` is answered by the
+//! behaviour alone.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -12,9 +13,9 @@ use libp2p::PeerId;
 use libp2p_swarm_test::SwarmExt;
 use p2p_protocol::manifest::Hash32;
 use p2p_protocol::training::{ParamDtype, RunAnnouncement};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{AveragerEvent, Behaviour, Event, PeerParams, RoundError, RunMembership, Snapshot};
+use super::{Behaviour, Event, PeerParams, RoundError, RunMembership, Snapshot};
 
 const PARAMS: usize = 1000;
 
@@ -42,16 +43,26 @@ fn snapshot(value: f32, samples: u64) -> Arc<Snapshot> {
     })
 }
 
-/// A swarm whose averaging behaviour has joined the run with parameters all `value`; returns
-/// it with the channel its finished sessions and snapshot requests go to.
-async fn node(value: f32, poison: bool) -> (Swarm<Behaviour>, mpsc::Receiver<AveragerEvent>) {
+/// One side: its swarm, the trainer's end of its snapshot `watch`, and the channel where the
+/// sessions peers opened with it end up.
+struct Node {
+    swarm: Swarm<Behaviour>,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    served: mpsc::Receiver<PeerParams>,
+}
+
+/// A swarm whose averaging behaviour has joined the run, serving parameters all `value`
+/// (none yet with `None`).
+fn node(value: Option<f32>, poison: bool) -> Node {
     let mut swarm = Swarm::new_ephemeral_tokio(|key| Behaviour::new(key.public().to_peer_id()));
-    let (tx, rx) = mpsc::channel(8);
-    swarm.behaviour_mut().join(membership(poison), tx);
-    swarm
-        .behaviour_mut()
-        .set_snapshot(snapshot(value, (value * 100.0) as u64));
-    (swarm, rx)
+    let (tx, served) = mpsc::channel(8);
+    let (snapshots, rx) = watch::channel(value.map(|v| snapshot(v, (v * 100.0) as u64)));
+    swarm.behaviour_mut().join(membership(poison), rx, tx);
+    Node {
+        swarm,
+        snapshots,
+        served,
+    }
 }
 
 /// What one round opened by `a` with `b` produced: the round's result, `a`'s events, and what
@@ -62,9 +73,10 @@ struct Round {
     b_finished: Vec<PeerParams>,
 }
 
-async fn round(b_value: f32, b_poison: bool) -> (Round, PeerId) {
-    let (mut a, _a_rx) = node(1.0, false).await;
-    let (mut b, mut b_rx) = node(b_value, b_poison).await;
+/// `a` (parameters all 1.0) opens a round with `b`, which was just connected.
+async fn round(b: Node) -> (Round, PeerId) {
+    let a_node = node(Some(1.0), false);
+    let (mut a, mut b, mut b_rx) = (a_node.swarm, b.swarm, b.served);
     a.listen().with_memory_addr_external().await;
     b.connect(&mut a).await;
     let b_id = *b.local_peer_id();
@@ -83,13 +95,7 @@ async fn round(b_value: f32, b_poison: bool) -> (Round, PeerId) {
                     }
                 }
                 _ = b.next_swarm_event() => {}
-                Some(event) = b_rx.recv() => match event {
-                    // Played by the trainer: a fresh snapshot when a peer wants to average.
-                    AveragerEvent::SnapshotWanted => b
-                        .behaviour_mut()
-                        .set_snapshot(snapshot(b_value, (b_value * 100.0) as u64)),
-                    AveragerEvent::Finished(p) => b_finished.push(p),
-                },
+                Some(p) = b_rx.recv() => b_finished.push(p),
             }
         }
     })
@@ -101,7 +107,7 @@ async fn round(b_value: f32, b_poison: bool) -> (Round, PeerId) {
             tokio::select! {
                 _ = a.next_swarm_event() => {}
                 _ = b.next_swarm_event() => {}
-                Some(AveragerEvent::Finished(p)) = b_rx.recv() => b_finished.push(p),
+                Some(p) = b_rx.recv() => b_finished.push(p),
             }
         }
     })
@@ -116,9 +122,9 @@ async fn round(b_value: f32, b_poison: bool) -> (Round, PeerId) {
     )
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_session_gives_each_side_the_others_parameters() {
-    let (round, b_id) = round(3.0, false).await;
+    let (round, b_id) = round(node(Some(3.0), false)).await;
     let got = round.result.unwrap();
     assert_eq!(got.peer, b_id);
     assert!(got.opened_here);
@@ -138,9 +144,34 @@ async fn a_session_gives_each_side_the_others_parameters() {
     assert!(!theirs.opened_here);
 }
 
-#[tokio::test]
+/// The trainer replaced its snapshot after joining and is never asked again: the `Open` is
+/// answered with the newest value of the `watch`, samples and step included.
+#[tokio::test(start_paused = true)]
+async fn an_open_is_answered_from_the_latest_snapshot_without_the_trainer() {
+    let b = node(Some(3.0), false);
+    b.snapshots.send_replace(Some(snapshot(5.0, 700)));
+    let (round, _) = round(b).await;
+    let got = round.result.unwrap();
+    assert_eq!(got.params, vec![5.0; PARAMS]);
+    assert_eq!((got.samples, got.step), (700, 700 / 32));
+}
+
+/// A peer that has no parameters yet answers `Busy`: the round fails as "tried, none could",
+/// not as "no peers", so the opener retries later.
+#[tokio::test(start_paused = true)]
+async fn a_peer_without_a_snapshot_yet_is_busy() {
+    let (round, _) = round(node(None, false)).await;
+    assert!(
+        matches!(round.result, Err(RoundError::Failed(_))),
+        "{:?}",
+        round.result.as_ref().err()
+    );
+    assert!(round.b_finished.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_nan_piece_is_refused_and_reported_as_misbehaviour() {
-    let (round, b_id) = round(3.0, true).await;
+    let (round, b_id) = round(node(Some(3.0), true)).await;
     assert!(round.result.is_err(), "NaN parameters were accepted");
     assert!(
         round
@@ -152,10 +183,10 @@ async fn a_nan_piece_is_refused_and_reported_as_misbehaviour() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_round_with_no_connected_peer_ends_at_once() {
-    let (mut a, _rx) = node(1.0, false).await;
+    let mut a = node(Some(1.0), false);
     let (tx, rx) = oneshot::channel();
-    a.behaviour_mut().average(tx);
+    a.swarm.behaviour_mut().average(tx);
     assert_eq!(rx.await.unwrap().unwrap_err(), RoundError::NoPeers);
 }

@@ -13,9 +13,7 @@ use p2p_protocol::training::{RunAnnouncement, TrainingMeta};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::averaging::{
-    AveragerEvent, AveragerStatus, PeerParams, RoundError, RunMembership, Snapshot,
-};
+use crate::averaging::{AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
 use crate::distribution::engine::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use crate::distribution::store::{self, ImportedFile, Store};
 use crate::peers::Source;
@@ -91,15 +89,16 @@ pub enum Command {
     AnnounceRun(RunAnnouncement),
     /// Runs known to this node and its connected peers, newest first.
     QueryRuns(oneshot::Sender<Vec<RunAnnouncement>>),
-    /// Take part in a run's averaging; finished sessions peers open go to `subscriber`.
+    /// Take part in a run's averaging, serving the latest of `snapshots`; finished sessions
+    /// peers open go to `served`.
     JoinRun {
         /// The run and the model's shape.
         membership: RunMembership,
+        /// The trainer's latest parameters.
+        snapshots: Snapshots,
         /// Where finished sessions opened by peers go.
-        subscriber: mpsc::Sender<AveragerEvent>,
+        served: mpsc::Sender<PeerParams>,
     },
-    /// The parameters to serve to peers from now on.
-    SetSnapshot(Arc<Snapshot>),
     /// Open an averaging round with a random peer of the run.
     Average(oneshot::Sender<Result<PeerParams, RoundError>>),
     /// Count a penalty against a peer whose parameters were refused; with `exclude`, leave it
@@ -407,25 +406,21 @@ impl Client {
         self.ask(Command::QueryRuns).await
     }
 
-    /// Takes part in a run's averaging; sessions peers open end up in `subscriber`.
+    /// Takes part in a run's averaging: peers' sessions are answered by the network side
+    /// alone from the latest value of `snapshots` (which the trainer keeps fresh); their
+    /// parameters end up in `served`.
     pub async fn join_run(
         &self,
         membership: RunMembership,
-        subscriber: mpsc::Sender<AveragerEvent>,
+        snapshots: Snapshots,
+        served: mpsc::Sender<PeerParams>,
     ) -> Result<()> {
         self.sender
             .send(Command::JoinRun {
                 membership,
-                subscriber,
+                snapshots,
+                served,
             })
-            .await
-            .map_err(|_| anyhow!("the node has stopped"))
-    }
-
-    /// Serves `snapshot` to peers that average with this node from now on.
-    pub async fn set_snapshot(&self, snapshot: Arc<Snapshot>) -> Result<()> {
-        self.sender
-            .send(Command::SetSnapshot(snapshot))
             .await
             .map_err(|_| anyhow!("the node has stopped"))
     }

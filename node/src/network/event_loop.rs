@@ -158,9 +158,9 @@ impl EventLoop {
             Command::QueryRuns(reply) => self.averaging().query_runs(reply),
             Command::JoinRun {
                 membership,
-                subscriber,
-            } => self.averaging().join(membership, subscriber),
-            Command::SetSnapshot(snapshot) => self.averaging().set_snapshot(snapshot),
+                snapshots,
+                served,
+            } => self.averaging().join(membership, snapshots, served),
             Command::Average(reply) => self.averaging().average(reply),
             Command::RefusePeer { peer, why, exclude } => {
                 if exclude {

@@ -1,6 +1,6 @@
 //! The training coordinator: one async task per training node, between the trainer thread and
-//! the network. It serves the trainer's snapshots, opens an averaging round when the trainer
-//! asks (skipping it while one runs), checks every peer's parameters before they are mixed in
+//! the network. It hands the network side the trainer's snapshot `watch` (peers' sessions are
+//! answered from it without this task), opens an averaging round when the trainer asks (skipping it while one runs), checks every peer's parameters before they are mixed in
 //! (finite, the run's length, within the run's distance bound; on a blocking thread), refuses
 //! and penalizes peers that fail, publishes checkpoints as versions with their training
 //! metadata, and keeps the status that `/status` shows.
@@ -31,9 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
 use super::{TrainingState, TrainingStatus};
-use crate::averaging::{
-    param_dtype, AveragerEvent, PeerParams, RoundError, RunMembership, Snapshot,
-};
+use crate::averaging::{param_dtype, PeerParams, RoundError, RunMembership};
 use crate::network::Client;
 
 /// Capacity of the channels to and from the trainer thread.
@@ -123,7 +121,8 @@ pub async fn start(
     };
     let averaging = !options.no_averaging && prepared.spec.average_every > 0;
     let (peer_tx, peer_rx) = mpsc::channel(8);
-    client.join_run(membership, peer_tx).await?;
+    let (snapshots_tx, snapshots_rx) = watch::channel(None);
+    client.join_run(membership, snapshots_rx, peer_tx).await?;
 
     std::fs::create_dir_all(&prepared.dir)
         .with_context(|| format!("cannot create {}", prepared.dir.display()))?;
@@ -163,6 +162,7 @@ pub async fn start(
         checkpoint_path: checkpoint_path(&prepared.dir),
         averaging,
         pace_limit: Arc::clone(&pace_limit),
+        snapshots: snapshots_tx,
     };
     let stop = CancellationToken::new();
     let coordinator = Coordinator {
@@ -311,7 +311,7 @@ impl Coordinator {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<FromTrainer>,
-        mut averager: mpsc::Receiver<AveragerEvent>,
+        mut served: mpsc::Receiver<PeerParams>,
         thread: std::thread::JoinHandle<()>,
         stop: CancellationToken,
     ) -> Result<()> {
@@ -328,12 +328,7 @@ impl Coordinator {
                     self.round_running = false;
                     self.on_arrival(Arrival::Opened(result)).await;
                 }
-                Some(event) = averager.recv() => match event {
-                    AveragerEvent::Finished(p) => self.on_arrival(Arrival::Served(p)).await,
-                    AveragerEvent::SnapshotWanted => {
-                        let _ = self.to_trainer.try_send(ToTrainer::SnapshotNow);
-                    }
-                },
+                Some(p) = served.recv() => self.on_arrival(Arrival::Served(p)).await,
             }
         }
         let _ = self.to_trainer.try_send(ToTrainer::Stop);
@@ -351,9 +346,8 @@ impl Coordinator {
         round_tx: &mpsc::Sender<std::result::Result<PeerParams, RoundError>>,
     ) {
         match event {
-            FromTrainer::Snapshot { snapshot, round } => {
-                self.serve(snapshot).await;
-                if round && !self.round_running {
+            FromTrainer::RoundWanted => {
+                if !self.round_running {
                     self.round_running = true;
                     let (client, tx) = (self.client.clone(), round_tx.clone());
                     tokio::spawn(async move {
@@ -446,12 +440,6 @@ impl Coordinator {
             }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %format!("{e:#}"), "cannot prune old versions"),
-        }
-    }
-
-    async fn serve(&mut self, snapshot: Arc<Snapshot>) {
-        if let Err(e) = self.client.set_snapshot(snapshot).await {
-            tracing::debug!(error = %format!("{e:#}"), "cannot serve the snapshot");
         }
     }
 

@@ -2,11 +2,14 @@
 //! touches the network or the async runtime; it talks to the coordinator through bounded
 //! channels ([`ToTrainer`] in, [`FromTrainer`] out).
 //!
-//! Every `average_every` steps it hands out a snapshot of its parameters (served to peers) and
-//! waits for the averaging round the coordinator opens with it: the peer's parameters come back
-//! as [`ToTrainer::Mix`] (or the round fails, or times out) and training goes on. Rounds that
-//! peers open are served from the snapshot by the network side and mixed in whenever they
-//! arrive, keeping the local progress made since the snapshot
+//! It keeps a snapshot of its parameters in a `watch` channel that the network side serves to
+//! peers on its own: replaced every [`snapshot_every`] steps, at each round and after each
+//! mix, so a peer's `Open` is answered at once with parameters at most that many steps old,
+//! without asking this thread. Every `average_every` steps it asks the coordinator for an
+//! averaging round ([`FromTrainer::RoundWanted`]) and waits for it: the peer's parameters come
+//! back as [`ToTrainer::Mix`] (or the round fails, or times out) and training goes on. Rounds
+//! that peers open are mixed in whenever they arrive, keeping the local progress made since
+//! the snapshot they were exchanged with
 //! ([`p2p_models::params::mix_into`]). It evaluates every `eval_every` steps and writes a
 //! checkpoint (atomically) every `checkpoint_every` steps. After the last step it runs the
 //! run's final averaging rounds, writes the final checkpoint, and then only serves: peers'
@@ -23,7 +26,7 @@ use p2p_models::checkpoint::{self, CheckpointMeta};
 use p2p_models::model::Evaluation;
 use p2p_models::params;
 use p2p_models::train::Trainer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::averaging::Snapshot;
 
@@ -58,8 +61,6 @@ pub enum ToTrainer {
     },
     /// An averaging round this node opened ended without parameters to mix.
     RoundFailed,
-    /// A peer wants to average: hand out a snapshot of the current parameters.
-    SnapshotNow,
     /// Save a checkpoint and stop.
     Stop,
 }
@@ -67,13 +68,8 @@ pub enum ToTrainer {
 /// What the trainer thread reports.
 #[derive(Debug)]
 pub enum FromTrainer {
-    /// Parameters to serve; `round` asks for an averaging round with them.
-    Snapshot {
-        /// The parameters.
-        snapshot: Arc<Snapshot>,
-        /// Whether to open a round now.
-        round: bool,
-    },
+    /// Open an averaging round now, on the snapshot just published.
+    RoundWanted,
     /// Training progress.
     Progress {
         /// Local step.
@@ -144,6 +140,19 @@ pub struct TrainerJob {
     /// Samples seen beyond which the trainer waits for slower peers (set by the coordinator;
     /// `u64::MAX`: no bound).
     pub pace_limit: Arc<AtomicU64>,
+    /// Where the parameters served to peers are published.
+    pub snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+/// How many local steps the snapshot served to peers may lag behind: a quarter of the
+/// averaging interval (at least 1), or 16 steps in a run without averaging. Each refresh
+/// copies the parameters once.
+pub fn snapshot_every(average_every: u64) -> u64 {
+    if average_every == 0 {
+        16
+    } else {
+        average_every.div_ceil(4)
+    }
 }
 
 /// Runs the trainer until it finishes and is told to stop (or the coordinator goes away).
@@ -198,7 +207,8 @@ impl State {
         if self.job.trainer.step == 0 {
             self.evaluate()?;
         }
-        self.snapshot(false)?;
+        self.snapshot()?;
+        let refresh = snapshot_every(spec.average_every);
         let mut last_report = (Instant::now(), self.job.trainer.step);
         while self.job.trainer.step < spec.steps {
             loop {
@@ -238,6 +248,8 @@ impl State {
                 if let Round::Stop = self.average(commands)? {
                     return self.checkpoint(false);
                 }
+            } else if step.is_multiple_of(refresh) {
+                self.snapshot()?;
             }
             if step.is_multiple_of(spec.eval_every) {
                 self.evaluate()?;
@@ -313,12 +325,13 @@ impl State {
         }
     }
 
-    /// One averaging round opened by this node: hands out a snapshot, then waits (up to a
-    /// timeout) until the peer's parameters are mixed in or the round failed. Rounds that
-    /// peers open meanwhile are mixed in as they come.
+    /// One averaging round opened by this node: publishes a fresh snapshot and asks for a
+    /// round, then waits (up to a timeout) until the peer's parameters are mixed in or the
+    /// round failed. Rounds that peers open meanwhile are mixed in as they come.
     fn average(&mut self, commands: &Receiver<ToTrainer>) -> Result<Round, String> {
         let started = Instant::now();
-        self.snapshot(true)?;
+        self.snapshot()?;
+        self.send(FromTrainer::RoundWanted)?;
         let flow = self.wait_for_round(commands);
         self.averaging_time += started.elapsed();
         flow
@@ -366,25 +379,25 @@ impl State {
                 params::mix_into(&mut local, &base.params, &params, weight)
                     .and_then(|()| self.job.trainer.set_params(&local))
                     .map_err(|e| format!("cannot mix parameters from {peer}: {e}"))?;
+                // Peers averaging next get what was just mixed in.
+                self.snapshot()?;
                 self.send(FromTrainer::Mixed { peer })?;
                 Ok(Flow::Continue)
             }
             ToTrainer::RoundFailed => Ok(Flow::Continue),
-            ToTrainer::SnapshotNow => {
-                self.snapshot(false)?;
-                Ok(Flow::Continue)
-            }
             ToTrainer::Stop => Ok(Flow::Stop),
         }
     }
 
-    fn snapshot(&mut self, round: bool) -> Result<(), String> {
+    /// Replaces the snapshot served to peers with the current parameters.
+    fn snapshot(&mut self) -> Result<(), String> {
         let snapshot = Arc::new(Snapshot {
             params: self.job.trainer.params().map_err(|e| e.to_string())?,
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
         });
-        self.send(FromTrainer::Snapshot { snapshot, round })
+        self.job.snapshots.send_replace(Some(snapshot));
+        Ok(())
     }
 
     fn evaluate(&mut self) -> Result<(), String> {
