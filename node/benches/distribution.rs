@@ -21,7 +21,7 @@ use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, Swarm};
-use p2p_node::distribution::DistributionConfig;
+use p2p_node::models::ModelsConfig;
 use p2p_protocol::codec::CborCodec;
 use serde_bytes::ByteBuf;
 
@@ -187,7 +187,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         if wants("single") {
-            let depth = DistributionConfig::default().max_requests_per_peer as u32;
+            let depth = ModelsConfig::default().max_requests_per_peer as u32;
             let mib = 256;
             // Warm up every path once, then alternate.
             let _ = raw_throughput(32, depth, false).await;

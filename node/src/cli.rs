@@ -12,8 +12,8 @@ use libp2p::Multiaddr;
 
 pub use crate::config::{parse_multiaddr, BootstrapAddr};
 use crate::config::{KadMode, NodeConfig};
-use crate::distribution::Stage;
 pub use crate::logging::LogFormat;
+use crate::models::Stage;
 use p2p_models::device::DeviceChoice;
 use p2p_protocol::manifest::VersionId;
 
@@ -191,15 +191,15 @@ impl CommonArgs {
         }
         config.mdns = !self.no_mdns;
         config.kad_mode = self.kad_mode;
-        config.distribution.stage = self.stage;
+        config.models.stage = self.stage;
         if let Some(portion) = self.portion {
-            config.distribution.portion = Some((portion.index, portion.count));
+            config.models.portion = Some((portion.index, portion.count));
         }
         if let Some(kib) = self.chunk_size_kib {
-            config.distribution.chunk_size = kib.saturating_mul(1024);
+            config.models.chunk_size = kib.saturating_mul(1024);
         }
         config.follow = self.follow.clone();
-        config.distribution.max_upload_rate = self
+        config.models.max_upload_rate = self
             .max_upload_rate
             .map(|mib| (mib * 1024.0 * 1024.0) as u64);
         Ok(config)

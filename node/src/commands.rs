@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::cli::{FetchArgs, TrainArgs};
 use crate::config::NodeConfig;
-use crate::distribution::engine::{DownloadReport, DownloadState, FetchProgress};
+use crate::models::{DownloadReport, DownloadState, FetchProgress};
 use crate::network::client::{Fetching, NetworkStatus};
 use crate::network::Client;
 use crate::node::{self, NodeHandle};

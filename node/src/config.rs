@@ -10,7 +10,7 @@ use std::str::FromStr;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
-use crate::distribution::DistributionConfig;
+use crate::models::ModelsConfig;
 
 /// Everything a node needs to start. Tests build one with [`NodeConfig::new`] and adjust fields.
 #[derive(Debug, Clone)]
@@ -46,8 +46,8 @@ pub struct NodeConfig {
     pub gossip_heartbeat: Duration,
     /// Idle connections are closed after this long.
     pub idle_connection_timeout: Duration,
-    /// Model distribution settings.
-    pub distribution: DistributionConfig,
+    /// Settings of the models protocol (stage, chunk size, uploads).
+    pub models: ModelsConfig,
     /// Models whose new versions are fetched as they appear.
     pub follow: Vec<String>,
 }
@@ -71,7 +71,7 @@ impl NodeConfig {
             max_connections: 256,
             gossip_heartbeat: Duration::from_secs(1),
             idle_connection_timeout: Duration::from_secs(120),
-            distribution: DistributionConfig::default(),
+            models: ModelsConfig::default(),
             follow: Vec::new(),
         }
     }

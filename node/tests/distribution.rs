@@ -11,8 +11,8 @@ use common::{
     model_file, start_node, start_node_with, wait_for, wait_fully_discovered, TestNode,
     CONVERGE_TIMEOUT,
 };
-use p2p_node::distribution::engine::{DownloadReport, ModelInfo};
-use p2p_node::distribution::Stage;
+use p2p_node::models::Stage;
+use p2p_node::models::{DownloadReport, ModelInfo};
 use p2p_protocol::manifest::VersionId;
 
 /// Generous: a debug build on a busy 2-core machine.
@@ -106,7 +106,7 @@ async fn a_peer_serving_corrupt_chunks_is_dropped_and_honest_nodes_finish() {
         .id;
     // The liar first gets a good copy, then serves it with flipped bytes.
     let liar = start_node_with(vec![publisher.bootstrap_addr()], |c| {
-        c.distribution.corrupt_uploads = true;
+        c.models.corrupt_uploads = true;
     })
     .await;
     fetch(&liar, id).await;
@@ -274,7 +274,7 @@ async fn a_follower_fetches_each_new_version_as_it_is_announced() {
 async fn run_stage(stage: Stage, portions: bool) -> (f64, Vec<u64>) {
     let files = tempfile::tempdir().unwrap();
     let (path, bytes) = model_file(files.path(), "m.safetensors", 4, 30);
-    let publisher = start_node_with(vec![], |c| c.distribution.stage = stage).await;
+    let publisher = start_node_with(vec![], |c| c.models.stage = stage).await;
     let a = publisher
         .handle
         .client
@@ -285,9 +285,9 @@ async fn run_stage(stage: Stage, portions: bool) -> (f64, Vec<u64>) {
     for i in 0..2u32 {
         fetchers.push(
             start_node_with(vec![publisher.bootstrap_addr()], |c| {
-                c.distribution.stage = stage;
+                c.models.stage = stage;
                 if portions {
-                    c.distribution.portion = Some((i, 2));
+                    c.models.portion = Some((i, 2));
                 }
             })
             .await,

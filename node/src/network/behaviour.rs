@@ -13,7 +13,7 @@ use p2p_protocol::training;
 
 use crate::averaging;
 use crate::config::{KadMode, NodeConfig};
-use crate::distribution::engine::Engine;
+use crate::models::Behaviour as ModelsBehaviour;
 
 /// Every protocol a node speaks. Field order is the order in which behaviours are polled and
 /// asked about new connections, so the connection limits come first.
@@ -31,15 +31,15 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Local-network discovery; off with `--no-mdns`.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
-    /// Model distribution: manifests, bitfields and chunks (the swarm engine).
-    pub models: Engine,
+    /// The models protocol: manifests, bitfields and chunks, served and downloaded.
+    pub models: ModelsBehaviour,
     /// Training: gossip averaging sessions and run discovery.
     pub averaging: averaging::Behaviour,
 }
 
 impl Behaviour {
     /// Builds the behaviours for `key` as configured, around the models behaviour `models`.
-    pub fn new(key: &Keypair, config: &NodeConfig, models: Engine) -> Result<Self> {
+    pub fn new(key: &Keypair, config: &NodeConfig, models: ModelsBehaviour) -> Result<Self> {
         let peer_id = key.public().to_peer_id();
 
         let limits = connection_limits::Behaviour::new(

@@ -14,8 +14,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::averaging::{AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
-use crate::distribution::engine::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
-use crate::distribution::store::{self, ImportedFile, Store};
+use crate::models::store::{self, ImportedFile, Store};
+use crate::models::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use crate::peers::Source;
 use crate::training::TrainingStatus;
 
@@ -76,7 +76,7 @@ pub enum Command {
     /// Penalty points of peers that sent bad data.
     Penalties(oneshot::Sender<HashMap<PeerId, u32>>),
     /// Delete the complete versions of a model beyond the newest `keep` (see
-    /// [`crate::distribution::engine::Engine::prune`]).
+    /// [`crate::models::Behaviour as ModelsBehaviour::prune`]).
     PruneVersions {
         /// Model name.
         model: String,

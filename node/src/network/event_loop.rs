@@ -1,7 +1,7 @@
 //! The event loop: the one task that owns the libp2p [`Swarm`]. It is glue: commands from
 //! [`Client`]s go to the behaviour or component that serves them, and swarm and behaviour
 //! events go to the component they concern ([`Discovery`] for joining and the address book,
-//! the distribution [`Engine`] for models, the averaging behaviour, [`Reputation`] for
+//! the [`ModelsBehaviour`] for models, the averaging behaviour, [`Reputation`] for
 //! misbehaving peers).
 
 use std::collections::{HashMap, HashSet};
@@ -23,8 +23,8 @@ use super::discovery::{Discovery, CACHE_SAVE_SOON};
 use super::reputation::{Reputation, Verdict};
 use crate::averaging;
 use crate::config::NodeConfig;
-use crate::distribution::engine::{self, Engine};
-use crate::distribution::store::Store;
+use crate::models::store::Store;
+use crate::models::{self, Behaviour as ModelsBehaviour};
 use crate::peers::AddressBook;
 
 /// Capacity of the command channel: callers wait when the loop is this far behind.
@@ -52,13 +52,13 @@ impl EventLoop {
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
         let store = Store::open(&config.models_dir())?;
         let local_peer = key.public().to_peer_id();
-        let mut engine = Engine::new(config.distribution.clone(), store, local_peer);
+        let mut models = ModelsBehaviour::new(config.models.clone(), store, local_peer);
         for model in &config.follow {
-            engine.follow(model.clone());
+            models.follow(model.clone());
         }
-        let (swarm, pending_listeners) = super::swarm::build(key, &config, engine)?;
+        let (swarm, pending_listeners) = super::swarm::build(key, &config, models)?;
         let (sender, commands) = mpsc::channel(COMMAND_QUEUE);
-        let client = Client::new(sender, config.models_dir(), config.distribution.chunk_size);
+        let client = Client::new(sender, config.models_dir(), config.models.chunk_size);
         let event_loop = Self {
             swarm,
             commands,
@@ -201,31 +201,31 @@ impl EventLoop {
         }
     }
 
-    /// The models behaviour (the distribution engine).
-    fn models(&mut self) -> &mut Engine {
+    /// The models behaviour.
+    fn models(&mut self) -> &mut ModelsBehaviour {
         &mut self.swarm.behaviour_mut().models
     }
 
     /// What the models behaviour asks of the DHT and gossip, or reports.
-    fn on_models_event(&mut self, event: engine::Event) {
+    fn on_models_event(&mut self, event: models::Event) {
         let kademlia = &mut self.swarm.behaviour_mut().kademlia;
         match event {
-            engine::Event::FindProviders(id) => {
+            models::Event::FindProviders(id) => {
                 let query = kademlia.get_providers(kad::RecordKey::new(&id.0));
                 self.provider_queries.insert(query, id);
             }
-            engine::Event::Provide(id) => {
+            models::Event::Provide(id) => {
                 if let Err(e) = kademlia.start_providing(kad::RecordKey::new(&id.0)) {
                     tracing::warn!(error = %e, "cannot store the provider record");
                 }
             }
-            engine::Event::StopProviding(id) => {
+            models::Event::StopProviding(id) => {
                 kademlia.stop_providing(&kad::RecordKey::new(&id.0))
             }
-            engine::Event::Announce(bytes) => {
+            models::Event::Announce(bytes) => {
                 self.publish_gossip(announce_topic(), bytes, "version")
             }
-            engine::Event::Misbehaved { peer, why } => self.penalize(peer, &why),
+            models::Event::Misbehaved { peer, why } => self.penalize(peer, &why),
         }
     }
 

@@ -10,7 +10,7 @@ use libp2p::{noise, tcp, yamux, Swarm};
 
 use super::behaviour::Behaviour;
 use crate::config::NodeConfig;
-use crate::distribution::engine::Engine;
+use crate::models::Behaviour as ModelsBehaviour;
 
 /// The swarm for `key` as configured (with the models behaviour `models`), listening on every `config.listen` address; returns it
 /// with the listeners that have not reported an address yet.
@@ -19,7 +19,7 @@ use crate::distribution::engine::Engine;
 pub fn build(
     key: Keypair,
     config: &NodeConfig,
-    models: Engine,
+    models: ModelsBehaviour,
 ) -> Result<(Swarm<Behaviour>, HashSet<ListenerId>)> {
     let behaviour = Behaviour::new(&key, config, models)?;
     let idle_timeout = config.idle_connection_timeout;

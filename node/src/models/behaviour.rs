@@ -1,26 +1,11 @@
-//! [`Engine`]: the `/p2p-ml/models/1.0.0` protocol and the swarm engine, as one libp2p
-//! `NetworkBehaviour`. It wraps a request-response behaviour, tracks which peers are
-//! connected, runs its own timer and its disk writer's completions, serves the versions in the
-//! [`Store`], and drives downloads; it never sees the swarm or the other protocols. What it
-//! needs from them it asks for as [`Event`]s (provider lookups and records in the DHT,
-//! announcements on gossip), and what it learns from them comes back through
-//! [`Engine::on_providers`] and [`Engine::on_gossip`].
-//!
-//! **Participants**: any node holding chunks of a version serves them; fetchers ask every
-//! connected peer and every DHT provider. **Flow**: manifest from any peer, checked against the
-//! id -> chunks already held locally copied -> every candidate asked which chunks it holds
-//! (`Have`, refreshed every 200 ms) -> the [`Picker`] schedules chunk requests, rarest first,
-//! at most 4 in flight per peer -> each chunk verified, written, served at once -> endgame:
-//! the last chunks asked of two peers, the slower answer dropped -> complete: header checked
-//! with the reference reader, provider record, waiters told. **Limits**: requests and
-//! responses of at most [`MAX_REQUEST_BYTES`] / [`MAX_RESPONSE_BYTES`], 4 uploads at once
-//! (more are answered "busy"), 32 verified chunks waiting for the disk per download, 4096
-//! announcements remembered.
-//!
-//! A peer that sends a chunk or manifest that does not match its hash is dropped for that
-//! version and reported ([`Event::Misbehaved`]); the node's reputation decides on penalties.
-//! Failed and timed-out requests give their chunk back to the picker; new peers and providers
-//! join the download at once.
+//! [`Behaviour`]: the `/p2p-ml/models/1.0.0` protocol as one libp2p `NetworkBehaviour` (see
+//! the [module docs](super) for participants, flow and limits). It wraps a request-response
+//! behaviour, tracks which peers are connected, runs its timer, answers requests by the rules
+//! of [`Uploads`], carries out the [`Step`]s of each [`Download`], and hands disk work to
+//! [`disk`]; it never sees the swarm or the other protocols. What it needs from them it asks
+//! for as [`Event`]s (provider lookups and records in the DHT, announcements on gossip), and
+//! what it learns from them comes back through [`Behaviour::on_providers`] and
+//! [`Behaviour::on_gossip`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -42,25 +27,21 @@ use p2p_protocol::messages::{
 use p2p_protocol::training::TrainingMeta;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::disk::{self, ChunkWriter, DiskEvent};
+use super::download::{Ask, Download, OnDisk, Step, Waiter};
 use super::picker::Picker;
-use super::store::{ChunkWrite, ImportedFile, Store};
-use super::{DistributionConfig, RateLimiter, Stage};
+use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
+use super::store::{ImportedFile, Store};
+use super::upload::{Decision, Uploads};
+use super::{ModelsConfig, Stage};
 use crate::wire_behaviour::WrapsRequestResponse;
 
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
 const FOLLOW_POLL: Duration = Duration::from_secs(5);
-
-/// Verified chunks of one download waiting for the disk, at most; beyond it no new chunk is
-/// requested until writes catch up.
-const MAX_PENDING_WRITES: usize = 32;
-
-/// How long before peers that could not give a manifest are asked again.
-const MANIFEST_RETRY: Duration = Duration::from_secs(2);
 
 /// How often downloads are driven and availability refreshed.
 const TICK: Duration = Duration::from_millis(200);
@@ -71,7 +52,7 @@ const MAX_CONCURRENT_STREAMS: usize = 512;
 /// What the models behaviour asks of the rest of the node, or reports to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// Look up the DHT's providers of this version; answer with [`Engine::on_providers`].
+    /// Look up the DHT's providers of this version; answer with [`Behaviour::on_providers`].
     FindProviders(VersionId),
     /// Put a provider record of this version in the DHT.
     Provide(VersionId),
@@ -88,166 +69,8 @@ pub enum Event {
     },
 }
 
-/// A version a peer asked for within this long is not pruned: the peer is still fetching it.
-pub const IN_USE_WINDOW: Duration = Duration::from_secs(30);
-
 /// How long a query for a model's versions waits for answers.
 const VERSIONS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The outcome of a finished download.
-#[derive(Debug, Clone, Serialize)]
-pub struct DownloadReport {
-    /// Version id.
-    pub id: String,
-    /// Model name.
-    pub model: String,
-    /// Version number.
-    pub version: u64,
-    /// File size.
-    pub size: u64,
-    /// Number of chunks.
-    pub chunks: u32,
-    /// Chunks received from peers in this run.
-    pub chunks_downloaded: u32,
-    /// Chunks copied from other local versions.
-    pub chunks_copied_locally: u32,
-    /// Chunks already verified on disk when the download (re)started.
-    pub chunks_resumed: u32,
-    /// Distinct peers that sent chunks.
-    pub peers_used: usize,
-    /// Seconds from start to completion.
-    pub seconds: f64,
-}
-
-/// Where a download in progress stands, to explain why it does not finish.
-#[derive(Debug, Clone, Default)]
-pub struct DownloadState {
-    /// Whether the manifest was obtained.
-    pub manifest: bool,
-    /// Chunks held and the version's chunk count (0 before the manifest).
-    pub chunks_held: u32,
-    /// Chunks in the version.
-    pub chunks: u32,
-    /// Peers known to hold the version (publisher, providers, peers with chunks).
-    pub holders: usize,
-    /// The last failed request of the download: `<peer id>: <error>`.
-    pub last_failure: Option<String>,
-    /// Seconds since a chunk last arrived from a peer (`None`: none arrived in this run).
-    pub seconds_since_chunk: Option<f64>,
-}
-
-/// How far a download is, sent to watchers as it moves ([`Engine::fetch`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FetchProgress {
-    /// Chunks held and verified.
-    pub chunks_held: u32,
-    /// Chunks in the version (0 until the manifest is known).
-    pub chunks: u32,
-    /// Bytes held (approximately: whole chunks).
-    pub bytes_held: u64,
-    /// Size of the version in bytes (0 until the manifest is known).
-    pub size: u64,
-    /// Peers known to hold chunks of it.
-    pub peers: usize,
-}
-
-/// One version as listed by `GET /models`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelInfo {
-    /// Version id.
-    pub id: String,
-    /// Model name.
-    pub model: String,
-    /// Version number.
-    pub version: u64,
-    /// Parent version id.
-    pub parent: Option<String>,
-    /// File size in bytes.
-    pub size: u64,
-    /// Chunks in the version.
-    pub chunks: u32,
-    /// Chunks held and verified.
-    pub chunks_held: u32,
-    /// Fraction held, 0 to 1.
-    pub progress: f64,
-    /// Whether every chunk is held.
-    pub complete: bool,
-    /// Whether this node published it.
-    pub published: bool,
-    /// Peers known to hold chunks of it (during a download).
-    pub peers_serving: usize,
-    /// Bytes of chunks this node sent to others.
-    pub bytes_uploaded: u64,
-    /// Bytes of chunks this node received from others.
-    pub bytes_downloaded: u64,
-    /// Peers dropped for sending bad data.
-    pub bad_peers: Vec<String>,
-    /// Path of the data file.
-    pub path: String,
-}
-
-/// Disk work that finished on a blocking thread.
-#[derive(Debug)]
-pub enum DiskEvent {
-    /// A verified chunk's bytes were written (or failed to be).
-    ChunkWritten {
-        /// The version.
-        id: VersionId,
-        /// The chunk.
-        index: u32,
-        /// Why the write failed, if it did.
-        result: Result<(), String>,
-    },
-    /// A version's written chunks were made durable (or failed to be).
-    Synced {
-        /// The version.
-        id: VersionId,
-        /// Why the sync failed, if it did.
-        result: Result<(), String>,
-    },
-}
-
-/// One thread that writes verified chunks in arrival order, off the event loop. A single
-/// writer keeps the file's lock uncontended (threads writing one file at once spin on it) and
-/// costs no thread hand-off per chunk. Writes queued are bounded by the chunk requests in
-/// flight.
-struct ChunkWriter {
-    jobs: std::sync::mpsc::Sender<(VersionId, u32, ChunkWrite)>,
-    done: mpsc::UnboundedSender<DiskEvent>,
-}
-
-impl ChunkWriter {
-    /// Starts the writer thread; it ends when the engine (the sender) is dropped.
-    fn start(done: mpsc::UnboundedSender<DiskEvent>) -> Self {
-        let (jobs, queue) = std::sync::mpsc::channel::<(VersionId, u32, ChunkWrite)>();
-        let thread_done = done.clone();
-        let spawned = std::thread::Builder::new()
-            .name("chunk-writer".into())
-            .spawn(move || {
-                for (id, index, write) in queue {
-                    let result = write.run().map_err(|e| format!("{e:#}"));
-                    let _ = thread_done.send(DiskEvent::ChunkWritten { id, index, result });
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the chunk writer thread; writing on the event loop");
-        }
-        Self { jobs, done }
-    }
-
-    /// Queues a write; its end comes back as [`DiskEvent::ChunkWritten`].
-    fn write(&self, id: VersionId, index: u32, write: ChunkWrite) {
-        if let Err(std::sync::mpsc::SendError((id, index, write))) =
-            self.jobs.send((id, index, write))
-        {
-            // No writer thread: write here rather than lose the chunk.
-            let result = write.run().map_err(|e| format!("{e:#}"));
-            let _ = self
-                .done
-                .send(DiskEvent::ChunkWritten { id, index, result });
-        }
-    }
-}
 
 /// What an outstanding request was for.
 #[derive(Debug)]
@@ -265,68 +88,6 @@ struct Pending {
     cancelled: bool,
 }
 
-#[derive(Debug, Default)]
-struct Traffic {
-    uploaded: u64,
-    downloaded: u64,
-}
-
-/// A download in progress.
-struct Download {
-    picker: Option<Picker<PeerId>>,
-    candidates: HashSet<PeerId>,
-    banned: HashSet<PeerId>,
-    have_pending: HashSet<PeerId>,
-    last_have: HashMap<PeerId, Instant>,
-    manifest_asked: HashSet<PeerId>,
-    manifest_round: Instant,
-    last_provider_query: Option<Instant>,
-    publisher: Option<PeerId>,
-    started: Instant,
-    chunks_downloaded: u32,
-    chunks_copied: u32,
-    chunks_resumed: u32,
-    senders: HashSet<PeerId>,
-    writes_pending: usize,
-    waiters: Vec<oneshot::Sender<Result<DownloadReport, String>>>,
-    /// Peers known to hold the version: its publisher, Kademlia providers, peers that said
-    /// they hold chunks of it.
-    holders: HashSet<PeerId>,
-    /// The last request of this download that failed, and why.
-    last_failure: Option<String>,
-    /// When the last chunk arrived from a peer.
-    last_chunk: Option<Instant>,
-    /// Where progress goes as the download moves.
-    progress: Vec<watch::Sender<FetchProgress>>,
-}
-
-impl Download {
-    fn new(publisher: Option<PeerId>) -> Self {
-        Self {
-            picker: None,
-            candidates: HashSet::new(),
-            banned: HashSet::new(),
-            have_pending: HashSet::new(),
-            last_have: HashMap::new(),
-            manifest_asked: HashSet::new(),
-            manifest_round: Instant::now(),
-            last_provider_query: None,
-            publisher,
-            started: Instant::now(),
-            chunks_downloaded: 0,
-            chunks_copied: 0,
-            chunks_resumed: 0,
-            senders: HashSet::new(),
-            writes_pending: 0,
-            waiters: Vec::new(),
-            holders: publisher.into_iter().collect(),
-            last_failure: None,
-            last_chunk: None,
-            progress: Vec::new(),
-        }
-    }
-}
-
 struct VersionsQuery {
     model: String,
     outstanding: usize,
@@ -334,27 +95,23 @@ struct VersionsQuery {
     reply: oneshot::Sender<Vec<Announcement>>,
 }
 
-/// The distribution engine of one node.
-pub struct Engine {
+/// The models protocol of one node: serving, downloading, following.
+pub struct Behaviour {
     inner: request_response::Behaviour<CborCodec<Request, Response>>,
     /// Peers with at least one connection.
     connected: HashSet<PeerId>,
     events: VecDeque<Event>,
     tick: tokio::time::Interval,
     disk_events: mpsc::UnboundedReceiver<DiskEvent>,
-    config: DistributionConfig,
+    config: ModelsConfig,
     store: Store,
     local_peer: PeerId,
     downloads: HashMap<VersionId, Download>,
     requests: HashMap<OutboundRequestId, Pending>,
     announcements: HashMap<VersionId, Announcement>,
-    traffic: HashMap<VersionId, Traffic>,
-    uploads: HashSet<InboundRequestId>,
-    upload_limiter: Option<RateLimiter>,
-    /// Per published version, how often each chunk was uploaded (for initial seeding).
-    seeded: HashMap<VersionId, Vec<u32>>,
-    /// When a peer last asked for a version's chunks or availability (pruning spares it).
-    last_served: HashMap<VersionId, Instant>,
+    /// Bytes of chunks received, per version.
+    downloaded: HashMap<VersionId, u64>,
+    uploads: Uploads,
     followed: HashSet<String>,
     versions_queries: HashMap<u64, VersionsQuery>,
     next_query: u64,
@@ -365,11 +122,11 @@ pub struct Engine {
     rng: StdRng,
 }
 
-impl Engine {
-    /// An engine serving `store`. Incomplete versions found in the store resume downloading.
+impl Behaviour {
+    /// The protocol serving `store`. Incomplete versions found in the store resume downloading.
     /// Finished disk work comes back through `write_done`, to be passed to
-    /// [`Engine::on_disk_event`].
-    pub fn new(config: DistributionConfig, store: Store, local_peer: PeerId) -> Self {
+    /// [`Behaviour::on_disk_event`].
+    pub fn new(config: ModelsConfig, store: Store, local_peer: PeerId) -> Self {
         let (write_done, disk_events) = mpsc::unbounded_channel();
         let inner = request_response::Behaviour::with_codec(
             CborCodec::new(MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES),
@@ -394,13 +151,8 @@ impl Engine {
             downloads: HashMap::new(),
             requests: HashMap::new(),
             announcements: HashMap::new(),
-            traffic: HashMap::new(),
-            uploads: HashSet::new(),
-            seeded: HashMap::new(),
-            last_served: HashMap::new(),
-            upload_limiter: config
-                .max_upload_rate
-                .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
+            downloaded: HashMap::new(),
+            uploads: Uploads::new(&config),
             followed: HashSet::new(),
             versions_queries: HashMap::new(),
             next_query: 0,
@@ -418,9 +170,9 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in partial {
-            let mut download = Download::new(None);
+            let mut download = Download::new(None, Instant::now());
             engine.init_picker(&id, &mut download);
-            tracing::info!(version = %id.short(), chunks_held = download.chunks_resumed, "resuming an interrupted download");
+            tracing::info!(version = %id.short(), chunks_held = engine.store.get(&id).map_or(0, |v| v.have.count()), "resuming an interrupted download");
             engine.downloads.insert(id, download);
         }
         engine
@@ -431,9 +183,7 @@ impl Engine {
         let held: Vec<VersionId> = self
             .store
             .iter()
-            .filter(|(_, v)| {
-                self.serves_version(v.published, v.is_complete()) && v.have.count() > 0
-            })
+            .filter(|(_, v)| self.uploads.serves_version(v) && v.have.count() > 0)
             .map(|(id, _)| *id)
             .collect();
         for id in held {
@@ -491,7 +241,7 @@ impl Engine {
     pub fn fetch(
         &mut self,
         id: VersionId,
-        reply: oneshot::Sender<Result<DownloadReport, String>>,
+        reply: Waiter,
         progress: Option<watch::Sender<FetchProgress>>,
     ) {
         if let Some(v) = self.store.get(&id) {
@@ -566,7 +316,6 @@ impl Engine {
             .store
             .iter()
             .map(|(id, v)| {
-                let traffic = self.traffic.get(id);
                 let download = self.downloads.get(id);
                 let chunks = v.manifest.chunk_count();
                 ModelInfo {
@@ -584,13 +333,11 @@ impl Engine {
                     },
                     complete: v.is_complete(),
                     published: v.published,
-                    peers_serving: download
-                        .and_then(|d| d.picker.as_ref())
-                        .map_or(0, |p| p.peers().count()),
-                    bytes_uploaded: traffic.map_or(0, |t| t.uploaded),
-                    bytes_downloaded: traffic.map_or(0, |t| t.downloaded),
+                    peers_serving: download.map_or(0, Download::peers_serving),
+                    bytes_uploaded: self.uploads.uploaded(id),
+                    bytes_downloaded: self.downloaded.get(id).copied().unwrap_or(0),
                     bad_peers: download
-                        .map(|d| d.banned.iter().map(|p| p.to_string()).collect())
+                        .map(|d| d.banned().map(|p| p.to_string()).collect())
                         .unwrap_or_default(),
                     path: v.data_path().display().to_string(),
                 }
@@ -603,19 +350,12 @@ impl Engine {
     /// Where the download of `id` stands, if one is in progress.
     pub fn download_state(&self, id: &VersionId) -> Option<DownloadState> {
         let d = self.downloads.get(id)?;
-        let v = self.store.get(id);
-        Some(DownloadState {
-            manifest: d.picker.is_some(),
-            chunks_held: v.map_or(0, |v| v.have.count()),
-            chunks: v.map_or(0, |v| v.manifest.chunk_count()),
-            holders: d.holders.len(),
-            last_failure: d.last_failure.clone(),
-            seconds_since_chunk: d.last_chunk.map(|t| t.elapsed().as_secs_f64()),
-        })
+        Some(d.state(self.store.get(id), Instant::now()))
     }
 
     /// Deletes the complete versions of `model` beyond the newest `keep` (by version number),
-    /// except any a peer asked for within [`IN_USE_WINDOW`] (it is still downloading from us)
+    /// except any a peer asked for within [`super::IN_USE_WINDOW`] (it is still downloading
+    /// from us)
     /// and any this node is downloading. Their provider records are withdrawn. Returns the ids
     /// deleted.
     pub fn prune(&mut self, model: &str, keep: usize) -> Vec<VersionId> {
@@ -630,11 +370,7 @@ impl Engine {
         held.sort_by_key(|v| std::cmp::Reverse(*v));
         let mut removed = Vec::new();
         for (number, id) in held.into_iter().skip(keep) {
-            if self
-                .last_served
-                .get(&id)
-                .is_some_and(|t| t.elapsed() < IN_USE_WINDOW)
-            {
+            if self.uploads.in_use(&id, Instant::now()) {
                 tracing::debug!(version = %id.short(), "not pruning a version peers are fetching");
                 continue;
             }
@@ -644,9 +380,8 @@ impl Engine {
                 continue;
             }
             self.announcements.remove(&id);
-            self.traffic.remove(&id);
-            self.seeded.remove(&id);
-            self.last_served.remove(&id);
+            self.downloaded.remove(&id);
+            self.uploads.forget(&id);
             tracing::info!(model, version = number, id = %id.short(), "pruned an old version");
             removed.push(id);
         }
@@ -698,9 +433,7 @@ impl Engine {
         let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
         for id in ids {
             if let Some(d) = self.downloads.get_mut(&id) {
-                if !d.banned.contains(&peer) {
-                    d.candidates.insert(peer);
-                }
+                d.add_candidate(peer);
             }
             self.drive(&id);
         }
@@ -709,12 +442,7 @@ impl Engine {
     /// The last connection to `peer` closed.
     fn peer_gone(&mut self, peer: PeerId) {
         for d in self.downloads.values_mut() {
-            d.candidates.remove(&peer);
-            d.have_pending.remove(&peer);
-            d.manifest_asked.remove(&peer);
-            if let Some(p) = d.picker.as_mut() {
-                p.remove_peer(&peer);
-            }
+            d.peer_gone(&peer);
         }
     }
 
@@ -723,15 +451,10 @@ impl Engine {
         let Some(d) = self.downloads.get_mut(&id) else {
             return;
         };
-        let mut new = 0;
-        for p in providers {
-            if p != self.local_peer && !d.banned.contains(&p) {
-                d.holders.insert(p);
-                if d.candidates.insert(p) {
-                    new += 1;
-                }
-            }
-        }
+        let new = providers
+            .into_iter()
+            .filter(|p| *p != self.local_peer && d.add_holder(*p))
+            .count();
         if new > 0 {
             tracing::debug!(version = %id.short(), new, "providers found");
             self.drive(&id);
@@ -768,12 +491,12 @@ impl Engine {
         request: Request,
         channel: ResponseChannel<Response>,
     ) {
-        let mut chunk_bytes = 0;
         if let Request::Have { id } | Request::Chunk { id, .. } = &request {
             if self.store.get(id).is_some() {
-                self.last_served.insert(*id, Instant::now());
+                self.uploads.note_asked(*id, Instant::now());
             }
         }
+        let mut chunk = None;
         let response = match request {
             Request::Manifest { id } => match self.store.get(&id) {
                 Some(v) => Response::Manifest {
@@ -782,56 +505,44 @@ impl Engine {
                 None => Response::NotFound,
             },
             Request::Have { id } => match self.store.get(&id) {
-                Some(v) if self.serves_version(v.published, v.is_complete()) => Response::Have {
+                Some(v) if self.uploads.serves_version(v) => Response::Have {
                     bitfield: v.have.clone(),
                     publisher: v.published,
                 },
                 _ => Response::NotFound,
             },
             Request::Chunk { id, index } => {
-                let serves = self.store.get(&id).is_some_and(|v| {
-                    self.serves_version(v.published, v.is_complete()) && v.have.get(index)
-                });
-                if !serves || self.seeding_declines(&id, index) {
-                    Response::NotFound
-                } else if self.uploads.len() >= self.config.upload_slots()
-                    || !self.take_upload_tokens(&id, index)
-                {
-                    Response::Busy
-                } else {
-                    match self.store.read_chunk(&id, index) {
+                match self.uploads.decide(&id, self.store.get(&id), index) {
+                    Decision::NotFound => Response::NotFound,
+                    Decision::Busy => Response::Busy,
+                    Decision::Serve => match self.store.read_chunk(&id, index) {
                         Ok(mut data) => {
-                            if self.config.corrupt_uploads {
-                                data.iter_mut().step_by(4096).for_each(|b| *b ^= 0xff);
-                            }
-                            chunk_bytes = data.len() as u64;
-                            if let Some(counts) = self.seeded.get_mut(&id) {
-                                counts[index as usize] += 1;
-                            }
-                            self.traffic.entry(id).or_default().uploaded += chunk_bytes;
+                            self.uploads.prepare(&mut data);
+                            chunk = Some((id, index, data.len() as u64));
                             Response::Chunk { index, data }
                         }
                         Err(e) => {
                             tracing::error!(version = %id.short(), index, error = %format!("{e:#}"), "cannot read a chunk to serve");
                             Response::NotFound
                         }
-                    }
+                    },
                 }
             }
             Request::Versions { model } => Response::Versions {
                 versions: self.known_versions(&model),
             },
         };
-        if self.inner.send_response(channel, response).is_ok() && chunk_bytes > 0 {
-            self.uploads.insert(request_id);
-        } else if chunk_bytes > 0 {
-            tracing::debug!(%peer, "requester went away before the chunk was sent");
+        let sent = self.inner.send_response(channel, response).is_ok();
+        match chunk {
+            Some((id, index, bytes)) if sent => self.uploads.started(id, index, bytes, request_id),
+            Some(_) => tracing::debug!(%peer, "requester went away before the chunk was sent"),
+            None => {}
         }
     }
 
     /// A response finished sending (or failed); frees its upload slot if it was a chunk.
     pub fn on_upload_done(&mut self, request_id: InboundRequestId) {
-        self.uploads.remove(&request_id);
+        self.uploads.finished(request_id);
     }
 
     /// A response to one of our requests.
@@ -839,6 +550,12 @@ impl Engine {
         let Some(pending) = self.requests.remove(&request_id) else {
             return;
         };
+        if let Purpose::Manifest(id) = pending.purpose {
+            let useless = !matches!(response, Response::Manifest { .. });
+            if let Some(d) = self.downloads.get_mut(&id) {
+                d.manifest_request_ended(&peer, useless);
+            }
+        }
         if pending.cancelled {
             return;
         }
@@ -857,7 +574,7 @@ impl Engine {
                     if let Some(d) = self.downloads.get_mut(&id) {
                         d.publisher.get_or_insert(peer);
                         if self.config.stage == Stage::Swarm {
-                            if let Some(p) = d.picker.as_mut() {
+                            if let Some(p) = d.picker_mut() {
                                 p.set_last_resort(peer);
                             }
                         }
@@ -878,12 +595,7 @@ impl Engine {
                 self.answered_versions_query(qid);
             }
             (Purpose::Versions(qid), _) => self.answered_versions_query(qid),
-            (Purpose::Manifest(id), _) => {
-                if let Some(d) = self.downloads.get_mut(&id) {
-                    d.candidates.remove(&peer);
-                }
-                self.drive(&id);
-            }
+            (Purpose::Manifest(id), _) => self.drive(&id),
             (Purpose::Have(id), _) => {
                 self.on_have(peer, id, None);
             }
@@ -895,12 +607,10 @@ impl Engine {
             }
             (Purpose::Chunk(id, index), Response::Busy) => {
                 // Back off from this peer until its next availability refresh.
-                if let Some(d) = self.downloads.get_mut(&id) {
-                    if let Some(p) = d.picker.as_mut() {
-                        p.request_failed(&peer, index);
-                        let len = p.have().len();
-                        p.set_availability(peer, Bitfield::new(len));
-                    }
+                if let Some(p) = self.picker_mut(&id) {
+                    p.request_failed(&peer, index);
+                    let len = p.have().len();
+                    p.set_availability(peer, Bitfield::new(len));
                 }
             }
             (Purpose::Chunk(id, _), _) => {
@@ -924,6 +634,9 @@ impl Engine {
         {
             if let Some(d) = self.downloads.get_mut(id) {
                 d.last_failure = Some(format!("{peer}: {error}"));
+                if matches!(pending.purpose, Purpose::Manifest(_)) {
+                    d.manifest_request_ended(&peer, false);
+                }
             }
         }
         match pending.purpose {
@@ -949,45 +662,6 @@ impl Engine {
     }
 
     // ----- internals -----
-
-    fn serves_version(&self, published: bool, complete: bool) -> bool {
-        match self.config.stage {
-            Stage::Sequential | Stage::ParallelPush => published,
-            Stage::HostAssisted => published || complete,
-            Stage::Coordinated | Stage::Swarm => true,
-        }
-    }
-
-    /// Initial seeding, in the swarm stage: the publisher of a version sends no chunk a second
-    /// time while another chunk has been sent fewer times, so that its upload goes to new
-    /// pieces and fetchers get repeats from each other. A declined request is answered "not
-    /// found", and the fetcher turns to another chunk or peer at once.
-    fn seeding_declines(&mut self, id: &VersionId, index: u32) -> bool {
-        if self.config.stage != Stage::Swarm {
-            return false;
-        }
-        let Some(v) = self.store.get(id).filter(|v| v.published) else {
-            return false;
-        };
-        let counts = self
-            .seeded
-            .entry(*id)
-            .or_insert_with(|| vec![0; v.manifest.chunk_count() as usize]);
-        let min = counts.iter().copied().min().unwrap_or(0);
-        counts.get(index as usize).is_some_and(|c| *c > min)
-    }
-
-    /// Whether the upload cap lets chunk `index` of `id` go now.
-    fn take_upload_tokens(&mut self, id: &VersionId, index: u32) -> bool {
-        let Some(limiter) = self.upload_limiter.as_mut() else {
-            return true;
-        };
-        let len = self.store.get(id).map_or(0, |v| {
-            let r = v.manifest.chunk_range(index);
-            r.end - r.start
-        });
-        limiter.try_take(len)
-    }
 
     fn newest_known(&self, model: &str) -> Option<Announcement> {
         self.known_versions(model).into_iter().next()
@@ -1021,7 +695,11 @@ impl Engine {
 
     fn learn_announcement(&mut self, a: Announcement) {
         let id = a.id;
-        let publisher = a.publisher.parse::<PeerId>().ok();
+        let publisher = a
+            .publisher
+            .parse::<PeerId>()
+            .ok()
+            .filter(|p| *p != self.local_peer);
         let newer = self
             .newest_known(&a.model)
             .is_none_or(|n| a.version > n.version);
@@ -1029,19 +707,12 @@ impl Engine {
         if self.announcements.len() < 4096 || self.announcements.contains_key(&id) {
             self.announcements.insert(id, a);
         }
-        if let (Some(d), Some(p)) = (self.downloads.get_mut(&id), publisher) {
-            d.publisher.get_or_insert(p);
-            if p != self.local_peer {
-                d.candidates.insert(p);
-                d.holders.insert(p);
-            }
-        }
         if followed && newer && self.store.get(&id).is_none() {
             self.ensure_download(id);
-            if let (Some(d), Some(p)) = (self.downloads.get_mut(&id), publisher) {
-                d.publisher = Some(p);
-                d.candidates.insert(p);
-            }
+        }
+        if let (Some(d), Some(p)) = (self.downloads.get_mut(&id), publisher) {
+            d.publisher.get_or_insert(p);
+            d.add_holder(p);
             self.drive(&id);
         }
     }
@@ -1072,151 +743,83 @@ impl Engine {
         let publisher = self
             .announcements
             .get(&id)
-            .and_then(|a| a.publisher.parse::<PeerId>().ok());
-        let mut d = Download::new(publisher);
-        d.candidates.extend(
-            self.connected
-                .iter()
-                .copied()
-                .filter(|p| *p != self.local_peer),
-        );
-        if let Some(p) = publisher.filter(|p| *p != self.local_peer) {
-            d.candidates.insert(p);
+            .and_then(|a| a.publisher.parse::<PeerId>().ok())
+            .filter(|p| *p != self.local_peer);
+        let mut d = Download::new(publisher, Instant::now());
+        for peer in self.connected.iter().chain(publisher.iter()) {
+            d.add_candidate(*peer);
         }
         if self.store.get(&id).is_some() {
             self.init_picker(&id, &mut d);
         }
-        tracing::info!(version = %id.short(), peers = d.candidates.len(), "download started");
+        tracing::info!(version = %id.short(), "download started");
         self.downloads.insert(id, d);
     }
 
     /// Sets up the picker once the manifest is held, copying chunks other versions share.
     fn init_picker(&mut self, id: &VersionId, d: &mut Download) {
-        let Some(v) = self.store.get(id) else {
+        let Some(resumed) = self.store.get(id).map(|v| v.have.count()) else {
             return;
         };
-        d.chunks_resumed = v.have.count();
-        match self.store.copy_local_chunks(id) {
+        let copied = match self.store.copy_local_chunks(id) {
             Ok(copied) => {
-                d.chunks_copied = copied.len() as u32;
                 if !copied.is_empty() {
                     tracing::info!(version = %id.short(), chunks = copied.len(), "copied chunks shared with local versions");
                 }
+                copied.len() as u32
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot copy local chunks"),
-        }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot copy local chunks");
+                0
+            }
+        };
         if let Some(v) = self.store.get(id) {
-            d.picker = Some(Picker::new(
+            let picker = Picker::new(
                 v.have.clone(),
                 self.config.max_requests_per_peer,
                 self.config.endgame_copies,
-            ));
+            );
+            d.start(picker, resumed, copied);
         }
     }
 
     fn picker_mut(&mut self, id: &VersionId) -> Option<&mut Picker<PeerId>> {
-        self.downloads.get_mut(id)?.picker.as_mut()
+        self.downloads.get_mut(id)?.picker_mut()
     }
 
-    /// Moves a download forward: manifest, availability, providers, chunk requests, completion.
+    /// Moves a download forward: carries out the steps it asks for (requests, provider
+    /// lookups, sync, completion) and tells its watchers how far it is.
     fn drive(&mut self, id: &VersionId) {
         let Some(mut d) = self.downloads.remove(id) else {
             return;
         };
-        let now = Instant::now();
-        if d.last_provider_query
-            .is_none_or(|t| now.duration_since(t) >= self.config.provider_refresh)
-        {
-            d.last_provider_query = Some(now);
-            self.events.push_back(Event::FindProviders(*id));
-        }
-        if d.picker.is_none() {
-            // Ask one new peer at a time for the manifest.
-            let in_flight = self
-                .requests
-                .values()
-                .any(|p| matches!(p.purpose, Purpose::Manifest(m) if m == *id));
-            if !in_flight {
-                let next = d
-                    .candidates
-                    .iter()
-                    .find(|p| !d.manifest_asked.contains(p) && !d.banned.contains(p))
-                    .copied();
-                if next.is_none() && d.manifest_round.elapsed() >= MANIFEST_RETRY {
-                    // Every candidate was asked and none answered: start a new round, since
-                    // peers that had no copy or were unreachable may have one now.
-                    d.manifest_asked.clear();
-                    d.manifest_round = Instant::now();
-                }
-                if let Some(peer) = next {
-                    d.manifest_asked.insert(peer);
+        let disk = self.store.get(id).map_or(OnDisk::default(), |v| OnDisk {
+            complete: v.is_complete(),
+            durable: v.is_durable(),
+        });
+        for step in d.poll(Instant::now(), &self.config, disk, &mut self.rng) {
+            match step {
+                Step::FindProviders => self.events.push_back(Event::FindProviders(*id)),
+                Step::Ask(peer, Ask::Manifest) => {
                     self.send(peer, Request::Manifest { id: *id }, Purpose::Manifest(*id));
                 }
-            }
-            self.downloads.insert(*id, d);
-            return;
-        }
-        for peer in d.candidates.clone() {
-            let due = d
-                .last_have
-                .get(&peer)
-                .is_none_or(|t| now.duration_since(*t) >= self.config.have_refresh);
-            if due && !d.have_pending.contains(&peer) && !d.banned.contains(&peer) {
-                d.have_pending.insert(peer);
-                d.last_have.insert(peer, now);
-                self.send(peer, Request::Have { id: *id }, Purpose::Have(*id));
-            }
-        }
-        // Backpressure: while the disk is behind, ask for nothing more, so that chunks waiting
-        // to be written (each held in memory) stay bounded whatever the model's size.
-        let requests = match d.picker.as_mut() {
-            Some(p) if d.writes_pending < MAX_PENDING_WRITES => p.next_requests(&mut self.rng),
-            _ => Vec::new(),
-        };
-        for (peer, index) in requests {
-            self.send(
-                peer,
-                Request::Chunk { id: *id, index },
-                Purpose::Chunk(*id, index),
-            );
-        }
-        let written = d.writes_pending == 0 && self.store.get(id).is_some_and(|v| v.is_complete());
-        if written && d.picker.as_ref().is_some_and(|p| p.is_complete()) {
-            // Complete means durable: the last sync runs off the event loop, and its end
-            // drives the download again.
-            if self.store.get(id).is_some_and(|v| v.is_durable()) {
-                self.complete(id, d);
-                return;
-            }
-            self.start_sync(id);
-        }
-        self.report_progress(id, &mut d);
-        self.downloads.insert(*id, d);
-    }
-
-    /// Sends the download's progress to its watchers (those still listening).
-    fn report_progress(&self, id: &VersionId, d: &mut Download) {
-        if d.progress.is_empty() {
-            return;
-        }
-        let progress = match self.store.get(id) {
-            Some(v) => {
-                let (held, chunks) = (v.have.count(), v.manifest.chunk_count());
-                FetchProgress {
-                    chunks_held: held,
-                    chunks,
-                    bytes_held: (u64::from(held) * u64::from(v.manifest.chunk_size))
-                        .min(v.manifest.total_size),
-                    size: v.manifest.total_size,
-                    peers: d.picker.as_ref().map_or(0, |p| p.peers().count()),
+                Step::Ask(peer, Ask::Have) => {
+                    self.send(peer, Request::Have { id: *id }, Purpose::Have(*id));
+                }
+                Step::Ask(peer, Ask::Chunk(index)) => self.send(
+                    peer,
+                    Request::Chunk { id: *id, index },
+                    Purpose::Chunk(*id, index),
+                ),
+                Step::Sync => self.start_sync(id),
+                Step::Complete => {
+                    self.complete(id, d);
+                    return;
                 }
             }
-            None => FetchProgress::default(),
-        };
-        d.progress.retain(|tx| !tx.is_closed());
-        for tx in &d.progress {
-            tx.send_if_modified(|p| std::mem::replace(p, progress) != progress);
         }
+        d.report_progress(self.store.get(id));
+        self.downloads.insert(*id, d);
     }
 
     fn send(&mut self, peer: PeerId, request: Request, purpose: Purpose) {
@@ -1232,7 +835,7 @@ impl Engine {
     }
 
     fn on_manifest(&mut self, peer: PeerId, id: VersionId, bytes: &[u8]) {
-        if self.downloads.get(&id).is_none_or(|d| d.picker.is_some()) {
+        if self.downloads.get(&id).is_none_or(Download::has_manifest) {
             return;
         }
         if let Err(e) = Manifest::decode_verified(bytes, &id) {
@@ -1260,33 +863,9 @@ impl Engine {
             .config
             .portion
             .filter(|_| self.config.stage == Stage::Coordinated);
-        let Some(d) = self.downloads.get_mut(&id) else {
-            return;
-        };
-        d.have_pending.remove(&peer);
-        if d.banned.contains(&peer) {
-            return;
+        if let Some(d) = self.downloads.get_mut(&id) {
+            d.on_have(peer, bitfield, portion);
         }
-        let Some(picker) = d.picker.as_mut() else {
-            return;
-        };
-        let len = picker.have().len();
-        let mut bits = bitfield
-            .filter(|b| b.is_well_formed() && b.len() == len)
-            .unwrap_or_else(|| Bitfield::new(len));
-        if bits.count() > 0 {
-            d.holders.insert(peer);
-        }
-        if let (Some((index, count)), Some(publisher)) = (portion, d.publisher) {
-            if publisher == peer && count > 0 {
-                let mut mine = Bitfield::new(len);
-                bits.ones()
-                    .filter(|i| i % count == index)
-                    .for_each(|i| mine.set(i));
-                bits = mine;
-            }
-        }
-        picker.set_availability(peer, bits);
     }
 
     fn on_chunk(&mut self, peer: PeerId, id: VersionId, index: u32, got: u32, data: Vec<u8>) {
@@ -1297,12 +876,8 @@ impl Engine {
         let Some(v) = self.store.get(&id) else {
             return;
         };
-        let obtained = v.have.get(index)
-            || self
-                .downloads
-                .get(&id)
-                .and_then(|d| d.picker.as_ref())
-                .is_some_and(|p| p.have().get(index));
+        let obtained =
+            v.have.get(index) || self.downloads.get(&id).is_some_and(|d| d.has_chunk(index));
         if obtained {
             // An endgame duplicate that was not cancelled in time.
             if let Some(p) = self.picker_mut(&id) {
@@ -1322,20 +897,15 @@ impl Engine {
                 return;
             }
         };
-        self.traffic.entry(id).or_default().downloaded += len;
+        *self.downloaded.entry(id).or_default() += len;
         if let Some(d) = self.downloads.get_mut(&id) {
-            d.chunks_downloaded += 1;
-            d.last_chunk = Some(Instant::now());
-            d.senders.insert(peer);
-            d.writes_pending += 1;
-            if let Some(p) = d.picker.as_mut() {
-                for loser in p.chunk_received(&peer, index) {
-                    for pending in self.requests.values_mut() {
-                        if pending.peer == loser
-                            && matches!(pending.purpose, Purpose::Chunk(v, i) if v == id && i == index)
-                        {
-                            pending.cancelled = true;
-                        }
+            // Endgame: the same chunk asked of slower peers; their answers are dropped.
+            for loser in d.chunk_verified(peer, index, Instant::now()) {
+                for pending in self.requests.values_mut() {
+                    if pending.peer == loser
+                        && matches!(pending.purpose, Purpose::Chunk(v, i) if v == id && i == index)
+                    {
+                        pending.cancelled = true;
                     }
                 }
             }
@@ -1368,35 +938,27 @@ impl Engine {
     /// Makes the chunks written to `id` durable on a blocking thread, unless a sync of it is
     /// running or nothing changed.
     fn start_sync(&mut self, id: &VersionId) {
-        let Some(job) = self.store.sync_job(id) else {
-            return;
-        };
-        let done = self.write_done.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = job.run().map_err(|e| format!("{e:#}"));
-            let _ = done.send(DiskEvent::Synced { id: job.id, result });
-        });
+        if let Some(job) = self.store.sync_job(id) {
+            disk::spawn_sync(job, self.write_done.clone());
+        }
     }
 
     /// A verified chunk reached the disk (or failed to): it is served from now on.
     fn on_chunk_written(&mut self, id: VersionId, index: u32, result: Result<(), String>) {
-        if let Some(d) = self.downloads.get_mut(&id) {
-            d.writes_pending = d.writes_pending.saturating_sub(1);
-        }
         let result = result.and_then(|()| {
             self.store
                 .mark_written(&id, index)
                 .map_err(|e| format!("{e:#}"))
         });
+        if let Some(d) = self.downloads.get_mut(&id) {
+            d.chunk_written(index, result.is_ok());
+        }
         if let Err(e) = result {
-            if let Some(p) = self.picker_mut(&id) {
-                p.chunk_lost(index);
-            }
             self.fail_download(&id, e);
             return;
         }
         let first = self.store.get(&id).is_some_and(|v| v.have.count() == 1);
-        if first && self.serves_version(false, false) {
+        if first && self.uploads.serves(false, false) {
             self.start_providing(&id);
         }
         self.drive(&id);
@@ -1410,11 +972,7 @@ impl Engine {
             why: why.to_string(),
         });
         if let Some(d) = self.downloads.get_mut(&id) {
-            d.banned.insert(peer);
-            d.candidates.remove(&peer);
-            if let Some(p) = d.picker.as_mut() {
-                p.remove_peer(&peer);
-            }
+            d.ban(peer);
         }
         for pending in self.requests.values_mut() {
             if pending.peer == peer {
@@ -1449,18 +1007,7 @@ impl Engine {
         let Some(v) = self.store.get(id) else {
             return;
         };
-        let report = DownloadReport {
-            id: id.to_hex(),
-            model: v.manifest.model.clone(),
-            version: v.manifest.version,
-            size: v.manifest.total_size,
-            chunks: v.manifest.chunk_count(),
-            chunks_downloaded: d.chunks_downloaded,
-            chunks_copied_locally: d.chunks_copied,
-            chunks_resumed: d.chunks_resumed,
-            peers_used: d.senders.len(),
-            seconds: d.started.elapsed().as_secs_f64(),
-        };
+        let report = d.report(id, v, Instant::now());
         tracing::info!(
             version = %id.short(), model = %report.model, number = report.version,
             size = report.size, downloaded = report.chunks_downloaded, copied = report.chunks_copied_locally,
@@ -1480,7 +1027,7 @@ impl Engine {
                 },
             );
         }
-        if self.serves_version(false, true) {
+        if self.uploads.serves(false, true) {
             self.start_providing(id);
         }
         for waiter in d.waiters {
@@ -1509,7 +1056,7 @@ impl Engine {
     }
 }
 
-impl WrapsRequestResponse for Engine {
+impl WrapsRequestResponse for Behaviour {
     type Codec = CborCodec<Request, Response>;
     type Event = Event;
 
@@ -1568,4 +1115,4 @@ impl WrapsRequestResponse for Engine {
     }
 }
 
-crate::impl_wire_behaviour!(Engine);
+crate::impl_wire_behaviour!(Behaviour);

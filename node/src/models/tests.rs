@@ -1,4 +1,4 @@
-//! The models behaviour ([`Engine`]) alone, on in-memory swarms (`libp2p-swarm-test`): no
+//! The models behaviour ([`Behaviour`]) alone, on in-memory swarms (`libp2p-swarm-test`): no
 //! event loop, no DHT, no gossip. The test answers nothing the behaviour asks of the rest of
 //! the node (provider lookups, announcements); peers find each other by being connected.
 
@@ -13,24 +13,24 @@ use p2p_protocol::manifest::VersionId;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
-use super::engine::{DownloadReport, Engine, Event};
 use super::store::Store;
-use super::DistributionConfig;
+use super::ModelsConfig;
+use super::{Behaviour, DownloadReport, Event};
 
 const CHUNK: u32 = 64 * 1024;
 
 /// A node's models behaviour with its store in a temp dir.
 struct Node {
-    swarm: Swarm<Engine>,
+    swarm: Swarm<Behaviour>,
     _dir: TempDir,
     events: Vec<Event>,
 }
 
-fn node(config: DistributionConfig) -> Node {
+fn node(config: ModelsConfig) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("models")).unwrap();
     let swarm =
-        Swarm::new_ephemeral_tokio(|key| Engine::new(config, store, key.public().to_peer_id()));
+        Swarm::new_ephemeral_tokio(|key| Behaviour::new(config, store, key.public().to_peer_id()));
     Node {
         swarm,
         _dir: dir,
@@ -109,10 +109,7 @@ fn misbehaved(node: &Node) -> Vec<PeerId> {
 async fn a_version_moves_between_two_behaviours_and_is_verified() {
     let files = tempfile::tempdir().unwrap();
     let file = model_file(files.path(), 10 * CHUNK as usize - 100);
-    let mut nodes = vec![
-        node(DistributionConfig::default()),
-        node(DistributionConfig::default()),
-    ];
+    let mut nodes = vec![node(ModelsConfig::default()), node(ModelsConfig::default())];
     connect(&mut nodes).await;
     let id = publish(&mut nodes[0], &file);
     let report = fetch(&mut nodes, id).await.unwrap();
@@ -131,14 +128,14 @@ async fn a_version_moves_between_two_behaviours_and_is_verified() {
 async fn a_peer_that_sends_a_bad_chunk_is_reported_and_the_good_one_serves_the_version() {
     let files = tempfile::tempdir().unwrap();
     let file = model_file(files.path(), 10 * CHUNK as usize - 100);
-    let liar_config = DistributionConfig {
+    let liar_config = ModelsConfig {
         corrupt_uploads: true,
-        ..DistributionConfig::default()
+        ..ModelsConfig::default()
     };
     let mut nodes = vec![
         node(liar_config),
-        node(DistributionConfig::default()),
-        node(DistributionConfig::default()),
+        node(ModelsConfig::default()),
+        node(ModelsConfig::default()),
     ];
     connect(&mut nodes).await;
     let id = publish(&mut nodes[0], &file);
@@ -161,15 +158,15 @@ async fn a_busy_holder_is_left_for_another_one() {
     let files = tempfile::tempdir().unwrap();
     let file = model_file(files.path(), 10 * CHUNK as usize - 100);
     // One chunk's worth of burst, then 1 byte/s: every further request is answered "busy".
-    let busy_config = DistributionConfig {
+    let busy_config = ModelsConfig {
         max_upload_rate: Some(1),
         chunk_size: CHUNK,
-        ..DistributionConfig::default()
+        ..ModelsConfig::default()
     };
     let mut nodes = vec![
         node(busy_config),
-        node(DistributionConfig::default()),
-        node(DistributionConfig::default()),
+        node(ModelsConfig::default()),
+        node(ModelsConfig::default()),
     ];
     connect(&mut nodes).await;
     let id = publish(&mut nodes[0], &file);
@@ -196,4 +193,67 @@ async fn a_busy_holder_is_left_for_another_one() {
         sent_by(&nodes[1])
     );
     assert!(misbehaved(&nodes[2]).is_empty(), "busy is not misbehaviour");
+}
+
+/// Endgame: the last chunk is asked of both holders; the first answer is written, the slower
+/// duplicate is dropped (not written, not counted as downloaded, not blamed on its sender).
+#[tokio::test]
+async fn endgame_asks_two_holders_and_drops_the_slower_duplicate() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), CHUNK as usize - 100);
+    // Holders in the coordinated stage serve every request (no initial-seeding declines).
+    let holder = || {
+        node(ModelsConfig {
+            stage: super::Stage::Coordinated,
+            ..ModelsConfig::default()
+        })
+    };
+    let fetcher = ModelsConfig {
+        endgame_copies: 2,
+        ..ModelsConfig::default()
+    };
+    let mut nodes = vec![holder(), holder(), node(fetcher)];
+    connect(&mut nodes).await;
+    let id = publish(&mut nodes[0], &file);
+    publish(&mut nodes[1], &file);
+    let report = fetch(&mut nodes, id).await.unwrap();
+    // Let the slower holder's answer arrive and be dropped.
+    let sent = |nodes: &[Node]| -> Vec<u64> {
+        nodes[..2]
+            .iter()
+            .map(|n| {
+                n.swarm
+                    .behaviour()
+                    .models()
+                    .iter()
+                    .find(|m| m.id == id.to_hex())
+                    .map_or(0, |m| m.bytes_uploaded)
+            })
+            .collect()
+    };
+    let size = std::fs::metadata(&file).unwrap().len();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while sent(&nodes).iter().sum::<u64>() < 2 * size {
+            let polls = nodes
+                .iter_mut()
+                .map(|n| Box::pin(n.swarm.next_swarm_event()));
+            futures::future::select_all(polls).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        sent(&nodes),
+        vec![size, size],
+        "both holders were asked for the chunk"
+    );
+    assert_eq!((report.chunks, report.chunks_downloaded), (1, 1));
+    let info = nodes[2].swarm.behaviour().models();
+    let got = info.iter().find(|m| m.id == id.to_hex()).unwrap();
+    assert_eq!(got.bytes_downloaded, size, "the duplicate was not counted");
+    let (_, data) = nodes[2].swarm.behaviour().complete_version(&id).unwrap();
+    assert!(std::fs::read(data).unwrap() == std::fs::read(&file).unwrap());
+    assert!(
+        misbehaved(&nodes[2]).is_empty(),
+        "a late duplicate is not misbehaviour"
+    );
 }

@@ -1,16 +1,49 @@
-//! Model distribution: versions held on disk ([`store`]), chunk scheduling ([`picker`]) and the
-//! swarm engine that downloads from many peers and serves what it holds ([`engine`]).
+//! The `/p2p-ml/models/1.0.0` protocol: model versions held on disk, served to peers and
+//! downloaded from many peers at once, as one libp2p behaviour ([`Behaviour`]) that imports
+//! neither the rest of the network nor the averaging protocol.
+//!
+//! **Participants**: any node holding chunks of a version serves them; fetchers ask every
+//! connected peer and every DHT provider.
+//!
+//! **Flow**: manifest from any peer, checked against the id -> chunks already held locally
+//! copied -> every candidate asked which chunks it holds (`Have`, refreshed every 200 ms) ->
+//! the [`picker`] schedules chunk requests, rarest first, at most 4 in flight per peer -> each
+//! chunk verified, written, served at once -> endgame: the last chunks asked of two peers, the
+//! slower answer dropped -> complete: written chunks synced, header checked with the reference
+//! reader, provider record, waiters told. A peer that sends a chunk or manifest that does not
+//! match its hash is dropped for that version and reported ([`Event::Misbehaved`]); the
+//! node's reputation decides on penalties. Failed and timed-out requests give their chunk back
+//! to the picker; new peers and providers join the download at once.
+//!
+//! **Limits**: requests and responses of at most
+//! [`p2p_protocol::messages::MAX_REQUEST_BYTES`] / [`p2p_protocol::messages::MAX_RESPONSE_BYTES`];
+//! 4 uploads at once (more are answered "busy"); an optional upload rate cap; 32 verified
+//! chunks waiting for the disk per download; 4096 announcements and 512 streams per connection.
+//!
+//! **Parts**: [`behaviour`] (the `NetworkBehaviour`: requests in and out, events),
+//! [`download`] (one version's download as a state machine without I/O), [`upload`] (serving
+//! rules: stages, slots, rate, initial seeding), [`picker`] (which chunk from whom),
+//! [`disk`] (writes and syncs off the event loop), [`store`] (versions on disk), [`report`]
+//! (what `fetch`, `/models` and `/status` show).
 
 use std::time::Duration;
 
 use serde::Serialize;
 
-pub mod engine;
+pub mod behaviour;
+pub mod disk;
+pub mod download;
 pub mod picker;
+pub mod report;
 pub mod store;
+pub mod upload;
 
-/// The five distribution stages of the seed design. The engine is one; stages 1-4 are settings
-/// that restrict it, kept for measurement against the full swarm.
+pub use behaviour::{Behaviour, Event};
+pub use report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
+pub use upload::IN_USE_WINDOW;
+
+/// The five distribution stages of the seed design. The protocol is one; stages 1-4 are
+/// settings that restrict it, kept for measurement against the full swarm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
@@ -54,9 +87,9 @@ impl std::str::FromStr for Stage {
     }
 }
 
-/// Tunables of the distribution engine.
+/// Tunables of the models protocol.
 #[derive(Debug, Clone)]
-pub struct DistributionConfig {
+pub struct ModelsConfig {
     /// Which stage's rules apply.
     pub stage: Stage,
     /// Chunk size for versions this node publishes.
@@ -83,7 +116,7 @@ pub struct DistributionConfig {
     pub corrupt_uploads: bool,
 }
 
-impl Default for DistributionConfig {
+impl Default for ModelsConfig {
     fn default() -> Self {
         Self {
             stage: Stage::Swarm,
@@ -101,7 +134,7 @@ impl Default for DistributionConfig {
     }
 }
 
-impl DistributionConfig {
+impl ModelsConfig {
     /// Upload slots the stage allows.
     pub fn upload_slots(&self) -> usize {
         match self.stage {

@@ -1,0 +1,175 @@
+//! Serving rules of the models protocol, in one place and free of I/O: which versions a node
+//! serves in each [`Stage`], its upload slots, the upload rate cap, initial seeding, and which
+//! versions peers are using (so pruning spares them).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use libp2p::request_response::InboundRequestId;
+use p2p_protocol::manifest::VersionId;
+use tokio::time::Instant;
+
+use super::store::StoredVersion;
+use super::{ModelsConfig, RateLimiter, Stage};
+
+/// A version a peer asked for within this long is not pruned: the peer is still fetching it.
+pub const IN_USE_WINDOW: Duration = Duration::from_secs(30);
+
+/// How a chunk request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// Read the chunk and send it.
+    Serve,
+    /// "Not found": not held, not served in this stage, or declined by initial seeding (the
+    /// fetcher turns to another chunk or peer at once).
+    NotFound,
+    /// "Busy": every upload slot is taken or the rate cap is reached; the fetcher backs off
+    /// from this peer until its next availability refresh.
+    Busy,
+}
+
+/// The uploads of one node.
+#[derive(Debug)]
+pub(super) struct Uploads {
+    stage: Stage,
+    slots: usize,
+    corrupt: bool,
+    /// Chunk responses being sent (each holds a slot until sent or failed).
+    in_flight: HashSet<InboundRequestId>,
+    limiter: Option<RateLimiter>,
+    /// Per published version, how often each chunk was uploaded (for initial seeding).
+    seeded: HashMap<VersionId, Vec<u32>>,
+    /// When a peer last asked for a version's chunks or availability.
+    last_asked: HashMap<VersionId, Instant>,
+    /// Bytes of chunks sent, per version.
+    uploaded: HashMap<VersionId, u64>,
+}
+
+impl Uploads {
+    /// The rules `config` sets.
+    pub(super) fn new(config: &ModelsConfig) -> Self {
+        Self {
+            stage: config.stage,
+            slots: config.upload_slots(),
+            corrupt: config.corrupt_uploads,
+            in_flight: HashSet::new(),
+            limiter: config
+                .max_upload_rate
+                .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
+            seeded: HashMap::new(),
+            last_asked: HashMap::new(),
+            uploaded: HashMap::new(),
+        }
+    }
+
+    /// Whether a version is served at all in this stage: stages 1-2 serve only what this node
+    /// published, stage 3 also complete copies, stages 4-5 every verified chunk.
+    pub(super) fn serves(&self, published: bool, complete: bool) -> bool {
+        match self.stage {
+            Stage::Sequential | Stage::ParallelPush => published,
+            Stage::HostAssisted => published || complete,
+            Stage::Coordinated | Stage::Swarm => true,
+        }
+    }
+
+    /// Whether `v` is served (its availability answered) in this stage.
+    pub(super) fn serves_version(&self, v: &StoredVersion) -> bool {
+        self.serves(v.published, v.is_complete())
+    }
+
+    /// A peer asked about `id` (its availability or a chunk) at `now`.
+    pub(super) fn note_asked(&mut self, id: VersionId, now: Instant) {
+        self.last_asked.insert(id, now);
+    }
+
+    /// Whether a peer asked about `id` within [`IN_USE_WINDOW`] of `now`.
+    pub(super) fn in_use(&self, id: &VersionId, now: Instant) -> bool {
+        self.last_asked
+            .get(id)
+            .is_some_and(|t| now.duration_since(*t) < IN_USE_WINDOW)
+    }
+
+    /// How to answer a request for chunk `index` of `v` (`None`: not held).
+    pub(super) fn decide(
+        &mut self,
+        id: &VersionId,
+        v: Option<&StoredVersion>,
+        index: u32,
+    ) -> Decision {
+        let Some(v) = v.filter(|v| self.serves_version(v) && v.have.get(index)) else {
+            return Decision::NotFound;
+        };
+        if self.seeding_declines(id, v, index) {
+            return Decision::NotFound;
+        }
+        if self.in_flight.len() >= self.slots {
+            return Decision::Busy;
+        }
+        let r = v.manifest.chunk_range(index);
+        if let Some(limiter) = self.limiter.as_mut() {
+            if !limiter.try_take(r.end - r.start) {
+                return Decision::Busy;
+            }
+        }
+        Decision::Serve
+    }
+
+    /// Initial seeding, in the swarm stage: the publisher of a version sends no chunk a second
+    /// time while another chunk has been sent fewer times, so that its upload goes to new
+    /// pieces and fetchers get repeats from each other (BitTorrent's super-seeding).
+    fn seeding_declines(&mut self, id: &VersionId, v: &StoredVersion, index: u32) -> bool {
+        if self.stage != Stage::Swarm || !v.published {
+            return false;
+        }
+        let counts = self
+            .seeded
+            .entry(*id)
+            .or_insert_with(|| vec![0; v.manifest.chunk_count() as usize]);
+        let min = counts.iter().copied().min().unwrap_or(0);
+        counts.get(index as usize).is_some_and(|c| *c > min)
+    }
+
+    /// The chunk's bytes as sent: flipped every 4 KiB with the fault-injection setting.
+    pub(super) fn prepare(&self, data: &mut [u8]) {
+        if self.corrupt {
+            data.iter_mut().step_by(4096).for_each(|b| *b ^= 0xff);
+        }
+    }
+
+    /// Chunk `index` of `id` (`bytes` long) is being sent as the response to `request`: it
+    /// holds an upload slot until [`Uploads::finished`].
+    pub(super) fn started(
+        &mut self,
+        id: VersionId,
+        index: u32,
+        bytes: u64,
+        request: InboundRequestId,
+    ) {
+        if let Some(c) = self
+            .seeded
+            .get_mut(&id)
+            .and_then(|counts| counts.get_mut(index as usize))
+        {
+            *c += 1;
+        }
+        *self.uploaded.entry(id).or_default() += bytes;
+        self.in_flight.insert(request);
+    }
+
+    /// A response finished sending (or failed): its slot, if it held one, is free.
+    pub(super) fn finished(&mut self, request: InboundRequestId) {
+        self.in_flight.remove(&request);
+    }
+
+    /// Bytes of chunks of `id` sent to peers.
+    pub(super) fn uploaded(&self, id: &VersionId) -> u64 {
+        self.uploaded.get(id).copied().unwrap_or(0)
+    }
+
+    /// Forgets a deleted version.
+    pub(super) fn forget(&mut self, id: &VersionId) {
+        self.seeded.remove(id);
+        self.last_asked.remove(id);
+        self.uploaded.remove(id);
+    }
+}
