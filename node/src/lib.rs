@@ -4,7 +4,7 @@
 //!   [`node::NodeHandle`];
 //! * [`network`] holds the libp2p behaviours and the event loop that owns the swarm;
 //! * [`peers`] is the persisted address book that lets a node rejoin without bootstrap;
-//! * [`models`] stores, serves and downloads model versions (the swarm engine);
+//! * [`models`] stores, serves and downloads model versions (the swarm);
 //! * [`averaging`] is the `/p2p-ml/train` protocol (averaging sessions, run discovery) as its
 //!   own libp2p behaviour;
 //! * [`training`] trains a run's model with candle and averages it with peers;

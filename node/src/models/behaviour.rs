@@ -1,7 +1,7 @@
 //! [`Behaviour`]: the `/p2p-ml/models/1.0.0` protocol as one libp2p `NetworkBehaviour` (see
 //! the [module docs](super) for participants, flow and limits). It wraps a request-response
 //! behaviour, tracks which peers are connected, runs its timer, answers requests by the rules
-//! of [`Uploads`], carries out the [`Step`]s of each [`Download`], and hands disk work to
+//! of `Uploads`, carries out the `Step`s of each `Download`, and hands disk work to
 //! [`disk`]; it never sees the swarm or the other protocols. What it needs from them it asks
 //! for as [`Event`]s (provider lookups and records in the DHT, announcements on gossip), and
 //! what it learns from them comes back through [`Behaviour::on_providers`] and
@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::disk::{self, ChunkWriter, DiskEvent};
+use super::disk::{self, ChunkWriter, DiskEvent, Imported, PublishFile};
 use super::download::{Ask, Download, OnDisk, Step, Waiter};
 use super::picker::Picker;
 use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
@@ -140,7 +140,7 @@ impl Behaviour {
         );
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut engine = Self {
+        let mut behaviour = Self {
             inner,
             connected: HashSet::new(),
             events: VecDeque::new(),
@@ -163,7 +163,7 @@ impl Behaviour {
             rng: StdRng::from_entropy(),
             config,
         };
-        let partial: Vec<VersionId> = engine
+        let partial: Vec<VersionId> = behaviour
             .store
             .iter()
             .filter(|(_, v)| !v.is_complete())
@@ -171,11 +171,11 @@ impl Behaviour {
             .collect();
         for id in partial {
             let mut download = Download::new(None, Instant::now());
-            engine.init_picker(&id, &mut download);
-            tracing::info!(version = %id.short(), chunks_held = engine.store.get(&id).map_or(0, |v| v.have.count()), "resuming an interrupted download");
-            engine.downloads.insert(id, download);
+            behaviour.init_picker(&id, &mut download);
+            tracing::info!(version = %id.short(), chunks_held = behaviour.store.get(&id).map_or(0, |v| v.have.count()), "resuming an interrupted download");
+            behaviour.downloads.insert(id, download);
         }
-        engine
+        behaviour
     }
 
     /// Called once the swarm runs: provider records for held versions, pending downloads.
@@ -234,6 +234,47 @@ impl Behaviour {
         self.announce(&announcement);
         tracing::info!(model, version = announcement.version, id = %id, size = announcement.size, "published version");
         Ok(announcement)
+    }
+
+    /// Publishes a file: imports it into the store off the event loop (an immutable snapshot,
+    /// hashed as it is copied), then adopts it as [`Behaviour::publish`] does and answers
+    /// `request.reply`.
+    pub fn publish_file(&mut self, request: PublishFile) {
+        if let Err(e) = p2p_protocol::manifest::validate_model_name(&request.model) {
+            let _ = request.reply.send(Err(e));
+            return;
+        }
+        disk::spawn_import(
+            self.store.root().to_path_buf(),
+            self.config.chunk_size,
+            request,
+            self.write_done.clone(),
+        );
+    }
+
+    fn on_imported(&mut self, imported: Imported) {
+        let Imported { request, result } = imported;
+        let result = result.and_then(|(file, training)| {
+            self.publish(file, &request.model, training)
+                .map_err(|e| format!("{e:#}"))
+        });
+        let _ = request.reply.send(result);
+    }
+
+    /// Writes the complete version `id` to `out` off the event loop, verifying every chunk
+    /// again; `reply` gets the outcome.
+    pub fn export(
+        &mut self,
+        id: VersionId,
+        out: PathBuf,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        match self.complete_version(&id) {
+            Some((manifest, data)) => disk::spawn_export(manifest, data, out, reply),
+            None => {
+                let _ = reply.send(Err(format!("version {id} is not held completely")));
+            }
+        }
     }
 
     /// Downloads `id` (or joins the download in progress); `reply` gets the report at the end
@@ -921,6 +962,7 @@ impl Behaviour {
             DiskEvent::ChunkWritten { id, index, result } => {
                 self.on_chunk_written(id, index, result)
             }
+            DiskEvent::Imported(imported) => self.on_imported(*imported),
             DiskEvent::Synced { id, result } => {
                 self.store.sync_finished(&id, result.is_ok());
                 if let Err(e) = result {

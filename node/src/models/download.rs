@@ -1,14 +1,14 @@
 //! One version's download as a state machine without I/O: it is told what happened (a peer
 //! came or went, a manifest, an availability bitfield, a verified or written chunk) and, when
-//! polled with the current time, says what to do next as [`Step`]s (ask a peer for the
+//! polled with the current time, says what to do next as `Step`s (ask a peer for the
 //! manifest, its availability or a chunk; look up providers; sync; complete). The models
 //! behaviour carries the steps out; the tests here drive it by hand, with explicit instants.
 //!
 //! Its timers: providers are looked up every `provider_refresh`, each peer's availability is
 //! asked every `have_refresh`, and the manifest is asked of one peer at a time, in rounds at
-//! least [`MANIFEST_RETRY`] apart. Chunk requests come from the [`Picker`] (rarest first, at
+//! least `MANIFEST_RETRY` apart. Chunk requests come from the [`Picker`] (rarest first, at
 //! most `max_requests_per_peer` per peer, endgame duplicates), and stop while
-//! [`MAX_PENDING_WRITES`] verified chunks wait for the disk.
+//! `MAX_PENDING_WRITES` verified chunks wait for the disk.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

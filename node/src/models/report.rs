@@ -45,7 +45,7 @@ pub struct DownloadState {
     pub seconds_since_chunk: Option<f64>,
 }
 
-/// How far a download is, sent to watchers as it moves ([`Behaviour::fetch`]).
+/// How far a download is, sent to watchers as it moves ([`super::Behaviour::fetch`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FetchProgress {
     /// Chunks held and verified.

@@ -147,6 +147,11 @@ pub struct Store {
 }
 
 impl Store {
+    /// The folder the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Opens (creating if needed) the store at `root`, loading every version found. Damaged
     /// version directories are reported and skipped.
     pub fn open(root: &Path) -> Result<Self> {

@@ -5,16 +5,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use libp2p::{Multiaddr, PeerId};
-use p2p_protocol::manifest::{Manifest, VersionId};
+use p2p_protocol::manifest::VersionId;
 use p2p_protocol::messages::Announcement;
-use p2p_protocol::training::{RunAnnouncement, TrainingMeta};
+use p2p_protocol::training::RunAnnouncement;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::averaging::{AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
-use crate::models::store::{self, ImportedFile, Store};
+use crate::models::disk::PublishFile;
 use crate::models::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use crate::peers::Source;
 use crate::training::TrainingStatus;
@@ -30,17 +30,9 @@ pub enum Command {
     RoutingTable(oneshot::Sender<Vec<PeerId>>),
     /// Reply once every requested listener has reported an address (or failed).
     WaitListening(oneshot::Sender<Vec<Multiaddr>>),
-    /// Adopt an imported file as the next version of a model, announce and serve it.
-    Publish {
-        /// The imported file.
-        imported: ImportedFile,
-        /// Model name.
-        model: String,
-        /// Training metadata, for a checkpoint.
-        training: Option<TrainingMeta>,
-        /// The announcement, or why it failed.
-        reply: oneshot::Sender<Result<Announcement, String>>,
-    },
+    /// Import a file (off the event loop) as the next version of a model, announce and
+    /// serve it.
+    Publish(PublishFile),
     /// Download a version; the reply comes when it is complete (or failed).
     Fetch {
         /// The version.
@@ -59,12 +51,14 @@ pub enum Command {
     },
     /// Versions held (`GET /models`).
     Models(oneshot::Sender<Vec<ModelInfo>>),
-    /// Manifest and data path of a complete version.
-    CompleteVersion {
+    /// Write a complete version to a file (off the event loop), verifying it again.
+    Export {
         /// The version.
         id: VersionId,
-        /// `None` unless held completely.
-        reply: oneshot::Sender<Option<(Manifest, PathBuf)>>,
+        /// The file to write.
+        out: PathBuf,
+        /// Done, or why not.
+        reply: oneshot::Sender<Result<(), String>>,
     },
     /// Where the download of a version stands (`None`: no download of it in progress).
     DownloadState {
@@ -76,7 +70,7 @@ pub enum Command {
     /// Penalty points of peers that sent bad data.
     Penalties(oneshot::Sender<HashMap<PeerId, u32>>),
     /// Delete the complete versions of a model beyond the newest `keep` (see
-    /// [`crate::models::Behaviour as ModelsBehaviour::prune`]).
+    /// [`crate::models::Behaviour::prune`]).
     PruneVersions {
         /// Model name.
         model: String,
@@ -222,20 +216,15 @@ impl Fetching {
 #[derive(Debug, Clone)]
 pub struct Client {
     sender: mpsc::Sender<Command>,
-    models_dir: PathBuf,
-    chunk_size: u32,
     /// The training coordinator's status, once one runs (shared by every clone).
     training: Arc<std::sync::Mutex<Option<watch::Receiver<TrainingStatus>>>>,
 }
 
 impl Client {
-    /// Wraps the command channel of an event loop whose store is at `models_dir` and which
-    /// publishes with chunks of `chunk_size` bytes.
-    pub fn new(sender: mpsc::Sender<Command>, models_dir: PathBuf, chunk_size: u32) -> Self {
+    /// Wraps the command channel of an event loop.
+    pub fn new(sender: mpsc::Sender<Command>) -> Self {
         Self {
             sender,
-            models_dir,
-            chunk_size,
             training: Arc::default(),
         }
     }
@@ -288,12 +277,11 @@ impl Client {
         self.ask(Command::WaitListening).await
     }
 
-    /// Publishes `file` as the next version of `model`: takes an immutable snapshot of it into
-    /// the store (on a blocking thread), then announces and serves it. Identical bytes give
-    /// the same version id again.
+    /// Publishes `file` as the next version of `model`: the models behaviour takes an
+    /// immutable snapshot of it into the store (off the event loop), then announces and
+    /// serves it. Identical bytes give the same version id again.
     pub async fn publish(&self, file: &Path, model: &str) -> Result<Announcement> {
-        let imported = self.import(file, model).await?;
-        self.adopt(imported, model, None).await
+        self.publish_file(file, model, false).await
     }
 
     /// Publishes a checkpoint file: like [`Client::publish`], with the training metadata
@@ -301,36 +289,23 @@ impl Client {
     /// `p2p-node` metadata key, so that the announcement describes exactly the bytes
     /// published. Fails if the file has no such metadata.
     pub async fn publish_checkpoint(&self, file: &Path, model: &str) -> Result<Announcement> {
-        let imported = self.import(file, model).await?;
-        let training = match training_meta(imported.metadata.as_ref()) {
-            Ok(t) => t,
-            // Dropping the import deletes its staging copy.
-            Err(e) => return Err(anyhow!("{}: {e}", file.display())),
-        };
-        self.adopt(imported, model, Some(training)).await
+        self.publish_file(file, model, true).await
     }
 
-    async fn import(&self, file: &Path, model: &str) -> Result<ImportedFile> {
-        p2p_protocol::manifest::validate_model_name(model).map_err(|e| anyhow!(e))?;
-        let (root, source, chunk_size) =
-            (self.models_dir.clone(), file.to_path_buf(), self.chunk_size);
-        tokio::task::spawn_blocking(move || Store::import_file(&root, &source, chunk_size))
-            .await
-            .context("import task failed")?
-    }
-
-    async fn adopt(
+    async fn publish_file(
         &self,
-        imported: ImportedFile,
+        file: &Path,
         model: &str,
-        training: Option<TrainingMeta>,
+        checkpoint: bool,
     ) -> Result<Announcement> {
-        let model = model.to_string();
-        self.ask(|reply| Command::Publish {
-            imported,
-            model,
-            training,
-            reply,
+        let (file, model) = (file.to_path_buf(), model.to_string());
+        self.ask(|reply| {
+            Command::Publish(PublishFile {
+                file,
+                model,
+                checkpoint,
+                reply,
+            })
         })
         .await?
         .map_err(|e| anyhow!(e))
@@ -448,36 +423,9 @@ impl Client {
 
     /// Writes the complete version `id` to `out`, verifying every chunk again.
     pub async fn export(&self, id: VersionId, out: &Path) -> Result<()> {
-        let (manifest, data) = self
-            .ask(|reply| Command::CompleteVersion { id, reply })
-            .await?
-            .with_context(|| format!("version {id} is not held completely"))?;
         let out = out.to_path_buf();
-        tokio::task::spawn_blocking(move || store::export_file(&manifest, &data, &out))
-            .await
-            .context("export task failed")?
+        self.ask(|reply| Command::Export { id, out, reply })
+            .await?
+            .map_err(|e| anyhow!(e))
     }
-}
-
-/// The training metadata of a checkpoint, from its safetensors `__metadata__`
-/// ([`p2p_models::checkpoint::METADATA_KEY`]).
-fn training_meta(
-    metadata: Option<&HashMap<String, String>>,
-) -> std::result::Result<TrainingMeta, String> {
-    let json = metadata
-        .and_then(|m| m.get(p2p_models::checkpoint::METADATA_KEY))
-        .ok_or("not a checkpoint: no training metadata in the file")?;
-    let meta: p2p_models::checkpoint::CheckpointMeta = serde_json::from_str(json)
-        .map_err(|e| format!("not a checkpoint: bad training metadata ({e})"))?;
-    let run = meta
-        .run
-        .parse::<VersionId>()
-        .map_err(|e| format!("not a checkpoint of a run: {e}"))?;
-    Ok(TrainingMeta {
-        run,
-        step: meta.step,
-        samples_seen: meta.samples_seen,
-        loss: meta.loss,
-        accuracy: meta.accuracy,
-    })
 }

@@ -58,7 +58,7 @@ impl EventLoop {
         }
         let (swarm, pending_listeners) = super::swarm::build(key, &config, models)?;
         let (sender, commands) = mpsc::channel(COMMAND_QUEUE);
-        let client = Client::new(sender, config.models_dir(), config.models.chunk_size);
+        let client = Client::new(sender);
         let event_loop = Self {
             swarm,
             commands,
@@ -118,18 +118,7 @@ impl EventLoop {
             Command::RoutingTable(reply) => {
                 let _ = reply.send(self.routing_table());
             }
-            Command::Publish {
-                imported,
-                model,
-                training,
-                reply,
-            } => {
-                let result = self
-                    .models()
-                    .publish(imported, &model, training)
-                    .map_err(|e| format!("{e:#}"));
-                let _ = reply.send(result);
-            }
+            Command::Publish(request) => self.models().publish_file(request),
             Command::Fetch {
                 id,
                 reply,
@@ -139,9 +128,7 @@ impl EventLoop {
             Command::Models(reply) => {
                 let _ = reply.send(self.models().models());
             }
-            Command::CompleteVersion { id, reply } => {
-                let _ = reply.send(self.models().complete_version(&id));
-            }
+            Command::Export { id, out, reply } => self.models().export(id, out, reply),
             Command::Penalties(reply) => {
                 let _ = reply.send(self.reputation.scores());
             }

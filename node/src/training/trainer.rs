@@ -3,9 +3,9 @@
 //! channels ([`ToTrainer`] in, [`FromTrainer`] out).
 //!
 //! It keeps a snapshot of its parameters in a `watch` channel that the network side serves to
-//! peers on its own: replaced every [`snapshot_every`] steps, at each round and after each
-//! mix, so a peer's `Open` is answered at once with parameters at most that many steps old,
-//! without asking this thread. Every `average_every` steps it asks the coordinator for an
+//! peers on its own: replaced every [`snapshot_every`] steps, at each round, after each mix
+//! and after the last step, so a peer's `Open` is answered at once with parameters at most
+//! that many steps old, without asking this thread (a failed trainer withdraws it). Every `average_every` steps it asks the coordinator for an
 //! averaging round ([`FromTrainer::RoundWanted`]) and waits for it: the peer's parameters come
 //! back as [`ToTrainer::Mix`] (or the round fails, or times out) and training goes on. Rounds
 //! that peers open are mixed in whenever they arrive, keeping the local progress made since
@@ -144,9 +144,10 @@ pub struct TrainerJob {
     pub snapshots: watch::Sender<Option<Arc<Snapshot>>>,
 }
 
-/// How many local steps the snapshot served to peers may lag behind: a quarter of the
-/// averaging interval (at least 1), or 16 steps in a run without averaging. Each refresh
-/// copies the parameters once.
+/// How many local steps the snapshot served to peers may lag behind while training: a quarter
+/// of the spec's `average_every` (at least 1), or 16 steps when it is 0. Each refresh copies
+/// the parameters once. After the last step the final parameters are served, then each mix's
+/// result.
 pub fn snapshot_every(average_every: u64) -> u64 {
     if average_every == 0 {
         16
@@ -166,6 +167,8 @@ pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<
         started: Instant::now(),
     };
     if let Err(e) = state.train(&commands) {
+        // Parameters that stopped moving are no longer served: peers' Opens get "busy".
+        state.job.snapshots.send_replace(None);
         let _ = state.events.blocking_send(FromTrainer::Failed(e));
         // Keep answering Stop so the coordinator can shut down cleanly.
         while let Ok(command) = commands.recv() {
@@ -268,6 +271,8 @@ impl State {
                 }
             }
         }
+        // From now on peers get the final parameters (then each mix's result).
+        self.snapshot()?;
         self.evaluate()?;
         self.checkpoint(true)?;
         self.send(FromTrainer::Finished)?;
