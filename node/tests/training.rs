@@ -175,7 +175,7 @@ async fn a_peer_sending_nan_parameters_is_refused_and_the_others_converge() {
 
     // Four honest nodes on the four label shards, and a fifth that sends NaN.
     let nodes = start_nodes(5).await;
-    let liar = nodes[4].peer_id().to_string();
+    let liar = nodes[4].peer_id();
     let (finals, handles) = run_to_completion(&nodes, &spec, |i| {
         let mut o = options(((i % 4) as u32, 4), true);
         o.poison = i == 4;
@@ -193,7 +193,7 @@ async fn a_peer_sending_nan_parameters_is_refused_and_the_others_converge() {
         let status = node.handle.client.status().await.unwrap().training.unwrap();
         assert_eq!(
             status.refused_peers,
-            vec![liar.clone()],
+            vec![liar],
             "every honest node refused the NaN peer, and only it"
         );
     }

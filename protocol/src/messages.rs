@@ -3,6 +3,7 @@
 //! Each request is answered by exactly one response on its own stream. Bulk bytes (manifests,
 //! chunks) are CBOR byte strings (`serde_bytes`), never arrays of integers.
 
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::bitfield::Bitfield;
@@ -101,8 +102,9 @@ pub struct Announcement {
     pub id: VersionId,
     /// File size in bytes.
     pub size: u64,
-    /// Peer id (base58) of the publisher.
-    pub publisher: String,
+    /// The publisher (on the wire: its multihash bytes; in JSON: base58). Gossip receivers
+    /// accept the announcement only if it is also the message's signed author.
+    pub publisher: PeerId,
     /// For a checkpoint of a training run: its run, step, samples and evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<crate::training::TrainingMeta>,
@@ -134,7 +136,7 @@ mod tests {
             version: 3,
             id: Hash32::of(b"m"),
             size: 10,
-            publisher: "12D3KooW".into(),
+            publisher: PeerId::random(),
             training: None,
         };
         assert_eq!(Announcement::decode(&a.encode()).unwrap(), a);
@@ -144,5 +146,43 @@ mod tests {
         };
         assert!(Announcement::decode(&bad.encode()).is_err());
         assert!(Announcement::decode(b"\x00\x01").is_err());
+    }
+
+    /// A well-formed announcement whose publisher bytes are no peer id is refused at decode,
+    /// so no string that merely looks like a peer id travels on.
+    #[test]
+    fn an_announcement_whose_publisher_is_not_a_peer_id_is_refused() {
+        #[derive(Serialize)]
+        struct Lying {
+            model: String,
+            version: u64,
+            id: VersionId,
+            size: u64,
+            #[serde(with = "serde_bytes")]
+            publisher: Vec<u8>,
+        }
+        let lying = Lying {
+            model: "m".into(),
+            version: 1,
+            id: Hash32::of(b"m"),
+            size: 10,
+            publisher: vec![0xff; 40],
+        };
+        let err = Announcement::decode(&crate::codec::encode_gossip(&lying)).unwrap_err();
+        assert!(err.contains("announcement"), "{err}");
+        let honest = Announcement {
+            model: "m".into(),
+            version: 1,
+            id: lying.id,
+            size: 10,
+            publisher: PeerId::random(),
+            training: None,
+        };
+        let json = serde_json::to_value(&honest).unwrap();
+        assert_eq!(
+            json["publisher"],
+            honest.publisher.to_base58(),
+            "base58 in JSON"
+        );
     }
 }

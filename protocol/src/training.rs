@@ -28,6 +28,7 @@
 //! they were. `layout` is the BLAKE3 hash of the tensor names and shapes, so peers whose models
 //! differ never exchange a byte of parameters.
 
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Hash32, VersionId};
@@ -91,8 +92,9 @@ pub struct RunAnnouncement {
     pub model: String,
     /// The run spec, TOML.
     pub spec: String,
-    /// Peer id (base58) of the creator.
-    pub creator: String,
+    /// The creator (on the wire: its multihash bytes; in JSON: base58). Gossip receivers
+    /// accept the announcement only if it is also the message's signed author.
+    pub creator: PeerId,
     /// When the run was created (Unix seconds), to tell the newest run.
     pub created_unix: u64,
 }
@@ -259,7 +261,7 @@ mod tests {
             run: Hash32::of(b"v0"),
             model: "digits-mlp-3fa2".into(),
             spec: "model = \"digits-mlp\"".into(),
-            creator: "12D3KooW".into(),
+            creator: PeerId::random(),
             created_unix: 1,
         };
         assert_eq!(RunAnnouncement::decode(&a.encode()).unwrap(), a);

@@ -149,7 +149,7 @@ pub struct AveragerStatus {
     /// Peers known to train the same run.
     pub run_peers: usize,
     /// Peers refused for sending bad parameters.
-    pub refused_peers: Vec<String>,
+    pub refused_peers: Vec<PeerId>,
     /// Sessions running (opened here and by peers).
     pub sessions: usize,
 }
@@ -328,10 +328,10 @@ impl Behaviour {
         snapshots: Snapshots,
         served: mpsc::Sender<PeerParams>,
     ) {
-        let creator = membership.announcement.creator.parse::<PeerId>().ok();
+        let creator = membership.announcement.creator;
         self.remember_run(membership.announcement.clone());
         let mut members = HashSet::new();
-        members.extend(creator.filter(|c| *c != self.local_peer));
+        members.extend(Some(creator).filter(|c| *c != self.local_peer));
         self.joined = Some(Joined {
             membership,
             snapshots,
@@ -376,7 +376,7 @@ impl Behaviour {
         match &self.joined {
             Some(j) => AveragerStatus {
                 run_peers: j.members.len(),
-                refused_peers: j.refused.iter().map(|p| p.to_string()).collect(),
+                refused_peers: j.refused.iter().copied().collect(),
                 sessions,
             },
             None => AveragerStatus {
@@ -399,7 +399,7 @@ impl Behaviour {
     /// A run announcement from gossip, signed by `source`.
     pub fn on_gossip(&mut self, source: Option<PeerId>, data: &[u8]) {
         match RunAnnouncement::decode(data) {
-            Ok(a) if source.map(|s| s.to_string()) == Some(a.creator.clone()) => {
+            Ok(a) if source == Some(a.creator) => {
                 tracing::info!(run = %a.run.short(), model = %a.model, creator = %a.creator, "training run announced");
                 self.remember_run(a);
             }

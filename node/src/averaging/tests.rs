@@ -25,7 +25,7 @@ fn membership(poison: bool) -> RunMembership {
             run: Hash32::of(b"run"),
             model: "m".into(),
             spec: String::new(),
-            creator: PeerId::random().to_string(),
+            creator: PeerId::random(),
             created_unix: 0,
         },
         layout: Hash32::of(b"layout"),

@@ -226,7 +226,7 @@ impl Behaviour {
             version: v.manifest.version,
             id,
             size: v.manifest.total_size,
-            publisher: self.local_peer.to_string(),
+            publisher: self.local_peer,
             training,
         };
         self.announcements.insert(id, announcement.clone());
@@ -378,7 +378,7 @@ impl Behaviour {
                     bytes_uploaded: self.uploads.uploaded(id),
                     bytes_downloaded: self.downloaded.get(id).copied().unwrap_or(0),
                     bad_peers: download
-                        .map(|d| d.banned().map(|p| p.to_string()).collect())
+                        .map(|d| d.banned().copied().collect())
                         .unwrap_or_default(),
                     path: v.data_path().display().to_string(),
                 }
@@ -512,7 +512,7 @@ impl Behaviour {
                 return None;
             }
         };
-        if source.map(|s| s.to_string()) != Some(announcement.publisher.clone()) {
+        if source != Some(announcement.publisher) {
             tracing::debug!(
                 ?source,
                 "ignoring an announcement not signed by its publisher"
@@ -723,7 +723,7 @@ impl Behaviour {
                     version: v.manifest.version,
                     id: *id,
                     size: v.manifest.total_size,
-                    publisher: self.local_peer.to_string(),
+                    publisher: self.local_peer,
                     training: None,
                 });
             }
@@ -736,11 +736,7 @@ impl Behaviour {
 
     fn learn_announcement(&mut self, a: Announcement) {
         let id = a.id;
-        let publisher = a
-            .publisher
-            .parse::<PeerId>()
-            .ok()
-            .filter(|p| *p != self.local_peer);
+        let publisher = Some(a.publisher).filter(|p| *p != self.local_peer);
         let newer = self
             .newest_known(&a.model)
             .is_none_or(|n| a.version > n.version);
@@ -784,7 +780,7 @@ impl Behaviour {
         let publisher = self
             .announcements
             .get(&id)
-            .and_then(|a| a.publisher.parse::<PeerId>().ok())
+            .map(|a| a.publisher)
             .filter(|p| *p != self.local_peer);
         let mut d = Download::new(publisher, Instant::now());
         for peer in self.connected.iter().chain(publisher.iter()) {
@@ -1064,7 +1060,7 @@ impl Behaviour {
                     version: report.version,
                     id: *id,
                     size: report.size,
-                    publisher: d.publisher.unwrap_or(self.local_peer).to_string(),
+                    publisher: d.publisher.unwrap_or(self.local_peer),
                     training: None,
                 },
             );

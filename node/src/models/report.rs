@@ -90,7 +90,7 @@ pub struct ModelInfo {
     /// Bytes of chunks this node received from others.
     pub bytes_downloaded: u64,
     /// Peers dropped for sending bad data.
-    pub bad_peers: Vec<String>,
+    pub bad_peers: Vec<libp2p::PeerId>,
     /// Path of the data file.
     pub path: String,
 }

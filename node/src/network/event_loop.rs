@@ -335,8 +335,8 @@ impl EventLoop {
                     self.averaging().on_gossip(message.source, &message.data);
                 } else if let Some(a) = self.models().on_gossip(message.source, &message.data) {
                     // A checkpoint's publisher trains its run.
-                    if let (Some(t), Ok(publisher)) = (&a.training, a.publisher.parse::<PeerId>()) {
-                        self.averaging().note_member(&t.run, publisher);
+                    if let Some(t) = &a.training {
+                        self.averaging().note_member(&t.run, a.publisher);
                     }
                 }
             }

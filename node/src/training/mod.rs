@@ -85,7 +85,7 @@ pub struct TrainingStatus {
     /// Peers known to train this run.
     pub run_peers: usize,
     /// Peers whose parameters were refused (NaN, wrong shape, too far), by peer id.
-    pub refused_peers: Vec<String>,
+    pub refused_peers: Vec<libp2p::PeerId>,
     /// The newest local checkpoint file.
     pub checkpoint_path: Option<String>,
     /// Checkpoints published as versions.

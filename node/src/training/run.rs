@@ -241,7 +241,7 @@ async fn create(
         run: published.id,
         model: name,
         spec: spec.to_toml(),
-        creator: local_peer.to_string(),
+        creator: local_peer,
         created_unix: unix_now(),
     };
     // Recorded before it is announced: from here on, the same command resumes this run.
@@ -476,7 +476,7 @@ mod tests {
             run: VersionId::of(b"run"),
             model: "char-transformer-abc123".into(),
             spec: named.to_toml(),
-            creator: PeerId::random().to_string(),
+            creator: PeerId::random(),
             created_unix: 0,
         }
     }
