@@ -174,16 +174,15 @@ impl KadMode {
 }
 
 impl std::str::FromStr for KadMode {
-    type Err = String;
+    type Err = crate::names::UnknownName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "server" => Ok(Self::Server),
-            "client" => Ok(Self::Client),
-            other => Err(format!(
-                "unknown Kademlia mode '{other}' (server or client)"
-            )),
-        }
+        crate::names::parse(
+            "Kademlia mode",
+            &Self::NAMES,
+            &[Self::Server, Self::Client],
+            s,
+        )
     }
 }
 

@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod logging;
 pub mod models;
+pub mod names;
 pub mod network;
 pub mod node;
 pub mod peers;

@@ -20,14 +20,10 @@ impl LogFormat {
 }
 
 impl std::str::FromStr for LogFormat {
-    type Err = String;
+    type Err = crate::names::UnknownName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "text" => Ok(Self::Text),
-            "json" => Ok(Self::Json),
-            other => Err(format!("unknown log format '{other}' (text or json)")),
-        }
+        crate::names::parse("log format", &Self::NAMES, &[Self::Text, Self::Json], s)
     }
 }
 

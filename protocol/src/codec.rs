@@ -140,16 +140,47 @@ pub(crate) fn encode_gossip<M: serde::Serialize>(message: &M) -> Vec<u8> {
     out
 }
 
+/// Why a gossip message is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GossipError {
+    /// Over [`crate::MAX_GOSSIP_MESSAGE_BYTES`].
+    #[error("{what} too large")]
+    TooLarge {
+        /// The kind of message.
+        what: &'static str,
+    },
+    /// Not the CBOR of the message (a field missing or of the wrong type, a peer id that is
+    /// none, ...).
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// The kind of message.
+        what: &'static str,
+        /// The decoder's words.
+        reason: String,
+    },
+    /// Well-formed, but a field breaks a rule.
+    #[error("{what}: {reason}")]
+    Invalid {
+        /// The kind of message.
+        what: &'static str,
+        /// The rule broken.
+        reason: String,
+    },
+}
+
 /// Decodes a gossip message of at most [`crate::MAX_GOSSIP_MESSAGE_BYTES`]; `what` names it
 /// in errors.
 pub(crate) fn decode_gossip<M: serde::de::DeserializeOwned>(
     bytes: &[u8],
-    what: &str,
-) -> Result<M, String> {
+    what: &'static str,
+) -> Result<M, GossipError> {
     if bytes.len() > crate::MAX_GOSSIP_MESSAGE_BYTES {
-        return Err(format!("{what} too large"));
+        return Err(GossipError::TooLarge { what });
     }
-    ciborium::from_reader(bytes).map_err(|e| format!("malformed {what}: {e}"))
+    ciborium::from_reader(bytes).map_err(|e| GossipError::Malformed {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -233,7 +233,7 @@ impl Manifest {
             return invalid(format!("unknown format {}", self.format));
         }
         if let Err(e) = validate_model_name(&self.model) {
-            return invalid(e);
+            return invalid(e.to_string());
         }
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
             return invalid(format!("chunk size {} out of range", self.chunk_size));
@@ -263,21 +263,36 @@ impl Manifest {
 
 /// Checks a model name: 1 to [`MAX_MODEL_NAME_BYTES`] bytes of ASCII letters, digits, `-`, `_`,
 /// `.` and `/`.
-pub fn validate_model_name(name: &str) -> Result<(), String> {
+pub fn validate_model_name(name: &str) -> Result<(), ModelNameError> {
     if name.is_empty() || name.len() > MAX_MODEL_NAME_BYTES {
-        return Err(format!(
-            "model name must have 1 to {MAX_MODEL_NAME_BYTES} characters"
-        ));
+        return Err(ModelNameError::Length);
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || "-_./".contains(*c)))
     {
-        return Err(format!(
-            "model name '{name}' contains '{c}'; use letters, digits, '-', '_', '.', '/'"
-        ));
+        return Err(ModelNameError::Character {
+            name: name.to_string(),
+            c,
+        });
     }
     Ok(())
+}
+
+/// Why a model name is refused ([`validate_model_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelNameError {
+    /// Empty or longer than [`MAX_MODEL_NAME_BYTES`].
+    #[error("model name must have 1 to {MAX_MODEL_NAME_BYTES} characters")]
+    Length,
+    /// A character outside letters, digits and `-_./`.
+    #[error("model name '{name}' contains '{c}'; use letters, digits, '-', '_', '.', '/'")]
+    Character {
+        /// The name.
+        name: String,
+        /// The first character refused.
+        c: char,
+    },
 }
 
 /// Number of chunks of a file of `total_size` bytes.

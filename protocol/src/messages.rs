@@ -7,6 +7,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::bitfield::Bitfield;
+use crate::codec::GossipError;
 use crate::manifest::{VersionId, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
 
 /// Request-response protocol id for model distribution.
@@ -117,9 +118,12 @@ impl Announcement {
     }
 
     /// Decodes a gossip message, checking the model name.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, GossipError> {
         let a: Self = crate::codec::decode_gossip(bytes, "announcement")?;
-        crate::manifest::validate_model_name(&a.model)?;
+        crate::manifest::validate_model_name(&a.model).map_err(|e| GossipError::Invalid {
+            what: "announcement",
+            reason: e.to_string(),
+        })?;
         Ok(a)
     }
 }
@@ -169,7 +173,16 @@ mod tests {
             publisher: vec![0xff; 40],
         };
         let err = Announcement::decode(&crate::codec::encode_gossip(&lying)).unwrap_err();
-        assert!(err.contains("announcement"), "{err}");
+        assert!(
+            matches!(
+                err,
+                GossipError::Malformed {
+                    what: "announcement",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let honest = Announcement {
             model: "m".into(),
             version: 1,

@@ -31,6 +31,7 @@
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
+use crate::codec::GossipError;
 use crate::manifest::{Hash32, VersionId};
 
 /// Request-response protocol id of gossip averaging and run discovery.
@@ -106,17 +107,24 @@ impl RunAnnouncement {
     }
 
     /// Decodes and checks a gossip message.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, GossipError> {
         let a: Self = crate::codec::decode_gossip(bytes, "run announcement")?;
         a.check()?;
         Ok(a)
     }
 
     /// Checks the model name and the spec's size.
-    pub fn check(&self) -> Result<(), String> {
-        crate::manifest::validate_model_name(&self.model)?;
+    pub fn check(&self) -> Result<(), GossipError> {
+        let invalid = |reason: String| GossipError::Invalid {
+            what: "run announcement",
+            reason,
+        };
+        crate::manifest::validate_model_name(&self.model).map_err(|e| invalid(e.to_string()))?;
         if self.spec.len() > MAX_SPEC_BYTES {
-            return Err("run spec too large".into());
+            return Err(invalid(format!(
+                "run spec of {} bytes, more than {MAX_SPEC_BYTES}",
+                self.spec.len()
+            )));
         }
         Ok(())
     }

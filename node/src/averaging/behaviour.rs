@@ -1000,35 +1000,67 @@ fn encode_piece(params: &[f32], index: u32, dtype: ParamDtype, poison: bool) -> 
     }
 }
 
+/// Why a piece of parameters is refused (the session ends and the peer is reported).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PieceError {
+    /// An index past the session's piece count.
+    #[error("piece {0} does not exist")]
+    NoSuchPiece(u32),
+    /// The same piece again.
+    #[error("piece {0} sent twice")]
+    Twice(u32),
+    /// Bytes that are not values of the run's wire dtype.
+    #[error("undecodable piece {index}: {reason}")]
+    Undecodable {
+        /// The piece.
+        index: u32,
+        /// The decoder's words.
+        reason: String,
+    },
+    /// Another number of values than the piece holds.
+    #[error("piece {index} has {got} values, expected {expected}")]
+    WrongLength {
+        /// The piece.
+        index: u32,
+        /// Values sent.
+        got: usize,
+        /// Values the piece holds.
+        expected: usize,
+    },
+    /// A value that is not finite.
+    #[error("a NaN or infinity at parameter {0}")]
+    NotFinite(usize),
+}
+
 /// Decodes piece `index` into `incoming`, checking its length and that every value is finite.
 fn store_piece(
     incoming: &mut Incoming,
     index: u32,
     data: &[u8],
     dtype: ParamDtype,
-) -> Result<(), String> {
+) -> Result<(), PieceError> {
     let slot = incoming
         .got
         .get(index as usize)
         .copied()
-        .ok_or_else(|| format!("piece {index} does not exist"))?;
+        .ok_or(PieceError::NoSuchPiece(index))?;
     if slot {
-        return Err(format!("piece {index} sent twice"));
+        return Err(PieceError::Twice(index));
     }
     let range = piece_range(incoming.values.len(), index, dtype);
-    let values = pm::decode(data, wire_dtype(dtype)).map_err(|e| e.to_string())?;
+    let values = pm::decode(data, wire_dtype(dtype)).map_err(|e| PieceError::Undecodable {
+        index,
+        reason: e.to_string(),
+    })?;
     if values.len() != range.len() {
-        return Err(format!(
-            "piece {index} has {} values, expected {}",
-            values.len(),
-            range.len()
-        ));
+        return Err(PieceError::WrongLength {
+            index,
+            got: values.len(),
+            expected: range.len(),
+        });
     }
     if let Some(i) = pm::first_non_finite(&values) {
-        return Err(format!(
-            "a NaN or infinity at parameter {}",
-            range.start + i
-        ));
+        return Err(PieceError::NotFinite(range.start + i));
     }
     incoming.values[range].copy_from_slice(&values);
     incoming.got[index as usize] = true;
@@ -1061,19 +1093,25 @@ mod tests {
 
         let mut fresh = Incoming::new(params.len(), pieces);
         let nan = encode_piece(&params, 0, dtype, true);
-        assert!(store_piece(&mut fresh, 0, &nan, dtype)
-            .unwrap_err()
-            .contains("NaN"));
+        assert!(matches!(
+            store_piece(&mut fresh, 0, &nan, dtype),
+            Err(PieceError::NotFinite(_))
+        ));
         let short = encode_piece(&params[..10], 0, dtype, false);
-        assert!(store_piece(&mut fresh, 0, &short, dtype)
-            .unwrap_err()
-            .contains("values"));
-        assert!(store_piece(&mut fresh, 7, &short, dtype).is_err());
+        assert!(matches!(
+            store_piece(&mut fresh, 0, &short, dtype),
+            Err(PieceError::WrongLength { got: 10, .. })
+        ));
+        assert_eq!(
+            store_piece(&mut fresh, 7, &short, dtype),
+            Err(PieceError::NoSuchPiece(7))
+        );
         let good = encode_piece(&params, 1, dtype, false);
         store_piece(&mut fresh, 1, &good, dtype).unwrap();
-        assert!(store_piece(&mut fresh, 1, &good, dtype)
-            .unwrap_err()
-            .contains("twice"));
+        assert_eq!(
+            store_piece(&mut fresh, 1, &good, dtype),
+            Err(PieceError::Twice(1))
+        );
     }
 
     #[test]

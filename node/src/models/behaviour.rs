@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
 use libp2p::request_response::{
     self, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
 };
@@ -32,6 +31,7 @@ use tokio::time::Instant;
 
 use super::disk::{self, ChunkWriter, DiskEvent, Imported, PublishFile};
 use super::download::{Ask, Download, OnDisk, Step, Waiter};
+use super::error::Error;
 use super::picker::Picker;
 use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use super::store::{ImportedFile, Store};
@@ -212,15 +212,21 @@ impl Behaviour {
         imported: ImportedFile,
         model: &str,
         training: Option<TrainingMeta>,
-    ) -> Result<Announcement> {
+    ) -> Result<Announcement, Error> {
+        p2p_protocol::manifest::validate_model_name(model)?;
         let latest = self.newest_known(model);
         let version = latest.as_ref().map_or(0, |a| a.version + 1);
         let parent = latest.map(|a| a.id);
-        let id = self.store.adopt(imported, model, version, parent)?;
-        let v = self
+        let id = self
             .store
-            .get(&id)
-            .ok_or_else(|| anyhow!("version vanished"))?;
+            .adopt(imported, model, version, parent)
+            .map_err(|e| Error::Import(format!("{e:#}")))?;
+        let Some(v) = self.store.get(&id) else {
+            return Err(Error::Store {
+                id: id.short(),
+                reason: "it vanished from the store".into(),
+            });
+        };
         let announcement = Announcement {
             model: model.to_string(),
             version: v.manifest.version,
@@ -241,7 +247,7 @@ impl Behaviour {
     /// `request.reply`.
     pub fn publish_file(&mut self, request: PublishFile) {
         if let Err(e) = p2p_protocol::manifest::validate_model_name(&request.model) {
-            let _ = request.reply.send(Err(e));
+            let _ = request.reply.send(Err(e.into()));
             return;
         }
         disk::spawn_import(
@@ -254,10 +260,8 @@ impl Behaviour {
 
     fn on_imported(&mut self, imported: Imported) {
         let Imported { request, result } = imported;
-        let result = result.and_then(|(file, training)| {
-            self.publish(file, &request.model, training)
-                .map_err(|e| format!("{e:#}"))
-        });
+        let result =
+            result.and_then(|(file, training)| self.publish(file, &request.model, training));
         let _ = request.reply.send(result);
     }
 
@@ -267,12 +271,12 @@ impl Behaviour {
         &mut self,
         id: VersionId,
         out: PathBuf,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), Error>>,
     ) {
         match self.complete_version(&id) {
             Some((manifest, data)) => disk::spawn_export(manifest, data, out, reply),
             None => {
-                let _ = reply.send(Err(format!("version {id} is not held completely")));
+                let _ = reply.send(Err(Error::NotHeld(id)));
             }
         }
     }
@@ -881,7 +885,7 @@ impl Behaviour {
             return;
         }
         if let Err(e) = self.store.begin(id, bytes) {
-            self.fail_download(&id, format!("cannot store version {}: {e:#}", id.short()));
+            self.fail_download(&id, Error::store(&id, &e));
             return;
         }
         let Some(mut d) = self.downloads.remove(&id) else {
@@ -930,7 +934,7 @@ impl Behaviour {
         let write = match self.store.chunk_write(&id, index, data) {
             Ok(w) => w,
             Err(e) => {
-                self.fail_download(&id, format!("{e:#}"));
+                self.fail_download(&id, Error::Disk(format!("{e:#}")));
                 return;
             }
         };
@@ -982,11 +986,11 @@ impl Behaviour {
     }
 
     /// A verified chunk reached the disk (or failed to): it is served from now on.
-    fn on_chunk_written(&mut self, id: VersionId, index: u32, result: Result<(), String>) {
+    fn on_chunk_written(&mut self, id: VersionId, index: u32, result: Result<(), Error>) {
         let result = result.and_then(|()| {
             self.store
                 .mark_written(&id, index)
-                .map_err(|e| format!("{e:#}"))
+                .map_err(|e| Error::Disk(format!("{e:#}")))
         });
         if let Some(d) = self.downloads.get_mut(&id) {
             d.chunk_written(index, result.is_ok());
@@ -1029,10 +1033,10 @@ impl Behaviour {
         if let Err(e) = self.store.check_header(id) {
             // Every chunk matched its hash, so the manifest itself describes a file that is
             // not a model: nothing of it is kept or served.
-            let why = format!(
-                "version {} is not a safetensors file the reference reader opens: {e:#}",
-                id.short()
-            );
+            let why = Error::NotSafetensors {
+                id: id.short(),
+                reason: format!("{e:#}"),
+            };
             tracing::error!(version = %id.short(), error = %why, "download refused");
             if let Err(e) = self.store.remove(id) {
                 tracing::warn!(error = %format!("{e:#}"), "cannot delete a refused version");
@@ -1073,7 +1077,7 @@ impl Behaviour {
         }
     }
 
-    fn fail_download(&mut self, id: &VersionId, error: String) {
+    fn fail_download(&mut self, id: &VersionId, error: Error) {
         tracing::error!(version = %id.short(), error = %error, "download failed");
         if let Some(d) = self.downloads.remove(id) {
             for waiter in d.waiters {

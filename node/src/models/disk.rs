@@ -11,6 +11,7 @@ use p2p_protocol::messages::Announcement;
 use p2p_protocol::training::TrainingMeta;
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::Error;
 use super::store::{self, ChunkWrite, ImportedFile, Store, SyncJob};
 
 /// A file to publish: imported into the store off the event loop, then adopted as the next
@@ -26,7 +27,7 @@ pub struct PublishFile {
     /// a file without it is refused.
     pub checkpoint: bool,
     /// The announcement, or why publishing failed.
-    pub reply: oneshot::Sender<Result<Announcement, String>>,
+    pub reply: oneshot::Sender<Result<Announcement, Error>>,
 }
 
 /// A finished import.
@@ -35,7 +36,7 @@ pub struct Imported {
     /// What was asked.
     pub request: PublishFile,
     /// The snapshot in the store's staging area and, for a checkpoint, its training metadata.
-    pub result: Result<(ImportedFile, Option<TrainingMeta>), String>,
+    pub result: Result<(ImportedFile, Option<TrainingMeta>), Error>,
 }
 
 /// Disk work that finished on a blocking thread.
@@ -48,7 +49,7 @@ pub enum DiskEvent {
         /// The chunk.
         index: u32,
         /// Why the write failed, if it did.
-        result: Result<(), String>,
+        result: Result<(), Error>,
     },
     /// A file to publish was imported (or failed to be).
     Imported(Box<Imported>),
@@ -57,7 +58,7 @@ pub enum DiskEvent {
         /// The version.
         id: VersionId,
         /// Why the sync failed, if it did.
-        result: Result<(), String>,
+        result: Result<(), Error>,
     },
 }
 
@@ -79,7 +80,7 @@ impl ChunkWriter {
             .name("chunk-writer".into())
             .spawn(move || {
                 for (id, index, write) in queue {
-                    let result = write.run().map_err(|e| format!("{e:#}"));
+                    let result = write.run().map_err(|e| Error::Disk(format!("{e:#}")));
                     let _ = thread_done.send(DiskEvent::ChunkWritten { id, index, result });
                 }
             });
@@ -95,7 +96,7 @@ impl ChunkWriter {
             self.jobs.send((id, index, write))
         {
             // No writer thread: write here rather than lose the chunk.
-            let result = write.run().map_err(|e| format!("{e:#}"));
+            let result = write.run().map_err(|e| Error::Disk(format!("{e:#}")));
             let _ = self
                 .done
                 .send(DiskEvent::ChunkWritten { id, index, result });
@@ -107,7 +108,7 @@ impl ChunkWriter {
 /// [`DiskEvent::Synced`].
 pub(super) fn spawn_sync(job: SyncJob, done: mpsc::UnboundedSender<DiskEvent>) {
     tokio::task::spawn_blocking(move || {
-        let result = job.run().map_err(|e| format!("{e:#}"));
+        let result = job.run().map_err(|e| Error::Disk(format!("{e:#}")));
         let _ = done.send(DiskEvent::Synced { id: job.id, result });
     });
 }
@@ -122,14 +123,18 @@ pub(super) fn spawn_import(
 ) {
     tokio::task::spawn_blocking(move || {
         let result = Store::import_file(&root, &request.file, chunk_size)
-            .map_err(|e| format!("{e:#}"))
+            .map_err(|e| Error::Import(format!("{e:#}")))
             .and_then(|imported| {
                 if !request.checkpoint {
                     return Ok((imported, None));
                 }
                 // Dropping the import on error deletes its staging copy.
-                let training = training_meta(imported.metadata.as_ref())
-                    .map_err(|e| format!("{}: {e}", request.file.display()))?;
+                let training = training_meta(imported.metadata.as_ref()).map_err(|reason| {
+                    Error::NotACheckpoint {
+                        file: request.file.display().to_string(),
+                        reason,
+                    }
+                })?;
                 Ok((imported, Some(training)))
             });
         let _ = done.send(DiskEvent::Imported(Box::new(Imported { request, result })));
@@ -142,10 +147,11 @@ pub(super) fn spawn_export(
     manifest: Manifest,
     data: PathBuf,
     out: PathBuf,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Result<(), Error>>,
 ) {
     tokio::task::spawn_blocking(move || {
-        let result = store::export_file(&manifest, &data, &out).map_err(|e| format!("{e:#}"));
+        let result =
+            store::export_file(&manifest, &data, &out).map_err(|e| Error::Export(format!("{e:#}")));
         let _ = reply.send(result);
     });
 }

@@ -66,7 +66,7 @@ pub(super) struct OnDisk {
 }
 
 /// Where a finished download's result goes.
-pub(super) type Waiter = oneshot::Sender<Result<DownloadReport, String>>;
+pub(super) type Waiter = oneshot::Sender<Result<DownloadReport, super::Error>>;
 
 /// A download in progress.
 pub(super) struct Download {

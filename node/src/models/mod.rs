@@ -33,12 +33,14 @@ use serde::Serialize;
 pub mod behaviour;
 pub mod disk;
 pub mod download;
+pub mod error;
 pub mod picker;
 pub mod report;
 pub mod store;
 pub mod upload;
 
 pub use behaviour::{Behaviour, Event};
+pub use error::Error;
 pub use report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
 pub use upload::IN_USE_WINDOW;
 
@@ -73,17 +75,21 @@ impl Stage {
 }
 
 impl std::str::FromStr for Stage {
-    type Err = String;
+    type Err = crate::names::UnknownName;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "sequential" => Self::Sequential,
-            "parallel-push" => Self::ParallelPush,
-            "host-assisted" => Self::HostAssisted,
-            "coordinated" => Self::Coordinated,
-            "swarm" => Self::Swarm,
-            other => return Err(format!("unknown stage '{other}'")),
-        })
+        crate::names::parse(
+            "stage",
+            &Self::NAMES,
+            &[
+                Self::Sequential,
+                Self::ParallelPush,
+                Self::HostAssisted,
+                Self::Coordinated,
+                Self::Swarm,
+            ],
+            s,
+        )
     }
 }
 

@@ -61,7 +61,7 @@ fn publish(node: &mut Node, file: &std::path::Path) -> VersionId {
 }
 
 /// Runs every node until `fetcher` (the last) has `id` (or failed), collecting events.
-async fn fetch(nodes: &mut [Node], id: VersionId) -> Result<DownloadReport, String> {
+async fn fetch(nodes: &mut [Node], id: VersionId) -> Result<DownloadReport, super::Error> {
     let (tx, mut rx) = oneshot::channel();
     let last = nodes.len() - 1;
     nodes[last].swarm.behaviour_mut().fetch(id, tx, None);

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::averaging::{AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
 use crate::models::disk::PublishFile;
-use crate::models::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
+use crate::models::{self, DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use crate::peers::Source;
 use crate::training::TrainingStatus;
 
@@ -38,7 +38,7 @@ pub enum Command {
         /// The version.
         id: VersionId,
         /// The report, or why it failed.
-        reply: oneshot::Sender<Result<DownloadReport, String>>,
+        reply: oneshot::Sender<Result<DownloadReport, models::Error>>,
         /// Where progress goes on the way, if anywhere.
         progress: Option<watch::Sender<FetchProgress>>,
     },
@@ -58,7 +58,7 @@ pub enum Command {
         /// The file to write.
         out: PathBuf,
         /// Done, or why not.
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), models::Error>>,
     },
     /// Where the download of a version stands (`None`: no download of it in progress).
     DownloadState {
@@ -199,7 +199,7 @@ pub struct PeerInfo {
 pub struct Fetching {
     /// Chunks and bytes held so far; changes as chunks are verified.
     pub progress: watch::Receiver<FetchProgress>,
-    done: oneshot::Receiver<Result<DownloadReport, String>>,
+    done: oneshot::Receiver<Result<DownloadReport, models::Error>>,
 }
 
 impl Fetching {

@@ -405,7 +405,7 @@ impl Coordinator {
                 tracing::error!(run = %self.run.short(), error = %e, "training failed; the node keeps serving");
                 self.status.send_modify(|s| {
                     s.state = TrainingState::Failed;
-                    s.error = Some(e);
+                    s.error = Some(e.to_string());
                 });
             }
         }

@@ -43,6 +43,39 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// While only serving, evaluations after mixes are at least this far apart.
 const SERVING_EVAL_EVERY: Duration = Duration::from_secs(2);
 
+/// Why the trainer thread stopped training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// A step, an evaluation or reading the parameters failed in the model.
+    #[error(transparent)]
+    Model(Box<p2p_models::Error>),
+    /// A peer's (checked) parameters could not be mixed in.
+    #[error("cannot mix parameters from {peer}: {source}")]
+    Mix {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        source: Box<p2p_models::Error>,
+    },
+    /// The local checkpoint could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The coordinator is gone (the node is stopping).
+    #[error("the training coordinator stopped")]
+    CoordinatorGone,
+}
+
+impl From<p2p_models::Error> for TrainerError {
+    fn from(e: p2p_models::Error) -> Self {
+        Self::Model(Box::new(e))
+    }
+}
+
 /// Commands to the trainer thread.
 #[derive(Debug)]
 pub enum ToTrainer {
@@ -112,7 +145,7 @@ pub enum FromTrainer {
     /// Local steps and final rounds are done; the thread now only serves.
     Finished,
     /// Training failed (the node keeps running).
-    Failed(String),
+    Failed(TrainerError),
 }
 
 /// The folder of checkpoint files waiting to be published, in a run's folder.
@@ -205,7 +238,7 @@ enum Round {
 }
 
 impl State {
-    fn train(&mut self, commands: &Receiver<ToTrainer>) -> Result<(), String> {
+    fn train(&mut self, commands: &Receiver<ToTrainer>) -> Result<(), TrainerError> {
         let spec = self.job.trainer.spec().clone();
         if self.job.trainer.step == 0 {
             self.evaluate()?;
@@ -228,7 +261,7 @@ impl State {
             if let Flow::Stop = self.pace(commands)? {
                 return self.checkpoint(false);
             }
-            let loss = self.job.trainer.train_step().map_err(|e| e.to_string())?;
+            let loss = self.job.trainer.train_step()?;
             let step = self.job.trainer.step;
             if last_report.0.elapsed() >= PROGRESS_EVERY || step == spec.steps {
                 let rate = (step - last_report.1) as f64 / last_report.0.elapsed().as_secs_f64();
@@ -284,7 +317,7 @@ impl State {
     /// stale view of a peer that has caught up is corrected; after [`MAX_PACE_WAIT`] it trains
     /// on regardless (a peer that stopped answering must not stall it), and at once when a
     /// round finds no partner (waiting for peers it cannot reach is pointless).
-    fn pace(&mut self, commands: &Receiver<ToTrainer>) -> Result<Flow, String> {
+    fn pace(&mut self, commands: &Receiver<ToTrainer>) -> Result<Flow, TrainerError> {
         let started = Instant::now();
         while self.job.averaging
             && self.job.trainer.samples_seen >= self.job.pace_limit.load(Ordering::Relaxed)
@@ -301,7 +334,7 @@ impl State {
     }
 
     /// After training: mix in what peers' rounds bring, until told to stop.
-    fn serve(&mut self, commands: &Receiver<ToTrainer>) -> Result<(), String> {
+    fn serve(&mut self, commands: &Receiver<ToTrainer>) -> Result<(), TrainerError> {
         let mut dirty = false;
         let mut last_eval = Instant::now();
         loop {
@@ -333,7 +366,7 @@ impl State {
     /// One averaging round opened by this node: publishes a fresh snapshot and asks for a
     /// round, then waits (up to a timeout) until the peer's parameters are mixed in or the
     /// round failed. Rounds that peers open meanwhile are mixed in as they come.
-    fn average(&mut self, commands: &Receiver<ToTrainer>) -> Result<Round, String> {
+    fn average(&mut self, commands: &Receiver<ToTrainer>) -> Result<Round, TrainerError> {
         let started = Instant::now();
         self.snapshot()?;
         self.send(FromTrainer::RoundWanted)?;
@@ -343,7 +376,7 @@ impl State {
     }
 
     /// Waits for the answer to an averaging round (mixing it in), up to a timeout.
-    fn wait_for_round(&mut self, commands: &Receiver<ToTrainer>) -> Result<Round, String> {
+    fn wait_for_round(&mut self, commands: &Receiver<ToTrainer>) -> Result<Round, TrainerError> {
         let deadline = Instant::now() + ROUND_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -371,7 +404,7 @@ impl State {
         }
     }
 
-    fn handle(&mut self, command: ToTrainer) -> Result<Flow, String> {
+    fn handle(&mut self, command: ToTrainer) -> Result<Flow, TrainerError> {
         match command {
             ToTrainer::Mix {
                 peer,
@@ -380,10 +413,13 @@ impl State {
                 weight,
                 ..
             } => {
-                let mut local = self.job.trainer.params().map_err(|e| e.to_string())?;
+                let mut local = self.job.trainer.params()?;
                 params::mix_into(&mut local, &base.params, &params, weight)
                     .and_then(|()| self.job.trainer.set_params(&local))
-                    .map_err(|e| format!("cannot mix parameters from {peer}: {e}"))?;
+                    .map_err(|e| TrainerError::Mix {
+                        peer,
+                        source: Box::new(e),
+                    })?;
                 // Peers averaging next get what was just mixed in.
                 self.snapshot()?;
                 self.send(FromTrainer::Mixed { peer })?;
@@ -395,9 +431,9 @@ impl State {
     }
 
     /// Replaces the snapshot served to peers with the current parameters.
-    fn snapshot(&mut self) -> Result<(), String> {
+    fn snapshot(&mut self) -> Result<(), TrainerError> {
         let snapshot = Arc::new(Snapshot {
-            params: self.job.trainer.params().map_err(|e| e.to_string())?,
+            params: self.job.trainer.params()?,
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
         });
@@ -405,8 +441,8 @@ impl State {
         Ok(())
     }
 
-    fn evaluate(&mut self) -> Result<(), String> {
-        let evaluation = self.job.trainer.evaluate().map_err(|e| e.to_string())?;
+    fn evaluate(&mut self) -> Result<(), TrainerError> {
+        let evaluation = self.job.trainer.evaluate()?;
         self.last_eval = Some(evaluation);
         self.send(FromTrainer::Evaluated {
             step: self.job.trainer.step,
@@ -414,7 +450,7 @@ impl State {
         })
     }
 
-    fn checkpoint(&mut self, publish: bool) -> Result<(), String> {
+    fn checkpoint(&mut self, publish: bool) -> Result<(), TrainerError> {
         let meta = CheckpointMeta {
             run: self.job.run.clone(),
             step: self.job.trainer.step,
@@ -422,12 +458,13 @@ impl State {
             loss: self.last_eval.map(|e| e.loss),
             accuracy: self.last_eval.map(|e| e.accuracy),
         };
-        let values = self.job.trainer.params().map_err(|e| e.to_string())?;
-        let bytes = checkpoint::to_bytes(self.job.trainer.layout(), &values, &meta)
-            .map_err(|e| e.to_string())?;
+        let values = self.job.trainer.params()?;
+        let bytes = checkpoint::to_bytes(self.job.trainer.layout(), &values, &meta)?;
         let path = &self.job.checkpoint_path;
-        checkpoint::write_atomic(path, &bytes)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        checkpoint::write_atomic(path, &bytes).map_err(|source| TrainerError::Checkpoint {
+            path: path.clone(),
+            source,
+        })?;
         // The version to publish gets its own file, never rewritten: the resume file above
         // may be replaced by the next checkpoint while this one is still being imported.
         let publish = if publish {
@@ -455,9 +492,9 @@ impl State {
         Ok(())
     }
 
-    fn send(&self, event: FromTrainer) -> Result<(), String> {
+    fn send(&self, event: FromTrainer) -> Result<(), TrainerError> {
         self.events
             .blocking_send(event)
-            .map_err(|_| "the training coordinator stopped".to_string())
+            .map_err(|_| TrainerError::CoordinatorGone)
     }
 }
