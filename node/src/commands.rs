@@ -15,6 +15,7 @@ use crate::cli::{FetchArgs, TrainArgs};
 use crate::config::NodeConfig;
 use crate::models::{DownloadReport, DownloadState, FetchProgress};
 use crate::network::client::{Fetching, NetworkStatus};
+use crate::network::lookup::{self, IfUnreachable, Lookup};
 use crate::network::Client;
 use crate::node::{self, NodeHandle};
 use crate::shutdown::ShutdownSignal;
@@ -118,8 +119,8 @@ async fn fetch_with(client: &Client, args: &FetchArgs, deadline: Instant) -> Res
     Ok(())
 }
 
-/// How often a fetch checks whether joining has failed for good.
-const JOIN_CHECK: Duration = Duration::from_millis(250);
+/// Between connectivity changes, how often peers are asked again for a model's versions.
+const LOOKUP_RETRY: Duration = Duration::from_secs(1);
 
 /// Downloads `id`; gives up at once when every way to join the network has failed, and at
 /// the deadline with the reason the download did not finish.
@@ -147,23 +148,25 @@ async fn download_until(
 ) -> Result<DownloadReport> {
     let finished = fetching.finished();
     tokio::pin!(finished);
+    let mut connectivity = client.connectivity();
     loop {
-        tokio::select! {
-            report = &mut finished => return report,
-            () = tokio::time::sleep(JOIN_CHECK) => {}
-        }
-        let status = client.status().await?;
-        if let Some(why) = status.join.failure(status.connected_peers) {
+        if let Some(why) = connectivity.borrow_and_update().failure() {
             bail!("cannot fetch version {id}: {why}");
         }
-        if Instant::now() >= deadline {
-            let state = client.download_state(id).await?.unwrap_or_default();
-            bail!(
-                "version {id} was not downloaded within {timeout_s} s: {}; run the same command again to resume",
-                stall_reason(&status, &state)
-            );
+        tokio::select! {
+            report = &mut finished => return report,
+            changed = connectivity.changed() => {
+                changed.map_err(|_| anyhow::anyhow!("the node has stopped"))?;
+            }
+            () = tokio::time::sleep_until(deadline) => break,
         }
     }
+    let status = client.status().await?;
+    let state = client.download_state(id).await?.unwrap_or_default();
+    bail!(
+        "version {id} was not downloaded within {timeout_s} s: {}; run the same command again to resume",
+        stall_reason(&status, &state)
+    )
 }
 
 /// A download with no chunk for this long is stalled rather than slow.
@@ -284,32 +287,30 @@ async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Resul
     p2p_protocol::manifest::validate_model_name(model)
         .map_err(|e| anyhow::anyhow!("'{model}' is neither a version id nor a model name: {e}"))?;
     let deadline = deadline.min(Instant::now() + RESOLVE_TIMEOUT);
-    let mut most_connected = 0;
-    loop {
-        let status = client.status().await?;
-        if let Some(why) = status.join.failure(status.connected_peers) {
-            bail!("cannot look up model '{model}': {why}");
+    let newest = lookup::ask_until(
+        client,
+        deadline,
+        LOOKUP_RETRY,
+        IfUnreachable::GiveUp,
+        || async { Ok(client.query_versions(model).await?.into_iter().next()) },
+    )
+    .await?;
+    match newest {
+        Lookup::Found(newest) => {
+            tracing::info!(model, version = newest.version, id = %newest.id, size = newest.size, "newest version found");
+            Ok(newest.id)
         }
-        most_connected = most_connected.max(status.connected_peers);
-        if status.connected_peers > 0 {
-            if let Some(newest) = client.query_versions(model).await?.into_iter().next() {
-                tracing::info!(model, version = newest.version, id = %newest.id, size = newest.size, "newest version found");
-                return Ok(newest.id);
-            }
-        }
-        if Instant::now() >= deadline {
-            if most_connected == 0 {
-                bail!(
-                    "cannot look up model '{model}': no peer could be reached{}",
-                    status
-                        .join
-                        .last_dial_error
-                        .map_or(String::new(), |e| format!(" (last error: {e})"))
-                );
-            }
-            bail!("{most_connected} peer(s) reachable, but none knows a version of model '{model}' (is the name right, and is a node serving it?)");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        Lookup::Unreachable(why) => bail!("cannot look up model '{model}': {why}"),
+        Lookup::TimedOut {
+            most_connected: 0,
+            last,
+        } => bail!(
+            "cannot look up model '{model}': no peer could be reached{}",
+            last.join
+                .last_dial_error
+                .map_or(String::new(), |e| format!(" (last error: {e})"))
+        ),
+        Lookup::TimedOut { most_connected, .. } => bail!("{most_connected} peer(s) reachable, but none knows a version of model '{model}' (is the name right, and is a node serving it?)"),
     }
 }
 

@@ -19,11 +19,13 @@
 //! bad one ends the session and reports [`Event::Misbehaved`].
 
 mod behaviour;
+mod command;
 
 pub use behaviour::{
     param_dtype, wire_dtype, AveragerStatus, Behaviour, Event, PeerParams, RoundError,
     RunMembership, Snapshot, Snapshots,
 };
+pub use command::Command;
 
 #[cfg(test)]
 mod tests;

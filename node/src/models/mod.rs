@@ -31,6 +31,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub mod behaviour;
+pub mod command;
 pub mod disk;
 pub mod download;
 pub mod error;
@@ -40,6 +41,7 @@ pub mod store;
 pub mod upload;
 
 pub use behaviour::{Behaviour, Event};
+pub use command::Command;
 pub use error::Error;
 pub use report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
 pub use upload::IN_USE_WINDOW;

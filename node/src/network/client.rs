@@ -2,7 +2,7 @@
 //! oneshot reply channel; the event loop, which alone owns the swarm, answers it.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
@@ -13,13 +13,14 @@ use p2p_protocol::training::RunAnnouncement;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::averaging::{AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
+use crate::averaging::{self, AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
 use crate::models::disk::PublishFile;
 use crate::models::{self, DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use crate::peers::Source;
 use crate::training::TrainingStatus;
 
-/// Requests the event loop serves.
+/// Requests the event loop serves, by domain: the network's own, and those it passes to
+/// the models and the averaging behaviours.
 #[derive(Debug)]
 pub enum Command {
     /// Current network status.
@@ -30,71 +31,10 @@ pub enum Command {
     RoutingTable(oneshot::Sender<Vec<PeerId>>),
     /// Reply once every requested listener has reported an address (or failed).
     WaitListening(oneshot::Sender<Vec<Multiaddr>>),
-    /// Import a file (off the event loop) as the next version of a model, announce and
-    /// serve it.
-    Publish(PublishFile),
-    /// Download a version; the reply comes when it is complete (or failed).
-    Fetch {
-        /// The version.
-        id: VersionId,
-        /// The report, or why it failed.
-        reply: oneshot::Sender<Result<DownloadReport, models::Error>>,
-        /// Where progress goes on the way, if anywhere.
-        progress: Option<watch::Sender<FetchProgress>>,
-    },
-    /// Known versions of a model, after asking connected peers.
-    QueryVersions {
-        /// Model name.
-        model: String,
-        /// Newest first.
-        reply: oneshot::Sender<Vec<Announcement>>,
-    },
-    /// Versions held (`GET /models`).
-    Models(oneshot::Sender<Vec<ModelInfo>>),
-    /// Write a complete version to a file (off the event loop), verifying it again.
-    Export {
-        /// The version.
-        id: VersionId,
-        /// The file to write.
-        out: PathBuf,
-        /// Done, or why not.
-        reply: oneshot::Sender<Result<(), models::Error>>,
-    },
-    /// Where the download of a version stands (`None`: no download of it in progress).
-    DownloadState {
-        /// The version.
-        id: VersionId,
-        /// Its state.
-        reply: oneshot::Sender<Option<DownloadState>>,
-    },
     /// Penalty points of peers that sent bad data.
     Penalties(oneshot::Sender<HashMap<PeerId, u32>>),
-    /// Delete the complete versions of a model beyond the newest `keep` (see
-    /// [`crate::models::Behaviour::prune`]).
-    PruneVersions {
-        /// Model name.
-        model: String,
-        /// How many of the newest versions to keep.
-        keep: usize,
-        /// The versions deleted.
-        reply: oneshot::Sender<Vec<VersionId>>,
-    },
     /// Announce a training run on gossip.
     AnnounceRun(RunAnnouncement),
-    /// Runs known to this node and its connected peers, newest first.
-    QueryRuns(oneshot::Sender<Vec<RunAnnouncement>>),
-    /// Take part in a run's averaging, serving the latest of `snapshots`; finished sessions
-    /// peers open go to `served`.
-    JoinRun {
-        /// The run and the model's shape.
-        membership: RunMembership,
-        /// The trainer's latest parameters.
-        snapshots: Snapshots,
-        /// Where finished sessions opened by peers go.
-        served: mpsc::Sender<PeerParams>,
-    },
-    /// Open an averaging round with a random peer of the run.
-    Average(oneshot::Sender<Result<PeerParams, RoundError>>),
     /// Count a penalty against a peer whose parameters were refused; with `exclude`, leave it
     /// out of this run's averaging from now on.
     RefusePeer {
@@ -105,8 +45,10 @@ pub enum Command {
         /// Whether to exclude it from the run.
         exclude: bool,
     },
-    /// Connected peers known to train the same run.
-    RunPeers(oneshot::Sender<usize>),
+    /// For the models behaviour.
+    Models(models::Command),
+    /// For the averaging behaviour.
+    Averaging(averaging::Command),
 }
 
 /// Summary of the node's network state (`GET /status`).
@@ -131,8 +73,26 @@ pub struct NetworkStatus {
     pub averaging: AveragerStatus,
 }
 
+/// The node's connections as they change: sent on a `watch` ([`Client::connectivity`]) every
+/// time a peer connects or leaves, a dial fails or the mDNS grace period ends, so that
+/// commands wait on it instead of polling `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Connectivity {
+    /// Peers with at least one connection.
+    pub connected_peers: usize,
+    /// How joining went.
+    pub join: JoinState,
+}
+
+impl Connectivity {
+    /// Why the node cannot join, once every way to join has failed ([`JoinState::failure`]).
+    pub fn failure(&self) -> Option<String> {
+        self.join.failure(self.connected_peers)
+    }
+}
+
 /// How joining the network went (`GET /status` → `join`).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct JoinState {
     /// Whether a connection to any peer has come up since the node started.
     pub ever_connected: bool,
@@ -216,17 +176,24 @@ impl Fetching {
 #[derive(Debug, Clone)]
 pub struct Client {
     sender: mpsc::Sender<Command>,
+    connectivity: watch::Receiver<Connectivity>,
     /// The training coordinator's status, once one runs (shared by every clone).
     training: Arc<std::sync::Mutex<Option<watch::Receiver<TrainingStatus>>>>,
 }
 
 impl Client {
-    /// Wraps the command channel of an event loop.
-    pub fn new(sender: mpsc::Sender<Command>) -> Self {
+    /// Wraps the command channel of an event loop and its connectivity `watch`.
+    pub fn new(sender: mpsc::Sender<Command>, connectivity: watch::Receiver<Connectivity>) -> Self {
         Self {
             sender,
+            connectivity,
             training: Arc::default(),
         }
+    }
+
+    /// The node's connections, updated as they change.
+    pub fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.clone()
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -300,12 +267,12 @@ impl Client {
     ) -> Result<Announcement> {
         let (file, model) = (file.to_path_buf(), model.to_string());
         self.ask(|reply| {
-            Command::Publish(PublishFile {
+            Command::Models(models::Command::Publish(PublishFile {
                 file,
                 model,
                 checkpoint,
                 reply,
-            })
+            }))
         })
         .await?
         .map_err(|e| anyhow!(e))
@@ -315,16 +282,18 @@ impl Client {
     /// are still fetching; returns the ids deleted.
     pub async fn prune_versions(&self, model: &str, keep: usize) -> Result<Vec<VersionId>> {
         let model = model.to_string();
-        self.ask(|reply| Command::PruneVersions { model, keep, reply })
+        self.ask(|reply| Command::Models(models::Command::Prune { model, keep, reply }))
             .await
     }
 
     /// Downloads version `id` from the swarm; returns when it is complete and verified.
     pub async fn fetch(&self, id: VersionId) -> Result<DownloadReport> {
-        self.ask(|reply| Command::Fetch {
-            id,
-            reply,
-            progress: None,
+        self.ask(|reply| {
+            Command::Models(models::Command::Fetch {
+                id,
+                reply,
+                progress: None,
+            })
         })
         .await?
         .map_err(|e| anyhow!(e))
@@ -336,11 +305,11 @@ impl Client {
         let (reply, done) = oneshot::channel();
         let (tx, progress) = watch::channel(FetchProgress::default());
         self.sender
-            .send(Command::Fetch {
+            .send(Command::Models(models::Command::Fetch {
                 id,
                 reply,
                 progress: Some(tx),
-            })
+            }))
             .await
             .map_err(|_| anyhow!("the node has stopped"))?;
         Ok(Fetching { progress, done })
@@ -348,19 +317,21 @@ impl Client {
 
     /// Where the download of `id` stands, if one is in progress.
     pub async fn download_state(&self, id: VersionId) -> Result<Option<DownloadState>> {
-        self.ask(|reply| Command::DownloadState { id, reply }).await
+        self.ask(|reply| Command::Models(models::Command::DownloadState { id, reply }))
+            .await
     }
 
     /// Versions of `model` known to this node and its connected peers, newest first.
     pub async fn query_versions(&self, model: &str) -> Result<Vec<Announcement>> {
         let model = model.to_string();
-        self.ask(|reply| Command::QueryVersions { model, reply })
+        self.ask(|reply| Command::Models(models::Command::QueryVersions { model, reply }))
             .await
     }
 
     /// Versions held, with progress and traffic.
     pub async fn models(&self) -> Result<Vec<ModelInfo>> {
-        self.ask(Command::Models).await
+        self.ask(|reply| Command::Models(models::Command::Models(reply)))
+            .await
     }
 
     /// Penalty points of peers that sent bad data.
@@ -378,7 +349,8 @@ impl Client {
 
     /// Runs known to this node and its connected peers, newest first.
     pub async fn query_runs(&self) -> Result<Vec<RunAnnouncement>> {
-        self.ask(Command::QueryRuns).await
+        self.ask(|reply| Command::Averaging(averaging::Command::QueryRuns(reply)))
+            .await
     }
 
     /// Takes part in a run's averaging: peers' sessions are answered by the network side
@@ -391,11 +363,11 @@ impl Client {
         served: mpsc::Sender<PeerParams>,
     ) -> Result<()> {
         self.sender
-            .send(Command::JoinRun {
-                membership,
+            .send(Command::Averaging(averaging::Command::JoinRun {
+                membership: Box::new(membership),
                 snapshots,
                 served,
-            })
+            }))
             .await
             .map_err(|_| anyhow!("the node has stopped"))
     }
@@ -404,7 +376,8 @@ impl Client {
     /// length) once both sides have exchanged theirs, or why the round found no partner.
     /// The outer error means the node has stopped.
     pub async fn average(&self) -> Result<std::result::Result<PeerParams, RoundError>> {
-        self.ask(Command::Average).await
+        self.ask(|reply| Command::Averaging(averaging::Command::Average(reply)))
+            .await
     }
 
     /// Counts a penalty against `peer`, whose parameters were refused; with `exclude` it is
@@ -418,13 +391,14 @@ impl Client {
 
     /// Peers known to train this node's run.
     pub async fn run_peers(&self) -> Result<usize> {
-        self.ask(Command::RunPeers).await
+        self.ask(|reply| Command::Averaging(averaging::Command::RunPeers(reply)))
+            .await
     }
 
     /// Writes the complete version `id` to `out`, verifying every chunk again.
     pub async fn export(&self, id: VersionId, out: &Path) -> Result<()> {
         let out = out.to_path_buf();
-        self.ask(|reply| Command::Export { id, out, reply })
+        self.ask(|reply| Command::Models(models::Command::Export { id, out, reply }))
             .await?
             .map_err(|e| anyhow!(e))
     }

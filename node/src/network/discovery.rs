@@ -16,10 +16,11 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::DialError;
 use libp2p::{identify, kad, Multiaddr, PeerId, StreamProtocol, Swarm};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::behaviour::Behaviour;
-use super::client::{JoinState, PeerInfo};
+use super::client::{Connectivity, JoinState, PeerInfo};
 use super::swarm::one_line;
 use crate::config::NodeConfig;
 use crate::peers::{self, AddressBook, Source};
@@ -40,6 +41,9 @@ pub struct Discovery {
     join: JoinState,
     started: Instant,
     last_cache_save: Instant,
+    /// Peers with at least one connection.
+    connected: usize,
+    connectivity: watch::Sender<Connectivity>,
 }
 
 impl Discovery {
@@ -53,7 +57,24 @@ impl Discovery {
             join: JoinState::default(),
             started: Instant::now(),
             last_cache_save: Instant::now(),
+            connected: 0,
+            connectivity: watch::Sender::new(Connectivity::default()),
         }
+    }
+
+    /// The node's connections and join state, updated as they change.
+    pub fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.subscribe()
+    }
+
+    /// Sends the connectivity to its watchers if it changed.
+    fn publish(&self) {
+        let now = Connectivity {
+            connected_peers: self.connected,
+            join: self.join_state(),
+        };
+        self.connectivity
+            .send_if_modified(|c| std::mem::replace(c, now.clone()) != now);
     }
 
     /// Peers in the address book.
@@ -102,6 +123,7 @@ impl Discovery {
             );
         }
         kad_bootstrap(swarm);
+        self.publish();
     }
 
     /// Adds the book's addresses for `peer` to Kademlia and dials it unless connected.
@@ -172,18 +194,22 @@ impl Discovery {
         self.join_dials.remove(&peer);
         self.join.ever_connected = true;
         if first {
+            self.connected += 1;
             self.book.set_connected(peer, true, unix_now());
             tracing::debug!(%peer, addr = %endpoint.get_remote_address(), "connected");
             if self.bootstrap_peers.contains(&peer) {
                 tracing::info!(%peer, "connected to bootstrap peer");
             }
         }
+        self.publish();
     }
 
     /// The last connection to `peer` closed.
     pub fn on_disconnected(&mut self, peer: PeerId) {
         self.book.set_connected(peer, false, unix_now());
+        self.connected = self.connected.saturating_sub(1);
         tracing::debug!(%peer, "disconnected");
+        self.publish();
     }
 
     /// A dial to `peer` failed.
@@ -200,6 +226,7 @@ impl Discovery {
         } else {
             tracing::debug!(%peer, error = %one_line(error), "dial failed");
         }
+        self.publish();
     }
 
     /// Identify told us `peer`'s listen addresses.
@@ -253,6 +280,7 @@ impl Discovery {
             }
             self.dial_known(swarm, peer);
         }
+        self.publish();
     }
 
     /// The address book for `GET /peers`, sorted by peer id; `in_table` are the peers in the
@@ -276,7 +304,9 @@ impl Discovery {
 
     /// Saves the peer cache within [`CACHE_SAVE_SOON`] of learning a peer or an address, and
     /// other changes (last seen times) every `peer_cache_save_interval`.
+    /// Also refreshes the connectivity `watch` (the mDNS grace period ends by the clock).
     pub fn save_cache_if_due(&mut self) {
+        self.publish();
         let learned = self.book.take_learned();
         let due = learned || self.last_cache_save.elapsed() >= self.config.peer_cache_save_interval;
         if due && self.book.take_dirty() {

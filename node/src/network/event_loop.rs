@@ -58,13 +58,16 @@ impl EventLoop {
         }
         let (swarm, pending_listeners) = super::swarm::build(key, &config, models)?;
         let (sender, commands) = mpsc::channel(COMMAND_QUEUE);
-        let client = Client::new(sender);
+        let (maintenance_interval, peer_cache_save_interval) =
+            (config.maintenance_interval, config.peer_cache_save_interval);
+        let discovery = Discovery::new(config, book);
+        let client = Client::new(sender, discovery.connectivity());
         let event_loop = Self {
             swarm,
             commands,
-            maintenance_interval: config.maintenance_interval,
-            peer_cache_save_interval: config.peer_cache_save_interval,
-            discovery: Discovery::new(config, book),
+            maintenance_interval,
+            peer_cache_save_interval,
+            discovery,
             pending_listeners,
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
@@ -118,45 +121,20 @@ impl EventLoop {
             Command::RoutingTable(reply) => {
                 let _ = reply.send(self.routing_table());
             }
-            Command::Publish(request) => self.models().publish_file(request),
-            Command::Fetch {
-                id,
-                reply,
-                progress,
-            } => self.models().fetch(id, reply, progress),
-            Command::QueryVersions { model, reply } => self.models().query_versions(model, reply),
-            Command::Models(reply) => {
-                let _ = reply.send(self.models().models());
-            }
-            Command::Export { id, out, reply } => self.models().export(id, out, reply),
+            Command::Models(command) => self.models().handle(command),
+            Command::Averaging(command) => self.averaging().handle(command),
             Command::Penalties(reply) => {
                 let _ = reply.send(self.reputation.scores());
-            }
-            Command::DownloadState { id, reply } => {
-                let _ = reply.send(self.models().download_state(&id));
-            }
-            Command::PruneVersions { model, keep, reply } => {
-                let _ = reply.send(self.models().prune(&model, keep));
             }
             Command::AnnounceRun(announcement) => {
                 let bytes = self.averaging().announce_run(announcement);
                 self.publish_gossip(runs_topic(), bytes, "run");
             }
-            Command::QueryRuns(reply) => self.averaging().query_runs(reply),
-            Command::JoinRun {
-                membership,
-                snapshots,
-                served,
-            } => self.averaging().join(membership, snapshots, served),
-            Command::Average(reply) => self.averaging().average(reply),
             Command::RefusePeer { peer, why, exclude } => {
                 if exclude {
                     self.averaging().refuse(peer);
                 }
                 self.penalize(peer, &why);
-            }
-            Command::RunPeers(reply) => {
-                let _ = reply.send(self.averaging().status().run_peers);
             }
             Command::WaitListening(reply) => {
                 if self.pending_listeners.is_empty() {

@@ -7,6 +7,7 @@ pub mod behaviour;
 pub mod client;
 pub mod discovery;
 pub mod event_loop;
+pub mod lookup;
 pub mod reputation;
 pub mod swarm;
 

@@ -32,6 +32,7 @@ use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
 use super::{TrainingState, TrainingStatus};
 use crate::averaging::{param_dtype, PeerParams, RoundError, RunMembership};
+use crate::network::lookup::{self, IfUnreachable, Lookup};
 use crate::network::Client;
 
 /// Capacity of the channels to and from the trainer thread.
@@ -229,23 +230,28 @@ async fn wait_for_peers(client: &Client, spec: &RunSpec) -> Result<()> {
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.peer_wait_secs);
     tracing::info!(min_peers, "waiting for peers of the run before training");
-    loop {
+    // A run's creator may have no way in yet: its peers join through it.
+    let retry = Duration::from_millis(500);
+    let enough = lookup::ask_until(client, deadline, retry, IfUnreachable::Wait, || async {
         client.query_runs().await?;
         let known = client.run_peers().await?;
-        if known >= min_peers as usize {
-            tracing::info!(peers = known, "enough peers of the run; training starts");
-            return Ok(());
+        Ok((known >= min_peers as usize).then_some(known))
+    })
+    .await?;
+    match enough {
+        Lookup::Found(peers) => {
+            tracing::info!(peers, "enough peers of the run; training starts")
         }
-        if tokio::time::Instant::now() >= deadline {
+        Lookup::Unreachable(_) | Lookup::TimedOut { .. } => {
+            let peers = client.run_peers().await?;
             tracing::warn!(
-                peers = known,
+                peers,
                 min_peers,
                 "not enough peers of the run in time; training with those there are"
-            );
-            return Ok(());
+            )
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    Ok(())
 }
 
 /// The trainer with the run's starting weights, and a note on where they came from.

@@ -27,6 +27,10 @@ use p2p_protocol::training::RunAnnouncement;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+/// Between connectivity changes, how often peers are asked again for runs and versions.
+const LOOKUP_RETRY: Duration = Duration::from_secs(1);
+
+use crate::network::lookup::{self, IfUnreachable, Lookup};
 use crate::network::Client;
 
 /// How a node takes part in training.
@@ -331,31 +335,30 @@ async fn find_run(
     timeout: Duration,
 ) -> Result<RunAnnouncement> {
     let deadline = Instant::now() + timeout;
-    loop {
-        let status = client.status().await?;
-        if let Some(why) = status.join.failure(status.connected_peers) {
-            bail!("cannot look for a training run: {why}");
-        }
-        if status.connected_peers > 0 {
+    let found = lookup::ask_until(
+        client,
+        deadline,
+        LOOKUP_RETRY,
+        IfUnreachable::GiveUp,
+        || async {
             let runs = client.query_runs().await?;
-            let found = match wanted {
+            Ok(match wanted {
                 Some(id) => runs.into_iter().find(|r| r.run == id),
                 None => runs.into_iter().next(),
-            };
-            if let Some(run) = found {
-                return Ok(run);
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!(match wanted {
-                Some(id) => format!("run {id} was not found on the network within {} s", timeout.as_secs()),
-                None => format!(
-                    "no training run found on the network within {} s (start one with: p2p-node train --create <spec.toml>)",
-                    timeout.as_secs()
-                ),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+            })
+        },
+    )
+    .await?;
+    match found {
+        Lookup::Found(run) => Ok(run),
+        Lookup::Unreachable(why) => bail!("cannot look for a training run: {why}"),
+        Lookup::TimedOut { .. } => bail!(match wanted {
+            Some(id) => format!("run {id} was not found on the network within {} s", timeout.as_secs()),
+            None => format!(
+                "no training run found on the network within {} s (start one with: p2p-node train --create <spec.toml>)",
+                timeout.as_secs()
+            ),
+        }),
     }
 }
 
@@ -367,19 +370,28 @@ async fn newest_version(
     timeout: Duration,
 ) -> Result<Start> {
     let deadline = Instant::now() + timeout;
-    let newest = loop {
-        let versions = client.query_versions(&announcement.model).await?;
-        if let Some(v) = versions.into_iter().next() {
-            break v;
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "no version of {} found on the network within {} s",
-                announcement.model,
-                timeout.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let found = lookup::ask_until(
+        client,
+        deadline,
+        LOOKUP_RETRY,
+        IfUnreachable::GiveUp,
+        || async {
+            Ok(client
+                .query_versions(&announcement.model)
+                .await?
+                .into_iter()
+                .next())
+        },
+    )
+    .await?;
+    let newest = match found {
+        Lookup::Found(newest) => newest,
+        Lookup::Unreachable(why) => bail!("cannot look for the run's model: {why}"),
+        Lookup::TimedOut { .. } => bail!(
+            "no version of {} found on the network within {} s",
+            announcement.model,
+            timeout.as_secs()
+        ),
     };
     tracing::info!(model = %announcement.model, version = newest.version, id = %newest.id.short(), "fetching the run's newest version");
     client.fetch(newest.id).await?;

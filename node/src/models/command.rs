@@ -1,0 +1,88 @@
+//! [`Command`]: what the rest of the node asks of the models protocol (through the network
+//! `Client`), and [`Behaviour::handle`], which answers it.
+
+use std::path::PathBuf;
+
+use p2p_protocol::manifest::VersionId;
+use p2p_protocol::messages::Announcement;
+use tokio::sync::{oneshot, watch};
+
+use super::disk::PublishFile;
+use super::{Behaviour, DownloadReport, DownloadState, Error, FetchProgress, ModelInfo};
+
+/// Requests to the models behaviour.
+#[derive(Debug)]
+pub enum Command {
+    /// Import a file (off the event loop) as the next version of a model, announce and
+    /// serve it.
+    Publish(PublishFile),
+    /// Download a version; the reply comes when it is complete (or failed).
+    Fetch {
+        /// The version.
+        id: VersionId,
+        /// The report, or why it failed.
+        reply: oneshot::Sender<Result<DownloadReport, Error>>,
+        /// Where progress goes on the way, if anywhere.
+        progress: Option<watch::Sender<FetchProgress>>,
+    },
+    /// Known versions of a model, after asking connected peers.
+    QueryVersions {
+        /// Model name.
+        model: String,
+        /// Newest first.
+        reply: oneshot::Sender<Vec<Announcement>>,
+    },
+    /// Versions held (`GET /models`).
+    Models(oneshot::Sender<Vec<ModelInfo>>),
+    /// Write a complete version to a file (off the event loop), verifying it again.
+    Export {
+        /// The version.
+        id: VersionId,
+        /// The file to write.
+        out: PathBuf,
+        /// Done, or why not.
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Where the download of a version stands (`None`: no download of it in progress).
+    DownloadState {
+        /// The version.
+        id: VersionId,
+        /// Its state.
+        reply: oneshot::Sender<Option<DownloadState>>,
+    },
+    /// Delete the complete versions of a model beyond the newest `keep` (see
+    /// [`Behaviour::prune`]).
+    Prune {
+        /// Model name.
+        model: String,
+        /// How many of the newest versions to keep.
+        keep: usize,
+        /// The versions deleted.
+        reply: oneshot::Sender<Vec<VersionId>>,
+    },
+}
+
+impl Behaviour {
+    /// Carries out `command`; replies go to its channel (a caller that went away is ignored).
+    pub fn handle(&mut self, command: Command) {
+        match command {
+            Command::Publish(request) => self.publish_file(request),
+            Command::Fetch {
+                id,
+                reply,
+                progress,
+            } => self.fetch(id, reply, progress),
+            Command::QueryVersions { model, reply } => self.query_versions(model, reply),
+            Command::Models(reply) => {
+                let _ = reply.send(self.models());
+            }
+            Command::Export { id, out, reply } => self.export(id, out, reply),
+            Command::DownloadState { id, reply } => {
+                let _ = reply.send(self.download_state(&id));
+            }
+            Command::Prune { model, keep, reply } => {
+                let _ = reply.send(self.prune(&model, keep));
+            }
+        }
+    }
+}
