@@ -596,9 +596,8 @@ impl Behaviour {
             return;
         };
         if let Purpose::Manifest(id) = pending.purpose {
-            let useless = !matches!(response, Response::Manifest { .. });
             if let Some(d) = self.downloads.get_mut(&id) {
-                d.manifest_request_ended(&peer, useless);
+                d.manifest_request_ended(&peer);
             }
         }
         if pending.cancelled {
@@ -680,7 +679,7 @@ impl Behaviour {
             if let Some(d) = self.downloads.get_mut(id) {
                 d.last_failure = Some(format!("{peer}: {error}"));
                 if matches!(pending.purpose, Purpose::Manifest(_)) {
-                    d.manifest_request_ended(&peer, false);
+                    d.manifest_request_ended(&peer);
                 }
             }
         }

@@ -185,14 +185,12 @@ impl Download {
         }
     }
 
-    /// The manifest request to `peer` ended (answered, refused, failed or cancelled); with
-    /// `useless`, the peer is not asked for this version again until it reconnects.
-    pub(super) fn manifest_request_ended(&mut self, peer: &PeerId, useless: bool) {
+    /// The manifest request to `peer` ended (answered, refused, failed or cancelled). A peer
+    /// that had no manifest stays a candidate: it may be downloading the version too, and is
+    /// asked for its chunks once this node has the manifest.
+    pub(super) fn manifest_request_ended(&mut self, peer: &PeerId) {
         if self.manifest_from == Some(*peer) {
             self.manifest_from = None;
-        }
-        if useless {
-            self.candidates.remove(peer);
         }
     }
 
@@ -285,7 +283,8 @@ impl Download {
             steps.push(Step::FindProviders);
         }
         let Some(picker) = self.picker.as_mut() else {
-            // Ask one new peer at a time for the manifest.
+            // Ask one new peer at a time for the manifest: the publisher first, then other
+            // known holders, then any candidate.
             if self.manifest_from.is_none() {
                 let mut fresh: Vec<PeerId> = self
                     .candidates
@@ -293,7 +292,7 @@ impl Download {
                     .filter(|p| !self.manifest_asked.contains(p) && !self.banned.contains(p))
                     .copied()
                     .collect();
-                fresh.sort();
+                fresh.sort_by_key(|p| (self.publisher != Some(*p), !self.holders.contains(p), *p));
                 let next = fresh.first().copied();
                 if next.is_none() && now.duration_since(self.manifest_round) >= MANIFEST_RETRY {
                     // Every candidate was asked and none answered: start a new round, since
@@ -459,13 +458,13 @@ mod tests {
         assert_eq!(first[0], Step::FindProviders);
         assert_eq!(asks(&first, |a| *a == Ask::Manifest), vec![p[0]]);
         assert!(asks(&poll(&mut d, t0, OnDisk::default()), |_| true).is_empty());
-        d.manifest_request_ended(&p[0], false);
+        d.manifest_request_ended(&p[0]);
         assert_eq!(
             asks(&poll(&mut d, t0, OnDisk::default()), |a| *a
                 == Ask::Manifest),
             vec![p[1]]
         );
-        d.manifest_request_ended(&p[1], false);
+        d.manifest_request_ended(&p[1]);
         // Both asked: nobody until the round is over, then the first again.
         assert!(asks(&poll(&mut d, t0, OnDisk::default()), |_| true).is_empty());
         let later = t0 + MANIFEST_RETRY;
@@ -474,6 +473,38 @@ mod tests {
             asks(&poll(&mut d, later, OnDisk::default()), |a| *a
                 == Ask::Manifest),
             vec![p[0]]
+        );
+    }
+
+    /// The publisher is asked for the manifest before any other peer; a peer that had none
+    /// (it is downloading too) stays a candidate and is asked for its chunks later.
+    #[test]
+    fn the_publisher_is_asked_first_and_a_peer_without_the_manifest_stays_a_candidate() {
+        let t0 = Instant::now();
+        let p = peers(3);
+        let publisher = p[2];
+        let mut d = Download::new(Some(publisher), t0);
+        p.iter().for_each(|p| {
+            d.add_candidate(*p);
+        });
+        let manifest = |a: &Ask| *a == Ask::Manifest;
+        assert_eq!(
+            asks(&poll(&mut d, t0, OnDisk::default()), manifest),
+            vec![publisher]
+        );
+        d.manifest_request_ended(&publisher);
+        assert_eq!(
+            asks(&poll(&mut d, t0, OnDisk::default()), manifest),
+            vec![p[0]]
+        );
+        // p[0] answered "not found"; then the manifest came from p[1].
+        d.manifest_request_ended(&p[0]);
+        d.start(Picker::new(Bitfield::new(4), 4, 2), 0, 0);
+        let mut asked = asks(&poll(&mut d, t0, OnDisk::default()), |a| *a == Ask::Have);
+        asked.sort();
+        assert_eq!(
+            asked, p,
+            "every candidate is asked for its chunks, p[0] included"
         );
     }
 
