@@ -29,7 +29,7 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::disk::{self, ChunkWriter, DiskEvent, Imported, PublishFile};
+use super::disk::{self, ChunkJob, ChunkRead, ChunkWriter, DiskEvent, Imported, PublishFile};
 use super::download::{Ask, Download, OnDisk, Step, Waiter};
 use super::error::Error;
 use super::picker::Picker;
@@ -541,7 +541,6 @@ impl Behaviour {
                 self.uploads.note_asked(*id, Instant::now());
             }
         }
-        let mut chunk = None;
         let response = match request {
             Request::Manifest { id } => match self.store.get(&id) {
                 Some(v) => Response::Manifest {
@@ -560,16 +559,15 @@ impl Behaviour {
                 match self.uploads.decide(&id, self.store.get(&id), index) {
                     Decision::NotFound => Response::NotFound,
                     Decision::Busy => Response::Busy,
-                    Decision::Serve => match self.store.read_chunk(&id, index) {
-                        Ok(mut data) => {
-                            self.uploads.prepare(&mut data);
-                            chunk = Some((id, index, data.len() as u64));
-                            Response::Chunk { index, data }
+                    Decision::Serve => match self.store.chunk_read(&id, index) {
+                        Some(read) => {
+                            // Read off the event loop; answered when the bytes are there.
+                            self.uploads.reserve(id, index, request_id);
+                            let done = self.write_done.clone();
+                            disk::spawn_read(read, (id, index), request_id, channel, done);
+                            return;
                         }
-                        Err(e) => {
-                            tracing::error!(version = %id.short(), index, error = %format!("{e:#}"), "cannot read a chunk to serve");
-                            Response::NotFound
-                        }
+                        None => Response::NotFound,
                     },
                 }
             }
@@ -577,11 +575,34 @@ impl Behaviour {
                 versions: self.known_versions(&model),
             },
         };
-        let sent = self.inner.send_response(channel, response).is_ok();
-        match chunk {
-            Some((id, index, bytes)) if sent => self.uploads.started(id, index, bytes, request_id),
-            Some(_) => tracing::debug!(%peer, "requester went away before the chunk was sent"),
-            None => {}
+        if self.inner.send_response(channel, response).is_err() {
+            tracing::debug!(%peer, "requester went away before the answer was sent");
+        }
+    }
+
+    /// A chunk to serve was read: sends it (or "not found" if it could not be read).
+    fn on_chunk_read(&mut self, read: ChunkRead) {
+        let ChunkRead {
+            id,
+            index,
+            request,
+            channel,
+            result,
+        } = read;
+        let response = match result {
+            Ok(mut data) => {
+                self.uploads.prepare(&mut data);
+                self.uploads.sent(id, data.len() as u64);
+                Response::Chunk { index, data }
+            }
+            Err(e) => {
+                tracing::error!(version = %id.short(), index, error = %e, "cannot read a chunk to serve");
+                Response::NotFound
+            }
+        };
+        if self.inner.send_response(channel, response).is_err() {
+            // No ResponseSent will come: free the slot here.
+            self.uploads.finished(request);
         }
     }
 
@@ -925,11 +946,6 @@ impl Behaviour {
             }
             return;
         }
-        if !v.manifest.verify_chunk(index, &data) {
-            self.punish(peer, id, "sent a chunk that does not match its hash");
-            return;
-        }
-        let len = data.len() as u64;
         let write = match self.store.chunk_write(&id, index, data) {
             Ok(w) => w,
             Err(e) => {
@@ -937,10 +953,9 @@ impl Behaviour {
                 return;
             }
         };
-        *self.downloaded.entry(id).or_default() += len;
         if let Some(d) = self.downloads.get_mut(&id) {
             // Endgame: the same chunk asked of slower peers; their answers are dropped.
-            for loser in d.chunk_verified(peer, index, Instant::now()) {
+            for loser in d.chunk_arrived(peer, index) {
                 for pending in self.requests.values_mut() {
                     if pending.peer == loser
                         && matches!(pending.purpose, Purpose::Chunk(v, i) if v == id && i == index)
@@ -950,17 +965,27 @@ impl Behaviour {
                 }
             }
         }
-        // Disk writes run off the event loop, which goes on serving and scheduling.
-        self.chunk_writer.write(id, index, write);
+        // Hashing and writing run off the event loop, which goes on serving and scheduling.
+        self.chunk_writer.write(ChunkJob {
+            id,
+            index,
+            peer,
+            write,
+        });
         self.drive(&id);
     }
 
     /// Disk work finished on a blocking thread.
     pub fn on_disk_event(&mut self, event: DiskEvent) {
         match event {
-            DiskEvent::ChunkWritten { id, index, result } => {
-                self.on_chunk_written(id, index, result)
-            }
+            DiskEvent::ChunkWritten {
+                id,
+                index,
+                peer,
+                bytes,
+                result,
+            } => self.on_chunk_written(id, index, peer, bytes, result),
+            DiskEvent::ChunkRead(read) => self.on_chunk_read(*read),
             DiskEvent::Imported(imported) => self.on_imported(*imported),
             DiskEvent::Synced { id, result } => {
                 self.store.sync_finished(&id, result.is_ok());
@@ -984,19 +1009,41 @@ impl Behaviour {
         }
     }
 
-    /// A verified chunk reached the disk (or failed to): it is served from now on.
-    fn on_chunk_written(&mut self, id: VersionId, index: u32, result: Result<(), Error>) {
-        let result = result.and_then(|()| {
-            self.store
-                .mark_written(&id, index)
-                .map_err(|e| Error::Disk(format!("{e:#}")))
+    /// A received chunk was verified and written (it is served from now on), did not match
+    /// its hash (its sender is dropped), or could not be written (the download fails).
+    fn on_chunk_written(
+        &mut self,
+        id: VersionId,
+        index: u32,
+        peer: PeerId,
+        bytes: u64,
+        result: Result<bool, Error>,
+    ) {
+        let result = result.and_then(|matched| {
+            if matched {
+                self.store
+                    .mark_written(&id, index)
+                    .map_err(|e| Error::Disk(format!("{e:#}")))?;
+            }
+            Ok(matched)
         });
         if let Some(d) = self.downloads.get_mut(&id) {
-            d.chunk_written(index, result.is_ok());
+            d.chunk_written(index, peer, result == Ok(true), Instant::now());
         }
-        if let Err(e) = result {
-            self.fail_download(&id, e);
-            return;
+        match result {
+            Ok(true) => *self.downloaded.entry(id).or_default() += bytes,
+            Ok(false) => {
+                // Chunks it sent before the first was checked come here too: one penalty.
+                if !self.downloads.get(&id).is_some_and(|d| d.is_banned(&peer)) {
+                    self.punish(peer, id, "sent a chunk that does not match its hash");
+                }
+                self.drive(&id);
+                return;
+            }
+            Err(e) => {
+                self.fail_download(&id, e);
+                return;
+            }
         }
         let first = self.store.get(&id).is_some_and(|v| v.have.count() == 1);
         if first && self.uploads.serves(false, false) {

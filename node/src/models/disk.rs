@@ -1,13 +1,15 @@
-//! The models behaviour's disk work off the event loop: one writer thread for verified chunks
-//! (`ChunkWriter`), and blocking tasks for syncs, imports of files to publish and exports of
-//! complete versions. Writes, syncs and imports report back as [`DiskEvent`]s; an export
-//! answers its caller directly.
+//! The models behaviour's disk work off the event loop: one writer thread that verifies and
+//! writes received chunks (`ChunkWriter`), and blocking tasks for reads of chunks to serve,
+//! syncs, imports of files to publish and exports of complete versions. All but exports
+//! report back as [`DiskEvent`]s; an export answers its caller directly.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use libp2p::request_response::{InboundRequestId, ResponseChannel};
+use libp2p::PeerId;
 use p2p_protocol::manifest::{Manifest, VersionId};
-use p2p_protocol::messages::Announcement;
+use p2p_protocol::messages::{Announcement, Response};
 use p2p_protocol::training::TrainingMeta;
 use tokio::sync::{mpsc, oneshot};
 
@@ -39,18 +41,53 @@ pub struct Imported {
     pub result: Result<(ImportedFile, Option<TrainingMeta>), Error>,
 }
 
+/// A chunk received from `peer`, to verify and write.
+#[derive(Debug)]
+pub(super) struct ChunkJob {
+    /// The version.
+    pub id: VersionId,
+    /// The chunk.
+    pub index: u32,
+    /// Who sent it.
+    pub peer: PeerId,
+    /// The bytes and where they go.
+    pub write: ChunkWrite,
+}
+
+/// A chunk read to serve a peer's request.
+#[derive(Debug)]
+pub struct ChunkRead {
+    /// The version.
+    pub id: VersionId,
+    /// The chunk.
+    pub index: u32,
+    /// The request it answers.
+    pub request: InboundRequestId,
+    /// Where the answer goes.
+    pub channel: ResponseChannel<Response>,
+    /// The bytes, or why they could not be read.
+    pub result: std::io::Result<Vec<u8>>,
+}
+
 /// Disk work that finished on a blocking thread.
 #[derive(Debug)]
 pub enum DiskEvent {
-    /// A verified chunk's bytes were written (or failed to be).
+    /// A received chunk was verified and written, or did not match its hash (`Ok(false)`,
+    /// nothing written), or could not be written.
     ChunkWritten {
         /// The version.
         id: VersionId,
         /// The chunk.
         index: u32,
-        /// Why the write failed, if it did.
-        result: Result<(), Error>,
+        /// Who sent it.
+        peer: PeerId,
+        /// Its length in bytes.
+        bytes: u64,
+        /// Whether it matched, or why the write failed.
+        result: Result<bool, Error>,
     },
+    /// A chunk to serve was read (or failed to be).
+    ChunkRead(Box<ChunkRead>),
     /// A file to publish was imported (or failed to be).
     Imported(Box<Imported>),
     /// A version's written chunks were made durable (or failed to be).
@@ -62,26 +99,39 @@ pub enum DiskEvent {
     },
 }
 
-/// One thread that writes verified chunks in arrival order, off the event loop. A single
-/// writer keeps the file's lock uncontended (threads writing one file at once spin on it) and
-/// costs no thread hand-off per chunk. Writes queued are bounded by the chunk requests in
-/// flight.
+impl ChunkJob {
+    /// Verifies and writes the chunk (blocking).
+    fn run(self) -> DiskEvent {
+        let result = self.write.run().map_err(|e| Error::Disk(format!("{e:#}")));
+        DiskEvent::ChunkWritten {
+            id: self.id,
+            index: self.index,
+            peer: self.peer,
+            bytes: self.write.len() as u64,
+            result,
+        }
+    }
+}
+
+/// One thread that verifies (BLAKE3) and writes received chunks in arrival order, off the
+/// event loop. A single writer keeps the file's lock uncontended (threads writing one file at
+/// once spin on it) and costs no thread hand-off per chunk. Jobs queued are bounded by the
+/// chunk requests in flight.
 pub(super) struct ChunkWriter {
-    jobs: std::sync::mpsc::Sender<(VersionId, u32, ChunkWrite)>,
+    jobs: std::sync::mpsc::Sender<ChunkJob>,
     done: mpsc::UnboundedSender<DiskEvent>,
 }
 
 impl ChunkWriter {
     /// Starts the writer thread; it ends when the behaviour (the sender) is dropped.
     pub(super) fn start(done: mpsc::UnboundedSender<DiskEvent>) -> Self {
-        let (jobs, queue) = std::sync::mpsc::channel::<(VersionId, u32, ChunkWrite)>();
+        let (jobs, queue) = std::sync::mpsc::channel::<ChunkJob>();
         let thread_done = done.clone();
         let spawned = std::thread::Builder::new()
             .name("chunk-writer".into())
             .spawn(move || {
-                for (id, index, write) in queue {
-                    let result = write.run().map_err(|e| Error::Disk(format!("{e:#}")));
-                    let _ = thread_done.send(DiskEvent::ChunkWritten { id, index, result });
+                for job in queue {
+                    let _ = thread_done.send(job.run());
                 }
             });
         if let Err(e) = spawned {
@@ -90,18 +140,34 @@ impl ChunkWriter {
         Self { jobs, done }
     }
 
-    /// Queues a write; its end comes back as [`DiskEvent::ChunkWritten`].
-    pub(super) fn write(&self, id: VersionId, index: u32, write: ChunkWrite) {
-        if let Err(std::sync::mpsc::SendError((id, index, write))) =
-            self.jobs.send((id, index, write))
-        {
+    /// Queues a chunk; its end comes back as [`DiskEvent::ChunkWritten`].
+    pub(super) fn write(&self, job: ChunkJob) {
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
             // No writer thread: write here rather than lose the chunk.
-            let result = write.run().map_err(|e| Error::Disk(format!("{e:#}")));
-            let _ = self
-                .done
-                .send(DiskEvent::ChunkWritten { id, index, result });
+            let _ = self.done.send(job.run());
         }
     }
+}
+
+/// Reads a chunk to serve on a blocking thread; the bytes come back as
+/// [`DiskEvent::ChunkRead`], to be sent on `channel`.
+pub(super) fn spawn_read(
+    read: store::ChunkRead,
+    (id, index): (VersionId, u32),
+    request: InboundRequestId,
+    channel: ResponseChannel<Response>,
+    done: mpsc::UnboundedSender<DiskEvent>,
+) {
+    tokio::task::spawn_blocking(move || {
+        let result = read.run();
+        let _ = done.send(DiskEvent::ChunkRead(Box::new(ChunkRead {
+            id,
+            index,
+            request,
+            channel,
+            result,
+        })));
+    });
 }
 
 /// Runs a sync of a version's written chunks on a blocking thread; its end comes back as

@@ -234,12 +234,9 @@ impl Download {
         self.picker.as_ref().is_some_and(|p| p.have().get(index))
     }
 
-    /// Chunk `index` from `peer` matched its hash at `now` and goes to the disk. Returns the
-    /// peers also asked for it (endgame), whose answers are to be dropped.
-    pub(super) fn chunk_verified(&mut self, peer: PeerId, index: u32, now: Instant) -> Vec<PeerId> {
-        self.chunks_downloaded += 1;
-        self.last_chunk = Some(now);
-        self.senders.insert(peer);
+    /// Chunk `index` arrived from `peer` and goes to the disk writer, which verifies it.
+    /// Returns the peers also asked for it (endgame), whose answers are to be dropped.
+    pub(super) fn chunk_arrived(&mut self, peer: PeerId, index: u32) -> Vec<PeerId> {
         self.writes_pending += 1;
         self.picker
             .as_mut()
@@ -247,14 +244,22 @@ impl Download {
             .unwrap_or_default()
     }
 
-    /// A verified chunk reached the disk, or failed to (then it is asked for again).
-    pub(super) fn chunk_written(&mut self, index: u32, ok: bool) {
+    /// Chunk `index` from `peer` was verified and written at `now` (`ok`), or did not match
+    /// its hash or could not be written: then it is asked for again.
+    pub(super) fn chunk_written(&mut self, index: u32, peer: PeerId, ok: bool, now: Instant) {
         self.writes_pending = self.writes_pending.saturating_sub(1);
-        if !ok {
-            if let Some(p) = self.picker.as_mut() {
-                p.chunk_lost(index);
-            }
+        if ok {
+            self.chunks_downloaded += 1;
+            self.last_chunk = Some(now);
+            self.senders.insert(peer);
+        } else if let Some(p) = self.picker.as_mut() {
+            p.chunk_lost(index);
         }
+    }
+
+    /// Whether `peer` was dropped for bad data.
+    pub(super) fn is_banned(&self, peer: &PeerId) -> bool {
+        self.banned.contains(peer)
     }
 
     /// Drops `peer` for this version: it sent data that does not match its hash.
@@ -554,11 +559,11 @@ mod tests {
         let p = peers(1);
         let mut d = started(100, &p, t0);
         for i in 0..MAX_PENDING_WRITES as u32 {
-            d.chunk_verified(p[0], i, t0);
+            d.chunk_arrived(p[0], i);
         }
         let chunk = |a: &Ask| matches!(a, Ask::Chunk(_));
         assert!(asks(&poll(&mut d, t0, OnDisk::default()), chunk).is_empty());
-        d.chunk_written(0, true);
+        d.chunk_written(0, p[0], true, t0);
         assert!(!asks(&poll(&mut d, t0, OnDisk::default()), chunk).is_empty());
     }
 
@@ -568,7 +573,7 @@ mod tests {
         let p = peers(1);
         let mut d = started(2, &p, t0);
         for i in 0..2 {
-            d.chunk_verified(p[0], i, t0);
+            d.chunk_arrived(p[0], i);
         }
         let written = OnDisk {
             complete: true,
@@ -578,8 +583,8 @@ mod tests {
             !poll(&mut d, t0, written).contains(&Step::Sync),
             "writes still pending"
         );
-        d.chunk_written(0, true);
-        d.chunk_written(1, true);
+        d.chunk_written(0, p[0], true, t0);
+        d.chunk_written(1, p[0], true, t0);
         assert!(poll(&mut d, t0, written).contains(&Step::Sync));
         let durable = OnDisk {
             complete: true,
@@ -593,9 +598,9 @@ mod tests {
         let t0 = Instant::now();
         let p = peers(1);
         let mut d = started(1, &p, t0);
-        d.chunk_verified(p[0], 0, t0);
+        d.chunk_arrived(p[0], 0);
         assert!(d.has_chunk(0));
-        d.chunk_written(0, false);
+        d.chunk_written(0, p[0], false, t0);
         assert!(!d.has_chunk(0));
         assert!(
             asks(&poll(&mut d, t0, OnDisk::default()), |a| *a

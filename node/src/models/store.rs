@@ -84,21 +84,31 @@ impl SyncJob {
     }
 }
 
-/// Verified chunk bytes on their way to disk, written off the event loop.
+/// A chunk's bytes as received, to be verified against the manifest and written in one call
+/// off the event loop.
 #[derive(Debug)]
 pub struct ChunkWrite {
     file: Arc<File>,
-    offset: u64,
+    range: std::ops::Range<u64>,
+    expected: Option<Hash32>,
     data: Vec<u8>,
     what: String,
 }
 
 impl ChunkWrite {
-    /// Writes the bytes at their offset (blocking).
-    pub fn run(&self) -> Result<()> {
+    /// Checks the bytes' length and BLAKE3 hash against the manifest and, if they match,
+    /// writes them at their offset (blocking). `Ok(false)`: they do not match and nothing was
+    /// written.
+    pub fn run(&self) -> Result<bool> {
+        let matches = self.data.len() as u64 == self.range.end - self.range.start
+            && self.expected == Some(Hash32::of(&self.data));
+        if !matches {
+            return Ok(false);
+        }
         self.file
-            .write_all_at(&self.data, self.offset)
-            .with_context(|| format!("cannot write {} (disk full?)", self.what))
+            .write_all_at(&self.data, self.range.start)
+            .with_context(|| format!("cannot write {} (disk full?)", self.what))?;
+        Ok(true)
     }
 
     /// The chunk's length.
@@ -109,6 +119,22 @@ impl ChunkWrite {
     /// Whether the chunk is empty.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
+    }
+}
+
+/// A chunk to read off the event loop, to serve it.
+#[derive(Debug)]
+pub struct ChunkRead {
+    file: Arc<File>,
+    range: std::ops::Range<u64>,
+}
+
+impl ChunkRead {
+    /// Reads the chunk (blocking).
+    pub fn run(&self) -> std::io::Result<Vec<u8>> {
+        let mut buffer = vec![0u8; (self.range.end - self.range.start) as usize];
+        self.file.read_exact_at(&mut buffer, self.range.start)?;
+        Ok(buffer)
     }
 }
 
@@ -365,6 +391,17 @@ impl Store {
     }
 
     /// Reads chunk `index` of `id`; only chunks held are read.
+    /// Prepares the read of held chunk `index` of `id`, to run on another thread (`None`: not
+    /// held).
+    pub fn chunk_read(&self, id: &VersionId, index: u32) -> Option<ChunkRead> {
+        let v = self.versions.get(id).filter(|v| v.have.get(index))?;
+        Some(ChunkRead {
+            file: Arc::clone(&v.file),
+            range: v.manifest.chunk_range(index),
+        })
+    }
+
+    /// Reads held chunk `index` of `id` (blocking).
     pub fn read_chunk(&self, id: &VersionId, index: u32) -> Result<Vec<u8>> {
         let v = self.versions.get(id).context("version not held")?;
         if !v.have.get(index) {
@@ -382,25 +419,24 @@ impl Store {
         let Some(v) = self.versions.get(id) else {
             bail!("version not held");
         };
-        if !v.manifest.verify_chunk(index, data) {
+        if v.have.get(index) {
+            return Ok(v.manifest.verify_chunk(index, data));
+        }
+        if !self.chunk_write(id, index, data.to_vec())?.run()? {
             return Ok(false);
         }
-        if v.have.get(index) {
-            return Ok(true);
-        }
-        let write = self.chunk_write(id, index, data.to_vec())?;
-        write.run()?;
         self.mark_written(id, index)?;
         Ok(true)
     }
 
-    /// Prepares the write of verified bytes for chunk `index` of `id`, to run on another
-    /// thread ([`ChunkWrite::run`]); then [`Store::mark_written`] records it.
+    /// Prepares the verification and write of `data` as chunk `index` of `id`, to run on
+    /// another thread ([`ChunkWrite::run`]); then [`Store::mark_written`] records it.
     pub fn chunk_write(&self, id: &VersionId, index: u32, data: Vec<u8>) -> Result<ChunkWrite> {
         let v = self.versions.get(id).context("version not held")?;
         Ok(ChunkWrite {
             file: Arc::clone(&v.file),
-            offset: v.manifest.chunk_range(index).start,
+            range: v.manifest.chunk_range(index),
+            expected: v.manifest.chunk_hash(index),
             data,
             what: format!("chunk {index} of {}", id.short()),
         })

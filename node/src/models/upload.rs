@@ -136,15 +136,10 @@ impl Uploads {
         }
     }
 
-    /// Chunk `index` of `id` (`bytes` long) is being sent as the response to `request`: it
-    /// holds an upload slot until [`Uploads::finished`].
-    pub(super) fn started(
-        &mut self,
-        id: VersionId,
-        index: u32,
-        bytes: u64,
-        request: InboundRequestId,
-    ) {
+    /// Chunk `index` of `id` is to be served as the answer to `request` (after
+    /// [`Decision::Serve`]): it holds an upload slot from now (while it is read and sent)
+    /// until [`Uploads::finished`], and counts for initial seeding.
+    pub(super) fn reserve(&mut self, id: VersionId, index: u32, request: InboundRequestId) {
         if let Some(c) = self
             .seeded
             .get_mut(&id)
@@ -152,8 +147,12 @@ impl Uploads {
         {
             *c += 1;
         }
-        *self.uploaded.entry(id).or_default() += bytes;
         self.in_flight.insert(request);
+    }
+
+    /// `bytes` of a chunk of `id` went into a response.
+    pub(super) fn sent(&mut self, id: VersionId, bytes: u64) {
+        *self.uploaded.entry(id).or_default() += bytes;
     }
 
     /// A response finished sending (or failed): its slot, if it held one, is free.
