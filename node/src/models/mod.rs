@@ -5,11 +5,12 @@
 //! **Participants**: any node holding chunks of a version serves them; fetchers ask every
 //! connected peer and every DHT provider.
 //!
-//! **Flow**: manifest from any peer, checked against the id -> chunks already held locally
-//! copied -> every candidate asked which chunks it holds (`Have`, refreshed every 200 ms) ->
-//! the [`picker`] schedules chunk requests, rarest first, at most 4 in flight per peer -> each
-//! chunk verified, written, served at once -> endgame: the last chunks asked of two peers, the
-//! slower answer dropped -> complete: written chunks synced, header checked with the reference
+//! **Flow**: manifest from the publisher (else a known holder, else any peer), checked against
+//! the id -> chunks already held locally copied -> every candidate asked which chunks it holds
+//! (`Have`, refreshed every 200 ms) -> the [`picker`] schedules chunk requests, rarest first,
+//! at most 4 in flight per peer -> each chunk verified and written in one call on the writer
+//! thread, then served at once (reads for peers run on blocking threads) -> endgame: the last
+//! chunks asked of two peers, the slower answer dropped -> complete: written chunks synced, header checked with the reference
 //! reader, provider record, waiters told. A peer that sends a chunk or manifest that does not
 //! match its hash is dropped for that version and reported ([`Event::Misbehaved`]); the
 //! node's reputation decides on penalties. Failed and timed-out requests give their chunk back

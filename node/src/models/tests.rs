@@ -95,6 +95,31 @@ async fn connect(nodes: &mut [Node]) {
     }
 }
 
+/// Two holders of the same version of `file` (configured `first` and `second`) and a
+/// fetcher (`fetcher`), connected; returns them (holders first) and the version id.
+async fn two_holders_and_a_fetcher(
+    file: &std::path::Path,
+    first: ModelsConfig,
+    second: ModelsConfig,
+    fetcher: ModelsConfig,
+) -> (Vec<Node>, VersionId) {
+    let mut nodes = vec![node(first), node(second), node(fetcher)];
+    connect(&mut nodes).await;
+    let id = publish(&mut nodes[0], file);
+    assert_eq!(publish(&mut nodes[1], file), id, "same bytes, same version");
+    (nodes, id)
+}
+
+/// Bytes of version `id` that `node` uploaded.
+fn sent_by(node: &Node, id: VersionId) -> u64 {
+    node.swarm
+        .behaviour()
+        .models()
+        .iter()
+        .find(|m| m.id == id.to_hex())
+        .map_or(0, |m| m.bytes_uploaded)
+}
+
 fn misbehaved(node: &Node) -> Vec<PeerId> {
     node.events
         .iter()
@@ -132,18 +157,13 @@ async fn a_peer_that_sends_a_bad_chunk_is_reported_and_the_good_one_serves_the_v
         corrupt_uploads: true,
         ..ModelsConfig::default()
     };
-    let mut nodes = vec![
-        node(liar_config),
-        node(ModelsConfig::default()),
-        node(ModelsConfig::default()),
-    ];
-    connect(&mut nodes).await;
-    let id = publish(&mut nodes[0], &file);
-    assert_eq!(
-        publish(&mut nodes[1], &file),
-        id,
-        "same bytes, same version"
-    );
+    let (mut nodes, id) = two_holders_and_a_fetcher(
+        &file,
+        liar_config,
+        ModelsConfig::default(),
+        ModelsConfig::default(),
+    )
+    .await;
     let liar = *nodes[0].swarm.local_peer_id();
     let report = fetch(&mut nodes, id).await.unwrap();
     assert_eq!(report.chunks_downloaded, 10);
@@ -163,34 +183,21 @@ async fn a_busy_holder_is_left_for_another_one() {
         chunk_size: CHUNK,
         ..ModelsConfig::default()
     };
-    let mut nodes = vec![
-        node(busy_config),
-        node(ModelsConfig::default()),
-        node(ModelsConfig::default()),
-    ];
-    connect(&mut nodes).await;
-    let id = publish(&mut nodes[0], &file);
-    publish(&mut nodes[1], &file);
+    let (mut nodes, id) = two_holders_and_a_fetcher(
+        &file,
+        busy_config,
+        ModelsConfig::default(),
+        ModelsConfig::default(),
+    )
+    .await;
     let report = fetch(&mut nodes, id).await.unwrap();
     assert_eq!(report.chunks_downloaded, 10);
-    let sent_by = |n: &Node| {
-        n.swarm
-            .behaviour()
-            .models()
-            .iter()
-            .find(|m| m.id == id.to_hex())
-            .map_or(0, |m| m.bytes_uploaded)
-    };
-    assert!(
-        sent_by(&nodes[0]) <= u64::from(CHUNK),
-        "the busy holder sent {}",
-        sent_by(&nodes[0])
-    );
+    let (busy, other) = (sent_by(&nodes[0], id), sent_by(&nodes[1], id));
+    assert!(busy <= u64::from(CHUNK), "the busy holder sent {busy}");
     let size = std::fs::metadata(&file).unwrap().len();
     assert!(
-        sent_by(&nodes[1]) >= size - u64::from(CHUNK),
-        "the other holder sent {} of {size}",
-        sent_by(&nodes[1])
+        other >= size - u64::from(CHUNK),
+        "the other holder sent {other} of {size}"
     );
     assert!(misbehaved(&nodes[2]).is_empty(), "busy is not misbehaviour");
 }
@@ -202,35 +209,18 @@ async fn endgame_asks_two_holders_and_drops_the_slower_duplicate() {
     let files = tempfile::tempdir().unwrap();
     let file = model_file(files.path(), CHUNK as usize - 100);
     // Holders in the coordinated stage serve every request (no initial-seeding declines).
-    let holder = || {
-        node(ModelsConfig {
-            stage: super::Stage::Coordinated,
-            ..ModelsConfig::default()
-        })
+    let holder = || ModelsConfig {
+        stage: super::Stage::Coordinated,
+        ..ModelsConfig::default()
     };
     let fetcher = ModelsConfig {
         endgame_copies: 2,
         ..ModelsConfig::default()
     };
-    let mut nodes = vec![holder(), holder(), node(fetcher)];
-    connect(&mut nodes).await;
-    let id = publish(&mut nodes[0], &file);
-    publish(&mut nodes[1], &file);
+    let (mut nodes, id) = two_holders_and_a_fetcher(&file, holder(), holder(), fetcher).await;
     let report = fetch(&mut nodes, id).await.unwrap();
     // Let the slower holder's answer arrive and be dropped.
-    let sent = |nodes: &[Node]| -> Vec<u64> {
-        nodes[..2]
-            .iter()
-            .map(|n| {
-                n.swarm
-                    .behaviour()
-                    .models()
-                    .iter()
-                    .find(|m| m.id == id.to_hex())
-                    .map_or(0, |m| m.bytes_uploaded)
-            })
-            .collect()
-    };
+    let sent = |nodes: &[Node]| -> Vec<u64> { nodes[..2].iter().map(|n| sent_by(n, id)).collect() };
     let size = std::fs::metadata(&file).unwrap().len();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while sent(&nodes).iter().sum::<u64>() < 2 * size {
