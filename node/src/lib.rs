@@ -3,7 +3,6 @@
 //! * [`node::start`] brings a node up from a [`config::NodeConfig`] and returns a
 //!   [`node::NodeHandle`];
 //! * [`network`] holds the libp2p behaviours and the event loop that owns the swarm;
-//! * [`peers`] is the persisted address book that lets a node rejoin without bootstrap;
 //! * [`models`] stores, serves and downloads model versions (the swarm);
 //! * [`averaging`] is the `/p2p-ml/train` protocol (averaging sessions, run discovery) as its
 //!   own libp2p behaviour;
@@ -22,7 +21,6 @@ pub mod models;
 pub mod names;
 pub mod network;
 pub mod node;
-pub mod peers;
 pub mod shutdown;
 pub mod training;
 pub mod wire_behaviour;

@@ -14,9 +14,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{prepare_data_dir, NodeConfig};
+use crate::network::address_book::{self, AddressBook};
 use crate::network::discovery::{is_loopback, with_peer_id};
 use crate::network::{Client, EventLoop};
-use crate::peers::{self, AddressBook};
 use crate::{api, fsutil, identity};
 
 /// How long start-up waits for the listeners to report their addresses.
@@ -188,7 +188,7 @@ fn lock_data_dir(config: &NodeConfig) -> Result<File> {
 /// Loads the persisted peer cache; a corrupt one is reported and ignored.
 fn load_address_book(config: &NodeConfig) -> AddressBook {
     let path = config.peer_cache_path();
-    match peers::load_cache(&path) {
+    match address_book::load_cache(&path) {
         Ok(Some(file)) => {
             let (book, skipped) = AddressBook::from_file(file, config.peer_cache_capacity);
             if skipped > 0 {

@@ -8,7 +8,7 @@ mod common;
 use std::time::Instant;
 
 use common::{start_node, wait_for, wait_fully_discovered, TestNode, CONVERGE_TIMEOUT};
-use p2p_node::peers::Source;
+use p2p_node::network::address_book::Source;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_of_ten_nodes_discovers_each_other_through_kademlia() {

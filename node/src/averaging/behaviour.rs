@@ -183,31 +183,82 @@ impl Incoming {
     }
 }
 
-struct Outbound {
+/// One exchange of parameters with a peer, in either direction: our snapshot goes out piece
+/// by piece, the peer's comes in and is checked as it arrives.
+struct Session {
     peer: PeerId,
-    session: u64,
+    /// The id the accepting side gave it.
+    id: u64,
+    /// What we send (and mix against).
     snapshot: Arc<Snapshot>,
-    pieces: u32,
-    next: u32,
     incoming: Incoming,
     peer_samples: u64,
     peer_step: u64,
-    tried: Vec<PeerId>,
-    reply: oneshot::Sender<Result<PeerParams, RoundError>>,
     started: Instant,
     last_activity: Instant,
+    /// Bytes of parameters sent and received.
     bytes: (u64, u64),
 }
 
-struct Inbound {
-    peer: PeerId,
-    snapshot: Arc<Snapshot>,
-    incoming: Incoming,
-    peer_samples: u64,
-    peer_step: u64,
-    started: Instant,
-    last_activity: Instant,
-    bytes: (u64, u64),
+impl Session {
+    fn new(
+        peer: PeerId,
+        id: u64,
+        snapshot: Arc<Snapshot>,
+        pieces: u32,
+        peer_samples: u64,
+        peer_step: u64,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            peer,
+            id,
+            incoming: Incoming::new(snapshot.params.len(), pieces),
+            snapshot,
+            peer_samples,
+            peer_step,
+            started: now,
+            last_activity: now,
+            bytes: (0, 0),
+        }
+    }
+
+    /// Stores the peer's piece `index` after checking it.
+    fn receive(&mut self, index: u32, data: &[u8], dtype: ParamDtype) -> Result<(), PieceError> {
+        self.last_activity = Instant::now();
+        self.bytes.1 += data.len() as u64;
+        store_piece(&mut self.incoming, index, data, dtype)
+    }
+
+    /// Our piece `index`, encoded for the wire.
+    fn piece(&mut self, index: u32, dtype: ParamDtype, poison: bool) -> Vec<u8> {
+        let data = encode_piece(&self.snapshot.params, index, dtype, poison);
+        self.bytes.0 += data.len() as u64;
+        data
+    }
+
+    /// The peer's parameters, once every piece is in.
+    fn finish(self, opened_here: bool) -> PeerParams {
+        PeerParams {
+            peer: self.peer,
+            params: self.incoming.values,
+            samples: self.peer_samples,
+            step: self.peer_step,
+            base: self.snapshot,
+            opened_here,
+            bytes: self.bytes,
+            seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// The session this node opened: pieces are sent as answers come back.
+struct Opened {
+    session: Session,
+    /// Our next piece to send.
+    next: u32,
+    tried: Vec<PeerId>,
+    reply: oneshot::Sender<Result<PeerParams, RoundError>>,
 }
 
 enum Purpose {
@@ -270,9 +321,9 @@ pub struct Behaviour {
     runs: HashMap<VersionId, RunAnnouncement>,
     joined: Option<Joined>,
     /// An averaging round in progress: the session once accepted, or `None` while opening.
-    outbound: Option<Outbound>,
+    outbound: Option<Opened>,
     opening: Option<Opening>,
-    inbound: HashMap<u64, Inbound>,
+    inbound: HashMap<u64, Session>,
     next_session: u64,
     requests: HashMap<OutboundRequestId, Purpose>,
     runs_queries: HashMap<u64, RunsQuery>,
@@ -552,7 +603,7 @@ impl Behaviour {
     fn retry(&mut self, peer: PeerId, why: &str) {
         let (mut tried, reply) = match (self.opening.take(), self.outbound.take()) {
             (Some(o), _) if o.peer == peer => (o.tried, o.reply),
-            (opening, Some(o)) if o.peer == peer => {
+            (opening, Some(o)) if o.session.peer == peer => {
                 self.opening = opening;
                 (o.tried, o.reply)
             }
@@ -588,21 +639,11 @@ impl Behaviour {
             ..
         } = opening;
         j.members.insert(peer);
-        let now = Instant::now();
-        self.outbound = Some(Outbound {
-            peer,
-            session,
-            incoming: Incoming::new(snapshot.params.len(), pieces),
-            snapshot,
-            pieces,
+        self.outbound = Some(Opened {
+            session: Session::new(peer, session, snapshot, pieces, samples, step),
             next: 0,
-            peer_samples: samples,
-            peer_step: step,
             tried,
             reply,
-            started: now,
-            last_activity: now,
-            bytes: (0, 0),
         });
         self.send_pieces();
     }
@@ -616,19 +657,17 @@ impl Behaviour {
         let Some(o) = self.outbound.as_mut() else {
             return;
         };
-        let in_flight = o.next - o.incoming.count;
+        let in_flight = o.next - o.session.incoming.count;
         for _ in in_flight..PIECES_IN_FLIGHT {
-            if o.next >= o.pieces {
+            if o.next as usize >= o.session.incoming.got.len() {
                 break;
             }
-            let data = encode_piece(&o.snapshot.params, o.next, dtype, poison);
-            o.bytes.0 += data.len() as u64;
             let request = TrainRequest::Piece {
-                session: o.session,
+                session: o.session.id,
                 index: o.next,
-                data,
+                data: o.session.piece(o.next, dtype, poison),
             };
-            let rid = self.inner.send_request(&o.peer, request);
+            let rid = self.inner.send_request(&o.session.peer, request);
             self.requests.insert(rid, Purpose::Piece);
             o.next += 1;
         }
@@ -638,12 +677,10 @@ impl Behaviour {
         let Some(dtype) = self.joined.as_ref().map(|j| j.membership.dtype) else {
             return;
         };
-        let Some(o) = self.outbound.as_mut().filter(|o| o.peer == peer) else {
+        let Some(o) = self.outbound.as_mut().filter(|o| o.session.peer == peer) else {
             return;
         };
-        o.last_activity = Instant::now();
-        o.bytes.1 += data.len() as u64;
-        if let Err(why) = store_piece(&mut o.incoming, index, data, dtype) {
+        if let Err(why) = o.session.receive(index, data, dtype) {
             self.events.push_back(Event::Misbehaved {
                 peer,
                 why: format!("sent bad parameters: {why}"),
@@ -652,24 +689,14 @@ impl Behaviour {
             self.retry(peer, "bad parameters");
             return;
         }
-        if !o.incoming.complete() {
+        if !o.session.incoming.complete() {
             self.send_pieces();
             return;
         }
         let Some(o) = self.outbound.take() else {
             return;
         };
-        let params = PeerParams {
-            peer,
-            params: o.incoming.values,
-            samples: o.peer_samples,
-            step: o.peer_step,
-            base: o.snapshot,
-            opened_here: true,
-            bytes: o.bytes,
-            seconds: o.started.elapsed().as_secs_f64(),
-        };
-        let _ = o.reply.send(Ok(params));
+        let _ = o.reply.send(Ok(o.session.finish(true)));
     }
 
     // ----- events -----
@@ -756,19 +783,9 @@ impl Behaviour {
     ) -> TrainResponse {
         let session = self.next_session;
         self.next_session = self.next_session.wrapping_add(1);
-        let now = Instant::now();
         self.inbound.insert(
             session,
-            Inbound {
-                peer,
-                incoming: Incoming::new(snapshot.params.len(), pieces),
-                snapshot: Arc::clone(snapshot),
-                peer_samples: samples,
-                peer_step: step,
-                started: now,
-                last_activity: now,
-                bytes: (0, 0),
-            },
+            Session::new(peer, session, Arc::clone(snapshot), pieces, samples, step),
         );
         TrainResponse::Accepted {
             session,
@@ -790,9 +807,7 @@ impl Behaviour {
                 reason: "unknown session".into(),
             };
         };
-        s.last_activity = Instant::now();
-        s.bytes.1 += data.len() as u64;
-        if let Err(why) = store_piece(&mut s.incoming, index, data, dtype) {
+        if let Err(why) = s.receive(index, data, dtype) {
             self.inbound.remove(&session);
             self.events.push_back(Event::Misbehaved {
                 peer,
@@ -803,20 +818,10 @@ impl Behaviour {
                 reason: format!("bad parameters: {why}"),
             };
         }
-        let reply = encode_piece(&s.snapshot.params, index, dtype, poison);
-        s.bytes.0 += reply.len() as u64;
+        let reply = s.piece(index, dtype, poison);
         if s.incoming.complete() {
             if let Some(s) = self.inbound.remove(&session) {
-                let done = PeerParams {
-                    peer,
-                    params: s.incoming.values,
-                    samples: s.peer_samples,
-                    step: s.peer_step,
-                    base: s.snapshot,
-                    opened_here: false,
-                    bytes: s.bytes,
-                    seconds: s.started.elapsed().as_secs_f64(),
-                };
+                let done = s.finish(false);
                 match self.served.as_ref().map(|tx| tx.try_send(done).is_ok()) {
                     Some(true) => {}
                     _ => {
@@ -898,8 +903,8 @@ impl Behaviour {
         if let Some(peer) = self
             .outbound
             .as_ref()
-            .filter(|o| now.duration_since(o.last_activity) >= SESSION_IDLE)
-            .map(|o| o.peer)
+            .filter(|o| now.duration_since(o.session.last_activity) >= SESSION_IDLE)
+            .map(|o| o.session.peer)
         {
             self.retry(peer, "session idle");
         }

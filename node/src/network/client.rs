@@ -13,10 +13,10 @@ use p2p_protocol::training::RunAnnouncement;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::address_book::Source;
 use crate::averaging::{self, AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
 use crate::models::disk::PublishFile;
 use crate::models::{self, DownloadReport, DownloadState, FetchProgress, ModelInfo};
-use crate::peers::Source;
 use crate::training::TrainingStatus;
 
 /// Requests the event loop serves, by domain: the network's own, and those it passes to

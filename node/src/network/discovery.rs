@@ -19,11 +19,11 @@ use libp2p::{identify, kad, Multiaddr, PeerId, StreamProtocol, Swarm};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::address_book::{self, AddressBook, Source};
 use super::behaviour::Behaviour;
 use super::client::{Connectivity, JoinState, PeerInfo};
 use super::swarm::one_line;
 use crate::config::NodeConfig;
-use crate::peers::{self, AddressBook, Source};
 
 /// A peer or address learned is written to the peer cache within this long.
 pub const CACHE_SAVE_SOON: Duration = Duration::from_secs(1);
@@ -319,7 +319,7 @@ impl Discovery {
 
     /// Writes the peer cache now.
     pub fn save_cache(&mut self) -> Result<()> {
-        peers::save_cache(&self.config.peer_cache_path(), &self.book.to_file())
+        address_book::save_cache(&self.config.peer_cache_path(), &self.book.to_file())
     }
 }
 

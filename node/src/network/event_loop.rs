@@ -17,6 +17,7 @@ use p2p_protocol::manifest::VersionId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::address_book::AddressBook;
 use super::behaviour::{announce_topic, runs_topic, Behaviour, BehaviourEvent};
 use super::client::{Client, Command, NetworkStatus};
 use super::discovery::{Discovery, CACHE_SAVE_SOON};
@@ -25,7 +26,6 @@ use crate::averaging;
 use crate::config::NodeConfig;
 use crate::models::store::Store;
 use crate::models::{self, Behaviour as ModelsBehaviour};
-use crate::peers::AddressBook;
 
 /// Capacity of the command channel: callers wait when the loop is this far behind.
 const COMMAND_QUEUE: usize = 64;

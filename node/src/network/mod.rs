@@ -1,6 +1,8 @@
-//! Networking: the libp2p behaviours, the event loop that owns the swarm, and the client
-//! handle the rest of the node uses to talk to it.
+//! Networking: the libp2p behaviours, the event loop that owns the swarm, the client handle
+//! the rest of the node uses to talk to it, discovery with its persisted address book (which
+//! lets a node rejoin without bootstrap), and peer reputation.
 
+pub mod address_book;
 // The derive generates an undocumented `BehaviourEvent` enum (one variant per field).
 #[allow(missing_docs)]
 pub mod behaviour;
