@@ -337,19 +337,24 @@ async fn show_progress(mut progress: watch::Receiver<FetchProgress>, id: Version
         }
     }
     let _clear = Clear(pb.clone());
-    let started = Instant::now();
     let mut last_log = Instant::now();
-    let mut first_held: Option<u64> = None;
+    // Bytes held (resumed or copied) when the manifest became known, and when: the rate is
+    // of what arrived since.
+    let mut first: Option<(u64, Instant)> = None;
     while progress.changed().await.is_ok() {
         let p = *progress.borrow_and_update();
+        if p.chunks > 0 {
+            first.get_or_insert((p.bytes_held, Instant::now()));
+        }
         if let Some(pb) = &pb {
             pb.set_length(p.size);
             pb.set_position(p.bytes_held);
             pb.set_message(p.peers.to_string());
         } else if last_log.elapsed() >= Duration::from_secs(2) && p.chunks > 0 {
             last_log = Instant::now();
-            let base = *first_held.get_or_insert(p.bytes_held);
-            let rate = (p.bytes_held - base) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            let (base, since) = first.unwrap_or((p.bytes_held, Instant::now()));
+            let rate =
+                p.bytes_held.saturating_sub(base) as f64 / since.elapsed().as_secs_f64().max(1e-3);
             tracing::info!(
                 version = %id.short(),
                 progress = format!("{:.1}%", 100.0 * f64::from(p.chunks_held) / f64::from(p.chunks)),

@@ -260,6 +260,12 @@ impl Behaviour {
 
     fn on_imported(&mut self, imported: Imported) {
         let Imported { request, result } = imported;
+        if request.reply.is_closed() {
+            // The caller went away (an HTTP client that disconnected): nothing is published,
+            // and dropping the import deletes its staging copy.
+            tracing::info!(file = %request.file.display(), "publish abandoned by its caller; the import is discarded");
+            return;
+        }
         let result =
             result.and_then(|(file, training)| self.publish(file, &request.model, training));
         let _ = request.reply.send(result);
@@ -556,7 +562,11 @@ impl Behaviour {
                 _ => Response::NotFound,
             },
             Request::Chunk { id, index } => {
-                match self.uploads.decide(&id, self.store.get(&id), index) {
+                let now = Instant::now();
+                match self
+                    .uploads
+                    .decide(peer, &id, self.store.get(&id), index, now)
+                {
                     Decision::NotFound => Response::NotFound,
                     Decision::Busy => Response::Busy,
                     Decision::Serve => match self.store.chunk_read(&id, index) {

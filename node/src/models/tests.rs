@@ -247,3 +247,34 @@ async fn endgame_asks_two_holders_and_drops_the_slower_duplicate() {
         "a late duplicate is not misbehaviour"
     );
 }
+
+/// A publish whose caller went away before the import finished (an HTTP client that
+/// disconnected) publishes nothing and leaves no staging copy.
+#[tokio::test]
+async fn an_import_whose_caller_went_away_is_not_published() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 3 * CHUNK as usize);
+    let mut n = node(ModelsConfig::default());
+    let root = n._dir.path().join("models");
+    let imported = Store::import_file(&root, &file, CHUNK).unwrap();
+    let staging = imported.staging.clone();
+    assert!(staging.exists());
+    let (reply, gone) = oneshot::channel();
+    drop(gone);
+    let request = super::disk::PublishFile {
+        file: file.clone(),
+        model: "m".into(),
+        checkpoint: false,
+        reply,
+    };
+    n.swarm
+        .behaviour_mut()
+        .on_disk_event(super::disk::DiskEvent::Imported(Box::new(
+            super::disk::Imported {
+                request,
+                result: Ok((imported, None)),
+            },
+        )));
+    assert!(n.swarm.behaviour().models().is_empty(), "nothing published");
+    assert!(!staging.exists(), "the staging copy is deleted");
+}

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use libp2p::request_response::InboundRequestId;
+use libp2p::PeerId;
 use p2p_protocol::manifest::VersionId;
 use tokio::time::Instant;
 
@@ -14,6 +15,13 @@ use super::{ModelsConfig, RateLimiter, Stage};
 
 /// A version a peer asked for within this long is not pruned: the peer is still fetching it.
 pub const IN_USE_WINDOW: Duration = Duration::from_secs(30);
+
+/// A chunk initial seeding declined to a peer is served if the same peer asks for it again
+/// within this long: it found no one else to take it from.
+const DECLINE_MEMORY: Duration = Duration::from_secs(60);
+
+/// Most (peer, chunk) declines remembered; older ones are forgotten first.
+const MAX_DECLINES: usize = 4096;
 
 /// How a chunk request is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +47,8 @@ pub(super) struct Uploads {
     limiter: Option<RateLimiter>,
     /// Per published version, how often each chunk was uploaded (for initial seeding).
     seeded: HashMap<VersionId, Vec<u32>>,
+    /// Chunks initial seeding declined, to whom, and when.
+    declined: HashMap<(PeerId, VersionId, u32), Instant>,
     /// When a peer last asked for a version's chunks or availability.
     last_asked: HashMap<VersionId, Instant>,
     /// Bytes of chunks sent, per version.
@@ -57,6 +67,7 @@ impl Uploads {
                 .max_upload_rate
                 .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
             seeded: HashMap::new(),
+            declined: HashMap::new(),
             last_asked: HashMap::new(),
             uploaded: HashMap::new(),
         }
@@ -89,17 +100,19 @@ impl Uploads {
             .is_some_and(|t| now.duration_since(*t) < IN_USE_WINDOW)
     }
 
-    /// How to answer a request for chunk `index` of `v` (`None`: not held).
+    /// How to answer `peer`'s request at `now` for chunk `index` of `v` (`None`: not held).
     pub(super) fn decide(
         &mut self,
+        peer: PeerId,
         id: &VersionId,
         v: Option<&StoredVersion>,
         index: u32,
+        now: Instant,
     ) -> Decision {
         let Some(v) = v.filter(|v| self.serves_version(v) && v.have.get(index)) else {
             return Decision::NotFound;
         };
-        if self.seeding_declines(id, v, index) {
+        if self.seeding_declines(id, v, index) && self.first_decline(peer, *id, index, now) {
             return Decision::NotFound;
         }
         if self.in_flight.len() >= self.slots {
@@ -129,6 +142,29 @@ impl Uploads {
         counts.get(index as usize).is_some_and(|c| *c > min)
     }
 
+    /// Whether initial seeding may decline chunk `index` of `id` to `peer` now: only once per
+    /// [`DECLINE_MEMORY`]. A peer that asks again found no other holder (the others left, or
+    /// it already holds every chunk sent less often), and is served, so a download can never
+    /// stall on a publisher that holds every chunk.
+    fn first_decline(&mut self, peer: PeerId, id: VersionId, index: u32, now: Instant) -> bool {
+        let key = (peer, id, index);
+        if let Some(at) = self.declined.get(&key) {
+            if now.duration_since(*at) < DECLINE_MEMORY {
+                self.declined.remove(&key);
+                return false;
+            }
+        }
+        if self.declined.len() >= MAX_DECLINES {
+            self.declined
+                .retain(|_, at| now.duration_since(*at) < DECLINE_MEMORY);
+            if self.declined.len() >= MAX_DECLINES {
+                self.declined.clear();
+            }
+        }
+        self.declined.insert(key, now);
+        true
+    }
+
     /// The chunk's bytes as sent: flipped every 4 KiB with the fault-injection setting.
     pub(super) fn prepare(&self, data: &mut [u8]) {
         if self.corrupt {
@@ -140,6 +176,12 @@ impl Uploads {
     /// [`Decision::Serve`]): it holds an upload slot from now (while it is read and sent)
     /// until [`Uploads::finished`], and counts for initial seeding.
     pub(super) fn reserve(&mut self, id: VersionId, index: u32, request: InboundRequestId) {
+        self.count_seeded(id, index);
+        self.in_flight.insert(request);
+    }
+
+    /// Chunk `index` of `id` goes out once more (initial seeding's count).
+    fn count_seeded(&mut self, id: VersionId, index: u32) {
         if let Some(c) = self
             .seeded
             .get_mut(&id)
@@ -147,7 +189,6 @@ impl Uploads {
         {
             *c += 1;
         }
-        self.in_flight.insert(request);
     }
 
     /// `bytes` of a chunk of `id` went into a response.
@@ -168,7 +209,77 @@ impl Uploads {
     /// Forgets a deleted version.
     pub(super) fn forget(&mut self, id: &VersionId) {
         self.seeded.remove(id);
+        self.declined.retain(|(_, v, _), _| v != id);
         self.last_asked.remove(id);
         self.uploaded.remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+    use super::*;
+    use crate::models::store::Store;
+
+    /// A store holding one published version of 4 chunks of 4 KiB.
+    fn published() -> (tempfile::TempDir, Store, VersionId) {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 4 * 4096 - 64;
+        let header =
+            format!(r#"{{"w":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + len, 7);
+        let file = dir.path().join("m.safetensors");
+        std::fs::write(&file, bytes).unwrap();
+        let root = dir.path().join("models");
+        let mut store = Store::open(&root).unwrap();
+        let imported = Store::import_file(&root, &file, 4096).unwrap();
+        let id = store.adopt(imported, "m", 0, None).unwrap();
+        (dir, store, id)
+    }
+
+    /// Initial seeding declines a chunk already sent more often than another, but only once
+    /// per peer: a peer that asks again (nobody else has it for it) is served, so a download
+    /// cannot stall on a publisher holding every chunk.
+    #[test]
+    fn a_declined_chunk_is_served_when_the_same_peer_asks_again() {
+        let (_dir, store, id) = published();
+        let mut uploads = Uploads::new(&ModelsConfig::default());
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let now = Instant::now();
+        let v = store.get(&id);
+        assert_eq!(uploads.decide(a, &id, v, 0, now), Decision::Serve);
+        uploads.count_seeded(id, 0);
+        assert_eq!(
+            uploads.decide(b, &id, v, 0, now),
+            Decision::NotFound,
+            "chunk 0 was sent once, others never: seeding declines it"
+        );
+        assert_eq!(uploads.decide(b, &id, v, 1, now), Decision::Serve);
+        assert_eq!(
+            uploads.decide(b, &id, v, 0, now),
+            Decision::Serve,
+            "asked again by the same peer"
+        );
+        let later = now + DECLINE_MEMORY;
+        assert_eq!(uploads.decide(a, &id, v, 0, later), Decision::NotFound);
+    }
+
+    #[test]
+    fn stages_serve_what_the_seed_design_says() {
+        let rules = |stage| {
+            let u = Uploads::new(&ModelsConfig {
+                stage,
+                ..ModelsConfig::default()
+            });
+            [(true, false), (false, true), (false, false)].map(|(p, c)| u.serves(p, c))
+        };
+        assert_eq!(rules(Stage::Sequential), [true, false, false]);
+        assert_eq!(rules(Stage::ParallelPush), [true, false, false]);
+        assert_eq!(rules(Stage::HostAssisted), [true, true, false]);
+        assert_eq!(rules(Stage::Coordinated), [true, true, true]);
+        assert_eq!(rules(Stage::Swarm), [true, true, true]);
     }
 }
