@@ -396,8 +396,10 @@ impl Coordinator {
                 meta,
                 publish,
             } => {
-                self.status
-                    .send_modify(|s| s.checkpoint_path = Some(path.display().to_string()));
+                self.status.send_modify(|s| {
+                    s.checkpoint_path = Some(path.display().to_string());
+                    s.checkpoint_step = Some(meta.step);
+                });
                 if let Some(own) = publish {
                     self.publish_checkpoint(&own, meta.step).await;
                 }

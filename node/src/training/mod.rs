@@ -88,6 +88,8 @@ pub struct TrainingStatus {
     pub refused_peers: Vec<libp2p::PeerId>,
     /// The newest local checkpoint file.
     pub checkpoint_path: Option<String>,
+    /// The training step that checkpoint holds (the step a restart resumes from).
+    pub checkpoint_step: Option<u64>,
     /// Checkpoints published as versions.
     pub checkpoints_published: u64,
     /// This node's shard of the training data, `I/N`.
