@@ -49,6 +49,14 @@ pub enum Error {
     /// A checkpoint cannot be read or written.
     #[error("{0}")]
     Checkpoint(String),
+    /// A training step's loss was NaN or infinite: the parameters are no longer usable.
+    #[error("training diverged at step {step} (loss {loss}); lower the learning rate")]
+    Diverged {
+        /// The step that diverged.
+        step: u64,
+        /// Its loss.
+        loss: f32,
+    },
     /// The requested device is unavailable in this build.
     #[error("{0}")]
     Device(String),

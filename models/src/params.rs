@@ -210,6 +210,14 @@ pub fn peer_weight(local_samples: u64, peer_samples: u64) -> f64 {
     }
 }
 
+/// [`peer_weight`] with the peer's claim bounded: its samples count as at most `max_ratio`
+/// times the local side's (so the weight is at most `max_ratio / (1 + max_ratio)`), whatever
+/// it claims. A peer cannot take over a model by claiming 10^12 samples.
+pub fn bounded_peer_weight(local_samples: u64, peer_samples: u64, max_ratio: f64) -> f64 {
+    let cap = max_ratio / (1.0 + max_ratio);
+    peer_weight(local_samples, peer_samples).min(cap)
+}
+
 /// Mixes a peer's parameters into `local`, which may have moved on from `base` (the snapshot
 /// that was averaged): `local += weight * (peer - base)`. With `local == base` this is exactly
 /// the weighted average of `base` and `peer`; otherwise the local progress since the snapshot is
@@ -241,6 +249,18 @@ pub enum Refusal {
     },
     /// A NaN or infinity at this index.
     NonFinite(usize),
+    /// Pointing away from the local parameters (cosine similarity at most [`MIN_COSINE`]):
+    /// models of one run start from the same initial weights and never get there honestly.
+    Opposed {
+        /// The cosine similarity measured.
+        cosine: f64,
+    },
+    /// A norm more than [`MAX_NORM_RATIO`] times ours, or less than its inverse (scaled
+    /// parameters).
+    NormRatio {
+        /// The peer's norm over ours.
+        ratio: f64,
+    },
     /// Farther from the local parameters than the run allows.
     TooFar {
         /// Relative distance measured.
@@ -257,16 +277,33 @@ impl fmt::Display for Refusal {
                 write!(f, "{got} parameters where the run's model has {expected}")
             }
             Self::NonFinite(i) => write!(f, "a NaN or infinite value at parameter {i}"),
+            Self::Opposed { cosine } => {
+                write!(f, "parameters pointing away from ours (cosine {cosine:.3})")
+            }
+            Self::NormRatio { ratio } => {
+                write!(f, "parameters {ratio:.3} times as large as ours")
+            }
             Self::TooFar { distance, bound } => write!(
                 f,
-                "parameters at relative distance {distance:.3} from ours, beyond the bound {bound}"
+                "parameters at relative distance {distance:.3} from ours, not below the bound {bound:.3}"
             ),
         }
     }
 }
 
+/// Peer parameters whose cosine similarity with ours is at most this are refused.
+pub const MIN_COSINE: f64 = 0.0;
+
+/// Peer parameters whose norm is more than this many times ours (or less than its inverse)
+/// are refused.
+pub const MAX_NORM_RATIO: f64 = 2.0;
+
 /// Checks a peer's parameters against the local ones before they are mixed in: same length,
-/// all finite, relative distance at most `max_distance`. Returns the relative distance.
+/// all finite, not pointing away from ours ([`MIN_COSINE`]), of a comparable norm
+/// ([`MAX_NORM_RATIO`]), and at a relative distance strictly below `max_distance` (the bound
+/// itself is refused: exactly 2.0 is what negated parameters measure). The two shape checks
+/// need no history, so they hold from a run's first round, when honest peers' distances are
+/// still large and no adaptive bound is known. Returns the relative distance.
 pub fn check_peer(
     local: &[f32],
     peer: &[f32],
@@ -281,8 +318,27 @@ pub fn check_peer(
     if let Some(i) = first_non_finite(peer) {
         return Err(Refusal::NonFinite(i));
     }
-    let d = relative_distance(local, peer);
-    if d.is_nan() || d > max_distance {
+    let (mut dot, mut local_sq, mut peer_sq, mut diff_sq) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (l, p) in local.iter().zip(peer) {
+        let (l, p) = (f64::from(*l), f64::from(*p));
+        dot += l * p;
+        local_sq += l * l;
+        peer_sq += p * p;
+        diff_sq += (l - p) * (l - p);
+    }
+    let (local_norm, peer_norm) = (local_sq.sqrt(), peer_sq.sqrt());
+    if local_norm > 0.0 && peer_norm > 0.0 {
+        let cosine = dot / (local_norm * peer_norm);
+        if cosine <= MIN_COSINE {
+            return Err(Refusal::Opposed { cosine });
+        }
+        let ratio = peer_norm / local_norm;
+        if !(1.0 / MAX_NORM_RATIO..=MAX_NORM_RATIO).contains(&ratio) {
+            return Err(Refusal::NormRatio { ratio });
+        }
+    }
+    let d = diff_sq.sqrt() / local_norm.max(1e-12);
+    if d.is_nan() || d >= max_distance {
         return Err(Refusal::TooFar {
             distance: d,
             bound: max_distance,
@@ -378,9 +434,35 @@ mod tests {
             Err(Refusal::NonFinite(1))
         ));
         assert!(matches!(
-            check_peer(&local, &[9.0, 9.0, 9.0, 9.0], 0.5),
+            check_peer(&local, &[1.0, 1.0, 1.6, 1.0], 0.2),
             Err(Refusal::TooFar { .. })
         ));
+        // Negated parameters point away; scaled ones are too large or too small.
+        assert!(matches!(
+            check_peer(&local, &[-1.0, -1.0, -1.0, -1.0], 2.5),
+            Err(Refusal::Opposed { cosine }) if cosine == -1.0
+        ));
+        assert!(matches!(
+            check_peer(&local, &[3.0, 3.0, 3.0, 3.0], 2.5),
+            Err(Refusal::NormRatio { ratio }) if ratio == 3.0
+        ));
+        assert!(matches!(
+            check_peer(&local, &[0.4, 0.4, 0.4, 0.4], 2.5),
+            Err(Refusal::NormRatio { .. })
+        ));
+        // The distance bound itself is refused.
+        assert!(matches!(
+            check_peer(&local, &[1.5, 1.5, 1.5, 1.5], 0.5),
+            Err(Refusal::TooFar { distance, .. }) if distance == 0.5
+        ));
+    }
+
+    #[test]
+    fn a_claimed_sample_count_cannot_raise_the_weight_past_the_cap() {
+        assert_eq!(bounded_peer_weight(100, 100, 2.0), 0.5);
+        assert_eq!(bounded_peer_weight(100, 1_000_000_000_000, 2.0), 2.0 / 3.0);
+        assert_eq!(bounded_peer_weight(0, 7, 2.0), 2.0 / 3.0);
+        assert_eq!(bounded_peer_weight(300, 100, 2.0), 0.25);
     }
 
     #[test]

@@ -60,10 +60,10 @@ impl Trainer {
         let loss = self.model.loss(&batch)?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
-            return Err(Error::Params(format!(
-                "training diverged at step {} (loss {value}); lower the learning rate",
-                self.step
-            )));
+            return Err(Error::Diverged {
+                step: self.step,
+                loss: value,
+            });
         }
         let grads = loss.backward()?;
         self.optimizer.step(&grads)?;
@@ -85,6 +85,17 @@ impl Trainer {
     /// Replaces the weights (length and finiteness are checked).
     pub fn set_params(&mut self, values: &[f32]) -> Result<()> {
         self.model.set_params(values)
+    }
+
+    /// Rolls back to earlier weights taken at `step` after `samples_seen` samples (a
+    /// checkpoint): the weights are replaced and the optimizer's state (momentum, moments)
+    /// starts afresh, since it holds the history that led to the state being abandoned.
+    pub fn restore(&mut self, values: &[f32], step: u64, samples_seen: u64) -> Result<()> {
+        self.model.set_params(values)?;
+        self.optimizer = Optimizer::new(&self.spec, self.model.vars().to_vec())?;
+        self.step = step;
+        self.samples_seen = samples_seen;
+        Ok(())
     }
 
     /// The layout of the flat weight vector.

@@ -85,6 +85,10 @@ pub struct TrainArgs {
     /// Fault injection for testnets: send NaN instead of parameters to peers.
     #[arg(long, hide = true)]
     pub poison_averaging: bool,
+    /// Fault injection for testnets: lie in averaging sessions (`nan`, `negate`, `scale=F`,
+    /// `noise=D`, `claim=N`, `stall`).
+    #[arg(long, hide = true, value_name = "ATTACK")]
+    pub attack_averaging: Option<crate::averaging::Attack>,
 }
 
 /// `p2p-node fetch` arguments.

@@ -227,7 +227,9 @@ pub async fn train(
         shard: args.shard.map(|s| (s.index, s.count)),
         device: args.device,
         no_averaging: args.no_averaging,
-        poison: args.poison_averaging,
+        attack: args.attack_averaging.or(args
+            .poison_averaging
+            .then_some(crate::averaging::Attack::Nan)),
         find_timeout: Duration::from_secs(args.find_timeout),
         keep_versions: usize::try_from(args.keep_checkpoints).unwrap_or(usize::MAX),
         new_run: args.new_run,

@@ -178,7 +178,7 @@ async fn a_peer_sending_nan_parameters_is_refused_and_the_others_converge() {
     let liar = nodes[4].peer_id();
     let (finals, handles) = run_to_completion(&nodes, &spec, |i| {
         let mut o = options(((i % 4) as u32, 4), true);
-        o.poison = i == 4;
+        o.attack = (i == 4).then_some(p2p_node::averaging::Attack::Nan);
         o
     })
     .await;

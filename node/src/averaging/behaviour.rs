@@ -30,6 +30,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::attack::Attack;
 use crate::wire_behaviour::WrapsRequestResponse;
 
 /// Peers tried by one averaging round before it gives up.
@@ -38,8 +39,27 @@ const MAX_ATTEMPTS: usize = 3;
 /// Pieces of one session in flight at once.
 const PIECES_IN_FLIGHT: u32 = 4;
 
-/// A session with no message for this long is dropped.
+/// Sessions at once, opened here and by peers together; at most one per peer. Several, so
+/// that a peer holding one (stalling) cannot stop this node from averaging with others.
+pub const MAX_SESSIONS: usize = 4;
+
+/// The longest a session (or an `Open`) may wait for the peer's next message.
 const SESSION_IDLE: Duration = Duration::from_secs(30);
+
+/// The shortest such wait, however fast pieces have been.
+const MIN_IDLE: Duration = Duration::from_secs(3);
+
+/// The wait before any piece time was measured.
+const DEFAULT_IDLE: Duration = Duration::from_secs(10);
+
+/// The wait is this many times the typical time between two pieces of a session.
+const IDLE_FACTOR: f64 = 10.0;
+
+/// Weight of the newest piece time in its moving average.
+const PIECE_TIME_ALPHA: f64 = 0.2;
+
+/// Requests of a stalling attacker left unanswered at most (fault injection only).
+const MAX_HELD_CHANNELS: usize = 64;
 
 /// A peer that said it is not in the run is not asked again for this long.
 const NON_MEMBER_FOR: Duration = Duration::from_secs(60);
@@ -61,6 +81,9 @@ const MAX_RUNS_KNOWN: usize = 256;
 
 /// The trainer's parameters at one moment, as served to peers.
 pub struct Snapshot {
+    /// Which snapshot this is (increasing within one trainer): mixes against the same one
+    /// share one weight budget.
+    pub id: u64,
     /// The flat parameter vector.
     pub params: Vec<f32>,
     /// Samples they have seen (the averaging weight).
@@ -139,8 +162,8 @@ pub struct RunMembership {
     pub params: u64,
     /// Element type on the wire.
     pub dtype: ParamDtype,
-    /// Fault injection for tests: send NaN instead of parameters.
-    pub poison: bool,
+    /// Fault injection for tests and testnets: lie in sessions this way.
+    pub attack: Option<Attack>,
 }
 
 /// What the averager reports in `/status`.
@@ -152,6 +175,9 @@ pub struct AveragerStatus {
     pub refused_peers: Vec<PeerId>,
     /// Sessions running (opened here and by peers).
     pub sessions: usize,
+    /// How long a session may wait for the peer's next piece now, in seconds (derived from
+    /// measured piece times).
+    pub idle_limit_secs: f64,
 }
 
 struct Joined {
@@ -198,6 +224,8 @@ struct Session {
     last_activity: Instant,
     /// Bytes of parameters sent and received.
     bytes: (u64, u64),
+    /// The L2 norm of our snapshot, once an attack needed it.
+    own_norm: Option<f64>,
 }
 
 impl Session {
@@ -220,19 +248,42 @@ impl Session {
             started: now,
             last_activity: now,
             bytes: (0, 0),
+            own_norm: None,
         }
     }
 
-    /// Stores the peer's piece `index` after checking it.
-    fn receive(&mut self, index: u32, data: &[u8], dtype: ParamDtype) -> Result<(), PieceError> {
-        self.last_activity = Instant::now();
+    /// Stores the peer's piece `index` after checking it; `Ok` gives the time since the
+    /// session's previous message.
+    fn receive(
+        &mut self,
+        index: u32,
+        data: &[u8],
+        dtype: ParamDtype,
+    ) -> Result<Duration, PieceError> {
+        let now = Instant::now();
+        let gap = now.duration_since(self.last_activity);
+        self.last_activity = now;
         self.bytes.1 += data.len() as u64;
-        store_piece(&mut self.incoming, index, data, dtype)
+        store_piece(&mut self.incoming, index, data, dtype).map(|()| gap)
     }
 
-    /// Our piece `index`, encoded for the wire.
-    fn piece(&mut self, index: u32, dtype: ParamDtype, poison: bool) -> Vec<u8> {
-        let data = encode_piece(&self.snapshot.params, index, dtype, poison);
+    /// Our piece `index`, encoded for the wire (or what `attack` sends instead).
+    fn piece(&mut self, index: u32, dtype: ParamDtype, attack: Option<Attack>) -> Vec<u8> {
+        let data = match attack {
+            None | Some(Attack::Stall) => encode_piece(&self.snapshot.params, index, dtype),
+            Some(attack) => {
+                let params = &self.snapshot.params;
+                let norm = *self.own_norm.get_or_insert_with(|| pm::l2_norm(params));
+                let range = piece_range(params.len(), index, dtype);
+                let partner = self
+                    .incoming
+                    .got
+                    .get(index as usize)
+                    .is_some_and(|got| *got)
+                    .then(|| &self.incoming.values[range.clone()]);
+                attack.piece(&params[range], partner, norm, params.len(), dtype)
+            }
+        };
         self.bytes.0 += data.len() as u64;
         data
     }
@@ -303,6 +354,8 @@ type RoundReply = oneshot::Sender<Result<PeerParams, RoundError>>;
 struct Opening {
     /// The peer asked.
     peer: PeerId,
+    /// When it was asked.
+    since: Instant,
     /// The snapshot announced in the `Open` (its samples and step), to be sent once accepted.
     snapshot: Arc<Snapshot>,
     /// Peers already tried in this round.
@@ -330,6 +383,10 @@ pub struct Behaviour {
     next_query: u64,
     /// Where sessions peers opened deliver their parameters.
     served: Option<mpsc::Sender<PeerParams>>,
+    /// Moving average of the time between two pieces of a session, in seconds.
+    piece_secs: Option<f64>,
+    /// Requests a stalling attacker holds unanswered (fault injection only).
+    held: VecDeque<ResponseChannel<TrainResponse>>,
 }
 
 impl Behaviour {
@@ -367,6 +424,8 @@ impl Behaviour {
             runs_queries: HashMap::new(),
             next_query: 0,
             served: None,
+            piece_secs: None,
+            held: VecDeque::new(),
         }
     }
 
@@ -413,25 +472,78 @@ impl Behaviour {
         }
     }
 
-    /// Whether a session is running or being opened, either way. A node averages with one
-    /// peer at a time: two exchanges at once would each mix against the same snapshot, so the
-    /// node's own parameters would count less than a half and the network's average would
-    /// drift. A peer that finds it busy tries another.
-    fn in_session(&self) -> bool {
-        self.outbound.is_some() || self.opening.is_some() || !self.inbound.is_empty()
+    /// Sessions running or being opened, either way.
+    fn sessions(&self) -> usize {
+        self.inbound.len()
+            + usize::from(self.outbound.is_some())
+            + usize::from(self.opening.is_some())
+    }
+
+    /// Whether a session with `peer` is running or being opened, either way.
+    fn in_session_with(&self, peer: &PeerId) -> bool {
+        self.inbound.values().any(|s| s.peer == *peer)
+            || self
+                .outbound
+                .as_ref()
+                .is_some_and(|o| o.session.peer == *peer)
+            || self.opening.as_ref().is_some_and(|o| o.peer == *peer)
+    }
+
+    /// Whether a new session with `peer` must wait: [`MAX_SESSIONS`] run already, or one with
+    /// this peer does. Sessions at once all exchange the same snapshot; the trainer bounds the
+    /// weight they add up to. A peer that finds this node busy tries another.
+    fn busy_for(&self, peer: &PeerId) -> bool {
+        self.sessions() >= MAX_SESSIONS || self.in_session_with(peer)
+    }
+
+    /// How long a session may wait for the peer's next message: [`IDLE_FACTOR`] times the
+    /// typical time between pieces, within [`MIN_IDLE`]..[`SESSION_IDLE`].
+    fn idle_limit(&self) -> Duration {
+        match self.piece_secs {
+            None => DEFAULT_IDLE,
+            Some(secs) => Duration::from_secs_f64(secs * IDLE_FACTOR).clamp(MIN_IDLE, SESSION_IDLE),
+        }
+    }
+
+    fn note_piece_time(&mut self, gap: Duration) {
+        let secs = gap.as_secs_f64();
+        self.piece_secs = Some(match self.piece_secs {
+            Some(avg) => (1.0 - PIECE_TIME_ALPHA) * avg + PIECE_TIME_ALPHA * secs,
+            None => secs,
+        });
+    }
+
+    fn attack(&self) -> Option<Attack> {
+        self.joined.as_ref().and_then(|j| j.membership.attack)
+    }
+
+    /// `peer` let a session (or an `Open`) wait past the idle limit: it is reported, and not
+    /// asked again for a while.
+    fn stalled(&mut self, peer: PeerId) {
+        self.events.push_back(Event::Misbehaved {
+            peer,
+            why: "stalled an averaging session".into(),
+        });
+        if let Some(j) = self.joined.as_mut() {
+            j.members.remove(&peer);
+            j.non_members.insert(peer, Instant::now());
+        }
     }
 
     /// Status for `/status`.
     pub fn status(&self) -> AveragerStatus {
-        let sessions = self.inbound.len() + usize::from(self.outbound.is_some());
+        let sessions = self.sessions();
+        let idle_limit_secs = self.idle_limit().as_secs_f64();
         match &self.joined {
             Some(j) => AveragerStatus {
                 run_peers: j.members.len(),
                 refused_peers: j.refused.iter().copied().collect(),
                 sessions,
+                idle_limit_secs,
             },
             None => AveragerStatus {
                 sessions,
+                idle_limit_secs,
                 ..AveragerStatus::default()
             },
         }
@@ -520,8 +632,12 @@ impl Behaviour {
     /// Opens an averaging round with a random peer of the run (trying others if it is busy or
     /// gone); `reply` gets the peer's parameters or why none could be had.
     pub fn average(&mut self, reply: oneshot::Sender<Result<PeerParams, RoundError>>) {
-        if self.in_session() {
-            let _ = reply.send(Err("already averaging with a peer".into()));
+        if self.outbound.is_some() || self.opening.is_some() {
+            let _ = reply.send(Err("a round opened here is running".into()));
+            return;
+        }
+        if self.sessions() >= MAX_SESSIONS {
+            let _ = reply.send(Err("as many sessions as allowed are running".into()));
             return;
         }
         self.try_next_peer(Vec::new(), reply);
@@ -532,6 +648,7 @@ impl Behaviour {
         tried: Vec<PeerId>,
         reply: oneshot::Sender<Result<PeerParams, RoundError>>,
     ) {
+        let busy: HashSet<PeerId> = self.inbound.values().map(|s| s.peer).collect();
         let Some(j) = self.joined.as_mut() else {
             let _ = reply.send(Err("not training any run".into()));
             return;
@@ -555,7 +672,7 @@ impl Behaviour {
             .connected
             .iter()
             .copied()
-            .filter(|p| !tried.contains(p) && !j.refused.contains(p))
+            .filter(|p| !tried.contains(p) && !j.refused.contains(p) && !busy.contains(p))
             .collect();
         let mut candidates: Vec<PeerId> = connected
             .iter()
@@ -585,13 +702,16 @@ impl Behaviour {
             layout: m.layout,
             dtype: m.dtype,
             params: m.params,
-            samples: snapshot.samples,
+            samples: m
+                .attack
+                .map_or(snapshot.samples, |a| a.claimed_samples(snapshot.samples)),
             step: snapshot.step,
         };
         let rid = self.inner.send_request(&peer, request);
         self.requests.insert(rid, Purpose::Open);
         self.opening = Some(Opening {
             peer,
+            since: Instant::now(),
             snapshot,
             tried,
             reply,
@@ -639,6 +759,11 @@ impl Behaviour {
             ..
         } = opening;
         j.members.insert(peer);
+        if j.membership.attack == Some(Attack::Stall) {
+            // The peer waits for pieces that never come.
+            let _ = reply.send(Err("stalling (fault injection)".into()));
+            return;
+        }
         self.outbound = Some(Opened {
             session: Session::new(peer, session, snapshot, pieces, samples, step),
             next: 0,
@@ -653,7 +778,7 @@ impl Behaviour {
         let Some(j) = self.joined.as_ref() else {
             return;
         };
-        let (dtype, poison) = (j.membership.dtype, j.membership.poison);
+        let (dtype, attack) = (j.membership.dtype, j.membership.attack);
         let Some(o) = self.outbound.as_mut() else {
             return;
         };
@@ -665,7 +790,7 @@ impl Behaviour {
             let request = TrainRequest::Piece {
                 session: o.session.id,
                 index: o.next,
-                data: o.session.piece(o.next, dtype, poison),
+                data: o.session.piece(o.next, dtype, attack),
             };
             let rid = self.inner.send_request(&o.session.peer, request);
             self.requests.insert(rid, Purpose::Piece);
@@ -680,16 +805,21 @@ impl Behaviour {
         let Some(o) = self.outbound.as_mut().filter(|o| o.session.peer == peer) else {
             return;
         };
-        if let Err(why) = o.session.receive(index, data, dtype) {
-            self.events.push_back(Event::Misbehaved {
-                peer,
-                why: format!("sent bad parameters: {why}"),
-            });
-            self.refuse(peer);
-            self.retry(peer, "bad parameters");
-            return;
+        let received = o.session.receive(index, data, dtype);
+        let complete = o.session.incoming.complete();
+        match received {
+            Ok(gap) => self.note_piece_time(gap),
+            Err(why) => {
+                self.events.push_back(Event::Misbehaved {
+                    peer,
+                    why: format!("sent bad parameters: {why}"),
+                });
+                self.refuse(peer);
+                self.retry(peer, "bad parameters");
+                return;
+            }
         }
-        if !o.session.incoming.complete() {
+        if !complete {
             self.send_pieces();
             return;
         }
@@ -708,6 +838,13 @@ impl Behaviour {
         request: TrainRequest,
         channel: ResponseChannel<TrainResponse>,
     ) {
+        if self.attack() == Some(Attack::Stall) && matches!(request, TrainRequest::Piece { .. }) {
+            if self.held.len() == MAX_HELD_CHANNELS {
+                self.held.pop_front();
+            }
+            self.held.push_back(channel);
+            return;
+        }
         let response = match request {
             TrainRequest::Runs => TrainResponse::Runs {
                 runs: self.known_runs(),
@@ -767,7 +904,7 @@ impl Behaviour {
         match snapshot {
             // Not trained far enough to have parameters yet: like busy, try later.
             None => Err(TrainResponse::Busy),
-            Some(_) if self.in_session() => Err(TrainResponse::Busy),
+            Some(_) if self.busy_for(&peer) => Err(TrainResponse::Busy),
             Some(snapshot) => Ok((snapshot, pieces)),
         }
     }
@@ -787,9 +924,12 @@ impl Behaviour {
             session,
             Session::new(peer, session, Arc::clone(snapshot), pieces, samples, step),
         );
+        let samples = self
+            .attack()
+            .map_or(snapshot.samples, |a| a.claimed_samples(snapshot.samples));
         TrainResponse::Accepted {
             session,
-            samples: snapshot.samples,
+            samples,
             step: snapshot.step,
             pieces,
         }
@@ -801,13 +941,22 @@ impl Behaviour {
                 reason: "not training any run".into(),
             };
         };
-        let (dtype, poison) = (j.membership.dtype, j.membership.poison);
+        let (dtype, attack) = (j.membership.dtype, j.membership.attack);
         let Some(s) = self.inbound.get_mut(&session).filter(|s| s.peer == peer) else {
             return TrainResponse::Refused {
                 reason: "unknown session".into(),
             };
         };
-        if let Err(why) = s.receive(index, data, dtype) {
+        let received = s.receive(index, data, dtype);
+        if let Ok(gap) = received {
+            self.note_piece_time(gap);
+        }
+        let Some(s) = self.inbound.get_mut(&session) else {
+            return TrainResponse::Refused {
+                reason: "unknown session".into(),
+            };
+        };
+        if let Err(why) = received {
             self.inbound.remove(&session);
             self.events.push_back(Event::Misbehaved {
                 peer,
@@ -818,7 +967,7 @@ impl Behaviour {
                 reason: format!("bad parameters: {why}"),
             };
         }
-        let reply = s.piece(index, dtype, poison);
+        let reply = s.piece(index, dtype, attack);
         if s.incoming.complete() {
             if let Some(s) = self.inbound.remove(&session) {
                 let done = s.finish(false);
@@ -898,14 +1047,32 @@ impl Behaviour {
     /// Periodic work: idle sessions, expired queries.
     fn tick(&mut self) {
         let now = Instant::now();
-        self.inbound
-            .retain(|_, s| now.duration_since(s.last_activity) < SESSION_IDLE);
-        if let Some(peer) = self
+        let limit = self.idle_limit();
+        let idle: Vec<u64> = self
+            .inbound
+            .iter()
+            .filter(|(_, s)| now.duration_since(s.last_activity) >= limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if let Some(s) = self.inbound.remove(&id) {
+                tracing::debug!(peer = %s.peer, ?limit, "an averaging session the peer opened went idle");
+                self.stalled(s.peer);
+            }
+        }
+        let stalled_out = self
             .outbound
             .as_ref()
-            .filter(|o| now.duration_since(o.session.last_activity) >= SESSION_IDLE)
-            .map(|o| o.session.peer)
-        {
+            .filter(|o| now.duration_since(o.session.last_activity) >= limit)
+            .map(|o| o.session.peer);
+        let stalled_open = self
+            .opening
+            .as_ref()
+            .filter(|o| now.duration_since(o.since) >= limit)
+            .map(|o| o.peer);
+        for peer in stalled_out.into_iter().chain(stalled_open) {
+            tracing::debug!(%peer, ?limit, "an averaging session opened here went idle");
+            self.stalled(peer);
             self.retry(peer, "session idle");
         }
         let expired: Vec<u64> = self
@@ -995,14 +1162,12 @@ fn piece_range(len: usize, index: u32, dtype: ParamDtype) -> std::ops::Range<usi
     start..(start + per).min(len)
 }
 
-/// Piece `index` of `params`, encoded (all NaN when `poison`).
-fn encode_piece(params: &[f32], index: u32, dtype: ParamDtype, poison: bool) -> Vec<u8> {
-    let values = &params[piece_range(params.len(), index, dtype)];
-    if poison {
-        pm::encode(&vec![f32::NAN; values.len()], wire_dtype(dtype))
-    } else {
-        pm::encode(values, wire_dtype(dtype))
-    }
+/// Piece `index` of `params`, encoded.
+fn encode_piece(params: &[f32], index: u32, dtype: ParamDtype) -> Vec<u8> {
+    pm::encode(
+        &params[piece_range(params.len(), index, dtype)],
+        wire_dtype(dtype),
+    )
 }
 
 /// Why a piece of parameters is refused (the session ends and the peer is reported).
@@ -1085,24 +1250,19 @@ mod tests {
         assert_eq!(pieces, 2);
         let mut incoming = Incoming::new(params.len(), pieces);
         for i in 0..pieces {
-            store_piece(
-                &mut incoming,
-                i,
-                &encode_piece(&params, i, dtype, false),
-                dtype,
-            )
-            .unwrap();
+            store_piece(&mut incoming, i, &encode_piece(&params, i, dtype), dtype).unwrap();
         }
         assert!(incoming.complete());
         assert_eq!(incoming.values, params);
 
         let mut fresh = Incoming::new(params.len(), pieces);
-        let nan = encode_piece(&params, 0, dtype, true);
+        let first = &params[piece_range(params.len(), 0, dtype)];
+        let nan = Attack::Nan.piece(first, None, 1.0, params.len(), dtype);
         assert!(matches!(
             store_piece(&mut fresh, 0, &nan, dtype),
             Err(PieceError::NotFinite(_))
         ));
-        let short = encode_piece(&params[..10], 0, dtype, false);
+        let short = encode_piece(&params[..10], 0, dtype);
         assert!(matches!(
             store_piece(&mut fresh, 0, &short, dtype),
             Err(PieceError::WrongLength { got: 10, .. })
@@ -1111,7 +1271,7 @@ mod tests {
             store_piece(&mut fresh, 7, &short, dtype),
             Err(PieceError::NoSuchPiece(7))
         );
-        let good = encode_piece(&params, 1, dtype, false);
+        let good = encode_piece(&params, 1, dtype);
         store_piece(&mut fresh, 1, &good, dtype).unwrap();
         assert_eq!(
             store_piece(&mut fresh, 1, &good, dtype),
@@ -1122,8 +1282,8 @@ mod tests {
     #[test]
     fn half_precision_pieces_halve_the_bytes() {
         let params = vec![0.5f32; 1000];
-        let f32_bytes = encode_piece(&params, 0, ParamDtype::F32, false).len();
-        let f16_bytes = encode_piece(&params, 0, ParamDtype::F16, false).len();
+        let f32_bytes = encode_piece(&params, 0, ParamDtype::F32).len();
+        let f16_bytes = encode_piece(&params, 0, ParamDtype::F16).len();
         assert_eq!(f32_bytes, 2 * f16_bytes);
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! **Participants**: nodes training the same run (same run id, tensor layout hash, parameter
 //! count and wire dtype). **Flow**: the opener sends `Open` with its run, layout, samples seen
-//! and step; the other side answers `Busy` (one session at a time, or no parameters yet),
+//! and step; the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per peer, or no
+//! parameters yet),
 //! `Refused` (another run or layout, or a peer refused before) or `Accepted` with the piece
 //! count and the samples and step of its trainer's latest snapshot. That snapshot is read
 //! from a `watch` the trainer keeps fresh ([`Snapshots`]): the behaviour answers alone, at
@@ -14,16 +15,24 @@
 //! asks a peer for the runs it knows and which one it trains.
 //!
 //! **Limits**: messages of at most [`p2p_protocol::training::MAX_TRAINING_MESSAGE_BYTES`];
-//! 30 s per request; a session idle for 30 s is dropped; one session at a time; at most 256
-//! runs remembered. Every piece is checked for length and finiteness before it is stored; a
-//! bad one ends the session and reports [`Event::Misbehaved`].
+//! 30 s per request; [`MAX_SESSIONS`] sessions at once, one per peer, so a peer that holds
+//! one cannot stop a node from averaging with the others; a session (or an `Open`) that waits
+//! for the peer longer than ten times the typical time between pieces (3 to 30 s; 10 s before
+//! any was measured) is dropped and the peer reported as stalling ([`Event::Misbehaved`]); at
+//! most 256 runs remembered. Every piece is checked for length and finiteness before it is
+//! stored; a bad one ends the session and reports [`Event::Misbehaved`]. What a piece that
+//! passes may do to the model is the trainer's side: see `training::guard`.
+//!
+//! **Fault injection**: [`Attack`] makes a node lie in sessions (tests and testnets).
 
+mod attack;
 mod behaviour;
 mod command;
 
+pub use attack::Attack;
 pub use behaviour::{
     param_dtype, wire_dtype, AveragerStatus, Behaviour, Event, PeerParams, RoundError,
-    RunMembership, Snapshot, Snapshots,
+    RunMembership, Snapshot, Snapshots, MAX_SESSIONS,
 };
 pub use command::Command;
 

@@ -15,11 +15,11 @@ use p2p_protocol::manifest::Hash32;
 use p2p_protocol::training::{ParamDtype, RunAnnouncement};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Behaviour, Event, PeerParams, RoundError, RunMembership, Snapshot};
+use super::{Attack, Behaviour, Event, PeerParams, RoundError, RunMembership, Snapshot};
 
 const PARAMS: usize = 1000;
 
-fn membership(poison: bool) -> RunMembership {
+fn membership(attack: Option<Attack>) -> RunMembership {
     RunMembership {
         announcement: RunAnnouncement {
             run: Hash32::of(b"run"),
@@ -31,12 +31,13 @@ fn membership(poison: bool) -> RunMembership {
         layout: Hash32::of(b"layout"),
         params: PARAMS as u64,
         dtype: ParamDtype::F32,
-        poison,
+        attack,
     }
 }
 
 fn snapshot(value: f32, samples: u64) -> Arc<Snapshot> {
     Arc::new(Snapshot {
+        id: 1,
         params: vec![value; PARAMS],
         samples,
         step: samples / 32,
@@ -54,10 +55,15 @@ struct Node {
 /// A swarm whose averaging behaviour has joined the run, serving parameters all `value`
 /// (none yet with `None`).
 fn node(value: Option<f32>, poison: bool) -> Node {
+    node_attacking(value, poison.then_some(Attack::Nan))
+}
+
+/// [`node`], lying in sessions as `attack` says.
+fn node_attacking(value: Option<f32>, attack: Option<Attack>) -> Node {
     let mut swarm = Swarm::new_ephemeral_tokio(|key| Behaviour::new(key.public().to_peer_id()));
     let (tx, served) = mpsc::channel(8);
     let (snapshots, rx) = watch::channel(value.map(|v| snapshot(v, (v * 100.0) as u64)));
-    swarm.behaviour_mut().join(membership(poison), rx, tx);
+    swarm.behaviour_mut().join(membership(attack), rx, tx);
     Node {
         swarm,
         snapshots,
@@ -189,4 +195,90 @@ async fn a_round_with_no_connected_peer_ends_at_once() {
     let (tx, rx) = oneshot::channel();
     a.swarm.behaviour_mut().average(tx);
     assert_eq!(rx.await.unwrap().unwrap_err(), RoundError::NoPeers);
+}
+
+/// A peer that accepts a session and never answers its pieces is reported once the idle limit
+/// (10 s before any piece time was measured) passed, and the round ends instead of hanging for
+/// the 30 s request timeout.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stalls_a_session_is_reported_after_the_idle_limit() {
+    let started = tokio::time::Instant::now();
+    let (round, b_id) = round(node_attacking(Some(3.0), Some(Attack::Stall))).await;
+    assert!(round.result.is_err());
+    assert!(
+        round.a_events.iter().any(
+            |e| matches!(e, Event::Misbehaved { peer, why } if *peer == b_id && why.contains("stalled"))
+        ),
+        "{:?}",
+        round.a_events
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(12),
+        "{waited:?}"
+    );
+}
+
+/// A peer that opens a session and never sends a piece holds one of a node's session slots,
+/// not all of them: another peer averages with the node meanwhile, and the staller is
+/// reported once the idle limit passed.
+#[tokio::test(start_paused = true)]
+async fn while_one_peer_stalls_a_session_another_averages() {
+    let b_node = node(Some(3.0), false);
+    let (mut b, mut b_served) = (b_node.swarm, b_node.served);
+    let mut staller = node_attacking(Some(1.0), Some(Attack::Stall)).swarm;
+    let mut c = node(Some(1.0), false).swarm;
+    b.listen().with_memory_addr_external().await;
+    staller.connect(&mut b).await;
+    c.connect(&mut b).await;
+    let staller_id = *staller.local_peer_id();
+
+    // The staller opens a session with `b` and stops there.
+    let (tx, mut stalled_round) = oneshot::channel();
+    staller.behaviour_mut().average(tx);
+    let (honest_tx, honest_round) = oneshot::channel();
+    let mut honest_tx = Some(honest_tx);
+    let mut asked = false;
+    let mut b_events = Vec::new();
+    let got = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            tokio::select! {
+                r = &mut stalled_round, if !asked => {
+                    assert!(r.unwrap().is_err());
+                    assert_eq!(b.behaviour().status().sessions, 1, "b holds the stalled session");
+                    // Now an honest peer opens a round with `b`.
+                    c.behaviour_mut().average(honest_tx.take().unwrap());
+                    asked = true;
+                }
+                _ = b.next_swarm_event() => {}
+                _ = staller.next_swarm_event() => {}
+                _ = c.next_swarm_event() => {}
+                Some(p) = b_served.recv() => return p,
+            }
+        }
+    })
+    .await
+    .expect("the honest peer averaged with b while the staller held a session");
+    drop(honest_round);
+    assert_eq!(got.params, vec![1.0; PARAMS]);
+
+    // The staller is reported once its session idled past the limit.
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            tokio::select! {
+                event = b.next_swarm_event() => {
+                    if let SwarmEvent::Behaviour(e) = event {
+                        b_events.push(e);
+                        if b_events.iter().any(|e| matches!(e, Event::Misbehaved { peer, .. } if *peer == staller_id)) {
+                            return;
+                        }
+                    }
+                }
+                _ = staller.next_swarm_event() => {}
+                _ = c.next_swarm_event() => {}
+            }
+        }
+    })
+    .await
+    .expect("the staller was reported");
 }

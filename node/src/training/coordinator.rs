@@ -1,9 +1,13 @@
 //! The training coordinator: one async task per training node, between the trainer thread and
 //! the network. It hands the network side the trainer's snapshot `watch` (peers' sessions are
-//! answered from it without this task), opens an averaging round when the trainer asks (skipping it while one runs), checks every peer's parameters before they are mixed in
-//! (finite, the run's length, within the run's distance bound; on a blocking thread), refuses
-//! and penalizes peers that fail, publishes checkpoints as versions with their training
-//! metadata, and keeps the status that `/status` shows.
+//! answered from it without this task), opens an averaging round when the trainer asks
+//! (skipping it while one runs), checks every peer's parameters before they are mixed in
+//! (finite, the run's length, not opposed to ours, of a comparable norm, within the adaptive
+//! distance bound; on a blocking thread) and asks the [`super::guard`] for the weight to mix
+//! them at (bounded, clipped, drift-limited), refuses and penalizes peers that fail (excluding
+//! them from the run at the third far refusal, or when the trainer rolled back after mixing
+//! them in), publishes checkpoints as versions with their training metadata, and keeps the
+//! status that `/status` shows.
 //!
 //! Nothing here waits on the trainer: commands to it go through a bounded channel with
 //! `try_send`, so a busy trainer makes the coordinator drop a mix, never stall the network.
@@ -28,6 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::guard::{Decision, MixGuard, Severity};
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
 use super::{TrainingState, TrainingStatus};
@@ -118,7 +123,7 @@ pub async fn start(
         ),
         params: layout.len() as u64,
         dtype: param_dtype(prepared.spec.wire_dtype),
-        poison: options.poison,
+        attack: options.attack,
     };
     let averaging = !options.no_averaging && prepared.spec.average_every > 0;
     let (peer_tx, peer_rx) = mpsc::channel(8);
@@ -168,6 +173,8 @@ pub async fn start(
     let stop = CancellationToken::new();
     let coordinator = Coordinator {
         client,
+        guard: MixGuard::new(prepared.spec.max_param_distance),
+        last_base: None,
         spec: prepared.spec,
         model: prepared.announcement.model,
         run: prepared.announcement.run,
@@ -303,6 +310,10 @@ struct Coordinator {
     pace_limit: Arc<AtomicU64>,
     /// Samples seen by each peer at its last round with this node, and when.
     peer_progress: HashMap<PeerId, (u64, Instant)>,
+    /// The adaptive bounds on what a peer's parameters may do to ours.
+    guard: MixGuard,
+    /// Our snapshot of the last round, to measure how far we move between rounds.
+    last_base: Option<Arc<crate::averaging::Snapshot>>,
 }
 
 /// How a round's parameters came in.
@@ -409,6 +420,30 @@ impl Coordinator {
                 self.status
                     .send_modify(|s| s.state = TrainingState::Finished);
             }
+            FromTrainer::RolledBack {
+                from_step,
+                to_step,
+                blamed,
+            } => {
+                self.status.send_modify(|s| {
+                    s.rollbacks += 1;
+                    s.step = to_step;
+                });
+                match blamed {
+                    Some(peer) => {
+                        let why = format!("its parameters, mixed in last, made training diverge at step {from_step}");
+                        tracing::warn!(%peer, from_step, to_step, "training diverged; rolled back and refusing the peer mixed in last");
+                        if let Err(e) = self.client.refuse_peer(peer, why, true).await {
+                            tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
+                        }
+                    }
+                    None => tracing::warn!(
+                        from_step,
+                        to_step,
+                        "training diverged with no peer mixed in; rolled back"
+                    ),
+                }
+            }
             FromTrainer::Failed(e) => {
                 tracing::error!(run = %self.run.short(), error = %e, "training failed; the node keeps serving");
                 self.status.send_modify(|s| {
@@ -465,60 +500,109 @@ impl Coordinator {
                 return;
             }
         };
-        let bound = self.spec.max_param_distance;
+        let bound = self.guard.bound();
+        let previous = self.last_base.replace(Arc::clone(&p.base));
+        let period = self.spec.average_every.max(1) as f64;
         let checked = tokio::task::spawn_blocking(move || {
             let verdict = params::check_peer(&p.base.params, &p.params, bound);
-            (p, verdict)
+            // How far our parameters moved per averaging period since the last round: the
+            // guard's floor for honest distances.
+            let moved = previous.filter(|prev| prev.step < p.base.step).map(|prev| {
+                let steps = (p.base.step - prev.step) as f64;
+                params::relative_distance(&prev.params, &p.base.params) * period / steps
+            });
+            (p, verdict, moved)
         })
         .await;
-        let Ok((p, verdict)) = checked else {
+        let Ok((p, verdict, moved)) = checked else {
             return;
         };
+        if let Some(moved) = moved {
+            self.guard.note_own_movement(moved);
+        }
         self.status.send_modify(|s| {
             s.averaging_bytes_sent += p.bytes.0;
             s.averaging_bytes_received += p.bytes.1;
         });
-        match verdict {
-            Ok(distance) => {
-                self.note_progress(p.peer, p.samples);
-                let weight = params::peer_weight(p.base.samples, p.samples);
-                tracing::debug!(peer = %p.peer, distance, weight, opened_here, step = p.base.step, peer_step = p.step, seconds = p.seconds, "averaging with peer");
-                self.status.send_modify(|s| {
-                    s.last_peer = Some(p.peer.to_string());
-                    s.last_distance = Some(distance);
-                    s.consensus_distance = Some(match s.consensus_distance {
-                        Some(c) => (1.0 - CONSENSUS_ALPHA) * c + CONSENSUS_ALPHA * distance,
-                        None => distance,
-                    });
-                });
-                let mix = ToTrainer::Mix {
-                    peer: p.peer,
-                    params: p.params,
-                    base: p.base,
-                    weight,
-                    opened_here,
-                };
-                match self.to_trainer.try_send(mix) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => {
-                        tracing::debug!("trainer busy; dropping a peer's parameters")
-                    }
-                    Err(TrySendError::Disconnected(_)) => {}
-                }
-            }
+        let distance = match verdict {
+            Ok(distance) => distance,
             Err(refusal) => {
-                let why = format!("sent parameters that were refused: {refusal}");
-                tracing::warn!(peer = %p.peer, "{why}");
-                // Broken parameters exclude the peer from the run; parameters that are merely
-                // far off (a diverged or stale peer) cost it this round and a penalty.
-                let exclude = !matches!(refusal, params::Refusal::TooFar { .. });
-                if let Err(e) = self.client.refuse_peer(p.peer, why, exclude).await {
-                    tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
+                let far = match refusal {
+                    params::Refusal::TooFar { distance, .. } => Some(distance),
+                    _ => None,
+                };
+                self.refuse(p.peer, refusal, opened_here).await;
+                if let Some(distance) = far {
+                    self.guard.observe(p.peer, p.base.step, distance);
                 }
-                if opened_here {
-                    let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
-                }
+                return;
             }
+        };
+        self.note_progress(p.peer, p.samples);
+        let decision = self
+            .guard
+            .judge(p.peer, distance, p.base.samples, p.samples);
+        self.guard.observe(p.peer, p.base.step, distance);
+        tracing::debug!(peer = %p.peer, distance, bound, ?decision, opened_here, step = p.base.step, peer_step = p.step, peer_samples = p.samples, seconds = p.seconds, "averaging with peer");
+        self.status.send_modify(|s| {
+            s.last_peer = Some(p.peer.to_string());
+            s.last_distance = Some(distance);
+            s.consensus_distance = Some(match s.consensus_distance {
+                Some(c) => (1.0 - CONSENSUS_ALPHA) * c + CONSENSUS_ALPHA * distance,
+                None => distance,
+            });
+            s.distance_bound = Some(self.guard.bound());
+        });
+        let Decision::Mix { weight, .. } = decision else {
+            self.status.send_modify(|s| s.mixes_refused += 1);
+            if opened_here {
+                let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
+            }
+            return;
+        };
+        let mix = ToTrainer::Mix {
+            peer: p.peer,
+            params: p.params,
+            base: p.base,
+            weight,
+            opened_here,
+        };
+        match self.to_trainer.try_send(mix) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                tracing::debug!("trainer busy; dropping a peer's parameters")
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Refuses a peer's parameters: broken ones (NaN, a wrong length) exclude the peer from the
+    /// run; ones that are far beyond what honest peers send cost it a penalty (and, the third
+    /// time, the run); an outlier that a stale honest peer could send is skipped without one.
+    async fn refuse(&mut self, peer: PeerId, refusal: params::Refusal, opened_here: bool) {
+        self.status.send_modify(|s| s.mixes_refused += 1);
+        if opened_here {
+            let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
+        }
+        let (exclude, penalize) = match refusal {
+            params::Refusal::TooFar { distance, .. } => {
+                let far = self.guard.severity(distance) == Severity::Far;
+                (far && self.guard.strike(peer), far)
+            }
+            // No honest peer of the run sends these: a strike, like a far distance.
+            params::Refusal::Opposed { .. } | params::Refusal::NormRatio { .. } => {
+                (self.guard.strike(peer), true)
+            }
+            params::Refusal::WrongLength { .. } | params::Refusal::NonFinite(_) => (true, true),
+        };
+        let why = format!("sent parameters that were refused: {refusal}");
+        if !penalize {
+            tracing::info!(%peer, "{why} (an outlier; no penalty)");
+            return;
+        }
+        tracing::warn!(%peer, "{why}");
+        if let Err(e) = self.client.refuse_peer(peer, why, exclude).await {
+            tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
         }
     }
 

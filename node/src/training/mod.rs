@@ -13,6 +13,7 @@
 use serde::Serialize;
 
 pub mod coordinator;
+pub mod guard;
 pub mod run;
 pub mod trainer;
 
@@ -70,6 +71,13 @@ pub struct TrainingStatus {
     pub last_peer: Option<String>,
     /// Relative parameter distance (L2, to the local norm) to that peer.
     pub last_distance: Option<f64>,
+    /// The relative distance at which peers' parameters are refused now (adaptive: see
+    /// [`guard`]).
+    pub distance_bound: Option<f64>,
+    /// Peers' parameters refused or skipped (too far, broken, or past a peer's drift budget).
+    pub mixes_refused: u64,
+    /// Times the trainer diverged and rolled back to its last good checkpoint.
+    pub rollbacks: u64,
     /// Consensus metric: moving average of the relative distance to the peers averaged
     /// with; it falls as the nodes agree.
     pub consensus_distance: Option<f64>,

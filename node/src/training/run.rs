@@ -48,8 +48,8 @@ pub struct TrainOptions {
     pub device: DeviceChoice,
     /// Train alone: no averaging rounds (for comparisons).
     pub no_averaging: bool,
-    /// Fault injection for tests and testnets: send NaN instead of parameters.
-    pub poison: bool,
+    /// Fault injection for tests and testnets: lie in averaging sessions this way.
+    pub attack: Option<crate::averaging::Attack>,
     /// How long to look for a run to join.
     pub find_timeout: Duration,
     /// Checkpoint versions of the run's model kept in the store: the newest this many, plus
@@ -71,7 +71,7 @@ impl Default for TrainOptions {
             shard: None,
             device: DeviceChoice::default(),
             no_averaging: false,
-            poison: false,
+            attack: None,
             find_timeout: Duration::from_secs(120),
             keep_versions: DEFAULT_KEEP_VERSIONS,
             new_run: false,

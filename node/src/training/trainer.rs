@@ -11,7 +11,12 @@
 //! that peers open are mixed in whenever they arrive, keeping the local progress made since
 //! the snapshot they were exchanged with
 //! ([`p2p_models::params::mix_into`]). It evaluates every `eval_every` steps and writes a
-//! checkpoint (atomically) every `checkpoint_every` steps. After the last step it runs the
+//! checkpoint (atomically) every `checkpoint_every` steps. Mixes against one snapshot share
+//! one weight budget ([`MAX_WEIGHT_PER_SNAPSHOT`]). A step whose loss is NaN or infinite does
+//! not end training: the trainer rolls back to its last good state (the last checkpoint that a
+//! later step trained from with a finite loss), reports the peer it mixed in last
+//! ([`FromTrainer::RolledBack`]) and goes on; divergence with no peer to blame, three times in
+//! a row, is the run's own and fails training. After the last step it runs the
 //! run's final averaging rounds, writes the final checkpoint, and then only serves: peers'
 //! rounds still mix into its parameters, which are evaluated and checkpointed again.
 
@@ -42,6 +47,19 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// While only serving, evaluations after mixes are at least this far apart.
 const SERVING_EVAL_EVERY: Duration = Duration::from_secs(2);
+
+/// Rollbacks in a row with no peer to blame (nothing mixed since the last good state) after
+/// which divergence is taken to be local (a learning rate too high) and training stops.
+const MAX_UNBLAMED_ROLLBACKS: u32 = 2;
+
+/// The most weight all peers' parameters mixed against one snapshot may add up to: sessions
+/// with several peers at once all exchange the same snapshot, and mixing each at its own
+/// weight would leave none of ours (or overshoot). One peer's weight is bounded the same way
+/// (see [`super::guard`]).
+pub const MAX_WEIGHT_PER_SNAPSHOT: f64 = 2.0 / 3.0;
+
+/// Snapshots whose mixed weight is remembered.
+const SNAPSHOTS_TRACKED: usize = 16;
 
 /// Why the trainer thread stopped training.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +162,16 @@ pub enum FromTrainer {
     },
     /// Local steps and final rounds are done; the thread now only serves.
     Finished,
+    /// Training diverged (a NaN or infinite loss) and the parameters were rolled back to the
+    /// last good state; `blamed` is the peer whose parameters were mixed in last since then.
+    RolledBack {
+        /// The step that diverged.
+        from_step: u64,
+        /// The step rolled back to.
+        to_step: u64,
+        /// The peer mixed in last, now refused.
+        blamed: Option<PeerId>,
+    },
     /// Training failed (the node keeps running).
     Failed(TrainerError),
 }
@@ -194,6 +222,12 @@ pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<
     let mut state = State {
         job,
         events,
+        good: None,
+        unconfirmed: None,
+        last_mixed: None,
+        unblamed_rollbacks: 0,
+        mixed_per_snapshot: std::collections::VecDeque::new(),
+        next_snapshot: 0,
         last_eval: None,
         averaging_time: Duration::ZERO,
         pace_time: Duration::ZERO,
@@ -212,9 +246,28 @@ pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<
     }
 }
 
+/// Parameters known to be good (a loss was finite there), to roll back to.
+struct GoodState {
+    params: Vec<f32>,
+    step: u64,
+    samples_seen: u64,
+}
+
 struct State {
     job: TrainerJob,
     events: mpsc::Sender<FromTrainer>,
+    /// The last good state: taken at the start, and from every checkpoint once a training
+    /// step after it had a finite loss.
+    good: Option<GoodState>,
+    /// The last checkpoint's state, until a step confirms it.
+    unconfirmed: Option<GoodState>,
+    /// The peer mixed in last (and not blamed yet).
+    last_mixed: Option<PeerId>,
+    /// Rollbacks in a row that blamed nobody.
+    unblamed_rollbacks: u32,
+    /// Weight mixed in against each recent snapshot, by snapshot id.
+    mixed_per_snapshot: std::collections::VecDeque<(u64, f64)>,
+    next_snapshot: u64,
     last_eval: Option<Evaluation>,
     averaging_time: Duration,
     pace_time: Duration,
@@ -244,6 +297,7 @@ impl State {
             self.evaluate()?;
         }
         self.snapshot()?;
+        self.remember_good()?;
         let refresh = snapshot_every(spec.average_every);
         let mut last_report = (Instant::now(), self.job.trainer.step);
         while self.job.trainer.step < spec.steps {
@@ -261,7 +315,17 @@ impl State {
             if let Flow::Stop = self.pace(commands)? {
                 return self.checkpoint(false);
             }
-            let loss = self.job.trainer.train_step()?;
+            let loss = match self.job.trainer.train_step() {
+                Err(p2p_models::Error::Diverged { step, loss }) => {
+                    self.roll_back(step, loss)?;
+                    continue;
+                }
+                other => other?,
+            };
+            // A finite loss after the last checkpoint: it is a state to roll back to.
+            if let Some(confirmed) = self.unconfirmed.take() {
+                self.good = Some(confirmed);
+            }
             let step = self.job.trainer.step;
             if last_report.0.elapsed() >= PROGRESS_EVERY || step == spec.steps {
                 let rate = (step - last_report.1) as f64 / last_report.0.elapsed().as_secs_f64();
@@ -413,6 +477,10 @@ impl State {
                 weight,
                 ..
             } => {
+                let Some(weight) = self.weight_left(base.id, weight) else {
+                    tracing::debug!(%peer, "this snapshot already took its share of peers' weight; not mixing");
+                    return Ok(Flow::Continue);
+                };
                 let mut local = self.job.trainer.params()?;
                 params::mix_into(&mut local, &base.params, &params, weight)
                     .and_then(|()| self.job.trainer.set_params(&local))
@@ -420,6 +488,7 @@ impl State {
                         peer,
                         source: Box::new(e),
                     })?;
+                self.last_mixed = Some(peer);
                 // Peers averaging next get what was just mixed in.
                 self.snapshot()?;
                 self.send(FromTrainer::Mixed { peer })?;
@@ -432,7 +501,9 @@ impl State {
 
     /// Replaces the snapshot served to peers with the current parameters.
     fn snapshot(&mut self) -> Result<(), TrainerError> {
+        self.next_snapshot += 1;
         let snapshot = Arc::new(Snapshot {
+            id: self.next_snapshot,
             params: self.job.trainer.params()?,
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
@@ -447,6 +518,69 @@ impl State {
         self.send(FromTrainer::Evaluated {
             step: self.job.trainer.step,
             evaluation,
+        })
+    }
+
+    /// How much of `wanted` may still be mixed against snapshot `id` (see
+    /// [`MAX_WEIGHT_PER_SNAPSHOT`]); `None` when nothing is left. Records it as mixed.
+    fn weight_left(&mut self, id: u64, wanted: f64) -> Option<f64> {
+        let slot = match self.mixed_per_snapshot.iter().position(|(s, _)| *s == id) {
+            Some(i) => i,
+            None => {
+                if self.mixed_per_snapshot.len() == SNAPSHOTS_TRACKED {
+                    self.mixed_per_snapshot.pop_front();
+                }
+                self.mixed_per_snapshot.push_back((id, 0.0));
+                self.mixed_per_snapshot.len() - 1
+            }
+        };
+        let used = &mut self.mixed_per_snapshot[slot].1;
+        let weight = wanted.min(MAX_WEIGHT_PER_SNAPSHOT - *used);
+        if weight < 1e-3 {
+            return None;
+        }
+        *used += weight;
+        Some(weight)
+    }
+
+    /// Takes the current parameters as the state to roll back to.
+    fn remember_good(&mut self) -> Result<(), TrainerError> {
+        self.good = Some(GoodState {
+            params: self.job.trainer.params()?,
+            step: self.job.trainer.step,
+            samples_seen: self.job.trainer.samples_seen,
+        });
+        Ok(())
+    }
+
+    /// Training diverged at `step`: back to the last good state, blaming the peer mixed in
+    /// last since then. Divergence with nobody to blame, [`MAX_UNBLAMED_ROLLBACKS`] times in
+    /// a row, is this node's own (its learning rate): that fails training.
+    fn roll_back(&mut self, step: u64, loss: f32) -> Result<(), TrainerError> {
+        let blamed = self.last_mixed.take();
+        if blamed.is_none() {
+            self.unblamed_rollbacks += 1;
+            if self.unblamed_rollbacks > MAX_UNBLAMED_ROLLBACKS {
+                return Err(p2p_models::Error::Diverged { step, loss }.into());
+            }
+        } else {
+            self.unblamed_rollbacks = 0;
+        }
+        self.unconfirmed = None;
+        let Some(good) = self.good.as_ref() else {
+            return Err(p2p_models::Error::Diverged { step, loss }.into());
+        };
+        self.job
+            .trainer
+            .restore(&good.params, good.step, good.samples_seen)?;
+        let to_step = good.step;
+        tracing::warn!(step, loss, to_step, blamed = ?blamed, "training diverged; rolled back to the last good state");
+        // Peers must not average with what diverged.
+        self.snapshot()?;
+        self.send(FromTrainer::RolledBack {
+            from_step: step,
+            to_step,
+            blamed,
         })
     }
 
@@ -483,6 +617,13 @@ impl State {
         } else {
             None
         };
+        // The state to roll back to, once the next step shows it trains (a checkpoint taken
+        // right after a mix may hold what makes training diverge).
+        self.unconfirmed = Some(GoodState {
+            params: values,
+            step: meta.step,
+            samples_seen: meta.samples_seen,
+        });
         // The coordinator may be gone at shutdown; the checkpoint is on disk either way.
         let _ = self.events.blocking_send(FromTrainer::Checkpoint {
             path: path.clone(),
@@ -496,5 +637,158 @@ impl State {
         self.events
             .blocking_send(event)
             .map_err(|_| TrainerError::CoordinatorGone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+    use std::sync::mpsc::sync_channel;
+
+    use p2p_models::data::Dataset;
+    use p2p_models::spec::RunSpec;
+
+    use super::*;
+
+    /// A running trainer thread, seen from the coordinator's side.
+    struct Running {
+        commands: std::sync::mpsc::SyncSender<ToTrainer>,
+        events: mpsc::Receiver<FromTrainer>,
+        snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    /// A trainer thread on the digits MLP that averages every 5 steps and checkpoints every 10.
+    fn start(dir: &std::path::Path) -> Running {
+        let spec = RunSpec::parse(
+            "model = \"digits-mlp\"\ndataset = \"digits\"\nsteps = 200\naverage_every = 5\n\
+             checkpoint_every = 10\n",
+        )
+        .unwrap();
+        let data = Dataset::load(&spec, None).unwrap();
+        let trainer = Trainer::new(&spec, data, &p2p_models::Device::Cpu, 1).unwrap();
+        let (snapshots, watched) = watch::channel(None);
+        let job = TrainerJob {
+            trainer,
+            run: "test".into(),
+            checkpoint_path: dir.join("checkpoint.safetensors"),
+            averaging: true,
+            pace_limit: Arc::new(AtomicU64::new(u64::MAX)),
+            snapshots,
+        };
+        let (commands, from_coordinator) = sync_channel(8);
+        let (events_tx, events) = mpsc::channel(64);
+        let thread = std::thread::spawn(move || run(job, from_coordinator, events_tx));
+        Running {
+            commands,
+            events,
+            snapshots: watched,
+            thread,
+        }
+    }
+
+    #[test]
+    fn a_mix_that_makes_training_diverge_is_rolled_back_and_its_peer_blamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let Running {
+            commands,
+            mut events,
+            snapshots,
+            thread,
+        } = start(dir.path());
+        let rogue = PeerId::random();
+        let mut poisoned = false;
+        let rolled_back = loop {
+            match events.blocking_recv().expect("the trainer reports") {
+                // Once the step-10 checkpoint is confirmed, answer a round with huge (finite) parameters:
+                // mixed at one half they make the next loss infinite.
+                FromTrainer::RoundWanted if poisoned => {
+                    commands.send(ToTrainer::RoundFailed).unwrap()
+                }
+                FromTrainer::RoundWanted => {
+                    let base = snapshots.borrow().clone().unwrap();
+                    if base.step < 15 {
+                        commands.send(ToTrainer::RoundFailed).unwrap();
+                        continue;
+                    }
+                    poisoned = true;
+                    commands
+                        .send(ToTrainer::Mix {
+                            peer: rogue,
+                            params: vec![1e30; base.params.len()],
+                            base,
+                            weight: 0.5,
+                            opened_here: true,
+                        })
+                        .unwrap();
+                }
+                FromTrainer::RolledBack {
+                    from_step,
+                    to_step,
+                    blamed,
+                } => break (from_step, to_step, blamed),
+                FromTrainer::Failed(e) => panic!("training failed instead of rolling back: {e}"),
+                _ => {}
+            }
+        };
+        let (from_step, to_step, blamed) = rolled_back;
+        assert_eq!(blamed, Some(rogue));
+        assert!(to_step <= from_step && to_step >= 10, "{rolled_back:?}");
+        // Training goes on to the end from there, and the final parameters are finite.
+        loop {
+            match events.blocking_recv().expect("the trainer reports") {
+                FromTrainer::RoundWanted => commands.send(ToTrainer::RoundFailed).unwrap(),
+                FromTrainer::Finished => break,
+                FromTrainer::Failed(e) => panic!("training failed after the rollback: {e}"),
+                _ => {}
+            }
+        }
+        let last = snapshots.borrow().clone().unwrap();
+        assert!(p2p_models::params::all_finite(&last.params));
+        commands.send(ToTrainer::Stop).unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn peers_mixed_against_one_snapshot_share_one_weight_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let Running {
+            commands,
+            mut events,
+            snapshots,
+            thread,
+        } = start(dir.path());
+        let mut mixed = 0;
+        loop {
+            match events.blocking_recv().expect("the trainer reports") {
+                FromTrainer::RoundWanted if mixed == 0 => {
+                    // Three sessions that all exchanged this one snapshot, each at one half.
+                    let base = snapshots.borrow().clone().unwrap();
+                    let peer_params: Vec<f32> = base.params.iter().map(|v| v + 0.01).collect();
+                    for _ in 0..3 {
+                        commands
+                            .send(ToTrainer::Mix {
+                                peer: PeerId::random(),
+                                params: peer_params.clone(),
+                                base: Arc::clone(&base),
+                                weight: 0.5,
+                                opened_here: false,
+                            })
+                            .unwrap();
+                    }
+                    commands.send(ToTrainer::RoundFailed).unwrap();
+                }
+                FromTrainer::RoundWanted => commands.send(ToTrainer::RoundFailed).unwrap(),
+                FromTrainer::Mixed { .. } => mixed += 1,
+                FromTrainer::Finished => break,
+                FromTrainer::Failed(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+        // 1/2 + 1/6 reach the 2/3 budget; the third mix has nothing left.
+        assert_eq!(mixed, 2);
+        commands.send(ToTrainer::Stop).unwrap();
+        thread.join().unwrap();
     }
 }
