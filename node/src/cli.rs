@@ -41,6 +41,17 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Train a model together with the network: create a run, or join (or resume) one.
     Train(TrainArgs),
+    /// Make a new pre-shared key for a private network (see --swarm-key) and exit.
+    SwarmKey(SwarmKeyArgs),
+}
+
+/// `p2p-node swarm-key` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct SwarmKeyArgs {
+    /// Where to write the key (readable by its owner only; an existing file is never
+    /// replaced). Give the same file to every node of the network with --swarm-key.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// `p2p-node train` arguments.
@@ -172,6 +183,20 @@ pub struct CommonArgs {
     #[arg(long, global = true, value_name = "MIB_PER_S", value_parser = parse_rate)]
     pub max_upload_rate: Option<f64>,
 
+    /// Private network: only nodes given the same pre-shared key file can connect (libp2p
+    /// pnet; TCP only, QUIC is off). Make one with `p2p-node swarm-key --out FILE`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
+
+    /// Closed network: only this peer may connect, either way (repeatable; the list is the
+    /// union with --allow-peers-file). Bootstrap peers must be on it.
+    #[arg(long, global = true, value_name = "PEER_ID")]
+    pub allow_peer: Vec<libp2p::PeerId>,
+
+    /// Closed network: a file of peer ids allowed to connect, one per line (# comments).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub allow_peers_file: Option<PathBuf>,
+
     /// Log line format on stderr; the level is set with RUST_LOG (e.g. RUST_LOG=debug).
     #[arg(long, global = true, default_value = "text",
           value_parser = PossibleValuesParser::new(LogFormat::NAMES).map(|s| s.parse::<LogFormat>().unwrap_or_default()))]
@@ -203,6 +228,24 @@ impl CommonArgs {
             config.models.chunk_size = kib.saturating_mul(1024);
         }
         config.follow = self.follow.clone();
+        config.allow_peers = self.allow_peer.clone();
+        if let Some(path) = &self.allow_peers_file {
+            config
+                .allow_peers
+                .extend(crate::network::closed::read_allow_list(path)?);
+        }
+        if let Some(path) = &self.swarm_key {
+            config.swarm_key = Some(crate::network::closed::read_swarm_key(path)?);
+            // QUIC cannot carry the pre-shared key's encryption: listen on TCP only.
+            config.listen.retain(|a| {
+                !a.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+            });
+            anyhow::ensure!(
+                !config.listen.is_empty(),
+                "--swarm-key needs a TCP listen address (QUIC is off in a private network)"
+            );
+        }
         config.models.max_upload_rate = self
             .max_upload_rate
             .map(|mib| (mib * 1024.0 * 1024.0) as u64);

@@ -50,6 +50,11 @@ pub struct NodeConfig {
     pub models: ModelsConfig,
     /// Models whose new versions are fetched as they appear.
     pub follow: Vec<String>,
+    /// With any: only these peers may connect, either way (a closed network).
+    pub allow_peers: Vec<libp2p::PeerId>,
+    /// A private network's pre-shared key: only nodes with the same key can connect (TCP
+    /// only; QUIC is off).
+    pub swarm_key: Option<libp2p::pnet::PreSharedKey>,
 }
 
 impl NodeConfig {
@@ -73,6 +78,8 @@ impl NodeConfig {
             idle_connection_timeout: Duration::from_secs(120),
             models: ModelsConfig::default(),
             follow: Vec::new(),
+            allow_peers: Vec::new(),
+            swarm_key: None,
         }
     }
 
@@ -102,6 +109,11 @@ impl NodeConfig {
     /// Path of the persisted peer cache.
     pub fn peer_cache_path(&self) -> PathBuf {
         self.data_dir.join("peers.json")
+    }
+
+    /// Path of the list of banned peers.
+    pub fn bans_path(&self) -> PathBuf {
+        self.data_dir.join("bans.json")
     }
 
     /// Path of the lock file that keeps two nodes off one data dir.

@@ -84,6 +84,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             commands::fetch(config, &args, &mut shutdown).await
         }
+        Command::SwarmKey(args) => {
+            let key = p2p_node::network::closed::write_new_swarm_key(&args.out)?;
+            println!(
+                "wrote a new swarm key to {} (fingerprint {}); give every node of the network \
+                 this file with --swarm-key",
+                args.out.display(),
+                key.fingerprint()
+            );
+            Ok(())
+        }
         Command::Train(args) => {
             if !cli.common.publish.is_empty() {
                 anyhow::bail!("--publish belongs to a running node, not to train");

@@ -38,8 +38,10 @@ const TOLERANCE: f64 = 0.02;
 struct Outcome {
     /// The honest nodes' final statuses.
     honest: Vec<TrainingStatus>,
-    /// Penalty points each honest node gave the attacker.
+    /// Penalty points each honest node gave the attacker (since its last ban).
     penalties: Vec<u32>,
+    /// Whether each honest node banned the attacker.
+    banned: Vec<bool>,
     /// Whether each honest node refused the attacker for the rest of the run.
     refused: Vec<bool>,
 }
@@ -109,13 +111,19 @@ async fn run(attack: Option<Attack>) -> Outcome {
         },
     )
     .await;
-    let (mut penalties, mut refused) = (vec![], vec![]);
+    let (mut penalties, mut refused, mut banned) = (vec![], vec![], vec![]);
     if attack.is_some() {
         let liar = nodes[4].peer_id();
         eprintln!("the liar is {liar}");
         for node in &nodes[..4] {
             let scores = node.handle.client.penalties().await.unwrap();
             penalties.push(scores.get(&liar).copied().unwrap_or(0));
+            let peers = node.handle.client.peers().await.unwrap();
+            banned.push(
+                peers
+                    .iter()
+                    .any(|p| p.peer_id == liar.to_string() && p.banned_until_unix.is_some()),
+            );
             let status = node.handle.client.status().await.unwrap().training.unwrap();
             refused.push(status.refused_peers.contains(&liar));
             eprintln!(
@@ -141,6 +149,7 @@ async fn run(attack: Option<Attack>) -> Outcome {
         honest,
         penalties,
         refused,
+        banned,
     }
 }
 
@@ -178,8 +187,8 @@ async fn honest_nodes_keep_their_accuracy_under_every_averaging_attack() {
         let failed: Vec<u64> = o.honest.iter().map(|s| s.averaging_failures).collect();
         eprintln!(
             "{name}: mean accuracy {mean:.4} (clean {baseline:.4}), rounds {rounds:?}, \
-             penalties to the liar {:?}, refused {:?}, rollbacks {rollbacks:?}, mixes refused {refusals:?}, failed rounds {failed:?}",
-            o.penalties, o.refused
+             penalties to the liar {:?}, banned {:?}, refused {:?}, rollbacks {rollbacks:?}, mixes refused {refusals:?}, failed rounds {failed:?}",
+            o.penalties, o.banned, o.refused
         );
         if mean < baseline - TOLERANCE {
             failures.push(format!("{name}: {mean:.4} against {baseline:.4}"));
@@ -188,12 +197,13 @@ async fn honest_nodes_keep_their_accuracy_under_every_averaging_attack() {
             assert_eq!(s.state, TrainingState::Finished, "{name}: {s:?}");
             assert!(s.averaging_rounds >= 30, "{name}: averaged only {rounds:?}");
         }
-        // The liar paid for it: excluded (NaN) or penalized by at least one honest node.
+        // The liar paid for it: excluded (NaN) or penalized (or banned) by at least one
+        // honest node.
         if attack == Attack::Nan {
             assert!(o.refused.iter().all(|r| *r), "{name}: {:?}", o.refused);
         } else {
             assert!(
-                o.penalties.iter().any(|p| *p > 0),
+                o.penalties.iter().zip(&o.banned).any(|(p, b)| *p > 0 || *b),
                 "{name}: nobody penalized the liar"
             );
         }

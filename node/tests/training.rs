@@ -480,3 +480,53 @@ async fn announced_checkpoints_describe_their_own_bytes_and_old_ones_are_pruned(
     assert_eq!(leftover, 0);
     stop_all(handles, nodes).await;
 }
+
+/// A node that joins a run late starts from its newest checkpoint, so it has "seen" the
+/// checkpoint's samples at step 0 and is ahead in samples of peers that finished. Those peers
+/// will never catch up: they must not hold it back (bounded staleness counts progressing peers
+/// only), and the network must end where a timely run does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_late_from_a_checkpoint_is_not_held_back_by_finished_peers() {
+    let files = tempfile::tempdir().unwrap();
+    let spec = files.path().join("digits.toml");
+    std::fs::write(&spec, format!("{EXAMPLE_SPEC}\nmin_peers = 2\n")).unwrap();
+    let nodes = start_nodes(4).await;
+    let mut handles = Vec::new();
+    for (i, node) in nodes[..3].iter().enumerate() {
+        let mut o = options((i as u32, 4), true);
+        if i == 0 {
+            o.create = Some(spec.clone());
+        }
+        handles.push(train(node, o).await);
+    }
+    // The fourth joins once the first three finished their steps.
+    for h in &mut handles {
+        tokio::time::timeout(TRAIN_TIMEOUT, h.finished())
+            .await
+            .expect("the first three finished in time")
+            .unwrap();
+    }
+    let mut late = train(&nodes[3], options((3, 4), true)).await;
+    let started = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(300), late.finished())
+        .await
+        .expect("the late node finished its steps, not waiting for finished peers")
+        .unwrap();
+    eprintln!(
+        "late node: {:.1} s, waiting fraction {:.3}, rounds {}, accuracy {:?}",
+        started.elapsed().as_secs_f64(),
+        status.waiting_time_fraction,
+        status.averaging_rounds,
+        status.accuracy
+    );
+    assert!(
+        status.samples_seen > 600 * 32,
+        "it started from a checkpoint: {status:?}"
+    );
+    assert!(
+        status.waiting_time_fraction < 0.5,
+        "it trained more than it waited: {status:?}"
+    );
+    handles.push(late);
+    stop_all(handles, nodes).await;
+}

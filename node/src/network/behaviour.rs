@@ -7,7 +7,9 @@ use anyhow::{anyhow, Result};
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, StreamProtocol};
+use libp2p::{
+    allow_block_list, connection_limits, gossipsub, identify, kad, mdns, ping, StreamProtocol,
+};
 use p2p_protocol as proto;
 use p2p_protocol::training;
 
@@ -19,6 +21,10 @@ use crate::models::Behaviour as ModelsBehaviour;
 /// asked about new connections, so the connection limits come first.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Peers banned for misbehaving: their connections are refused and closed.
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// In a closed network (`--allow-peer`): only these peers may connect.
+    pub allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     /// Caps on pending and established connections, in total and per peer.
     pub limits: connection_limits::Behaviour,
     /// Peer routing over the private Kademlia DHT.
@@ -42,6 +48,14 @@ impl Behaviour {
     pub fn new(key: &Keypair, config: &NodeConfig, models: ModelsBehaviour) -> Result<Self> {
         let peer_id = key.public().to_peer_id();
 
+        let allowed = (!config.allow_peers.is_empty()).then(|| {
+            let mut allowed =
+                allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+            for peer in &config.allow_peers {
+                allowed.allow_peer(*peer);
+            }
+            allowed
+        });
         let limits = connection_limits::Behaviour::new(
             connection_limits::ConnectionLimits::default()
                 .with_max_pending_incoming(Some(64))
@@ -102,6 +116,8 @@ impl Behaviour {
         };
 
         Ok(Self {
+            blocked: allow_block_list::Behaviour::default(),
+            allowed: allowed.into(),
             limits,
             kademlia,
             identify,

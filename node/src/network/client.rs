@@ -66,6 +66,8 @@ pub struct NetworkStatus {
     pub known_peers: usize,
     /// How joining the network went.
     pub join: JoinState,
+    /// Connections refused since start (banned peers, or peers not on the allowlist).
+    pub denied_connections: u64,
     /// Training, when this node trains (`null` otherwise).
     pub training: Option<TrainingStatus>,
     /// The averaging protocol's view (merged into `training`).
@@ -152,6 +154,10 @@ pub struct PeerInfo {
     pub last_seen_unix: u64,
     /// Whether it is in the Kademlia routing table.
     pub in_routing_table: bool,
+    /// Penalty points for bad data since its last ban (a ban comes at 3).
+    pub penalty: u32,
+    /// While it is banned: Unix seconds when the ban ends.
+    pub banned_until_unix: Option<u64>,
 }
 
 /// A download in progress ([`Client::fetch_with_progress`]).

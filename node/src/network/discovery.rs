@@ -296,6 +296,8 @@ impl Discovery {
                 source: entry.source,
                 last_seen_unix: entry.last_seen_unix,
                 in_routing_table: in_table.contains(peer),
+                penalty: 0,
+                banned_until_unix: None,
             })
             .collect();
         infos.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));

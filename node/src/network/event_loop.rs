@@ -5,13 +5,14 @@
 //! misbehaving peers).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{DialError, ListenError, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, Multiaddr, PeerId, Swarm};
 use p2p_protocol::manifest::VersionId;
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +22,7 @@ use super::address_book::AddressBook;
 use super::behaviour::{announce_topic, runs_topic, Behaviour, BehaviourEvent};
 use super::client::{Client, Command, NetworkStatus};
 use super::discovery::{Discovery, CACHE_SAVE_SOON};
-use super::reputation::{Reputation, Verdict};
+use super::reputation::{self, Reputation, Verdict};
 use crate::averaging;
 use crate::config::NodeConfig;
 use crate::models::store::Store;
@@ -43,6 +44,10 @@ pub struct EventLoop {
     /// Provider lookups running for the models behaviour, by Kademlia query.
     provider_queries: HashMap<kad::QueryId, VersionId>,
     reputation: Reputation,
+    /// Where the bans are saved.
+    bans_path: PathBuf,
+    /// Connections refused (banned peers, peers not on the allowlist), either way.
+    denied_connections: u64,
 }
 
 impl EventLoop {
@@ -56,7 +61,16 @@ impl EventLoop {
         for model in &config.follow {
             models.follow(model.clone());
         }
-        let (swarm, pending_listeners) = super::swarm::build(key, &config, models)?;
+        let (mut swarm, pending_listeners) = super::swarm::build(key, &config, models)?;
+        let bans_path = config.bans_path();
+        let saved = reputation::load_bans(&bans_path).unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "ignoring the ban list");
+            reputation::BansFile::default()
+        });
+        let reputation = Reputation::restore(saved, SystemTime::now());
+        for (peer, _) in reputation.bans(SystemTime::now()) {
+            swarm.behaviour_mut().blocked.block_peer(peer);
+        }
         let (sender, commands) = mpsc::channel(COMMAND_QUEUE);
         let (maintenance_interval, peer_cache_save_interval) =
             (config.maintenance_interval, config.peer_cache_save_interval);
@@ -72,7 +86,9 @@ impl EventLoop {
             listen_waiters: Vec::new(),
             listen_addrs: Vec::new(),
             provider_queries: HashMap::new(),
-            reputation: Reputation::default(),
+            reputation,
+            bans_path,
+            denied_connections: 0,
         };
         Ok((event_loop, client))
     }
@@ -94,7 +110,10 @@ impl EventLoop {
                 () = shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
-                _ = maintenance.tick() => self.discovery.maintain(&mut self.swarm),
+                _ = maintenance.tick() => {
+                    self.expire_bans();
+                    self.discovery.maintain(&mut self.swarm);
+                }
                 _ = save.tick() => self.discovery.save_cache_if_due(),
             }
         }
@@ -116,7 +135,15 @@ impl EventLoop {
             }
             Command::Peers(reply) => {
                 let in_table = self.routing_table().into_iter().collect();
-                let _ = reply.send(self.discovery.peer_infos(&in_table));
+                let mut infos = self.discovery.peer_infos(&in_table);
+                let now = SystemTime::now();
+                for info in &mut infos {
+                    if let Ok(peer) = info.peer_id.parse::<PeerId>() {
+                        (info.penalty, info.banned_until_unix) =
+                            self.reputation.standing(&peer, now);
+                    }
+                }
+                let _ = reply.send(infos);
             }
             Command::RoutingTable(reply) => {
                 let _ = reply.send(self.routing_table());
@@ -154,15 +181,37 @@ impl EventLoop {
             routing_table_peers: self.routing_table().len(),
             known_peers: self.discovery.known_peers(),
             join: self.discovery.join_state(),
+            denied_connections: self.denied_connections,
             training: None, // filled in by the client from the coordinator's watch
             averaging: self.swarm.behaviour().averaging.status(),
         }
     }
 
-    /// Counts an offence of `peer` and disconnects it when its reputation says so.
+    /// Counts an offence of `peer`, and bans it (its connections closed and refused, the
+    /// ban saved) when its reputation says so.
     fn penalize(&mut self, peer: PeerId, why: &str) {
-        if self.reputation.penalize(peer, why) == Verdict::Disconnect {
-            let _ = self.swarm.disconnect_peer_id(peer);
+        if let Verdict::Ban { .. } = self.reputation.penalize(peer, why, SystemTime::now()) {
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+            self.save_bans();
+        }
+    }
+
+    /// Lifts the bans that are over.
+    fn expire_bans(&mut self) {
+        let over = self.reputation.expire(SystemTime::now());
+        for peer in &over {
+            tracing::info!(%peer, "ban over");
+            self.swarm.behaviour_mut().blocked.unblock_peer(*peer);
+        }
+        if !over.is_empty() {
+            self.save_bans();
+        }
+    }
+
+    fn save_bans(&self) {
+        let file = self.reputation.to_file(SystemTime::now());
+        if let Err(e) = reputation::save_bans(&self.bans_path, &file) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot save the ban list");
         }
     }
 
@@ -262,6 +311,17 @@ impl EventLoop {
                 ..
             } => {
                 self.discovery.on_disconnected(peer_id);
+            }
+            SwarmEvent::OutgoingConnectionError {
+                error: DialError::Denied { .. },
+                ..
+            }
+            | SwarmEvent::IncomingConnectionError {
+                error: ListenError::Denied { .. },
+                ..
+            } => {
+                self.denied_connections += 1;
+                tracing::debug!("connection refused: a banned peer, or one not on the allowlist");
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),

@@ -7,6 +7,7 @@ pub mod address_book;
 #[allow(missing_docs)]
 pub mod behaviour;
 pub mod client;
+pub mod closed;
 pub mod discovery;
 pub mod event_loop;
 pub mod lookup;

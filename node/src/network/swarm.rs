@@ -1,12 +1,17 @@
 //! Building the libp2p [`Swarm`]: TCP (Noise + yamux) and QUIC v1 transports, DNS, the
-//! node's [`Behaviour`], and the listeners.
+//! node's [`Behaviour`], and the listeners. In a private network (a swarm key) every TCP
+//! connection is first wrapped in the pre-shared key's encryption (libp2p `pnet`), and QUIC,
+//! which cannot carry it, is off.
 
 use std::collections::HashSet;
 
 use anyhow::{anyhow, Context, Result};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::upgrade::Version;
 use libp2p::core::transport::{ListenerId, TransportError};
 use libp2p::identity::Keypair;
-use libp2p::{noise, tcp, yamux, Swarm};
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::{noise, tcp, yamux, Swarm, Transport};
 
 use super::behaviour::Behaviour;
 use crate::config::NodeConfig;
@@ -22,8 +27,24 @@ pub fn build(
     models: ModelsBehaviour,
 ) -> Result<(Swarm<Behaviour>, HashSet<ListenerId>)> {
     let behaviour = Behaviour::new(&key, config, models)?;
+    let mut swarm = match config.swarm_key {
+        Some(psk) => private(key, psk, behaviour, config)?,
+        None => public(key, behaviour, config)?,
+    };
+    let mut pending = HashSet::new();
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| anyhow!("cannot listen on {addr}: {}", transport_error(&e)))?;
+        pending.insert(id);
+    }
+    Ok((swarm, pending))
+}
+
+/// TCP and QUIC.
+fn public(key: Keypair, behaviour: Behaviour, config: &NodeConfig) -> Result<Swarm<Behaviour>> {
     let idle_timeout = config.idle_connection_timeout;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -37,15 +58,37 @@ pub fn build(
         .with_behaviour(|_| behaviour)
         .map_err(|e| anyhow!("cannot set up the network behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
-        .build();
-    let mut pending = HashSet::new();
-    for addr in &config.listen {
-        let id = swarm
-            .listen_on(addr.clone())
-            .map_err(|e| anyhow!("cannot listen on {addr}: {}", transport_error(&e)))?;
-        pending.insert(id);
-    }
-    Ok((swarm, pending))
+        .build())
+}
+
+/// TCP only, each connection encrypted with `psk` before Noise: a peer without the key fails
+/// the handshake and never reaches any protocol.
+fn private(
+    key: Keypair,
+    psk: PreSharedKey,
+    behaviour: Behaviour,
+    config: &NodeConfig,
+) -> Result<Swarm<Behaviour>> {
+    let idle_timeout = config.idle_connection_timeout;
+    tracing::info!(fingerprint = %psk.fingerprint(), "private network: connections need the swarm key; QUIC is off");
+    let noise = noise::Config::new(&key).context("cannot set up Noise")?;
+    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(move |_| {
+            tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        })
+        .map_err(|e| anyhow!("cannot set up the private TCP transport: {e}"))?
+        .with_dns()
+        .context("cannot set up DNS resolution")?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| anyhow!("cannot set up the network behaviour: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
+        .build())
 }
 
 fn transport_error(e: &TransportError<std::io::Error>) -> String {

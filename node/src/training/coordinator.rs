@@ -12,7 +12,6 @@
 //! Nothing here waits on the trainer: commands to it go through a bounded channel with
 //! `try_send`, so a busy trainer makes the coordinator drop a mix, never stall the network.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -33,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::guard::{Decision, MixGuard, Severity};
+use super::pace::Pace;
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
 use super::{TrainingState, TrainingStatus};
@@ -42,9 +42,6 @@ use crate::network::Client;
 
 /// Capacity of the channels to and from the trainer thread.
 const TRAINER_QUEUE: usize = 64;
-
-/// A peer not averaged with for this long no longer holds back the pace (it may be gone).
-const PEER_PROGRESS_TTL: Duration = Duration::from_secs(10);
 
 /// How long one averaging round keeps looking for a partner that is not busy.
 const ROUND_RETRY_FOR: Duration = Duration::from_secs(2);
@@ -173,7 +170,10 @@ pub async fn start(
     let stop = CancellationToken::new();
     let coordinator = Coordinator {
         client,
-        guard: MixGuard::new(prepared.spec.max_param_distance),
+        guard: MixGuard::new(
+            prepared.spec.max_param_distance,
+            prepared.spec.average_every,
+        ),
         last_base: None,
         spec: prepared.spec,
         model: prepared.announcement.model,
@@ -183,7 +183,7 @@ pub async fn start(
         keep_versions: options.keep_versions.max(1),
         round_running: false,
         pace_limit,
-        peer_progress: HashMap::new(),
+        pace: Pace::default(),
     };
     let stopped = stop.clone();
     let task = tokio::spawn(async move {
@@ -308,8 +308,8 @@ struct Coordinator {
     round_running: bool,
     /// Shared with the trainer: samples seen beyond which it waits for slower peers.
     pace_limit: Arc<AtomicU64>,
-    /// Samples seen by each peer at its last round with this node, and when.
-    peer_progress: HashMap<PeerId, (u64, Instant)>,
+    /// Peers' progress, for bounded staleness.
+    pace: Pace,
     /// The adaptive bounds on what a peer's parameters may do to ours.
     guard: MixGuard,
     /// Our snapshot of the last round, to measure how far we move between rounds.
@@ -531,14 +531,18 @@ impl Coordinator {
                     params::Refusal::TooFar { distance, .. } => Some(distance),
                     _ => None,
                 };
-                self.refuse(p.peer, refusal, opened_here).await;
+                self.refuse(p.peer, refusal, p.base.step, opened_here).await;
                 if let Some(distance) = far {
                     self.guard.observe(p.peer, p.base.step, distance);
                 }
                 return;
             }
         };
-        self.note_progress(p.peer, p.samples);
+        if p.step >= self.spec.steps {
+            self.pace.finished(&p.peer);
+        } else {
+            self.note_progress(p.peer, p.samples);
+        }
         let decision = self
             .guard
             .judge(p.peer, distance, p.base.samples, p.samples);
@@ -579,25 +583,33 @@ impl Coordinator {
     /// Refuses a peer's parameters: broken ones (NaN, a wrong length) exclude the peer from the
     /// run; ones that are far beyond what honest peers send cost it a penalty (and, the third
     /// time, the run); an outlier that a stale honest peer could send is skipped without one.
-    async fn refuse(&mut self, peer: PeerId, refusal: params::Refusal, opened_here: bool) {
+    async fn refuse(
+        &mut self,
+        peer: PeerId,
+        refusal: params::Refusal,
+        step: u64,
+        opened_here: bool,
+    ) {
         self.status.send_modify(|s| s.mixes_refused += 1);
         if opened_here {
             let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
         }
+        let grace = self.guard.in_grace(step);
         let (exclude, penalize) = match refusal {
             params::Refusal::TooFar { distance, .. } => {
-                let far = self.guard.severity(distance) == Severity::Far;
+                let far = !grace && self.guard.severity(distance) == Severity::Far;
                 (far && self.guard.strike(peer), far)
             }
-            // No honest peer of the run sends these: a strike, like a far distance.
+            // No honest peer of the run sends these (past the first rounds): a strike, like a
+            // far distance.
             params::Refusal::Opposed { .. } | params::Refusal::NormRatio { .. } => {
-                (self.guard.strike(peer), true)
+                (!grace && self.guard.strike(peer), !grace)
             }
             params::Refusal::WrongLength { .. } | params::Refusal::NonFinite(_) => (true, true),
         };
         let why = format!("sent parameters that were refused: {refusal}");
         if !penalize {
-            tracing::info!(%peer, "{why} (an outlier; no penalty)");
+            tracing::info!(%peer, "{why} (no penalty: an outlier, or the run's first rounds)");
             return;
         }
         tracing::warn!(%peer, "{why}");
@@ -607,24 +619,19 @@ impl Coordinator {
     }
 
     /// Records a peer's progress and moves the trainer's pace limit: at most
-    /// `max_lead_steps` batches ahead of the slowest peer heard from recently.
+    /// `max_lead_steps` batches ahead of the slowest peer still progressing ([`Pace`]).
     fn note_progress(&mut self, peer: PeerId, samples: u64) {
-        self.peer_progress.insert(peer, (samples, Instant::now()));
+        self.pace.note(peer, samples, Instant::now());
         self.refresh_pace_limit();
     }
 
-    /// Forgets progress older than [`PEER_PROGRESS_TTL`] and recomputes the pace limit.
+    /// Recomputes the pace limit, forgetting peers that stopped progressing.
     fn refresh_pace_limit(&mut self) {
-        let now = Instant::now();
-        self.peer_progress
-            .retain(|_, (_, seen)| now.duration_since(*seen) < PEER_PROGRESS_TTL);
         let lead = self.spec.max_lead_steps();
-        let limit = match self.peer_progress.values().map(|(s, _)| *s).min() {
-            Some(slowest) if lead > 0 => {
-                slowest.saturating_add(lead.saturating_mul(self.spec.batch_size as u64))
-            }
-            _ => u64::MAX,
-        };
+        let limit = self.pace.limit(
+            Instant::now(),
+            lead.saturating_mul(self.spec.batch_size as u64),
+        );
         self.pace_limit.store(limit, Ordering::Relaxed);
     }
 }

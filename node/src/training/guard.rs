@@ -37,7 +37,11 @@
 //! bound: no honest peer of the run is that far off; the peer is penalized, and after
 //! [`FAR_STRIKES`] of them excluded from the run) and *outlier* (between: a stale or
 //! restarted honest peer can be, so the round is skipped without penalty). Until a reference
-//! is known, deltas are clipped to [`WARMUP_CLIP`] of the run's bound.
+//! is known, deltas are clipped to [`WARMUP_CLIP`] of the run's bound. In a run's first
+//! [`GRACE_ROUNDS`] averaging periods (our own step) no refusal costs a penalty or a strike:
+//! nodes that start a fraction of a second apart are then legitimately far apart (relative
+//! distances of 2 to 8 and norm ratios past 2 were measured between honest nodes of the
+//! digits demo), and what is refused is not mixed in anyway.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -67,6 +71,9 @@ pub const DRIFT_FACTOR: f64 = 6.0;
 
 /// Each mix multiplies every peer's summed movement by this.
 pub const DRIFT_DECAY: f64 = 0.9;
+
+/// Averaging periods at the start of a run in which refusals cost nothing.
+pub const GRACE_ROUNDS: u64 = 5;
 
 /// Far refusals after which a peer is excluded from the run.
 pub const FAR_STRIKES: u32 = 3;
@@ -115,6 +122,7 @@ pub enum Severity {
 #[derive(Debug)]
 pub struct MixGuard {
     static_bound: f64,
+    grace_steps: u64,
     measured: VecDeque<(PeerId, u64, f64)>,
     own_movement: Option<f64>,
     drift: HashMap<PeerId, f64>,
@@ -122,10 +130,12 @@ pub struct MixGuard {
 }
 
 impl MixGuard {
-    /// A guard for a run whose spec bounds distances by `max_param_distance`.
-    pub fn new(max_param_distance: f64) -> Self {
+    /// A guard for a run whose spec bounds distances by `max_param_distance` and averages
+    /// every `average_every` steps.
+    pub fn new(max_param_distance: f64, average_every: u64) -> Self {
         Self {
             static_bound: max_param_distance,
+            grace_steps: GRACE_ROUNDS.saturating_mul(average_every),
             measured: VecDeque::with_capacity(WINDOW),
             own_movement: None,
             drift: HashMap::new(),
@@ -242,6 +252,11 @@ impl MixGuard {
         }
     }
 
+    /// Whether refusals at our local `step` are still free (see [`GRACE_ROUNDS`]).
+    pub fn in_grace(&self, step: u64) -> bool {
+        step < self.grace_steps
+    }
+
     /// Counts a far refusal of `peer`; `true` once it reached [`FAR_STRIKES`] (exclude it).
     pub fn strike(&mut self, peer: PeerId) -> bool {
         if self.strikes.len() >= MAX_TRACKED_PEERS && !self.strikes.contains_key(&peer) {
@@ -293,7 +308,7 @@ mod tests {
     use super::*;
 
     fn warmed(distances: &[f64]) -> MixGuard {
-        let mut g = MixGuard::new(2.0);
+        let mut g = MixGuard::new(2.0, 10);
         for (i, d) in distances.iter().enumerate() {
             // Many peers, so no single one runs out of drift budget.
             let peer = PeerId::random();
@@ -305,7 +320,7 @@ mod tests {
 
     #[test]
     fn before_anything_is_known_the_runs_bound_applies() {
-        let g = MixGuard::new(2.0);
+        let g = MixGuard::new(2.0, 10);
         assert_eq!(g.reference(), None);
         assert_eq!(g.bound(), 2.0);
         assert_eq!(g.severity(2.0), Severity::Far);
@@ -329,7 +344,7 @@ mod tests {
     #[test]
     fn a_partner_just_averaged_with_does_not_shrink_the_reference() {
         // Three peers, each measured far off once and then close to 0 (right after a mix).
-        let mut g = MixGuard::new(2.0);
+        let mut g = MixGuard::new(2.0, 10);
         let peers = [PeerId::random(), PeerId::random(), PeerId::random()];
         for p in peers {
             g.observe(p, 0, 0.4);
@@ -345,7 +360,7 @@ mod tests {
 
     #[test]
     fn sessions_repeated_at_one_step_count_once_and_own_movement_is_a_floor() {
-        let mut g = MixGuard::new(2.0);
+        let mut g = MixGuard::new(2.0, 10);
         let (a, b) = (PeerId::random(), PeerId::random());
         g.observe(a, 10, 0.3);
         g.observe(b, 10, 0.3);
@@ -455,7 +470,7 @@ mod tests {
 
     #[test]
     fn before_a_reference_deltas_are_clipped_to_half_the_runs_bound() {
-        let mut g = MixGuard::new(2.0);
+        let mut g = MixGuard::new(2.0, 10);
         match g.judge(PeerId::random(), 1.9, 100, 100) {
             Decision::Mix {
                 weight, clipped, ..
@@ -468,8 +483,15 @@ mod tests {
     }
 
     #[test]
+    fn refusals_are_free_in_the_first_averaging_periods() {
+        let g = MixGuard::new(2.0, 10);
+        assert!(g.in_grace(0) && g.in_grace(49));
+        assert!(!g.in_grace(50));
+    }
+
+    #[test]
     fn a_peer_is_excluded_at_its_third_far_refusal() {
-        let mut g = MixGuard::new(2.0);
+        let mut g = MixGuard::new(2.0, 10);
         let (bad, other) = (PeerId::random(), PeerId::random());
         assert!(!g.strike(bad));
         assert!(!g.strike(other));
@@ -479,7 +501,7 @@ mod tests {
 
     #[test]
     fn the_drift_table_is_bounded() {
-        let mut g = MixGuard::new(2.0);
+        let mut g = MixGuard::new(2.0, 10);
         for _ in 0..MAX_TRACKED_PEERS + 10 {
             let _ = g.judge(PeerId::random(), 0.01, 10, 10);
         }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 pub mod coordinator;
 pub mod guard;
+pub mod pace;
 pub mod run;
 pub mod trainer;
 
