@@ -62,7 +62,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "SPEC")]
     pub create: Option<PathBuf>,
     /// Join this run (its id, 64 hex digits) [default: the run this node trained before a
-    /// restart, else the newest announced].
+    /// restart, else the one most connected peers train among those whose spec this node can
+    /// use; ties go to the older run].
     #[arg(long, value_name = "RUN_ID", value_parser = parse_version_id)]
     pub run: Option<VersionId>,
     /// Read the run's kind of data set from here (an MNIST directory or a text file) instead of

@@ -19,7 +19,10 @@ use p2p_node::training::{TrainingState, TrainingStatus};
 /// Generous: debug builds on a busy 2-core machine.
 const TRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The training issue's example run; every node waits for three others before it starts.
+/// The training issue's example run. Every node waits for all the others before it starts: a
+/// node that starts well after the rest, before the first checkpoint, begins from the initial
+/// weights while the others have moved far from them, and is refused until it catches up (see
+/// the README's security model), which is another test's subject.
 const SPEC: &str = r#"
 model = "digits-mlp"
 dataset = "digits"
@@ -29,7 +32,6 @@ batch_size = 32
 learning_rate = 0.05
 average_every = 10
 checkpoint_every = 100
-min_peers = 3
 "#;
 
 /// Honest nodes' mean accuracy may fall at most this far below the clean run's.
@@ -68,8 +70,9 @@ async fn start_nodes(n: usize) -> Vec<TestNode> {
 async fn run(attack: Option<Attack>) -> Outcome {
     let files = tempfile::tempdir().unwrap();
     let spec = files.path().join("digits.toml");
-    std::fs::write(&spec, SPEC).unwrap();
-    let nodes = start_nodes(4 + usize::from(attack.is_some())).await;
+    let count = 4 + usize::from(attack.is_some());
+    std::fs::write(&spec, format!("{SPEC}min_peers = {}\n", count - 1)).unwrap();
+    let nodes = start_nodes(count).await;
     let starts = nodes.iter().enumerate().map(|(i, node)| {
         let options = TrainOptions {
             create: (i == 0).then(|| spec.clone()),
@@ -179,7 +182,9 @@ async fn honest_nodes_keep_their_accuracy_under_every_averaging_attack() {
         {
             continue;
         }
+        let started = std::time::Instant::now();
         let o = run(Some(attack)).await;
+        eprintln!("{name}: {:.1} s", started.elapsed().as_secs_f64());
         let mean = o.mean_accuracy();
         let rounds: Vec<u64> = o.honest.iter().map(|s| s.averaging_rounds).collect();
         let rollbacks: Vec<u64> = o.honest.iter().map(|s| s.rollbacks).collect();

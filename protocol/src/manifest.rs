@@ -30,6 +30,13 @@ pub const MAX_CHUNKS: usize = 200_000;
 pub const MAX_MODEL_NAME_BYTES: usize = 128;
 /// Largest encoded manifest a node accepts.
 pub const MAX_MANIFEST_BYTES: usize = 8 << 20;
+
+/// Most tensors a manifest may list.
+pub const MAX_MANIFEST_TENSORS: usize = 65_536;
+
+/// Most tensors with no elements a manifest may list (each non-empty tensor holds at least one
+/// byte of the file, so their count is bounded by its size).
+pub const MAX_EMPTY_TENSORS: usize = 1024;
 /// Bytes of one BLAKE3 hash.
 pub const HASH_BYTES: usize = 32;
 
@@ -257,6 +264,31 @@ impl Manifest {
         {
             return invalid(format!("tensor {} lies outside the file", t.name));
         }
+        // A small file with a huge tensor index (35,000 entries for 4 KiB) is memory and CPU
+        // spent on a version that holds nothing: tensors must not overlap, and only a few may
+        // be empty.
+        if self.tensors.len() > MAX_MANIFEST_TENSORS {
+            return invalid(format!(
+                "{} tensors, more than {MAX_MANIFEST_TENSORS}",
+                self.tensors.len()
+            ));
+        }
+        let empty = self.tensors.iter().filter(|t| t.start == t.end).count();
+        if empty > MAX_EMPTY_TENSORS {
+            return invalid(format!(
+                "{empty} empty tensors, more than {MAX_EMPTY_TENSORS}"
+            ));
+        }
+        let mut spans: Vec<(u64, u64)> = self
+            .tensors
+            .iter()
+            .filter(|t| t.start < t.end)
+            .map(|t| (t.start, t.end))
+            .collect();
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+            return invalid("tensors overlap".into());
+        }
         Ok(())
     }
 }
@@ -352,6 +384,27 @@ mod tests {
             Manifest::decode_verified(&bytes, &id),
             Err(ManifestError::IdMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_huge_tensor_index_for_a_small_file_is_refused() {
+        let entry = |i: u64, start: u64, end: u64| TensorEntry {
+            name: format!("t{i}"),
+            dtype: "U8".into(),
+            shape: vec![end - start],
+            start,
+            end,
+        };
+        // The adversarial peer's manifest: 35,000 entries for a 4 KiB file.
+        let mut m = manifest(&[1; 4096], MIN_CHUNK_SIZE);
+        m.tensors = (0..35_000).map(|i| entry(i, 0, 0)).collect();
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("empty tensors"), "{e}");
+        m.tensors = (0..35_000).map(|i| entry(i, 0, 4096)).collect();
+        assert!(m.validate().unwrap_err().to_string().contains("overlap"));
+        // One byte each, side by side: as many as the file has bytes, and valid.
+        m.tensors = (0..4096).map(|i| entry(i, i, i + 1)).collect();
+        m.validate().unwrap();
     }
 
     #[test]

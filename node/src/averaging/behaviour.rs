@@ -321,7 +321,18 @@ enum Purpose {
 struct RunsQuery {
     outstanding: usize,
     deadline: Instant,
-    reply: oneshot::Sender<Vec<RunAnnouncement>>,
+    /// Peers that answered they train each run.
+    trainers: HashMap<VersionId, usize>,
+    reply: oneshot::Sender<KnownRuns>,
+}
+
+/// The runs a node knows, and how many of the peers just asked train each.
+#[derive(Debug, Clone, Default)]
+pub struct KnownRuns {
+    /// Known runs, newest first.
+    pub runs: Vec<RunAnnouncement>,
+    /// Connected peers that said they train each run (one answer per peer).
+    pub trainers: HashMap<VersionId, usize>,
 }
 
 /// Why an averaging round this node opened ended without a partner's parameters.
@@ -574,9 +585,9 @@ impl Behaviour {
         }
     }
 
-    /// Asks every connected peer for the runs it knows; `reply` gets them merged with ours,
-    /// newest first.
-    pub fn query_runs(&mut self, reply: oneshot::Sender<Vec<RunAnnouncement>>) {
+    /// Asks every connected peer for the runs it knows and which it trains; `reply` gets them
+    /// merged with ours, newest first, with the count of peers training each.
+    pub fn query_runs(&mut self, reply: oneshot::Sender<KnownRuns>) {
         let qid = self.next_query;
         self.next_query += 1;
         let peers: Vec<PeerId> = self.connected.iter().copied().collect();
@@ -589,6 +600,7 @@ impl Behaviour {
             RunsQuery {
                 outstanding: peers.len(),
                 deadline: Instant::now() + RUNS_QUERY_TIMEOUT,
+                trainers: HashMap::new(),
                 reply,
             },
         );
@@ -615,7 +627,10 @@ impl Behaviour {
             .is_some_and(|q| force || q.outstanding == 0);
         if done {
             if let Some(q) = self.runs_queries.remove(&qid) {
-                let _ = q.reply.send(self.known_runs());
+                let _ = q.reply.send(KnownRuns {
+                    runs: self.known_runs(),
+                    trainers: q.trainers,
+                });
             }
         }
     }
@@ -1001,6 +1016,11 @@ impl Behaviour {
                 }
                 if let Some(run) = training {
                     self.note_member(&run, peer);
+                    if let Some(q) = self.runs_queries.get_mut(&qid) {
+                        if q.trainers.len() < MAX_RUNS_KNOWN || q.trainers.contains_key(&run) {
+                            *q.trainers.entry(run).or_insert(0) += 1;
+                        }
+                    }
                 }
                 self.answered_runs_query(qid);
             }

@@ -1,7 +1,6 @@
 //! [`Command`]: what the training coordinator asks of the averaging protocol (through the
 //! network `Client`), and [`Behaviour::handle`], which answers it.
 
-use p2p_protocol::training::RunAnnouncement;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Behaviour, PeerParams, RoundError, RunMembership, Snapshots};
@@ -10,7 +9,7 @@ use super::{Behaviour, PeerParams, RoundError, RunMembership, Snapshots};
 #[derive(Debug)]
 pub enum Command {
     /// Runs known to this node and its connected peers, newest first.
-    QueryRuns(oneshot::Sender<Vec<RunAnnouncement>>),
+    QueryRuns(oneshot::Sender<super::KnownRuns>),
     /// Take part in a run's averaging, serving the latest of `snapshots`; finished sessions
     /// peers open go to `served`.
     JoinRun {

@@ -31,7 +31,7 @@ mod command;
 
 pub use attack::Attack;
 pub use behaviour::{
-    param_dtype, wire_dtype, AveragerStatus, Behaviour, Event, PeerParams, RoundError,
+    param_dtype, wire_dtype, AveragerStatus, Behaviour, Event, KnownRuns, PeerParams, RoundError,
     RunMembership, Snapshot, Snapshots, MAX_SESSIONS,
 };
 pub use command::Command;

@@ -354,7 +354,7 @@ impl Client {
     }
 
     /// Runs known to this node and its connected peers, newest first.
-    pub async fn query_runs(&self) -> Result<Vec<RunAnnouncement>> {
+    pub async fn query_runs(&self) -> Result<averaging::KnownRuns> {
         self.ask(|reply| Command::Averaging(averaging::Command::QueryRuns(reply)))
             .await
     }

@@ -173,6 +173,7 @@ pub async fn start(
         guard: MixGuard::new(
             prepared.spec.max_param_distance,
             prepared.spec.average_every,
+            prepared.spec.max_lead_steps(),
         ),
         last_base: None,
         spec: prepared.spec,
@@ -531,7 +532,8 @@ impl Coordinator {
                     params::Refusal::TooFar { distance, .. } => Some(distance),
                     _ => None,
                 };
-                self.refuse(p.peer, refusal, p.base.step, opened_here).await;
+                self.refuse(p.peer, refusal, (p.base.step, p.step), opened_here)
+                    .await;
                 if let Some(distance) = far {
                     self.guard.observe(p.peer, p.base.step, distance);
                 }
@@ -540,6 +542,7 @@ impl Coordinator {
         };
         if p.step >= self.spec.steps {
             self.pace.finished(&p.peer);
+            self.refresh_pace_limit();
         } else {
             self.note_progress(p.peer, p.samples);
         }
@@ -587,14 +590,14 @@ impl Coordinator {
         &mut self,
         peer: PeerId,
         refusal: params::Refusal,
-        step: u64,
+        (step, peer_step): (u64, u64),
         opened_here: bool,
     ) {
         self.status.send_modify(|s| s.mixes_refused += 1);
         if opened_here {
             let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
         }
-        let grace = self.guard.in_grace(step);
+        let grace = self.guard.free_refusal(step, peer_step);
         let (exclude, penalize) = match refusal {
             params::Refusal::TooFar { distance, .. } => {
                 let far = !grace && self.guard.severity(distance) == Severity::Far;

@@ -38,10 +38,12 @@
 //! [`FAR_STRIKES`] of them excluded from the run) and *outlier* (between: a stale or
 //! restarted honest peer can be, so the round is skipped without penalty). Until a reference
 //! is known, deltas are clipped to [`WARMUP_CLIP`] of the run's bound. In a run's first
-//! [`GRACE_ROUNDS`] averaging periods (our own step) no refusal costs a penalty or a strike:
-//! nodes that start a fraction of a second apart are then legitimately far apart (relative
-//! distances of 2 to 8 and norm ratios past 2 were measured between honest nodes of the
-//! digits demo), and what is refused is not mixed in anyway.
+//! [`GRACE_ROUNDS`] averaging periods (our own step), and with a peer further from us in steps
+//! than bounded staleness allows honest peers, no refusal costs a penalty or a strike: nodes
+//! that start a fraction of a second apart, or one that started late, are then legitimately
+//! far apart (relative distances of 2 to 8 and norm ratios past 2 were measured between honest
+//! nodes of the digits demo), and what is refused is not mixed in anyway. A liar that claims a
+//! far-off step to avoid strikes is still refused.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -123,6 +125,7 @@ pub enum Severity {
 pub struct MixGuard {
     static_bound: f64,
     grace_steps: u64,
+    sync_steps: u64,
     measured: VecDeque<(PeerId, u64, f64)>,
     own_movement: Option<f64>,
     drift: HashMap<PeerId, f64>,
@@ -130,12 +133,13 @@ pub struct MixGuard {
 }
 
 impl MixGuard {
-    /// A guard for a run whose spec bounds distances by `max_param_distance` and averages
-    /// every `average_every` steps.
-    pub fn new(max_param_distance: f64, average_every: u64) -> Self {
+    /// A guard for a run whose spec bounds distances by `max_param_distance`, averages every
+    /// `average_every` steps and lets a node lead by at most `max_lead_steps`.
+    pub fn new(max_param_distance: f64, average_every: u64, max_lead_steps: u64) -> Self {
         Self {
             static_bound: max_param_distance,
             grace_steps: GRACE_ROUNDS.saturating_mul(average_every),
+            sync_steps: max_lead_steps.saturating_add(average_every.saturating_mul(2)),
             measured: VecDeque::with_capacity(WINDOW),
             own_movement: None,
             drift: HashMap::new(),
@@ -252,9 +256,12 @@ impl MixGuard {
         }
     }
 
-    /// Whether refusals at our local `step` are still free (see [`GRACE_ROUNDS`]).
-    pub fn in_grace(&self, step: u64) -> bool {
-        step < self.grace_steps
+    /// Whether refusing parameters exchanged at our local `step` with a peer at `peer_step`
+    /// is free: in the run's first [`GRACE_ROUNDS`] periods, or when the two are further apart
+    /// in steps than bounded staleness keeps honest peers (a node that started late, or
+    /// restarted from an old checkpoint, is honestly far off until it catches up).
+    pub fn free_refusal(&self, step: u64, peer_step: u64) -> bool {
+        step < self.grace_steps || step.abs_diff(peer_step) > self.sync_steps
     }
 
     /// Counts a far refusal of `peer`; `true` once it reached [`FAR_STRIKES`] (exclude it).
@@ -308,7 +315,7 @@ mod tests {
     use super::*;
 
     fn warmed(distances: &[f64]) -> MixGuard {
-        let mut g = MixGuard::new(2.0, 10);
+        let mut g = MixGuard::new(2.0, 10, 20);
         for (i, d) in distances.iter().enumerate() {
             // Many peers, so no single one runs out of drift budget.
             let peer = PeerId::random();
@@ -320,7 +327,7 @@ mod tests {
 
     #[test]
     fn before_anything_is_known_the_runs_bound_applies() {
-        let g = MixGuard::new(2.0, 10);
+        let g = MixGuard::new(2.0, 10, 20);
         assert_eq!(g.reference(), None);
         assert_eq!(g.bound(), 2.0);
         assert_eq!(g.severity(2.0), Severity::Far);
@@ -344,7 +351,7 @@ mod tests {
     #[test]
     fn a_partner_just_averaged_with_does_not_shrink_the_reference() {
         // Three peers, each measured far off once and then close to 0 (right after a mix).
-        let mut g = MixGuard::new(2.0, 10);
+        let mut g = MixGuard::new(2.0, 10, 20);
         let peers = [PeerId::random(), PeerId::random(), PeerId::random()];
         for p in peers {
             g.observe(p, 0, 0.4);
@@ -360,7 +367,7 @@ mod tests {
 
     #[test]
     fn sessions_repeated_at_one_step_count_once_and_own_movement_is_a_floor() {
-        let mut g = MixGuard::new(2.0, 10);
+        let mut g = MixGuard::new(2.0, 10, 20);
         let (a, b) = (PeerId::random(), PeerId::random());
         g.observe(a, 10, 0.3);
         g.observe(b, 10, 0.3);
@@ -470,7 +477,7 @@ mod tests {
 
     #[test]
     fn before_a_reference_deltas_are_clipped_to_half_the_runs_bound() {
-        let mut g = MixGuard::new(2.0, 10);
+        let mut g = MixGuard::new(2.0, 10, 20);
         match g.judge(PeerId::random(), 1.9, 100, 100) {
             Decision::Mix {
                 weight, clipped, ..
@@ -483,15 +490,21 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_free_in_the_first_averaging_periods() {
-        let g = MixGuard::new(2.0, 10);
-        assert!(g.in_grace(0) && g.in_grace(49));
-        assert!(!g.in_grace(50));
+    fn refusals_are_free_early_and_between_peers_far_apart_in_steps() {
+        let g = MixGuard::new(2.0, 10, 20);
+        assert!(g.free_refusal(0, 0) && g.free_refusal(49, 49));
+        assert!(!g.free_refusal(50, 50));
+        assert!(
+            !g.free_refusal(300, 260),
+            "within bounded staleness: in sync"
+        );
+        assert!(g.free_refusal(300, 10), "a late starter");
+        assert!(g.free_refusal(10 + 300, 300 + 300 + 50));
     }
 
     #[test]
     fn a_peer_is_excluded_at_its_third_far_refusal() {
-        let mut g = MixGuard::new(2.0, 10);
+        let mut g = MixGuard::new(2.0, 10, 20);
         let (bad, other) = (PeerId::random(), PeerId::random());
         assert!(!g.strike(bad));
         assert!(!g.strike(other));
@@ -501,7 +514,7 @@ mod tests {
 
     #[test]
     fn the_drift_table_is_bounded() {
-        let mut g = MixGuard::new(2.0, 10);
+        let mut g = MixGuard::new(2.0, 10, 20);
         for _ in 0..MAX_TRACKED_PEERS + 10 {
             let _ = g.judge(PeerId::random(), 0.01, 10, 10);
         }

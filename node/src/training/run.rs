@@ -12,6 +12,7 @@
 //!
 //! A node without `--shard` takes shard `hash(peer id) % shards` of the run's data set.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,7 @@ use tokio::time::Instant;
 /// Between connectivity changes, how often peers are asked again for runs and versions.
 const LOOKUP_RETRY: Duration = Duration::from_secs(1);
 
+use crate::averaging::KnownRuns;
 use crate::network::lookup::{self, IfUnreachable, Lookup};
 use crate::network::Client;
 
@@ -38,7 +40,7 @@ use crate::network::Client;
 pub struct TrainOptions {
     /// Create a run from this spec file.
     pub create: Option<PathBuf>,
-    /// Join this run (default: the newest announced, or the one being resumed).
+    /// Join this run (default: the one being resumed, else what [`choose_run`] picks).
     pub run: Option<VersionId>,
     /// Read the run's kind of data set from this path instead of the spec's.
     pub data: Option<PathBuf>,
@@ -328,23 +330,50 @@ async fn join(
     })
 }
 
-/// Waits until a run is known (the given one, or the newest).
+/// The run a volunteer without `--run` joins: among the runs whose spec this node can use, the
+/// one the most connected peers train; ties go to the older run, then the smaller id. A run
+/// announcement alone wins nothing: a fake "newest" run nobody trains loses to any run with a
+/// trainer, and a run this node cannot use is skipped with a warning (once per run, through
+/// `warned`) instead of ending `train`. Peers are counted once each, so winning takes as many
+/// connected peers (identities) as the honest run has.
+pub fn choose_run(known: &KnownRuns, warned: &mut HashSet<VersionId>) -> Option<RunAnnouncement> {
+    known
+        .runs
+        .iter()
+        .filter(|r| match RunSpec::parse(&r.spec) {
+            Ok(_) => true,
+            Err(e) => {
+                if warned.insert(r.run) {
+                    tracing::warn!(run = %r.run.short(), model = %r.model, error = %e, "skipping a run whose spec this node cannot use");
+                }
+                false
+            }
+        })
+        .max_by_key(|r| {
+            let trainers = known.trainers.get(&r.run).copied().unwrap_or(0);
+            (trainers, std::cmp::Reverse((r.created_unix, r.run)))
+        })
+        .cloned()
+}
+
+/// Waits until a run is known (the given one, or the one [`choose_run`] picks).
 async fn find_run(
     client: &Client,
     wanted: Option<VersionId>,
     timeout: Duration,
 ) -> Result<RunAnnouncement> {
     let deadline = Instant::now() + timeout;
+    let warned = std::cell::RefCell::new(HashSet::new());
     let found = lookup::ask_until(
         client,
         deadline,
         LOOKUP_RETRY,
         IfUnreachable::GiveUp,
         || async {
-            let runs = client.query_runs().await?;
+            let known = client.query_runs().await?;
             Ok(match wanted {
-                Some(id) => runs.into_iter().find(|r| r.run == id),
-                None => runs.into_iter().next(),
+                Some(id) => known.runs.into_iter().find(|r| r.run == id),
+                None => choose_run(&known, &mut warned.borrow_mut()),
             })
         },
     )
@@ -468,6 +497,40 @@ mod tests {
             seen[shard_of(&PeerId::random(), 4) as usize] += 1;
         }
         assert!(seen.iter().all(|n| *n > 20), "{seen:?}");
+    }
+
+    fn run(n: u8, created_unix: u64, spec: &str) -> RunAnnouncement {
+        RunAnnouncement {
+            run: VersionId::of(&[n]),
+            model: format!("m{n}"),
+            spec: spec.into(),
+            creator: PeerId::random(),
+            created_unix,
+        }
+    }
+
+    #[test]
+    fn a_fake_newest_run_nobody_trains_does_not_win_and_an_unusable_one_is_skipped() {
+        let usable = "model = \"digits-mlp\"\ndataset = \"digits\"\n";
+        let real = run(1, 1_000, usable);
+        let fake = run(2, u64::MAX, usable);
+        let broken = run(3, 2_000, "model = \"resnet\"\n");
+        let mut known = KnownRuns {
+            runs: vec![fake.clone(), broken.clone(), real.clone()],
+            trainers: [(real.run, 3), (broken.run, 9)].into_iter().collect(),
+        };
+        let mut warned = HashSet::new();
+        assert_eq!(choose_run(&known, &mut warned), Some(real.clone()));
+        assert!(
+            warned.contains(&broken.run),
+            "the unusable run was warned about"
+        );
+        // Nobody trains anything yet: the older run, not the newest announcement.
+        known.trainers.clear();
+        assert_eq!(choose_run(&known, &mut warned), Some(real));
+        // Only unusable runs: none.
+        known.runs = vec![broken];
+        assert_eq!(choose_run(&known, &mut warned), None);
     }
 
     fn text_run(dir: &Path, text: &str, file: &str) -> RunSpec {

@@ -42,6 +42,11 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
 /// answering must not stall it).
 const MAX_PACE_WAIT: Duration = Duration::from_secs(10);
 
+/// While waiting for slower peers, the pause between two averaging rounds: rounds back to back
+/// would spin (thousands a second with fast partners) and take CPU from the slow peers waited
+/// for when they share a machine.
+const PACE_ROUND_PAUSE: Duration = Duration::from_millis(50);
+
 /// How often progress (step, loss, speed) is reported while training.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -391,6 +396,19 @@ impl State {
                 Round::Mixed => {}
                 Round::Failed => break,
                 Round::Stop => return Ok(Flow::Stop),
+            }
+            // Peers' rounds are still mixed in meanwhile.
+            let pause_until = Instant::now() + PACE_ROUND_PAUSE;
+            while let Some(left) = pause_until.checked_duration_since(Instant::now()) {
+                match commands.recv_timeout(left) {
+                    Ok(command) => {
+                        if let Flow::Stop = self.handle(command)? {
+                            return Ok(Flow::Stop);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return Ok(Flow::Stop),
+                }
             }
         }
         self.pace_time += started.elapsed();
