@@ -528,13 +528,16 @@ impl Behaviour {
         self.joined.as_ref().and_then(|j| j.membership.attack)
     }
 
-    /// `peer` let a session (or an `Open`) wait past the idle limit: it is reported, and not
-    /// asked again for a while.
-    fn stalled(&mut self, peer: PeerId) {
-        self.events.push_back(Event::Misbehaved {
-            peer,
-            why: "stalled an averaging session".into(),
-        });
+    /// `peer` let a session (or an `Open`) wait past its idle limit: it is not asked again for
+    /// a while, and reported when it had sent nothing at all (a staller; a peer that sent
+    /// pieces and then went quiet may be slow or gone, and is not punished for it).
+    fn stalled(&mut self, peer: PeerId, sent_nothing: bool) {
+        if sent_nothing {
+            self.events.push_back(Event::Misbehaved {
+                peer,
+                why: "stalled an averaging session".into(),
+            });
+        }
         if let Some(j) = self.joined.as_mut() {
             j.members.remove(&peer);
             j.non_members.insert(peer, Instant::now());
@@ -1068,31 +1071,40 @@ impl Behaviour {
     fn tick(&mut self) {
         let now = Instant::now();
         let limit = self.idle_limit();
+        // A session whose peer already sent pieces waits the longest: it is slow (a far-off
+        // volunteer on a thin link), not stalling.
+        let limit_for = |s: &Session| {
+            if s.incoming.count > 0 {
+                SESSION_IDLE
+            } else {
+                limit
+            }
+        };
         let idle: Vec<u64> = self
             .inbound
             .iter()
-            .filter(|(_, s)| now.duration_since(s.last_activity) >= limit)
+            .filter(|(_, s)| now.duration_since(s.last_activity) >= limit_for(s))
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
             if let Some(s) = self.inbound.remove(&id) {
                 tracing::debug!(peer = %s.peer, ?limit, "an averaging session the peer opened went idle");
-                self.stalled(s.peer);
+                self.stalled(s.peer, s.incoming.count == 0);
             }
         }
         let stalled_out = self
             .outbound
             .as_ref()
-            .filter(|o| now.duration_since(o.session.last_activity) >= limit)
-            .map(|o| o.session.peer);
+            .filter(|o| now.duration_since(o.session.last_activity) >= limit_for(&o.session))
+            .map(|o| (o.session.peer, o.session.incoming.count == 0));
         let stalled_open = self
             .opening
             .as_ref()
             .filter(|o| now.duration_since(o.since) >= limit)
-            .map(|o| o.peer);
-        for peer in stalled_out.into_iter().chain(stalled_open) {
+            .map(|o| (o.peer, true));
+        for (peer, sent_nothing) in stalled_out.into_iter().chain(stalled_open) {
             tracing::debug!(%peer, ?limit, "an averaging session opened here went idle");
-            self.stalled(peer);
+            self.stalled(peer, sent_nothing);
             self.retry(peer, "session idle");
         }
         let expired: Vec<u64> = self

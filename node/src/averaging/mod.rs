@@ -18,7 +18,8 @@
 //! 30 s per request; [`MAX_SESSIONS`] sessions at once, one per peer, so a peer that holds
 //! one cannot stop a node from averaging with the others; a session (or an `Open`) that waits
 //! for the peer longer than ten times the typical time between pieces (3 to 30 s; 10 s before
-//! any was measured) is dropped and the peer reported as stalling ([`Event::Misbehaved`]); at
+//! any was measured; 30 s once the peer has sent a piece) is dropped, and a peer that sent
+//! nothing at all is reported as stalling ([`Event::Misbehaved`]); at
 //! most 256 runs remembered. Every piece is checked for length and finiteness before it is
 //! stored; a bad one ends the session and reports [`Event::Misbehaved`]. What a piece that
 //! passes may do to the model is the trainer's side: see `training::guard`.
