@@ -46,8 +46,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     result
 }
 
-/// Reads a whole file, refusing files larger than `limit` bytes. `Ok(None)` if it is absent.
+/// Reads a whole file, refusing files larger than `limit` bytes and anything that is not a
+/// regular file (opening a named pipe would block until something writes to it, so the node
+/// would hang before it can even stop on a signal). `Ok(None)` if it is absent.
 pub fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => bail!("{} is not a regular file", path.display()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -67,6 +75,22 @@ pub fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_named_pipe_or_a_directory_is_refused_at_once_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let e = read_bounded(&fifo, 1024).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+        let e = read_bounded(dir.path(), 1024).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(read_bounded(&dir.path().join("absent"), 1024)
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn atomic_write_replaces_content_and_sets_mode() {

@@ -22,13 +22,15 @@ pub const MAX_ALLOWED_PEERS: usize = 10_000;
 /// Reads a swarm key file in the standard format (`/key/swarm/psk/1.0.0/`, `/base16/`, 64
 /// hex digits), as `ipfs` and `p2p-node swarm-key` write it.
 pub fn read_swarm_key(path: &Path) -> Result<PreSharedKey> {
-    let bytes = crate::fsutil::read_bounded(path, MAX_SWARM_KEY_BYTES)?
+    let bytes = crate::fsutil::read_bounded(path, MAX_SWARM_KEY_BYTES)
+        .with_context(|| format!("swarm key {}", path.display()))?
         .with_context(|| format!("swarm key {} does not exist", path.display()))?;
     let text = String::from_utf8(bytes)
         .with_context(|| format!("swarm key {} is not text", path.display()))?;
-    PreSharedKey::from_str(&text).map_err(|e| {
+    PreSharedKey::from_str(&text).map_err(|_| {
         anyhow::anyhow!(
-            "swarm key {} is not a swarm key ({e}); make one with: p2p-node swarm-key --out FILE",
+            "swarm key {} is not a swarm key (expected the lines /key/swarm/psk/1.0.0/, /base16/ \
+             and 64 hex digits); make one with: p2p-node swarm-key --out FILE",
             path.display()
         )
     })
@@ -78,7 +80,8 @@ pub fn parse_allow_list(text: &str) -> Result<Vec<PeerId>> {
 
 /// Reads an allowlist file ([`parse_allow_list`]).
 pub fn read_allow_list(path: &Path) -> Result<Vec<PeerId>> {
-    let bytes = crate::fsutil::read_bounded(path, MAX_ALLOW_FILE_BYTES)?
+    let bytes = crate::fsutil::read_bounded(path, MAX_ALLOW_FILE_BYTES)
+        .with_context(|| format!("allowlist {}", path.display()))?
         .with_context(|| format!("allowlist {} does not exist", path.display()))?;
     let text = String::from_utf8(bytes)
         .with_context(|| format!("allowlist {} is not text", path.display()))?;
