@@ -61,8 +61,9 @@ const PIECE_TIME_ALPHA: f64 = 0.2;
 /// Requests of a stalling attacker left unanswered at most (fault injection only).
 const MAX_HELD_CHANNELS: usize = 64;
 
-/// A peer that said it is not in the run is not asked again for this long.
-const NON_MEMBER_FOR: Duration = Duration::from_secs(60);
+/// A peer that said it is not in the run, or that stalled a session, is not asked again for
+/// this long.
+const AVOID_FOR: Duration = Duration::from_secs(60);
 
 /// How often sessions and queries are checked for timeouts.
 const TICK: Duration = Duration::from_millis(200);
@@ -184,7 +185,8 @@ struct Joined {
     membership: RunMembership,
     snapshots: Snapshots,
     members: HashSet<PeerId>,
-    non_members: HashMap<PeerId, Instant>,
+    /// Peers not to ask for a while (not in the run, or stalled a session), since when.
+    avoided: HashMap<PeerId, Instant>,
     refused: HashSet<PeerId>,
 }
 
@@ -457,7 +459,7 @@ impl Behaviour {
             membership,
             snapshots,
             members,
-            non_members: HashMap::new(),
+            avoided: HashMap::new(),
             refused: HashSet::new(),
         });
         self.served = Some(served);
@@ -540,7 +542,7 @@ impl Behaviour {
         }
         if let Some(j) = self.joined.as_mut() {
             j.members.remove(&peer);
-            j.non_members.insert(peer, Instant::now());
+            j.avoided.insert(peer, Instant::now());
         }
     }
 
@@ -684,8 +686,8 @@ impl Behaviour {
             return;
         }
         let now = Instant::now();
-        j.non_members
-            .retain(|_, since| now.duration_since(*since) < NON_MEMBER_FOR);
+        j.avoided
+            .retain(|_, since| now.duration_since(*since) < AVOID_FOR);
         let connected: Vec<PeerId> = self
             .connected
             .iter()
@@ -701,7 +703,7 @@ impl Behaviour {
             // No known member connected: ask peers whose membership is unknown.
             candidates = connected
                 .iter()
-                .filter(|p| !j.non_members.contains_key(p))
+                .filter(|p| !j.avoided.contains_key(p))
                 .copied()
                 .collect();
         }
@@ -1040,7 +1042,7 @@ impl Behaviour {
             (Purpose::Open, TrainResponse::Refused { reason }) => {
                 if let Some(j) = self.joined.as_mut() {
                     j.members.remove(&peer);
-                    j.non_members.insert(peer, Instant::now());
+                    j.avoided.insert(peer, Instant::now());
                 }
                 self.retry(peer, &reason);
             }
