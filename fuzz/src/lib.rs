@@ -241,12 +241,16 @@ pub fn targets() -> Vec<Target> {
                     for t in &m.tensors {
                         let _ = m.chunks_of(t);
                     }
+                    // Whatever decodes as a signed manifest announces as a verified version.
+                    assert!(
+                        m.announcement().verify().is_ok(),
+                        "accepted manifest, bad announcement"
+                    );
                     (0..m.chunk_count().min(64)).all(|i| {
                         let r = m.chunk_range(i);
                         r.start <= r.end && m.chunk_hash(i).is_some()
                     })
                 });
-                let _ = Manifest::decode_verified(b, &Hash32::of(b));
                 ok
             },
         },
@@ -420,38 +424,41 @@ fn train_responses() -> Vec<TrainResponse> {
     ]
 }
 
-fn peer() -> PeerId {
-    // A fixed peer id, so runs are reproducible from their seed.
-    let key = libp2p::identity::Keypair::ed25519_from_bytes([7u8; 32])
-        .unwrap_or_else(|_| libp2p::identity::Keypair::generate_ed25519());
-    key.public().to_peer_id()
+fn key() -> libp2p::identity::Keypair {
+    // A fixed key, so runs are reproducible from their seed.
+    libp2p::identity::Keypair::ed25519_from_bytes([7u8; 32])
+        .unwrap_or_else(|_| libp2p::identity::Keypair::generate_ed25519())
 }
 
+fn peer() -> PeerId {
+    key().public().to_peer_id()
+}
+
+/// A signed announcement: the manifest seed's, with training metadata.
 fn announcement() -> Announcement {
-    Announcement {
-        model: "digits-mlp".into(),
-        version: 3,
-        id: id(9),
-        size: 123_456,
-        publisher: peer(),
-        training: Some(TrainingMeta {
-            run: id(1),
-            step: 300,
-            samples_seen: 9600,
-            loss: Some(0.3),
-            accuracy: Some(0.91),
-        }),
-    }
+    let mut m = manifest();
+    m.training = Some(TrainingMeta {
+        run: id(1),
+        step: 300,
+        samples_seen: 9600,
+        loss: Some(0.3),
+        accuracy: Some(0.91),
+    });
+    m.sign(&key());
+    m.announcement()
 }
 
 fn run_announcement() -> RunAnnouncement {
-    RunAnnouncement {
+    let mut run = RunAnnouncement {
         run: id(1),
         model: "digits-mlp-1a2b3c".into(),
         spec: "model = \"digits-mlp\"\ndataset = \"digits\"\n".into(),
         creator: peer(),
         created_unix: 1_800_000_000,
-    }
+        signature: Vec::new(),
+    };
+    run.sign(&key());
+    run
 }
 
 fn safetensors_file() -> Vec<u8> {
@@ -470,7 +477,7 @@ fn manifest() -> Manifest {
         .chunks(chunk_size as usize)
         .flat_map(|c| Hash32::of(c).0)
         .collect();
-    Manifest {
+    let mut m = Manifest {
         format: p2p_protocol::manifest::MANIFEST_FORMAT,
         model: "digits-mlp".into(),
         version: 2,
@@ -482,7 +489,12 @@ fn manifest() -> Manifest {
             .into_iter()
             .map(|t: TensorEntry| TensorEntry { ..t })
             .collect(),
-    }
+        publisher: peer(),
+        training: None,
+        signature: Vec::new(),
+    };
+    m.sign(&key());
+    m
 }
 
 fn small_layout() -> Layout {

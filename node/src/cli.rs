@@ -162,9 +162,16 @@ pub struct CommonArgs {
     #[arg(long, global = true, value_name = "NAME")]
     pub model: Option<String>,
 
-    /// Fetch every new version of this model as it is announced (repeatable).
+    /// Fetch every new version of this model as it is announced (repeatable), from the
+    /// publisher the name means (see --trust).
     #[arg(long, global = true, value_name = "MODEL")]
     pub follow: Vec<String>,
+
+    /// A publisher whose versions a model name means when several peers publish that name
+    /// (repeatable). Without it, a name means the publisher followed or fetched before, or
+    /// the only one known (remembered in DATA_DIR/trust.json).
+    #[arg(long, global = true, value_name = "PEER_ID")]
+    pub trust: Vec<libp2p::PeerId>,
 
     /// Distribution stage (1-4 exist for measurement; `swarm` is stage 5, the default).
     #[arg(long, global = true, default_value = "swarm",
@@ -229,6 +236,7 @@ impl CommonArgs {
             config.models.chunk_size = kib.saturating_mul(1024);
         }
         config.follow = self.follow.clone();
+        config.trust = self.trust.clone();
         config.allow_peers = self.allow_peer.clone();
         if let Some(path) = &self.allow_peers_file {
             config

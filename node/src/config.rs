@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub models: ModelsConfig,
     /// Models whose new versions are fetched as they appear.
     pub follow: Vec<String>,
+    /// Publishers whose versions a bare model name means (`--trust`; see
+    /// [`crate::models::trust`]).
+    pub trust: Vec<libp2p::PeerId>,
     /// With any: only these peers may connect, either way (a closed network).
     pub allow_peers: Vec<libp2p::PeerId>,
     /// A private network's pre-shared key: only nodes with the same key can connect (TCP
@@ -78,6 +81,7 @@ impl NodeConfig {
             idle_connection_timeout: Duration::from_secs(120),
             models: ModelsConfig::default(),
             follow: Vec::new(),
+            trust: Vec::new(),
             allow_peers: Vec::new(),
             swarm_key: None,
         }
@@ -114,6 +118,11 @@ impl NodeConfig {
     /// Path of the list of banned peers.
     pub fn bans_path(&self) -> PathBuf {
         self.data_dir.join("bans.json")
+    }
+
+    /// The publisher remembered per model name (see [`crate::models::trust`]).
+    pub fn trust_path(&self) -> PathBuf {
+        self.data_dir.join("trust.json")
     }
 
     /// Path of the lock file that keeps two nodes off one data dir.

@@ -34,10 +34,13 @@
 //!
 //! A version is a safetensors file cut into chunks (default [`manifest::DEFAULT_CHUNK_SIZE`]),
 //! each hashed with BLAKE3 and listed in a CBOR [`manifest::Manifest`] together with the
-//! file's tensor index ([`safetensors::TensorEntry`]). The version id is the BLAKE3 hash of
-//! the encoded manifest, so a manifest and each chunk can be fetched from anyone and checked.
-//! Announcements ([`messages::Announcement`], CBOR) carry model, version number, id, size and
-//! publisher.
+//! file's tensor index ([`safetensors::TensorEntry`]). The version id is the BLAKE3 hash of the
+//! manifest's header (model, number, parent, size, publisher, training metadata, hash of the
+//! rest), signed by the publisher ([`signing`]), so a manifest and each chunk can be fetched
+//! from anyone and checked, and nobody can make a version in another peer's name.
+//! Announcements ([`messages::Announcement`], CBOR) carry the header and the signature, so they
+//! are checked wherever they come from. Runs ([`training::RunAnnouncement`]) are signed by
+//! their creator.
 //!
 //! # Training
 //!
@@ -57,6 +60,7 @@ pub mod codec;
 pub mod manifest;
 pub mod messages;
 pub mod safetensors;
+pub mod signing;
 pub mod training;
 
 /// Kademlia protocol id. Private: a node never answers or queries the public IPFS DHT.

@@ -1,9 +1,14 @@
 //! Model versions as manifests: a file cut into fixed-size chunks, each hashed with BLAKE3.
 //!
-//! A [`Manifest`] is encoded as CBOR; the version's id ([`VersionId`]) is the BLAKE3 hash of
-//! those exact bytes. A receiver checks the hash of the bytes it got against the id it asked for
-//! *before* decoding them ([`Manifest::decode_verified`]), so a manifest can come from anyone.
-//! Each chunk is then checked against its hash in the manifest before it is used.
+//! A [`Manifest`] is encoded as CBOR. Its *header* is everything an announcement claims: model
+//! name, version number, parent, size, publisher, training metadata, and the BLAKE3 hash of the
+//! *body* (chunk size, chunk hashes, tensor index). The version's id ([`VersionId`]) is the
+//! BLAKE3 hash of the encoded header, and the publisher signs the id
+//! ([`crate::signing::VERSION_DOMAIN`]). So a version's claims can be checked from a small
+//! [`crate::messages::Announcement`] alone, a manifest from anyone is checked against the id it
+//! was asked for ([`Manifest::decode_verified`]), and nobody but the publisher can make a
+//! version in its name. Each chunk is then checked against its hash in the manifest before it
+//! is used.
 //!
 //! Chunk `i` covers bytes `[i * chunk_size, min((i + 1) * chunk_size, total_size))`; every chunk
 //! but the last is full. The chunk hashes travel as one CBOR byte string of 32 bytes per chunk.
@@ -12,12 +17,15 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::safetensors::TensorEntry;
+use crate::training::TrainingMeta;
 
-/// Manifest format this code writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// Manifest format this code writes and reads (2: signed, id over the header).
+pub const MANIFEST_FORMAT: u32 = 2;
 /// Default chunk size: 1 MiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// Smallest chunk size a manifest may use.
@@ -129,6 +137,12 @@ pub enum ManifestError {
         /// The hash of the bytes received.
         actual: VersionId,
     },
+    /// The signature is not the publisher's signature of the id.
+    #[error("manifest is not signed by its publisher {publisher}")]
+    BadSignature {
+        /// The publisher the manifest names.
+        publisher: PeerId,
+    },
     /// The bytes are not a CBOR manifest.
     #[error("malformed manifest: {0}")]
     Malformed(String),
@@ -138,15 +152,15 @@ pub enum ManifestError {
 }
 
 /// Everything needed to fetch, verify and interpret one model version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// [`MANIFEST_FORMAT`].
     pub format: u32,
     /// Model name, e.g. `digits-mlp`.
     pub model: String,
-    /// Version number within the model (0 for the first).
+    /// Version number within the model: 0 for the first, else its parent's plus one.
     pub version: u64,
-    /// The version this one was derived from, if any.
+    /// The version this one was derived from; `None` exactly for version 0.
     pub parent: Option<VersionId>,
     /// Size of the file in bytes.
     pub total_size: u64,
@@ -157,6 +171,65 @@ pub struct Manifest {
     pub chunk_hashes: Vec<u8>,
     /// The safetensors tensor index: which bytes hold which tensor.
     pub tensors: Vec<TensorEntry>,
+    /// The publisher, whose peer id holds its ed25519 public key.
+    pub publisher: PeerId,
+    /// For a checkpoint of a training run: its run, step, samples and evaluation.
+    pub training: Option<TrainingMeta>,
+    /// The publisher's signature of the id ([`crate::signing::VERSION_DOMAIN`]).
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// The signed part of a version: what an announcement claims, with the body's hash.
+#[derive(Serialize)]
+struct Header<'a> {
+    format: u32,
+    model: &'a str,
+    version: u64,
+    parent: Option<VersionId>,
+    size: u64,
+    publisher: &'a PeerId,
+    training: Option<&'a TrainingMeta>,
+    body: Hash32,
+}
+
+/// The body of a manifest, hashed into the header.
+#[derive(Serialize)]
+struct Body<'a> {
+    chunk_size: u32,
+    #[serde(with = "serde_bytes")]
+    chunk_hashes: &'a [u8],
+    tensors: &'a [TensorEntry],
+}
+
+/// The version id of these header fields (see the module docs).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn header_id(
+    model: &str,
+    version: u64,
+    parent: Option<VersionId>,
+    size: u64,
+    publisher: &PeerId,
+    training: Option<&TrainingMeta>,
+    body: Hash32,
+) -> VersionId {
+    let header = Header {
+        format: MANIFEST_FORMAT,
+        model,
+        version,
+        parent,
+        size,
+        publisher,
+        training,
+        body,
+    };
+    Hash32::of(&cbor(&header))
+}
+
+fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(value, &mut out).expect("writing CBOR to a Vec cannot fail");
+    out
 }
 
 impl Manifest {
@@ -195,27 +268,66 @@ impl Manifest {
 
     /// Canonical CBOR encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        ciborium::into_writer(self, &mut out).expect("writing CBOR to a Vec cannot fail");
-        out
+        cbor(self)
     }
 
-    /// The id: hash of [`Self::encode`].
+    /// BLAKE3 hash of the body: chunk size, chunk hashes, tensor index.
+    pub fn body_hash(&self) -> Hash32 {
+        Hash32::of(&cbor(&Body {
+            chunk_size: self.chunk_size,
+            chunk_hashes: &self.chunk_hashes,
+            tensors: &self.tensors,
+        }))
+    }
+
+    /// The id: hash of the header, which holds [`Self::body_hash`].
     pub fn id(&self) -> VersionId {
-        Hash32::of(&self.encode())
+        header_id(
+            &self.model,
+            self.version,
+            self.parent,
+            self.total_size,
+            &self.publisher,
+            self.training.as_ref(),
+            self.body_hash(),
+        )
     }
 
-    /// Decodes `bytes` as the manifest of `expected`: checks the hash first, then the format
-    /// and every rule of [`Self::validate`].
+    /// Makes `key` the publisher and signs the id; returns the id.
+    pub fn sign(&mut self, key: &Keypair) -> VersionId {
+        self.publisher = key.public().to_peer_id();
+        let id = self.id();
+        self.signature = crate::signing::sign(key, crate::signing::VERSION_DOMAIN, &id);
+        id
+    }
+
+    /// The signed announcement of this version (it carries the same signature).
+    pub fn announcement(&self) -> crate::messages::Announcement {
+        crate::messages::Announcement {
+            model: self.model.clone(),
+            version: self.version,
+            id: self.id(),
+            size: self.total_size,
+            publisher: self.publisher,
+            training: self.training.clone(),
+            parent: self.parent,
+            body: self.body_hash(),
+            signature: self.signature.clone(),
+        }
+    }
+
+    /// Decodes `bytes` as the manifest of `expected`: every rule of [`Self::validate`]
+    /// (signature included), then the id.
     pub fn decode_verified(bytes: &[u8], expected: &VersionId) -> Result<Self, ManifestError> {
-        let actual = Hash32::of(bytes);
+        let manifest = Self::decode(bytes)?;
+        let actual = manifest.id();
         if &actual != expected {
             return Err(ManifestError::IdMismatch {
                 expected: *expected,
                 actual,
             });
         }
-        Self::decode(bytes)
+        Ok(manifest)
     }
 
     /// Decodes and validates `bytes` (without an id to check them against).
@@ -233,11 +345,26 @@ impl Manifest {
     }
 
     /// Checks the rules: known format, sane name and sizes, one hash per chunk, tensors inside
-    /// the file.
+    /// the file, version 0 exactly when there is no parent, finite training figures, and the
+    /// publisher's signature of the id.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let invalid = |m: String| Err(ManifestError::Invalid(m));
         if self.format != MANIFEST_FORMAT {
             return invalid(format!("unknown format {}", self.format));
+        }
+        if (self.version == 0) != self.parent.is_none() {
+            return invalid(format!(
+                "version {} {} a parent",
+                self.version,
+                if self.parent.is_some() {
+                    "has"
+                } else {
+                    "lacks"
+                }
+            ));
+        }
+        if let Some(t) = &self.training {
+            t.check().map_err(ManifestError::Invalid)?;
         }
         if let Err(e) = validate_model_name(&self.model) {
             return invalid(e.to_string());
@@ -288,6 +415,18 @@ impl Manifest {
         spans.sort_unstable();
         if spans.windows(2).any(|w| w[1].0 < w[0].1) {
             return invalid("tensors overlap".into());
+        }
+        // Last: the most expensive check, on a manifest otherwise sound.
+        let id = self.id();
+        if !crate::signing::verify(
+            &self.publisher,
+            crate::signing::VERSION_DOMAIN,
+            &id,
+            &self.signature,
+        ) {
+            return Err(ManifestError::BadSignature {
+                publisher: self.publisher,
+            });
         }
         Ok(())
     }
@@ -348,7 +487,7 @@ mod tests {
             .chunks(chunk_size as usize)
             .flat_map(|c| Hash32::of(c).0)
             .collect();
-        Manifest {
+        let mut m = Manifest {
             format: MANIFEST_FORMAT,
             model: "m".into(),
             version: 0,
@@ -357,16 +496,23 @@ mod tests {
             chunk_size,
             chunk_hashes: hashes,
             tensors: vec![],
-        }
+            publisher: PeerId::random(),
+            training: None,
+            signature: vec![],
+        };
+        m.sign(&Keypair::generate_ed25519());
+        m
     }
 
     #[test]
-    fn encoding_round_trips_and_the_id_is_the_hash_of_the_bytes() {
+    fn encoding_round_trips_and_the_id_is_signed_by_the_publisher() {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let m = manifest(&data, MIN_CHUNK_SIZE);
         let bytes = m.encode();
-        assert_eq!(m.id(), Hash32::of(&bytes));
         assert_eq!(Manifest::decode_verified(&bytes, &m.id()).unwrap(), m);
+        let a = m.announcement();
+        a.verify().unwrap();
+        assert_eq!(a.id, m.id());
         assert_eq!(m.chunk_count(), 3);
         assert_eq!(m.chunk_range(2), 8192..10_000);
         assert!(m.verify_chunk(2, &data[8192..]));
@@ -374,16 +520,55 @@ mod tests {
     }
 
     #[test]
-    fn a_manifest_that_does_not_hash_to_its_id_is_refused() {
+    fn a_manifest_of_another_id_or_changed_after_signing_is_refused() {
         let m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
-        let mut bytes = m.encode();
-        let id = m.id();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
+        let other = manifest(&[2; 5000], MIN_CHUNK_SIZE);
         assert!(matches!(
-            Manifest::decode_verified(&bytes, &id),
+            Manifest::decode_verified(&other.encode(), &m.id()),
             Err(ManifestError::IdMismatch { .. })
         ));
+        // Any field changed after signing: the signature no longer covers the id.
+        let mut renumbered = m.clone();
+        renumbered.version = u64::MAX;
+        renumbered.parent = Some(m.id());
+        assert!(matches!(
+            renumbered.validate(),
+            Err(ManifestError::BadSignature { .. })
+        ));
+        let mut rehashed = m.clone();
+        rehashed.chunk_hashes[0] ^= 1;
+        assert!(matches!(
+            rehashed.validate(),
+            Err(ManifestError::BadSignature { .. })
+        ));
+        // Signed again by someone else: valid, but it is that peer's version, another id.
+        let mut stolen = m.clone();
+        let thief = Keypair::generate_ed25519();
+        stolen.sign(&thief);
+        stolen.validate().unwrap();
+        assert_ne!(stolen.id(), m.id());
+        assert_eq!(stolen.publisher, thief.public().to_peer_id());
+    }
+
+    #[test]
+    fn version_zero_has_no_parent_and_every_later_one_has_one() {
+        let key = Keypair::generate_ed25519();
+        let mut m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
+        m.version = 1;
+        m.sign(&key);
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lacks a parent"));
+        let mut m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
+        m.parent = Some(Hash32::of(b"p"));
+        m.sign(&key);
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("has a parent"));
     }
 
     #[test]
@@ -404,13 +589,16 @@ mod tests {
         assert!(m.validate().unwrap_err().to_string().contains("overlap"));
         // One byte each, side by side: as many as the file has bytes, and valid.
         m.tensors = (0..4096).map(|i| entry(i, i, i + 1)).collect();
+        m.sign(&Keypair::generate_ed25519());
         m.validate().unwrap();
     }
 
     #[test]
     fn rule_breaking_manifests_are_refused() {
+        let key = Keypair::generate_ed25519();
         let mut m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
         m.chunk_hashes.truncate(32);
+        m.sign(&key);
         assert!(m.validate().is_err());
         let mut m = manifest(&[1; 5000], MIN_CHUNK_SIZE);
         m.model = "bad name!".into();

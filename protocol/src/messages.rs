@@ -91,8 +91,9 @@ pub enum Response {
     Busy,
 }
 
-/// A new version, announced on gossipsub (signed by the publisher as gossipsub signs messages)
-/// and listed in [`Response::Versions`].
+/// A new version, announced on gossipsub and listed in [`Response::Versions`]: the manifest's
+/// header and the publisher's signature of the id, so it is checked wherever it comes from
+/// ([`Announcement::verify`]; see [`crate::manifest`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
     /// Model name.
@@ -109,6 +110,13 @@ pub struct Announcement {
     /// For a checkpoint of a training run: its run, step, samples and evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<crate::training::TrainingMeta>,
+    /// The version this one was derived from; `None` exactly for version 0.
+    pub parent: Option<VersionId>,
+    /// Hash of the manifest's body (chunk size, chunk hashes, tensor index).
+    pub body: crate::manifest::Hash32,
+    /// The publisher's signature of the id.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
 }
 
 impl Announcement {
@@ -117,39 +125,122 @@ impl Announcement {
         crate::codec::encode_gossip(self)
     }
 
-    /// Decodes a gossip message, checking the model name.
+    /// Decodes a gossip message and [`verifies`](Self::verify) it.
     pub fn decode(bytes: &[u8]) -> Result<Self, GossipError> {
         let a: Self = crate::codec::decode_gossip(bytes, "announcement")?;
-        crate::manifest::validate_model_name(&a.model).map_err(|e| GossipError::Invalid {
-            what: "announcement",
-            reason: e.to_string(),
-        })?;
+        a.verify()?;
         Ok(a)
+    }
+
+    /// Checks the model name, that version 0 alone lacks a parent, the training figures, that
+    /// the id is the hash of the header, and the publisher's signature of the id.
+    pub fn verify(&self) -> Result<(), GossipError> {
+        let invalid = |reason: String| GossipError::Invalid {
+            what: "announcement",
+            reason,
+        };
+        crate::manifest::validate_model_name(&self.model).map_err(|e| invalid(e.to_string()))?;
+        if (self.version == 0) != self.parent.is_none() {
+            return Err(invalid(format!(
+                "version {} with{} a parent",
+                self.version,
+                if self.parent.is_some() { "" } else { "out" }
+            )));
+        }
+        if let Some(t) = &self.training {
+            t.check().map_err(invalid)?;
+        }
+        let id = crate::manifest::header_id(
+            &self.model,
+            self.version,
+            self.parent,
+            self.size,
+            &self.publisher,
+            self.training.as_ref(),
+            self.body,
+        );
+        if id != self.id {
+            return Err(invalid("the id is not the hash of the claims".into()));
+        }
+        if !crate::signing::verify(
+            &self.publisher,
+            crate::signing::VERSION_DOMAIN,
+            &id,
+            &self.signature,
+        ) {
+            return Err(invalid(format!(
+                "not signed by its publisher {}",
+                self.publisher
+            )));
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Hash32;
+    use crate::manifest::{Hash32, Manifest, MANIFEST_FORMAT};
+    use libp2p::identity::Keypair;
+
+    /// A signed announcement of version `version` of `model` by `key`.
+    fn signed(key: &Keypair, model: &str, version: u64) -> Announcement {
+        let mut m = Manifest {
+            format: MANIFEST_FORMAT,
+            model: model.into(),
+            version,
+            parent: (version > 0).then(|| Hash32::of(b"parent")),
+            total_size: 10,
+            chunk_size: crate::manifest::MIN_CHUNK_SIZE,
+            chunk_hashes: Hash32::of(b"chunk").0.to_vec(),
+            tensors: vec![],
+            publisher: PeerId::random(),
+            training: None,
+            signature: vec![],
+        };
+        m.sign(key);
+        m.announcement()
+    }
 
     #[test]
     fn announcements_round_trip_and_bad_names_are_refused() {
-        let a = Announcement {
-            model: "digits-mlp".into(),
-            version: 3,
-            id: Hash32::of(b"m"),
-            size: 10,
-            publisher: PeerId::random(),
-            training: None,
-        };
+        let key = Keypair::generate_ed25519();
+        let a = signed(&key, "digits-mlp", 3);
         assert_eq!(Announcement::decode(&a.encode()).unwrap(), a);
-        let bad = Announcement {
-            model: "no spaces".into(),
-            ..a
-        };
+        let bad = signed(&key, "no spaces", 3);
         assert!(Announcement::decode(&bad.encode()).is_err());
         assert!(Announcement::decode(b"\x00\x01").is_err());
+    }
+
+    /// The adversarial peer's fake newest version: a real announcement renumbered to u64::MAX,
+    /// or one claiming another publisher, or with its id swapped, is refused wherever it comes
+    /// from; a version the liar signs itself is valid but is the liar's.
+    #[test]
+    fn a_changed_or_forged_announcement_is_refused() {
+        let key = Keypair::generate_ed25519();
+        let real = signed(&key, "digits-mlp", 3);
+        let mut renumbered = real.clone();
+        renumbered.version = u64::MAX;
+        let mut other_id = real.clone();
+        other_id.id = Hash32::of(b"elsewhere");
+        let mut claimed = real.clone();
+        claimed.publisher = Keypair::generate_ed25519().public().to_peer_id();
+        let mut unsigned = real.clone();
+        unsigned.signature.clear();
+        for (what, a) in [
+            ("renumbered", renumbered),
+            ("other id", other_id),
+            ("claimed publisher", claimed),
+            ("unsigned", unsigned),
+        ] {
+            let err = Announcement::decode(&a.encode()).unwrap_err();
+            assert!(matches!(err, GossipError::Invalid { .. }), "{what}: {err}");
+        }
+        let liar = Keypair::generate_ed25519();
+        let own = signed(&liar, "digits-mlp", u64::MAX);
+        let ok = Announcement::decode(&own.encode()).unwrap();
+        assert_eq!(ok.publisher, liar.public().to_peer_id());
+        assert_ne!(ok.publisher, real.publisher);
     }
 
     /// A well-formed announcement whose publisher bytes are no peer id is refused at decode,
@@ -183,14 +274,7 @@ mod tests {
             ),
             "{err}"
         );
-        let honest = Announcement {
-            model: "m".into(),
-            version: 1,
-            id: lying.id,
-            size: 10,
-            publisher: PeerId::random(),
-            training: None,
-        };
+        let honest = signed(&Keypair::generate_ed25519(), "m", 1);
         let json = serde_json::to_value(&honest).unwrap();
         assert_eq!(
             json["publisher"],

@@ -5,9 +5,10 @@
 //!
 //! A run is identified by the id of its version 0 (the initial weights, an ordinary model
 //! version). Its creator announces a [`RunAnnouncement`] (run id, model name, the spec as TOML,
-//! creator) on gossipsub; nodes that missed it ask connected peers with
-//! [`TrainRequest::Runs`]. Checkpoints are further versions of the run's model whose
-//! announcements carry [`TrainingMeta`] (step, samples seen, test loss and accuracy).
+//! creator, signed by the creator) on gossipsub; nodes that missed it ask connected peers with
+//! [`TrainRequest::Runs`], and check the signature of each run listed. Checkpoints are further
+//! versions of the run's model, signed by the member that published them, whose headers carry
+//! [`TrainingMeta`] (step, samples seen, test loss and accuracy).
 //!
 //! # Averaging
 //!
@@ -28,6 +29,7 @@
 //! they were. `layout` is the BLAKE3 hash of the tensor names and shapes, so peers whose models
 //! differ never exchange a byte of parameters.
 
+use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +100,19 @@ pub struct RunAnnouncement {
     pub creator: PeerId,
     /// When the run was created (Unix seconds), to tell the newest run.
     pub created_unix: u64,
+    /// The creator's signature of the fields above ([`crate::signing::RUN_DOMAIN`]).
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// The signed fields of a run.
+#[derive(Serialize)]
+struct RunFields<'a> {
+    run: &'a VersionId,
+    model: &'a str,
+    spec: &'a str,
+    creator: &'a PeerId,
+    created_unix: u64,
 }
 
 impl RunAnnouncement {
@@ -113,7 +128,30 @@ impl RunAnnouncement {
         Ok(a)
     }
 
-    /// Checks the model name and the spec's size.
+    /// Hash of the signed fields.
+    fn digest(&self) -> Hash32 {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(
+            &RunFields {
+                run: &self.run,
+                model: &self.model,
+                spec: &self.spec,
+                creator: &self.creator,
+                created_unix: self.created_unix,
+            },
+            &mut bytes,
+        )
+        .expect("writing CBOR to a Vec cannot fail");
+        Hash32::of(&bytes)
+    }
+
+    /// Makes `key` the creator and signs the run.
+    pub fn sign(&mut self, key: &Keypair) {
+        self.creator = key.public().to_peer_id();
+        self.signature = crate::signing::sign(key, crate::signing::RUN_DOMAIN, &self.digest());
+    }
+
+    /// Checks the model name, the spec's size and the creator's signature.
     pub fn check(&self) -> Result<(), GossipError> {
         let invalid = |reason: String| GossipError::Invalid {
             what: "run announcement",
@@ -124,6 +162,17 @@ impl RunAnnouncement {
             return Err(invalid(format!(
                 "run spec of {} bytes, more than {MAX_SPEC_BYTES}",
                 self.spec.len()
+            )));
+        }
+        if !crate::signing::verify(
+            &self.creator,
+            crate::signing::RUN_DOMAIN,
+            &self.digest(),
+            &self.signature,
+        ) {
+            return Err(invalid(format!(
+                "not signed by its creator {}",
+                self.creator
             )));
         }
         Ok(())
@@ -143,6 +192,29 @@ pub struct TrainingMeta {
     pub loss: Option<f64>,
     /// Test accuracy, if evaluated.
     pub accuracy: Option<f64>,
+}
+
+impl TrainingMeta {
+    /// Checks that the figures are finite and in range (a loss is at least 0, an accuracy in
+    /// [0, 1]).
+    pub fn check(&self) -> Result<(), String> {
+        if self.loss.is_some_and(|l| !l.is_finite() || l < 0.0) {
+            return Err(format!(
+                "training loss {:?} is not a finite figure >= 0",
+                self.loss
+            ));
+        }
+        if self
+            .accuracy
+            .is_some_and(|a| !a.is_finite() || !(0.0..=1.0).contains(&a))
+        {
+            return Err(format!(
+                "training accuracy {:?} is not in [0, 1]",
+                self.accuracy
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What one peer asks another about training.
@@ -265,24 +337,41 @@ mod tests {
 
     #[test]
     fn run_announcements_round_trip_and_are_checked() {
-        let a = RunAnnouncement {
+        let key = Keypair::generate_ed25519();
+        let mut a = RunAnnouncement {
             run: Hash32::of(b"v0"),
             model: "digits-mlp-3fa2".into(),
             spec: "model = \"digits-mlp\"".into(),
             creator: PeerId::random(),
             created_unix: 1,
+            signature: vec![],
         };
+        a.sign(&key);
         assert_eq!(RunAnnouncement::decode(&a.encode()).unwrap(), a);
-        let big = RunAnnouncement {
+        let mut big = RunAnnouncement {
             spec: "x".repeat(MAX_SPEC_BYTES + 1),
             ..a.clone()
         };
+        big.sign(&key);
         assert!(RunAnnouncement::decode(&big.encode()).is_err());
-        let bad = RunAnnouncement {
+        let mut bad = RunAnnouncement {
             model: "a b".into(),
+            ..a.clone()
+        };
+        bad.sign(&key);
+        assert!(RunAnnouncement::decode(&bad.encode()).is_err());
+        // The fake newest run: a real run made newer, or credited to another creator.
+        let newer = RunAnnouncement {
+            created_unix: u64::MAX,
+            ..a.clone()
+        };
+        let err = RunAnnouncement::decode(&newer.encode()).unwrap_err();
+        assert!(err.to_string().contains("not signed"), "{err}");
+        let credited = RunAnnouncement {
+            creator: Keypair::generate_ed25519().public().to_peer_id(),
             ..a
         };
-        assert!(RunAnnouncement::decode(&bad.encode()).is_err());
+        assert!(RunAnnouncement::decode(&credited.encode()).is_err());
     }
 
     #[test]

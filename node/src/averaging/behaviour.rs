@@ -324,7 +324,7 @@ struct RunsQuery {
     outstanding: usize,
     deadline: Instant,
     /// Peers that answered they train each run.
-    trainers: HashMap<VersionId, usize>,
+    trainers: HashMap<VersionId, HashSet<PeerId>>,
     reply: oneshot::Sender<KnownRuns>,
 }
 
@@ -333,8 +333,9 @@ struct RunsQuery {
 pub struct KnownRuns {
     /// Known runs, newest first.
     pub runs: Vec<RunAnnouncement>,
-    /// Connected peers that said they train each run (one answer per peer).
-    pub trainers: HashMap<VersionId, usize>,
+    /// Connected peers that said they train each run (one answer per peer): the run's
+    /// members as far as this node can tell.
+    pub trainers: HashMap<VersionId, HashSet<PeerId>>,
 }
 
 /// Why an averaging round this node opened ended without a partner's parameters.
@@ -578,14 +579,11 @@ impl Behaviour {
     /// A run announcement from gossip, signed by `source`.
     pub fn on_gossip(&mut self, source: Option<PeerId>, data: &[u8]) {
         match RunAnnouncement::decode(data) {
-            Ok(a) if source == Some(a.creator) => {
+            // Signed by its creator (checked by `decode`), whoever relayed it.
+            Ok(a) => {
                 tracing::info!(run = %a.run.short(), model = %a.model, creator = %a.creator, "training run announced");
                 self.remember_run(a);
             }
-            Ok(_) => tracing::debug!(
-                ?source,
-                "ignoring a run announcement not signed by its creator"
-            ),
             Err(e) => tracing::debug!(?source, error = %e, "ignoring a malformed run announcement"),
         }
     }
@@ -1015,15 +1013,23 @@ impl Behaviour {
         match (purpose, response) {
             (Purpose::Runs(qid), TrainResponse::Runs { runs, training }) => {
                 for run in runs.into_iter().take(MAX_RUNS_LISTED) {
-                    if run.check().is_ok() {
-                        self.remember_run(run);
+                    match run.check() {
+                        Ok(()) => self.remember_run(run),
+                        Err(e) => {
+                            // A node lists only runs it verified: this one forged or lied.
+                            self.events.push_back(Event::Misbehaved {
+                                peer,
+                                why: format!("listed a run that does not verify: {e}"),
+                            });
+                            break;
+                        }
                     }
                 }
                 if let Some(run) = training {
                     self.note_member(&run, peer);
                     if let Some(q) = self.runs_queries.get_mut(&qid) {
                         if q.trainers.len() < MAX_RUNS_KNOWN || q.trainers.contains_key(&run) {
-                            *q.trainers.entry(run).or_insert(0) += 1;
+                            q.trainers.entry(run).or_default().insert(peer);
                         }
                     }
                 }

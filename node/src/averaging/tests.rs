@@ -27,6 +27,7 @@ fn membership(attack: Option<Attack>) -> RunMembership {
             spec: String::new(),
             creator: PeerId::random(),
             created_unix: 0,
+            signature: Vec::new(),
         },
         layout: Hash32::of(b"layout"),
         params: PARAMS as u64,

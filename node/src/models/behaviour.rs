@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use libp2p::identity::Keypair;
 use libp2p::request_response::{
     self, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
 };
@@ -34,7 +35,8 @@ use super::download::{Ask, Download, OnDisk, Step, Waiter};
 use super::error::Error;
 use super::picker::Picker;
 use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
-use super::store::{ImportedFile, Store};
+use super::store::{ImportedFile, Store, VersionClaims};
+use super::trust::{Resolution, Trust};
 use super::upload::{Decision, Uploads};
 use super::{ModelsConfig, Stage};
 use crate::wire_behaviour::WrapsRequestResponse;
@@ -69,6 +71,14 @@ pub enum Event {
     },
 }
 
+/// Most announcements remembered (beyond it, the oldest-numbered of versions neither held nor
+/// downloading are forgotten first).
+pub const MAX_ANNOUNCEMENTS: usize = 4096;
+
+/// Most (model, publisher) pairs whose versions were shown but not followed, remembered so each
+/// is logged once.
+const MAX_SHOWN: usize = 1024;
+
 /// How long a query for a model's versions waits for answers.
 const VERSIONS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -90,9 +100,11 @@ struct Pending {
 
 struct VersionsQuery {
     model: String,
+    /// Only the versions of the publisher the name resolves to ([`Trust`]).
+    trusted: bool,
     outstanding: usize,
     deadline: Instant,
-    reply: oneshot::Sender<Vec<Announcement>>,
+    reply: oneshot::Sender<Result<Vec<Announcement>, Error>>,
 }
 
 /// The models protocol of one node: serving, downloading, following.
@@ -106,6 +118,12 @@ pub struct Behaviour {
     config: ModelsConfig,
     store: Store,
     local_peer: PeerId,
+    /// Signs the versions this node publishes.
+    key: Keypair,
+    /// Which publisher each model name means.
+    trust: Trust,
+    /// Versions by publishers a followed name does not mean, already logged.
+    shown: HashSet<(String, PeerId)>,
     downloads: HashMap<VersionId, Download>,
     requests: HashMap<OutboundRequestId, Pending>,
     announcements: HashMap<VersionId, Announcement>,
@@ -126,7 +144,8 @@ impl Behaviour {
     /// The protocol serving `store`. Incomplete versions found in the store resume downloading.
     /// Finished disk work comes back through `write_done`, to be passed to
     /// [`Behaviour::on_disk_event`].
-    pub fn new(config: ModelsConfig, store: Store, local_peer: PeerId) -> Self {
+    pub fn new(config: ModelsConfig, store: Store, key: Keypair, trust: Trust) -> Self {
+        let local_peer = key.public().to_peer_id();
         let (write_done, disk_events) = mpsc::unbounded_channel();
         let inner = request_response::Behaviour::with_codec(
             CborCodec::new(MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES),
@@ -148,6 +167,9 @@ impl Behaviour {
             disk_events,
             store,
             local_peer,
+            key,
+            trust,
+            shown: HashSet::new(),
             downloads: HashMap::new(),
             requests: HashMap::new(),
             announcements: HashMap::new(),
@@ -163,13 +185,40 @@ impl Behaviour {
             rng: StdRng::from_entropy(),
             config,
         };
-        let partial: Vec<VersionId> = behaviour
+        let held: Vec<Announcement> = behaviour
+            .store
+            .iter()
+            .map(|(_, v)| v.manifest.announcement())
+            .collect();
+        for a in held {
+            behaviour.announcements.insert(a.id, a);
+        }
+        // Of interrupted downloads, only the newest of each model and publisher goes on: an
+        // older one was superseded (and a liar's stream of fake versions leaves one, not all).
+        let mut partial: Vec<(String, PeerId, u64, VersionId)> = behaviour
             .store
             .iter()
             .filter(|(_, v)| !v.is_complete())
-            .map(|(id, _)| *id)
+            .map(|(id, v)| {
+                (
+                    v.manifest.model.clone(),
+                    v.manifest.publisher,
+                    v.manifest.version,
+                    *id,
+                )
+            })
             .collect();
-        for id in partial {
+        partial.sort_by(|a, b| (&a.0, a.1, b.2).cmp(&(&b.0, b.1, a.2)));
+        partial.dedup_by(|later, first| {
+            let superseded = later.0 == first.0 && later.1 == first.1;
+            if superseded {
+                tracing::info!(version = %later.3.short(), model = %later.0, "removing an interrupted download superseded by a newer version");
+                let _ = behaviour.store.remove(&later.3);
+                behaviour.announcements.remove(&later.3);
+            }
+            superseded
+        });
+        for id in partial.into_iter().map(|p| p.3) {
             let mut download = Download::new(None, Instant::now());
             behaviour.init_picker(&id, &mut download);
             tracing::info!(version = %id.short(), chunks_held = behaviour.store.get(&id).map_or(0, |v| v.have.count()), "resuming an interrupted download");
@@ -198,8 +247,24 @@ impl Behaviour {
         }
     }
 
-    /// Follows `model`: every newer version announced or found is fetched.
+    /// Follows `model`: every newer version of the publisher the name means ([`Trust`]) that
+    /// is announced or found is fetched; only the newest is kept in progress.
     pub fn follow(&mut self, model: String) {
+        if self.trust.remembered(&model).is_none() {
+            let mut held: Vec<PeerId> = self
+                .store
+                .iter()
+                .filter(|(_, v)| {
+                    v.manifest.model == model && v.manifest.publisher != self.local_peer
+                })
+                .map(|(_, v)| v.manifest.publisher)
+                .collect();
+            held.sort();
+            held.dedup();
+            if let [only] = held[..] {
+                self.trust.remember(&model, only);
+            }
+        }
         self.followed.insert(model);
     }
 
@@ -214,12 +279,22 @@ impl Behaviour {
         training: Option<TrainingMeta>,
     ) -> Result<Announcement, Error> {
         p2p_protocol::manifest::validate_model_name(model)?;
-        let latest = self.newest_known(model);
-        let version = latest.as_ref().map_or(0, |a| a.version + 1);
-        let parent = latest.map(|a| a.id);
+        let parent = self.chain_head(model, training.as_ref());
+        let version = match parent {
+            None => 0,
+            Some((_, number)) => number.checked_add(1).ok_or_else(|| {
+                Error::Import(format!("the version numbers of model {model} are used up"))
+            })?,
+        };
+        let claims = VersionClaims {
+            model: model.to_string(),
+            version,
+            parent: parent.map(|(id, _)| id),
+            training,
+        };
         let id = self
             .store
-            .adopt(imported, model, version, parent)
+            .adopt(imported, claims, &self.key)
             .map_err(|e| Error::Import(format!("{e:#}")))?;
         let Some(v) = self.store.get(&id) else {
             return Err(Error::Store {
@@ -227,14 +302,7 @@ impl Behaviour {
                 reason: "it vanished from the store".into(),
             });
         };
-        let announcement = Announcement {
-            model: model.to_string(),
-            version: v.manifest.version,
-            id,
-            size: v.manifest.total_size,
-            publisher: self.local_peer,
-            training,
-        };
+        let announcement = v.manifest.announcement();
         self.announcements.insert(id, announcement.clone());
         self.start_providing(&id);
         self.announce(&announcement);
@@ -322,8 +390,14 @@ impl Behaviour {
     }
 
     /// Asks every connected peer which versions of `model` it knows; `reply` gets them merged
-    /// with those known here, newest first.
-    pub fn query_versions(&mut self, model: String, reply: oneshot::Sender<Vec<Announcement>>) {
+    /// with those known here, newest first: with `trusted`, only those of the publisher the
+    /// name means (an error if it is ambiguous), else every verified one.
+    pub fn query_versions(
+        &mut self,
+        model: String,
+        trusted: bool,
+        reply: oneshot::Sender<Result<Vec<Announcement>, Error>>,
+    ) {
         let qid = self.next_query;
         self.next_query += 1;
         let peers: Vec<PeerId> = self.connected.iter().copied().collect();
@@ -347,6 +421,7 @@ impl Behaviour {
             qid,
             VersionsQuery {
                 model,
+                trusted,
                 outstanding: peers.len(),
                 deadline: Instant::now() + VERSIONS_QUERY_TIMEOUT,
                 reply,
@@ -372,6 +447,7 @@ impl Behaviour {
                 ModelInfo {
                     id: id.to_hex(),
                     model: v.manifest.model.clone(),
+                    publisher: v.manifest.publisher,
                     version: v.manifest.version,
                     parent: v.manifest.parent.map(|p| p.to_hex()),
                     size: v.manifest.total_size,
@@ -460,7 +536,7 @@ impl Behaviour {
             self.last_follow_poll = Some(Instant::now());
             for model in self.followed.clone() {
                 let (reply, _) = oneshot::channel();
-                self.query_versions(model, reply);
+                self.query_versions(model, true, reply);
             }
         }
         let expired: Vec<u64> = self
@@ -522,15 +598,10 @@ impl Behaviour {
                 return None;
             }
         };
-        if source != Some(announcement.publisher) {
-            tracing::debug!(
-                ?source,
-                "ignoring an announcement not signed by its publisher"
-            );
+        tracing::info!(model = %announcement.model, version = announcement.version, id = %announcement.id.short(), publisher = %announcement.publisher, ?source, "version announced");
+        if !self.learn_announcement(announcement.clone()) {
             return None;
         }
-        tracing::info!(model = %announcement.model, version = announcement.version, id = %announcement.id.short(), from = %announcement.publisher, "version announced");
-        self.learn_announcement(announcement.clone());
         Some(announcement)
     }
 
@@ -662,10 +733,20 @@ impl Behaviour {
                 self.on_chunk(peer, id, index, got, data)
             }
             (Purpose::Versions(qid), Response::Versions { versions }) => {
-                for a in versions.into_iter().take(MAX_VERSIONS_LISTED) {
-                    if p2p_protocol::manifest::validate_model_name(&a.model).is_ok() {
-                        self.learn_announcement(a);
+                // Oldest first, so that a parent is known before its child is checked.
+                let mut versions: Vec<Announcement> =
+                    versions.into_iter().take(MAX_VERSIONS_LISTED).collect();
+                versions.sort_by_key(|a| a.version);
+                for a in versions {
+                    if let Err(e) = a.verify() {
+                        // A peer relays only what it verified: this one lied or forged.
+                        self.events.push_back(Event::Misbehaved {
+                            peer,
+                            why: format!("listed a version that does not verify: {e}"),
+                        });
+                        break;
                     }
+                    self.learn_announcement(a);
                 }
                 self.answered_versions_query(qid);
             }
@@ -738,53 +819,204 @@ impl Behaviour {
 
     // ----- internals -----
 
-    fn newest_known(&self, model: &str) -> Option<Announcement> {
-        self.known_versions(model).into_iter().next()
+    /// The version a new one of `model` by this node derives from, with its number: for a
+    /// checkpoint, the newest version of its run held here (its initial weights, a checkpoint
+    /// it started from, or its own); else the newest this node published of `model`. Only held
+    /// versions count, so another peer's announcement can never renumber ours.
+    fn chain_head(&self, model: &str, training: Option<&TrainingMeta>) -> Option<(VersionId, u64)> {
+        // A run's version 0 (its id) counts when only announced: a volunteer that started from
+        // the initial weights drawn from the seed never fetched it.
+        let run_start = training
+            .and_then(|t| self.announcements.get(&t.run))
+            .filter(|a| a.model == model && a.version == 0)
+            .map(|a| (a.id, 0));
+        self.store
+            .iter()
+            .filter(|(id, v)| {
+                v.manifest.model == model
+                    && v.is_complete()
+                    && match training {
+                        Some(t) => {
+                            **id == t.run
+                                || v.manifest.training.as_ref().is_some_and(|m| m.run == t.run)
+                        }
+                        None => v.manifest.publisher == self.local_peer,
+                    }
+            })
+            .map(|(id, v)| (*id, v.manifest.version))
+            .chain(run_start)
+            .max_by_key(|(id, number)| (*number, *id))
     }
 
-    /// Versions of `model` known here (held or announced), newest first.
+    /// Every verified version of `model` known here (held or announced), newest first, at most
+    /// [`MAX_VERSIONS_LISTED`].
     fn known_versions(&self, model: &str) -> Vec<Announcement> {
-        let mut all: HashMap<VersionId, Announcement> = self
+        let mut list: Vec<Announcement> = self
             .announcements
-            .iter()
-            .filter(|(_, a)| a.model == model)
-            .map(|(id, a)| (*id, a.clone()))
+            .values()
+            .filter(|a| a.model == model)
+            .cloned()
             .collect();
-        for (id, v) in self.store.iter() {
-            if v.manifest.model == model && v.is_complete() {
-                all.entry(*id).or_insert_with(|| Announcement {
-                    model: model.to_string(),
-                    version: v.manifest.version,
-                    id: *id,
-                    size: v.manifest.total_size,
-                    publisher: self.local_peer,
-                    training: None,
-                });
-            }
-        }
-        let mut list: Vec<Announcement> = all.into_values().collect();
         list.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
         list.truncate(MAX_VERSIONS_LISTED);
         list
     }
 
-    fn learn_announcement(&mut self, a: Announcement) {
+    /// The versions of `model` by the publisher the name means, newest first; remembers that
+    /// publisher (trust on first use). Ambiguous: an error naming the publishers.
+    fn trusted_versions(&mut self, model: &str) -> Result<Vec<Announcement>, Error> {
+        let all: Vec<Announcement> = self
+            .announcements
+            .values()
+            .filter(|a| a.model == model)
+            .cloned()
+            .collect();
+        let publishers: Vec<PeerId> = all.iter().map(|a| a.publisher).collect();
+        match self.trust.resolve(model, &publishers, self.local_peer) {
+            Resolution::Publisher(p) => {
+                if p != self.local_peer && publishers.contains(&p) {
+                    self.trust.remember(model, p);
+                }
+                let mut list: Vec<Announcement> =
+                    all.into_iter().filter(|a| a.publisher == p).collect();
+                list.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
+                list.truncate(MAX_VERSIONS_LISTED);
+                Ok(list)
+            }
+            Resolution::Ambiguous(publishers) => Err(Error::AmbiguousModel {
+                model: model.to_string(),
+                publishers,
+            }),
+            Resolution::Unknown => Ok(Vec::new()),
+        }
+    }
+
+    /// Why `a` breaks the chain of its model, if it does: its number must be its parent's plus
+    /// one, when the parent is known here (held or announced). The signature is checked
+    /// already.
+    fn chain_error(&self, a: &Announcement) -> Option<String> {
+        let parent = self.announcements.get(&a.parent?)?;
+        if parent.model != a.model {
+            return Some(format!(
+                "version {} of {} names a parent of model {}",
+                a.version, a.model, parent.model
+            ));
+        }
+        (parent.version.checked_add(1) != Some(a.version)).then(|| {
+            format!(
+                "version {} of {} follows version {}, not the one before it",
+                a.version, a.model, parent.version
+            )
+        })
+    }
+
+    /// Takes in a verified announcement (signature checked by the caller): refused if it breaks
+    /// its model's chain; remembered (bounded); fetched if its model is followed, it is by the
+    /// publisher the name means and it is newer than every version of that publisher known.
+    /// Returns whether it was accepted.
+    fn learn_announcement(&mut self, a: Announcement) -> bool {
+        if let Some(why) = self.chain_error(&a) {
+            tracing::warn!(publisher = %a.publisher, id = %a.id.short(), "refusing a version: {why}");
+            return false;
+        }
         let id = a.id;
-        let publisher = Some(a.publisher).filter(|p| *p != self.local_peer);
+        let model = a.model.clone();
+        let publisher = a.publisher;
         let newer = self
-            .newest_known(&a.model)
-            .is_none_or(|n| a.version > n.version);
-        let followed = self.followed.contains(&a.model);
-        if self.announcements.len() < 4096 || self.announcements.contains_key(&id) {
-            self.announcements.insert(id, a);
+            .announcements
+            .values()
+            .filter(|k| k.model == model && k.publisher == publisher)
+            .all(|k| a.version > k.version);
+        self.remember_announcement(a);
+        if self.followed.contains(&model) && newer && self.store.get(&id).is_none() {
+            let publishers: Vec<PeerId> = self
+                .announcements
+                .values()
+                .filter(|k| k.model == model)
+                .map(|k| k.publisher)
+                .collect();
+            match self.trust.resolve(&model, &publishers, self.local_peer) {
+                Resolution::Publisher(p) if p == publisher => {
+                    if p != self.local_peer {
+                        self.trust.remember(&model, p);
+                    }
+                    self.cancel_superseded(&model, publisher, &id);
+                    self.ensure_download(id);
+                }
+                other => {
+                    if self.shown.len() < MAX_SHOWN && self.shown.insert((model.clone(), publisher))
+                    {
+                        let follows = match other {
+                            Resolution::Publisher(p) => p.to_base58(),
+                            _ => "no publisher yet (several known: pass --trust PEER_ID)".into(),
+                        };
+                        tracing::warn!(%model, %publisher, follows, "not following another publisher's versions of a followed model");
+                    }
+                }
+            }
         }
-        if followed && newer && self.store.get(&id).is_none() {
-            self.ensure_download(id);
-        }
-        if let (Some(d), Some(p)) = (self.downloads.get_mut(&id), publisher) {
-            d.publisher.get_or_insert(p);
-            d.add_holder(p);
+        if let Some(d) = self.downloads.get_mut(&id) {
+            if publisher != self.local_peer {
+                d.publisher.get_or_insert(publisher);
+                d.add_holder(publisher);
+            }
             self.drive(&id);
+        }
+        true
+    }
+
+    /// Keeps `a` in the bounded table of known versions: beyond [`MAX_ANNOUNCEMENTS`], the
+    /// lowest-numbered version neither held nor downloading is forgotten.
+    fn remember_announcement(&mut self, a: Announcement) {
+        if !self.announcements.contains_key(&a.id) && self.announcements.len() >= MAX_ANNOUNCEMENTS
+        {
+            let evict = self
+                .announcements
+                .values()
+                .filter(|k| self.store.get(&k.id).is_none() && !self.downloads.contains_key(&k.id))
+                .min_by_key(|k| (k.version, k.id))
+                .map(|k| (k.id, k.version));
+            match evict {
+                Some((old, number)) if number < a.version => {
+                    self.announcements.remove(&old);
+                }
+                _ => return,
+            }
+        }
+        self.announcements.insert(a.id, a);
+    }
+
+    /// Cancels the downloads of older versions of `model` by `publisher` that nobody waits
+    /// for (a follower's superseded versions), and removes their files.
+    fn cancel_superseded(&mut self, model: &str, publisher: PeerId, newest: &VersionId) {
+        let Some(number) = self.announcements.get(newest).map(|a| a.version) else {
+            return;
+        };
+        let superseded: Vec<VersionId> = self
+            .downloads
+            .iter()
+            .filter(|(id, d)| *id != newest && d.waiters.is_empty())
+            .filter(|(id, _)| {
+                self.announcements.get(id).is_some_and(|a| {
+                    a.model == model && a.publisher == publisher && a.version < number
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in superseded {
+            self.downloads.remove(&id);
+            for pending in self.requests.values_mut() {
+                if matches!(pending.purpose, Purpose::Manifest(v) | Purpose::Chunk(v, _) | Purpose::Have(v) if v == id)
+                {
+                    pending.cancelled = true;
+                }
+            }
+            if self.store.get(&id).is_some_and(|v| !v.is_complete()) {
+                if let Err(e) = self.store.remove(&id) {
+                    tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot delete a superseded download");
+                }
+            }
+            tracing::info!(version = %id.short(), model, "download cancelled: a newer version superseded it");
         }
     }
 
@@ -802,7 +1034,12 @@ impl Behaviour {
             .is_some_and(|q| force || q.outstanding == 0);
         if done {
             if let Some(q) = self.versions_queries.remove(&qid) {
-                let _ = q.reply.send(self.known_versions(&q.model));
+                let answer = if q.trusted {
+                    self.trusted_versions(&q.model)
+                } else {
+                    Ok(self.known_versions(&q.model))
+                };
+                let _ = q.reply.send(answer);
             }
         }
     }
@@ -909,12 +1146,23 @@ impl Behaviour {
         if self.downloads.get(&id).is_none_or(Download::has_manifest) {
             return;
         }
-        if let Err(e) = Manifest::decode_verified(bytes, &id) {
-            tracing::warn!(%peer, version = %id.short(), error = %e, "peer sent a bad manifest");
-            self.punish(peer, id, "sent a manifest that does not match its id");
+        let manifest = match Manifest::decode_verified(bytes, &id) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%peer, version = %id.short(), error = %e, "peer sent a bad manifest");
+                self.punish(peer, id, "sent a manifest that does not match its id");
+                return;
+            }
+        };
+        let announcement = manifest.announcement();
+        if let Some(why) = self.chain_error(&announcement) {
+            // Signed by its publisher, so the publisher broke its own chain: nothing of it is
+            // fetched.
+            self.fail_download(&id, Error::BrokenChain(why));
             return;
         }
-        if let Err(e) = self.store.begin(id, bytes) {
+        self.remember_announcement(announcement);
+        if let Err(e) = self.store.begin(id, manifest, bytes) {
             self.fail_download(&id, Error::store(&id, &e));
             return;
         }
@@ -1112,18 +1360,14 @@ impl Behaviour {
             resumed = report.chunks_resumed, peers = report.peers_used, seconds = report.seconds,
             "download complete"
         );
+        let (model, publisher) = (v.manifest.model.clone(), v.manifest.publisher);
         if !self.announcements.contains_key(id) {
-            self.announcements.insert(
-                *id,
-                Announcement {
-                    model: report.model.clone(),
-                    version: report.version,
-                    id: *id,
-                    size: report.size,
-                    publisher: d.publisher.unwrap_or(self.local_peer),
-                    training: None,
-                },
-            );
+            let announcement = v.manifest.announcement();
+            self.remember_announcement(announcement);
+        }
+        if publisher != self.local_peer && self.trust.remembered(&model).is_none() {
+            // A version fetched (by id, or following the name) is the publisher followed.
+            self.trust.remember(&model, publisher);
         }
         if self.uploads.serves(false, true) {
             self.start_providing(id);

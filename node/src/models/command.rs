@@ -29,8 +29,11 @@ pub enum Command {
     QueryVersions {
         /// Model name.
         model: String,
-        /// Newest first.
-        reply: oneshot::Sender<Vec<Announcement>>,
+        /// Only the versions of the publisher the name means (see [`super::trust`]); else
+        /// every verified version, whoever published it.
+        trusted: bool,
+        /// Newest first, or why the name is ambiguous.
+        reply: oneshot::Sender<Result<Vec<Announcement>, Error>>,
     },
     /// Versions held (`GET /models`).
     Models(oneshot::Sender<Vec<ModelInfo>>),
@@ -72,7 +75,11 @@ impl Behaviour {
                 reply,
                 progress,
             } => self.fetch(id, reply, progress),
-            Command::QueryVersions { model, reply } => self.query_versions(model, reply),
+            Command::QueryVersions {
+                model,
+                trusted,
+                reply,
+            } => self.query_versions(model, trusted, reply),
             Command::Models(reply) => {
                 let _ = reply.send(self.models());
             }

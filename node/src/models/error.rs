@@ -48,6 +48,17 @@ pub enum Error {
     /// Writing the exported file failed (or a chunk no longer matched its hash).
     #[error("{0}")]
     Export(String),
+    /// Several peers publish a model of this name and none is trusted.
+    #[error("model '{model}' is published by {} peers ({}): choose one with --trust PEER_ID", publishers.len(), publishers.iter().map(|p| p.to_base58()).collect::<Vec<_>>().join(", "))]
+    AmbiguousModel {
+        /// The name.
+        model: String,
+        /// Its publishers.
+        publishers: Vec<libp2p::PeerId>,
+    },
+    /// The version's number is not its parent's plus one (its publisher signed a broken chain).
+    #[error("{0}")]
+    BrokenChain(String),
 }
 
 impl Error {

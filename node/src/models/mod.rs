@@ -39,6 +39,7 @@ pub mod error;
 pub mod picker;
 pub mod report;
 pub mod store;
+pub mod trust;
 pub mod upload;
 
 pub use behaviour::{Behaviour, Event};

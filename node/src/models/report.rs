@@ -67,6 +67,8 @@ pub struct ModelInfo {
     pub id: String,
     /// Model name.
     pub model: String,
+    /// The publisher, who signed it.
+    pub publisher: libp2p::PeerId,
     /// Version number.
     pub version: u64,
     /// Parent version id.

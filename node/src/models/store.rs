@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use libp2p::identity::Keypair;
 use p2p_protocol::bitfield::Bitfield;
 use p2p_protocol::manifest::{self, Hash32, Manifest, VersionId, MANIFEST_FORMAT};
 use p2p_protocol::safetensors;
+use p2p_protocol::training::TrainingMeta;
 
 use crate::fsutil;
 
@@ -135,6 +137,32 @@ impl ChunkRead {
         let mut buffer = vec![0u8; (self.range.end - self.range.start) as usize];
         self.file.read_exact_at(&mut buffer, self.range.start)?;
         Ok(buffer)
+    }
+}
+
+/// What the publisher claims of a version it adopts: everything its signed header holds but the
+/// file's own description.
+#[derive(Debug, Clone)]
+pub struct VersionClaims {
+    /// Model name.
+    pub model: String,
+    /// Version number: the parent's plus one, or 0 without a parent.
+    pub version: u64,
+    /// The version this one derives from.
+    pub parent: Option<VersionId>,
+    /// For a checkpoint: its run, step, samples and evaluation.
+    pub training: Option<TrainingMeta>,
+}
+
+impl VersionClaims {
+    /// Version 0 of `model`, not a checkpoint.
+    pub fn first(model: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            version: 0,
+            parent: None,
+            training: None,
+        }
     }
 }
 
@@ -264,12 +292,20 @@ impl Store {
     pub fn adopt(
         &mut self,
         mut imported: ImportedFile,
-        model: &str,
-        version: u64,
-        parent: Option<VersionId>,
+        claims: VersionClaims,
+        key: &Keypair,
     ) -> Result<VersionId> {
+        let VersionClaims {
+            model,
+            version,
+            parent,
+            training,
+        } = claims;
+        let publisher = key.public().to_peer_id();
         if let Some((id, _)) = self.versions.iter().find(|(_, v)| {
             v.manifest.model == model
+                && v.manifest.publisher == publisher
+                && v.manifest.training == training
                 && v.manifest.chunk_hashes == imported.chunk_hashes
                 && v.manifest.total_size == imported.total_size
                 && v.is_complete()
@@ -277,19 +313,21 @@ impl Store {
             return Ok(*id); // the staging copy goes when `imported` is dropped
         }
         let staging = imported.staging.clone();
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             format: MANIFEST_FORMAT,
-            model: model.to_string(),
+            model,
             version,
             parent,
             total_size: imported.total_size,
             chunk_size: imported.chunk_size,
             chunk_hashes: std::mem::take(&mut imported.chunk_hashes),
             tensors: std::mem::take(&mut imported.tensors),
+            publisher,
+            training,
+            signature: Vec::new(),
         };
-        // Encoded once: the id is the hash of exactly these bytes.
+        let id = manifest.sign(key);
         let bytes = manifest.encode();
-        let id = Hash32::of(&bytes);
         let dir = self.root.join(id.to_hex());
         let result = (|| -> Result<StoredVersion> {
             manifest.validate()?;
@@ -346,12 +384,17 @@ impl Store {
         Ok(())
     }
 
-    /// Starts holding version `id` from its verified manifest bytes (data empty), unless held.
-    pub fn begin(&mut self, id: VersionId, manifest_bytes: &[u8]) -> Result<()> {
+    /// Starts holding version `id` from its manifest, already verified against `id` (see
+    /// [`Manifest::decode_verified`]), and the manifest's bytes (data empty), unless held.
+    pub fn begin(
+        &mut self,
+        id: VersionId,
+        manifest: Manifest,
+        manifest_bytes: &[u8],
+    ) -> Result<()> {
         if self.versions.contains_key(&id) {
             return Ok(());
         }
-        let manifest = Manifest::decode_verified(manifest_bytes, &id)?;
         let dir = self.root.join(id.to_hex());
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let file = OpenOptions::new()
@@ -722,6 +765,9 @@ fn check_limits(
         chunk_size,
         chunk_hashes: vec![0; chunks as usize * manifest::HASH_BYTES],
         tensors: header.tensors.clone(),
+        publisher: libp2p::PeerId::random(),
+        training: None,
+        signature: vec![0; p2p_protocol::signing::MAX_SIGNATURE_BYTES],
     };
     let size = probe.encode().len();
     if size > manifest::MAX_MANIFEST_BYTES {
@@ -1011,7 +1057,13 @@ mod tests {
         model(&source, 100_000, 5);
         let mut store = Store::open(&root).unwrap();
         let imported = Store::import_file(&root, &source, CHUNK).unwrap();
-        let id = store.adopt(imported, "m", 0, None).unwrap();
+        let id = store
+            .adopt(
+                imported,
+                VersionClaims::first("m"),
+                &Keypair::generate_ed25519(),
+            )
+            .unwrap();
         drop(store);
         fs::create_dir_all(root.join(format!(".removing-{}", Hash32::of(b"x").to_hex()))).unwrap();
         let orphan = root.join(Hash32::of(b"y").to_hex());
@@ -1047,7 +1099,13 @@ mod tests {
         let mut store = Store::open(&root).unwrap();
         let mut imported = Store::import_file(&root, &source, CHUNK).unwrap();
         imported.tensors[0].name = "other".into();
-        let id = store.adopt(imported, "m", 0, None).unwrap();
+        let id = store
+            .adopt(
+                imported,
+                VersionClaims::first("m"),
+                &Keypair::generate_ed25519(),
+            )
+            .unwrap();
         let e = format!("{:#}", store.check_header(&id).unwrap_err());
         assert!(e.contains("other tensors"), "{e}");
         store.remove(&id).unwrap();

@@ -10,10 +10,12 @@ use libp2p::swarm::{Swarm, SwarmEvent};
 use libp2p::PeerId;
 use libp2p_swarm_test::SwarmExt;
 use p2p_protocol::manifest::VersionId;
+use p2p_protocol::messages::Announcement;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
 use super::store::Store;
+use super::trust::Trust;
 use super::ModelsConfig;
 use super::{Behaviour, DownloadReport, Event};
 
@@ -30,7 +32,7 @@ fn node(config: ModelsConfig) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("models")).unwrap();
     let swarm =
-        Swarm::new_ephemeral_tokio(|key| Behaviour::new(config, store, key.public().to_peer_id()));
+        Swarm::new_ephemeral_tokio(|key| Behaviour::new(config, store, key, Trust::new([])));
     Node {
         swarm,
         _dir: dir,
@@ -85,7 +87,12 @@ async fn fetch(nodes: &mut [Node], id: VersionId) -> Result<DownloadReport, supe
 }
 
 async fn connect(nodes: &mut [Node]) {
-    for n in nodes.iter_mut() {
+    connect_after(nodes, 0).await;
+}
+
+/// Connects the last node to every other one; the first `listening` are listening already.
+async fn connect_after(nodes: &mut [Node], listening: usize) {
+    for n in nodes.iter_mut().skip(listening) {
         n.swarm.listen().with_memory_addr_external().await;
     }
     let last = nodes.len() - 1;
@@ -103,11 +110,48 @@ async fn two_holders_and_a_fetcher(
     second: ModelsConfig,
     fetcher: ModelsConfig,
 ) -> (Vec<Node>, VersionId) {
-    let mut nodes = vec![node(first), node(second), node(fetcher)];
-    connect(&mut nodes).await;
-    let id = publish(&mut nodes[0], file);
-    assert_eq!(publish(&mut nodes[1], file), id, "same bytes, same version");
+    let mut publisher = node(first);
+    publisher.swarm.listen().with_memory_addr_external().await;
+    let id = publish(&mut publisher, file);
+    // The second holder holds the very same signed version: a copy of the publisher's store.
+    let holder = node_with_store_of(second, &publisher);
+    let mut nodes = vec![publisher, holder, node(fetcher)];
+    connect_after(&mut nodes, 1).await;
     (nodes, id)
+}
+
+/// A node whose store starts as a copy of `other`'s.
+fn node_with_store_of(config: ModelsConfig, other: &Node) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let from = other._dir.path().join("models");
+    let to = dir.path().join("models");
+    for entry in walk(&from) {
+        let target = to.join(entry.strip_prefix(&from).unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &target).unwrap();
+    }
+    let store = Store::open(&to).unwrap();
+    let swarm =
+        Swarm::new_ephemeral_tokio(|key| Behaviour::new(config, store, key, Trust::new([])));
+    Node {
+        swarm,
+        _dir: dir,
+        events: Vec::new(),
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 /// Bytes of version `id` that `node` uploaded.
@@ -277,4 +321,152 @@ async fn an_import_whose_caller_went_away_is_not_published() {
         )));
     assert!(n.swarm.behaviour().models().is_empty(), "nothing published");
     assert!(!staging.exists(), "the staging copy is deleted");
+}
+
+/// A models behaviour outside a swarm, with its store under `dir`.
+fn bare(dir: &std::path::Path, key: &libp2p::identity::Keypair) -> Behaviour {
+    let store = Store::open(&dir.join("models")).unwrap();
+    Behaviour::new(ModelsConfig::default(), store, key.clone(), Trust::new([]))
+}
+
+/// Publishes `file` as the next version of model `m` on `b`.
+fn publish_bare(b: &mut Behaviour, dir: &std::path::Path, file: &std::path::Path) -> Announcement {
+    let imported = Store::import_file(&dir.join("models"), file, CHUNK).unwrap();
+    b.publish(imported, "m", None).unwrap()
+}
+
+/// The adversarial peer's fake newest version: its own signed "m" at u64::MAX. Neither the
+/// publisher's numbering nor a follower's downloads move; a renumbered copy of the real one
+/// does not even decode. The follower keeps only the newest real version in progress.
+#[tokio::test]
+async fn a_fake_newest_version_moves_nothing_and_a_follower_keeps_only_the_newest_in_progress() {
+    let files = tempfile::tempdir().unwrap();
+    let first = model_file(&files.path().join(""), 3 * CHUNK as usize);
+    let second_dir = files.path().join("2");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let second = model_file(&second_dir, 4 * CHUNK as usize);
+    let keys: Vec<libp2p::identity::Keypair> = (0..3)
+        .map(|_| libp2p::identity::Keypair::generate_ed25519())
+        .collect();
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut publisher = bare(dirs[0].path(), &keys[0]);
+    let v0 = publish_bare(&mut publisher, dirs[0].path(), &first);
+
+    // The liar signs its own "m" numbered u64::MAX (it cannot sign the publisher's).
+    let (mut fake, _) = publisher.complete_version(&v0.id).unwrap();
+    fake.version = u64::MAX;
+    fake.parent = Some(VersionId::of(b"a parent nobody has"));
+    fake.sign(&keys[1]);
+    let fake = fake.announcement();
+    assert!(
+        publisher.on_gossip(None, &fake.encode()).is_some(),
+        "valid, but the liar's"
+    );
+    let v1 = publish_bare(&mut publisher, dirs[0].path(), &second);
+    assert_eq!(
+        (v1.version, v1.parent),
+        (1, Some(v0.id)),
+        "numbered from its own chain"
+    );
+    let mut renumbered = v1.clone();
+    renumbered.version = u64::MAX;
+    assert!(publisher.on_gossip(None, &renumbered.encode()).is_none());
+
+    // A follower that was fetching v0 when it stopped.
+    {
+        let mut store = Store::open(&dirs[2].path().join("models")).unwrap();
+        let (m, _) = publisher.complete_version(&v0.id).unwrap();
+        store.begin(v0.id, m.clone(), &m.encode()).unwrap();
+    }
+    let mut follower = bare(dirs[2].path(), &keys[2]);
+    follower.follow("m".into());
+    assert!(follower.download_state(&v0.id).is_some(), "resumed");
+    follower.on_gossip(None, &fake.encode());
+    assert!(
+        follower.download_state(&fake.id).is_none(),
+        "another publisher's version"
+    );
+    follower.on_gossip(None, &v1.encode());
+    assert!(
+        follower.download_state(&v1.id).is_some(),
+        "the publisher's newer version"
+    );
+    assert!(
+        follower.download_state(&v0.id).is_none(),
+        "the older one is cancelled"
+    );
+    assert!(
+        !dirs[2].path().join("models").join(v0.id.to_hex()).exists(),
+        "and its files removed"
+    );
+}
+
+/// A version whose number is not its parent's plus one is refused, even signed.
+#[tokio::test]
+async fn a_version_that_breaks_its_chain_is_refused() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 2 * CHUNK as usize);
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let dir = tempfile::tempdir().unwrap();
+    let mut publisher = bare(dir.path(), &key);
+    let v0 = publish_bare(&mut publisher, dir.path(), &file);
+    let (mut skip, _) = publisher.complete_version(&v0.id).unwrap();
+    skip.version = 5;
+    skip.parent = Some(v0.id);
+    skip.sign(&key);
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut other = bare(
+        other_dir.path(),
+        &libp2p::identity::Keypair::generate_ed25519(),
+    );
+    assert!(other.on_gossip(None, &v0.encode()).is_some());
+    assert!(other
+        .on_gossip(None, &skip.announcement().encode())
+        .is_none());
+}
+
+/// Two publishers of one name and no trust: a fetch by name is refused with both named;
+/// `--trust` picks one.
+#[tokio::test]
+async fn an_ambiguous_name_is_refused_until_a_publisher_is_trusted() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 2 * CHUNK as usize);
+    let (ka, kb) = (
+        libp2p::identity::Keypair::generate_ed25519(),
+        libp2p::identity::Keypair::generate_ed25519(),
+    );
+    let (da, db, dc) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = publish_bare(&mut bare(da.path(), &ka), da.path(), &file);
+    let b = publish_bare(&mut bare(db.path(), &kb), db.path(), &file);
+    assert_ne!(a.id, b.id, "same bytes, two publishers, two versions");
+    for (trusting_b, trust) in [
+        (false, Trust::new([])),
+        (true, Trust::new([kb.public().to_peer_id()])),
+    ] {
+        let store = Store::open(&dc.path().join("models")).unwrap();
+        let mut c = Behaviour::new(
+            ModelsConfig::default(),
+            store,
+            libp2p::identity::Keypair::generate_ed25519(),
+            trust,
+        );
+        c.on_gossip(None, &a.encode());
+        c.on_gossip(None, &b.encode());
+        let (tx, rx) = oneshot::channel();
+        c.query_versions("m".into(), true, tx);
+        let answer = rx.await.unwrap();
+        if !trusting_b {
+            let err = answer.unwrap_err().to_string();
+            assert!(
+                err.contains("--trust") && err.contains(&a.publisher.to_base58()),
+                "{err}"
+            );
+        } else {
+            assert_eq!(answer.unwrap()[0].id, b.id);
+        }
+    }
 }

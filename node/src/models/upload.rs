@@ -236,7 +236,13 @@ mod tests {
         let root = dir.path().join("models");
         let mut store = Store::open(&root).unwrap();
         let imported = Store::import_file(&root, &file, 4096).unwrap();
-        let id = store.adopt(imported, "m", 0, None).unwrap();
+        let id = store
+            .adopt(
+                imported,
+                crate::models::store::VersionClaims::first("m"),
+                &libp2p::identity::Keypair::generate_ed25519(),
+            )
+            .unwrap();
         (dir, store, id)
     }
 

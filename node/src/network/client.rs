@@ -185,16 +185,29 @@ pub struct Client {
     connectivity: watch::Receiver<Connectivity>,
     /// The training coordinator's status, once one runs (shared by every clone).
     training: Arc<std::sync::Mutex<Option<watch::Receiver<TrainingStatus>>>>,
+    /// The node's identity, to sign the runs it creates.
+    key: Arc<libp2p::identity::Keypair>,
 }
 
 impl Client {
-    /// Wraps the command channel of an event loop and its connectivity `watch`.
-    pub fn new(sender: mpsc::Sender<Command>, connectivity: watch::Receiver<Connectivity>) -> Self {
+    /// Wraps the command channel of an event loop, its connectivity `watch` and the node's
+    /// identity.
+    pub fn new(
+        sender: mpsc::Sender<Command>,
+        connectivity: watch::Receiver<Connectivity>,
+        key: libp2p::identity::Keypair,
+    ) -> Self {
         Self {
             sender,
             connectivity,
             training: Arc::default(),
+            key: Arc::new(key),
         }
+    }
+
+    /// Signs `run` as its creator: this node.
+    pub fn sign_run(&self, run: &mut RunAnnouncement) {
+        run.sign(&self.key);
     }
 
     /// The node's connections, updated as they change.
@@ -327,11 +340,29 @@ impl Client {
             .await
     }
 
-    /// Versions of `model` known to this node and its connected peers, newest first.
+    /// Versions of `model` known to this node and its connected peers, newest first, by the
+    /// publisher the name means (see [`models::trust`]; an error if it is ambiguous).
     pub async fn query_versions(&self, model: &str) -> Result<Vec<Announcement>> {
+        self.query(model, true).await
+    }
+
+    /// Every verified version of `model` known to this node and its connected peers, whoever
+    /// published it, newest first (a run's checkpoints come from all its members).
+    pub async fn query_all_versions(&self, model: &str) -> Result<Vec<Announcement>> {
+        self.query(model, false).await
+    }
+
+    async fn query(&self, model: &str, trusted: bool) -> Result<Vec<Announcement>> {
         let model = model.to_string();
-        self.ask(|reply| Command::Models(models::Command::QueryVersions { model, reply }))
-            .await
+        self.ask(|reply| {
+            Command::Models(models::Command::QueryVersions {
+                model,
+                trusted,
+                reply,
+            })
+        })
+        .await?
+        .map_err(|e| anyhow!(e))
     }
 
     /// Versions held, with progress and traffic.

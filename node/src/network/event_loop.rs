@@ -26,6 +26,7 @@ use super::reputation::{self, Reputation, Verdict};
 use crate::averaging;
 use crate::config::NodeConfig;
 use crate::models::store::Store;
+use crate::models::trust::Trust;
 use crate::models::{self, Behaviour as ModelsBehaviour};
 
 /// Capacity of the command channel: callers wait when the loop is this far behind.
@@ -56,12 +57,12 @@ impl EventLoop {
     /// Fails (with a one-line reason) if an address cannot be listened on.
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
         let store = Store::open(&config.models_dir())?;
-        let local_peer = key.public().to_peer_id();
-        let mut models = ModelsBehaviour::new(config.models.clone(), store, local_peer);
+        let trust = Trust::load(&config.trust_path(), config.trust.iter().copied());
+        let mut models = ModelsBehaviour::new(config.models.clone(), store, key.clone(), trust);
         for model in &config.follow {
             models.follow(model.clone());
         }
-        let (mut swarm, pending_listeners) = super::swarm::build(key, &config, models)?;
+        let (mut swarm, pending_listeners) = super::swarm::build(key.clone(), &config, models)?;
         let bans_path = config.bans_path();
         let saved = reputation::load_bans(&bans_path).unwrap_or_else(|e| {
             tracing::warn!(error = %format!("{e:#}"), "ignoring the ban list");
@@ -75,7 +76,7 @@ impl EventLoop {
         let (maintenance_interval, peer_cache_save_interval) =
             (config.maintenance_interval, config.peer_cache_save_interval);
         let discovery = Discovery::new(config, book);
-        let client = Client::new(sender, discovery.connectivity());
+        let client = Client::new(sender, discovery.connectivity(), key.clone());
         let event_loop = Self {
             swarm,
             commands,

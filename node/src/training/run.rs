@@ -24,6 +24,7 @@ use p2p_models::device::DeviceChoice;
 use p2p_models::model::Model;
 use p2p_models::spec::{DatasetSpec, RunSpec};
 use p2p_protocol::manifest::VersionId;
+use p2p_protocol::messages::Announcement;
 use p2p_protocol::training::RunAnnouncement;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -243,13 +244,15 @@ async fn create(
         .publish(&initial, &name)
         .await
         .context("cannot publish the run's initial weights")?;
-    let announcement = RunAnnouncement {
+    let mut announcement = RunAnnouncement {
         run: published.id,
         model: name,
         spec: spec.to_toml(),
         creator: local_peer,
         created_unix: unix_now(),
+        signature: Vec::new(),
     };
+    client.sign_run(&mut announcement);
     // Recorded before it is announced: from here on, the same command resumes this run.
     save_state(data_dir, &announcement, shard, None)?;
     client.announce_run(announcement.clone()).await?;
@@ -286,7 +289,14 @@ async fn resume(
         }
     } else {
         tracing::info!(run = %announcement.run.short(), "no local checkpoint yet; starting from the newest version on the network");
-        newest_version(client, &announcement, &dir, options.find_timeout).await?
+        start_version(
+            client,
+            &announcement,
+            (&spec, &data),
+            &dir,
+            options.find_timeout,
+        )
+        .await?
     };
     save_state(data_dir, &announcement, shard, data_path.as_deref())?;
     Ok(PreparedRun {
@@ -317,7 +327,14 @@ async fn join(
         .unwrap_or_else(|| (shard_of(&local_peer, spec.shards), spec.shards));
     let data = load_data(&spec, options.data.as_deref(), shard)?;
     let dir = run_dir(data_dir, &announcement.run);
-    let start = newest_version(client, &announcement, &dir, options.find_timeout).await?;
+    let start = start_version(
+        client,
+        &announcement,
+        (&spec, &data),
+        &dir,
+        options.find_timeout,
+    )
+    .await?;
     save_state(data_dir, &announcement, shard, options.data.as_deref())?;
     tracing::info!(run = %announcement.run.short(), model = %announcement.model, shard = %format!("{}/{}", shard.0, shard.1), "joined training run");
     Ok(PreparedRun {
@@ -350,7 +367,7 @@ pub fn choose_run(known: &KnownRuns, warned: &mut HashSet<VersionId>) -> Option<
             }
         })
         .max_by_key(|r| {
-            let trainers = known.trainers.get(&r.run).copied().unwrap_or(0);
+            let trainers = known.trainers.get(&r.run).map_or(0, HashSet::len);
             (trainers, std::cmp::Reverse((r.created_unix, r.run)))
         })
         .cloned()
@@ -391,10 +408,28 @@ async fn find_run(
     }
 }
 
-/// Fetches the newest version of the run's model through the swarm.
-async fn newest_version(
+/// Most checkpoints a newcomer fetches and checks before it starts from the run's initial
+/// weights instead.
+const MAX_START_CANDIDATES: usize = 3;
+
+/// How much worse than announced a checkpoint's loss on this node's test split may be: a
+/// factor and an absolute slack (the test split is the same for every node of a run, so an
+/// honest figure matches up to floating-point noise and device differences).
+const LOSS_TOLERANCE: (f64, f64) = (1.10, 0.05);
+
+/// The run's version this node starts from when it has no checkpoint of its own.
+///
+/// Only checkpoints of this run published by its members count: its creator, or a peer that
+/// says it trains the run. Newest first, each (at most [`MAX_START_CANDIDATES`]) is fetched and
+/// checked: its metadata must match what its signed announcement claims (run, step, samples),
+/// its weights must fit the run's model, and its loss on this node's own test split must be
+/// within [`LOSS_TOLERANCE`] of the announced loss. A checkpoint that fails is refused (its
+/// publisher penalized) and the next is tried; with none left, training starts from the run's
+/// initial weights, which are drawn from the spec's seed exactly as its creator drew them.
+async fn start_version(
     client: &Client,
     announcement: &RunAnnouncement,
+    prepared: (&RunSpec, &Dataset),
     dir: &Path,
     timeout: Duration,
 ) -> Result<Start> {
@@ -405,16 +440,21 @@ async fn newest_version(
         LOOKUP_RETRY,
         IfUnreachable::GiveUp,
         || async {
-            Ok(client
-                .query_versions(&announcement.model)
+            let versions = client.query_all_versions(&announcement.model).await?;
+            let members = client
+                .query_runs()
                 .await?
-                .into_iter()
-                .next())
+                .trainers
+                .remove(&announcement.run)
+                .unwrap_or_default();
+            let candidates = run_checkpoints(announcement, &members, versions);
+            // Version 0 is always there once the creator is reached.
+            Ok((!candidates.is_empty()).then_some(candidates))
         },
     )
     .await?;
-    let newest = match found {
-        Lookup::Found(newest) => newest,
+    let candidates = match found {
+        Lookup::Found(candidates) => candidates,
         Lookup::Unreachable(why) => bail!("cannot look for the run's model: {why}"),
         Lookup::TimedOut { .. } => bail!(
             "no version of {} found on the network within {} s",
@@ -422,15 +462,98 @@ async fn newest_version(
             timeout.as_secs()
         ),
     };
-    tracing::info!(model = %announcement.model, version = newest.version, id = %newest.id.short(), "fetching the run's newest version");
-    client.fetch(newest.id).await?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = dir.join("start.safetensors");
-    client.export(newest.id, &path).await?;
-    Ok(Start::Checkpoint {
-        path,
-        resume: false,
-    })
+    for candidate in candidates.into_iter().take(MAX_START_CANDIDATES) {
+        let Some(claimed) = candidate.training.clone() else {
+            break; // version 0: the initial weights
+        };
+        tracing::info!(model = %announcement.model, version = candidate.version, id = %candidate.id.short(), publisher = %candidate.publisher, step = claimed.step, "fetching and checking the run's newest checkpoint");
+        let path = dir.join("start.safetensors");
+        let checked = async {
+            tokio::time::timeout(timeout, client.fetch(candidate.id))
+                .await
+                .map_err(|_| anyhow!("not fetched within {} s", timeout.as_secs()))??;
+            client.export(candidate.id, &path).await?;
+            let (spec, data) = (prepared.0.clone(), prepared.1.clone());
+            let file = path.clone();
+            tokio::task::spawn_blocking(move || check_start(&spec, &data, &file, &claimed))
+                .await
+                .context("the checkpoint check stopped")?
+        }
+        .await;
+        match checked {
+            Ok(loss) => {
+                tracing::info!(
+                    version = candidate.version,
+                    loss,
+                    "starting from a checked checkpoint"
+                );
+                return Ok(Start::Checkpoint {
+                    path,
+                    resume: false,
+                });
+            }
+            Err(e) => {
+                let why = format!("checkpoint {} refused: {e:#}", candidate.id.short());
+                tracing::warn!(publisher = %candidate.publisher, "{why}");
+                let _ = std::fs::remove_file(&path);
+                client.refuse_peer(candidate.publisher, why, true).await?;
+            }
+        }
+    }
+    tracing::info!(run = %announcement.run.short(), "starting from the run's initial weights");
+    Ok(Start::Initial)
+}
+
+/// The versions of `run` a newcomer may start from, newest first: version 0 (the run's id, by
+/// its creator) and the checkpoints of the run published by its creator or by `members`.
+fn run_checkpoints(
+    run: &RunAnnouncement,
+    members: &HashSet<PeerId>,
+    versions: Vec<Announcement>,
+) -> Vec<Announcement> {
+    let mut out: Vec<Announcement> = versions
+        .into_iter()
+        .filter(|a| a.model == run.model)
+        .filter(|a| {
+            let member = a.publisher == run.creator || members.contains(&a.publisher);
+            let of_run = a.training.as_ref().is_some_and(|t| t.run == run.run);
+            (a.id == run.run && a.publisher == run.creator) || (member && of_run)
+        })
+        .collect();
+    out.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
+    out
+}
+
+/// Checks a fetched checkpoint against its signed claims: metadata, shapes, and loss on this
+/// node's test split. Returns that loss.
+fn check_start(
+    spec: &RunSpec,
+    data: &Dataset,
+    path: &Path,
+    claimed: &p2p_protocol::training::TrainingMeta,
+) -> Result<f64> {
+    let model = Model::new(spec, &p2p_models::Device::Cpu)?;
+    let (values, meta) = checkpoint::load(path, model.layout())?;
+    let meta = meta.context("the file has no training metadata")?;
+    if meta.run != claimed.run.to_hex()
+        || meta.step != claimed.step
+        || meta.samples_seen != claimed.samples_seen
+    {
+        bail!(
+            "its metadata (run {}, step {}, {} samples) is not what its announcement claims (step {}, {} samples)",
+            meta.run, meta.step, meta.samples_seen, claimed.step, claimed.samples_seen
+        );
+    }
+    model.set_params(&values)?;
+    let own = model.evaluate(data)?.loss;
+    let Some(announced) = claimed.loss else {
+        bail!("its announcement gives no loss to check it against");
+    };
+    if !own.is_finite() || own > announced * LOSS_TOLERANCE.0 + LOSS_TOLERANCE.1 {
+        bail!("its loss on this node's test split is {own:.4}, not the announced {announced:.4}");
+    }
+    Ok(own)
 }
 
 /// Loads the run's data set (or `data` instead) and keeps `shard` of its training split.
@@ -499,6 +622,10 @@ mod tests {
         assert!(seen.iter().all(|n| *n > 20), "{seen:?}");
     }
 
+    fn peers(n: usize) -> HashSet<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
     fn run(n: u8, created_unix: u64, spec: &str) -> RunAnnouncement {
         RunAnnouncement {
             run: VersionId::of(&[n]),
@@ -506,6 +633,7 @@ mod tests {
             spec: spec.into(),
             creator: PeerId::random(),
             created_unix,
+            signature: Vec::new(),
         }
     }
 
@@ -517,7 +645,9 @@ mod tests {
         let broken = run(3, 2_000, "model = \"resnet\"\n");
         let mut known = KnownRuns {
             runs: vec![fake.clone(), broken.clone(), real.clone()],
-            trainers: [(real.run, 3), (broken.run, 9)].into_iter().collect(),
+            trainers: [(real.run, peers(3)), (broken.run, peers(9))]
+                .into_iter()
+                .collect(),
         };
         let mut warned = HashSet::new();
         assert_eq!(choose_run(&known, &mut warned), Some(real.clone()));
@@ -553,6 +683,7 @@ mod tests {
             spec: named.to_toml(),
             creator: PeerId::random(),
             created_unix: 0,
+            signature: Vec::new(),
         }
     }
 
