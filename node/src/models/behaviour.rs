@@ -30,7 +30,9 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::disk::{self, ChunkJob, ChunkRead, ChunkWriter, DiskEvent, Imported, PublishFile};
+use super::disk::{
+    self, ChunkJob, ChunkRead, ChunkWriter, DecodedManifest, DiskEvent, Imported, PublishFile,
+};
 use super::download::{Ask, Download, OnDisk, Step, Waiter};
 use super::error::Error;
 use super::picker::Picker;
@@ -124,6 +126,8 @@ pub struct Behaviour {
     trust: Trust,
     /// Versions by publishers a followed name does not mean, already logged.
     shown: HashSet<(String, PeerId)>,
+    /// Versions whose manifest is being decoded off the event loop.
+    decoding: HashSet<VersionId>,
     downloads: HashMap<VersionId, Download>,
     requests: HashMap<OutboundRequestId, Pending>,
     announcements: HashMap<VersionId, Announcement>,
@@ -170,6 +174,7 @@ impl Behaviour {
             key,
             trust,
             shown: HashSet::new(),
+            decoding: HashSet::new(),
             downloads: HashMap::new(),
             requests: HashMap::new(),
             announcements: HashMap::new(),
@@ -707,7 +712,7 @@ impl Behaviour {
         }
         match (pending.purpose, response) {
             (Purpose::Manifest(id), Response::Manifest { bytes }) => {
-                self.on_manifest(peer, id, &bytes)
+                self.on_manifest(peer, id, bytes)
             }
             (
                 Purpose::Have(id),
@@ -1142,11 +1147,27 @@ impl Behaviour {
         );
     }
 
-    fn on_manifest(&mut self, peer: PeerId, id: VersionId, bytes: &[u8]) {
-        if self.downloads.get(&id).is_none_or(Download::has_manifest) {
+    /// A manifest arrived: decoded and verified off the event loop (one at a time per version),
+    /// then [`Self::on_manifest_decoded`].
+    fn on_manifest(&mut self, peer: PeerId, id: VersionId, bytes: Vec<u8>) {
+        if self.downloads.get(&id).is_none_or(Download::has_manifest) || !self.decoding.insert(id) {
             return;
         }
-        let manifest = match Manifest::decode_verified(bytes, &id) {
+        disk::spawn_decode(id, peer, bytes, self.write_done.clone());
+    }
+
+    fn on_manifest_decoded(&mut self, decoded: DecodedManifest) {
+        let DecodedManifest {
+            id,
+            peer,
+            bytes,
+            result,
+        } = decoded;
+        self.decoding.remove(&id);
+        if self.downloads.get(&id).is_none_or(Download::has_manifest) {
+            return; // cancelled, or another copy was taken meanwhile
+        }
+        let manifest = match result {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(%peer, version = %id.short(), error = %e, "peer sent a bad manifest");
@@ -1162,7 +1183,7 @@ impl Behaviour {
             return;
         }
         self.remember_announcement(announcement);
-        if let Err(e) = self.store.begin(id, manifest, bytes) {
+        if let Err(e) = self.store.begin(id, manifest, &bytes) {
             self.fail_download(&id, Error::store(&id, &e));
             return;
         }
@@ -1244,6 +1265,7 @@ impl Behaviour {
                 result,
             } => self.on_chunk_written(id, index, peer, bytes, result),
             DiskEvent::ChunkRead(read) => self.on_chunk_read(*read),
+            DiskEvent::ManifestDecoded(decoded) => self.on_manifest_decoded(*decoded),
             DiskEvent::Imported(imported) => self.on_imported(*imported),
             DiskEvent::Synced { id, result } => {
                 self.store.sync_finished(&id, result.is_ok());

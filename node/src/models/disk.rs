@@ -1,6 +1,7 @@
-//! The models behaviour's disk work off the event loop: one writer thread that verifies and
-//! writes received chunks (`ChunkWriter`), and blocking tasks for reads of chunks to serve,
-//! syncs, imports of files to publish and exports of complete versions. All but exports
+//! The models behaviour's disk and CPU work off the event loop: one writer thread that verifies
+//! and writes received chunks (`ChunkWriter`), and blocking tasks for decoding and verifying
+//! received manifests (up to 8 MiB, a signature and a hash over all of it), reads of chunks to
+//! serve, syncs, imports of files to publish and exports of complete versions. All but exports
 //! report back as [`DiskEvent`]s; an export answers its caller directly.
 
 use std::collections::HashMap;
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 
 use libp2p::request_response::{InboundRequestId, ResponseChannel};
 use libp2p::PeerId;
-use p2p_protocol::manifest::{Manifest, VersionId};
+use p2p_protocol::manifest::{Manifest, ManifestError, VersionId};
 use p2p_protocol::messages::{Announcement, Response};
 use p2p_protocol::training::TrainingMeta;
 use tokio::sync::{mpsc, oneshot};
@@ -88,6 +89,8 @@ pub enum DiskEvent {
     },
     /// A chunk to serve was read (or failed to be).
     ChunkRead(Box<ChunkRead>),
+    /// A received manifest was decoded and verified against its id (or refused).
+    ManifestDecoded(Box<DecodedManifest>),
     /// A file to publish was imported (or failed to be).
     Imported(Box<Imported>),
     /// A version's written chunks were made durable (or failed to be).
@@ -147,6 +150,38 @@ impl ChunkWriter {
             let _ = self.done.send(job.run());
         }
     }
+}
+
+/// A manifest received for a download, decoded and verified off the event loop.
+#[derive(Debug)]
+pub struct DecodedManifest {
+    /// The version asked for.
+    pub id: VersionId,
+    /// Who sent it.
+    pub peer: PeerId,
+    /// The bytes received.
+    pub bytes: Vec<u8>,
+    /// The manifest, or why it was refused.
+    pub result: Result<Manifest, ManifestError>,
+}
+
+/// Decodes and verifies `bytes` as the manifest of `id` on a blocking thread (see
+/// [`Manifest::decode_verified`]); the outcome comes back as [`DiskEvent::ManifestDecoded`].
+pub(super) fn spawn_decode(
+    id: VersionId,
+    peer: PeerId,
+    bytes: Vec<u8>,
+    done: mpsc::UnboundedSender<DiskEvent>,
+) {
+    tokio::task::spawn_blocking(move || {
+        let result = Manifest::decode_verified(&bytes, &id);
+        let _ = done.send(DiskEvent::ManifestDecoded(Box::new(DecodedManifest {
+            id,
+            peer,
+            bytes,
+            result,
+        })));
+    });
 }
 
 /// Reads a chunk to serve on a blocking thread; the bytes come back as
