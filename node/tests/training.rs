@@ -530,3 +530,71 @@ async fn a_node_joining_late_from_a_checkpoint_is_not_held_back_by_finished_peer
     handles.push(late);
     stop_all(handles, nodes).await;
 }
+
+/// A member's poisoned checkpoint: the run's creator publishes, as the newest version, random
+/// weights whose signed metadata claims a loss of 0.01. A newcomer fetches it, measures the
+/// loss on its own test split, refuses it (penalizing the publisher) and starts from the
+/// newest honest checkpoint instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_refuses_a_checkpoint_whose_loss_is_not_what_it_claims() {
+    let files = tempfile::tempdir().unwrap();
+    let spec_path = files.path().join("digits.toml");
+    let text = EXAMPLE_SPEC
+        .replace("steps = 600", "steps = 200")
+        .replace("partition = \"by-label\"", "partition = \"iid\"");
+    std::fs::write(&spec_path, &text).unwrap();
+    let nodes = start_nodes(2).await;
+    let mut creator_options = options((0, 1), false);
+    creator_options.create = Some(spec_path.clone());
+    let mut creator = train(&nodes[0], creator_options).await;
+    let honest = tokio::time::timeout(TRAIN_TIMEOUT, creator.finished())
+        .await
+        .expect("the creator finished in time")
+        .unwrap();
+    let honest_loss = honest.loss.unwrap();
+
+    // The poison: random weights, claiming to be far better and further along.
+    let spec = p2p_models::spec::RunSpec::parse(&text).unwrap();
+    let model = p2p_models::model::Model::new(&spec, &p2p_models::Device::Cpu).unwrap();
+    let values: Vec<f32> = common::pseudo_random(model.layout().len() * 4, 9)
+        .chunks(4)
+        .map(|b| (f32::from(b[0]) - 128.0) / 8.0)
+        .collect();
+    let poison = files.path().join("poison.safetensors");
+    let meta = p2p_models::checkpoint::CheckpointMeta {
+        run: honest.run_id.clone(),
+        step: 10_000,
+        samples_seen: 1_000_000,
+        loss: Some(0.01),
+        accuracy: Some(0.99),
+    };
+    p2p_models::checkpoint::save(&poison, model.layout(), &values, &meta).unwrap();
+    let published = nodes[0]
+        .handle
+        .client
+        .publish_checkpoint(&poison, &honest.model)
+        .await
+        .unwrap();
+    assert_eq!(published.training.as_ref().unwrap().loss, Some(0.01));
+
+    let mut newcomer = train(&nodes[1], options((0, 1), false)).await;
+    let status = tokio::time::timeout(TRAIN_TIMEOUT, newcomer.finished())
+        .await
+        .expect("the newcomer finished in time")
+        .unwrap();
+    let penalties = nodes[1].handle.client.penalties().await.unwrap();
+    eprintln!(
+        "creator loss {honest_loss:.3}; newcomer: samples {}, loss {:?}, penalties {penalties:?}",
+        status.samples_seen, status.loss
+    );
+    assert!(
+        penalties.get(&nodes[0].peer_id()).copied().unwrap_or(0) >= 1,
+        "the poisoned checkpoint's publisher was penalized: {penalties:?}"
+    );
+    assert!(
+        status.samples_seen >= 200 * 32 * 2 && status.samples_seen < 1_000_000,
+        "started from the honest checkpoint, not the poison nor scratch: {status:?}"
+    );
+    creator.stop().await.unwrap();
+    stop_all(vec![newcomer], nodes).await;
+}

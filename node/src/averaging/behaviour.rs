@@ -80,6 +80,30 @@ const RUNS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most run announcements remembered.
 const MAX_RUNS_KNOWN: usize = 256;
 
+/// Most peers remembered as refused or avoided in a run (identities are cheap: beyond it, an
+/// arbitrary one is forgotten; a peer forgotten and still lying is refused again at once).
+const MAX_TRACKED_PEERS: usize = 4096;
+
+/// Inserts `peer` into `set`, forgetting an arbitrary other one at [`MAX_TRACKED_PEERS`].
+fn insert_bounded(set: &mut HashSet<PeerId>, peer: PeerId) {
+    if set.len() >= MAX_TRACKED_PEERS && !set.contains(&peer) {
+        if let Some(any) = set.iter().next().copied() {
+            set.remove(&any);
+        }
+    }
+    set.insert(peer);
+}
+
+/// Marks `peer` avoided since now, forgetting the longest-avoided at [`MAX_TRACKED_PEERS`].
+fn avoid(avoided: &mut HashMap<PeerId, Instant>, peer: PeerId) {
+    if avoided.len() >= MAX_TRACKED_PEERS && !avoided.contains_key(&peer) {
+        if let Some(oldest) = avoided.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p) {
+            avoided.remove(&oldest);
+        }
+    }
+    avoided.insert(peer, Instant::now());
+}
+
 /// The trainer's parameters at one moment, as served to peers.
 pub struct Snapshot {
     /// Which snapshot this is (increasing within one trainer): mixes against the same one
@@ -469,7 +493,7 @@ impl Behaviour {
     /// Excludes `peer` from averaging in this run (its parameters failed a check).
     pub fn refuse(&mut self, peer: PeerId) {
         if let Some(j) = self.joined.as_mut() {
-            j.refused.insert(peer);
+            insert_bounded(&mut j.refused, peer);
             j.members.remove(&peer);
         }
     }
@@ -543,7 +567,7 @@ impl Behaviour {
         }
         if let Some(j) = self.joined.as_mut() {
             j.members.remove(&peer);
-            j.avoided.insert(peer, Instant::now());
+            avoid(&mut j.avoided, peer);
         }
     }
 
@@ -1048,7 +1072,7 @@ impl Behaviour {
             (Purpose::Open, TrainResponse::Refused { reason }) => {
                 if let Some(j) = self.joined.as_mut() {
                     j.members.remove(&peer);
-                    j.avoided.insert(peer, Instant::now());
+                    avoid(&mut j.avoided, peer);
                 }
                 self.retry(peer, &reason);
             }

@@ -73,9 +73,11 @@ pub enum Event {
     },
 }
 
-/// Most announcements remembered (beyond it, the oldest-numbered of versions neither held nor
-/// downloading are forgotten first).
+/// Most announcements remembered (see [`Behaviour::remember_announcement`] for which go).
 pub const MAX_ANNOUNCEMENTS: usize = 4096;
+
+/// Most announcements remembered of one publisher.
+pub const MAX_ANNOUNCEMENTS_PER_PUBLISHER: usize = 256;
 
 /// Most (model, publisher) pairs whose versions were shown but not followed, remembered so each
 /// is logged once.
@@ -970,22 +972,48 @@ impl Behaviour {
         true
     }
 
-    /// Keeps `a` in the bounded table of known versions: beyond [`MAX_ANNOUNCEMENTS`], the
-    /// lowest-numbered version neither held nor downloading is forgotten.
+    /// Keeps `a` in the bounded table of known versions. A publisher has at most
+    /// [`MAX_ANNOUNCEMENTS_PER_PUBLISHER`] there and all together at most [`MAX_ANNOUNCEMENTS`]:
+    /// beyond either, the lowest-numbered version neither held nor downloading of that
+    /// publisher (or of the publisher with the most) is forgotten, so one peer's flood of its
+    /// own versions never pushes out anyone else's.
     fn remember_announcement(&mut self, a: Announcement) {
-        if !self.announcements.contains_key(&a.id) && self.announcements.len() >= MAX_ANNOUNCEMENTS
-        {
-            let evict = self
-                .announcements
-                .values()
-                .filter(|k| self.store.get(&k.id).is_none() && !self.downloads.contains_key(&k.id))
-                .min_by_key(|k| (k.version, k.id))
-                .map(|k| (k.id, k.version));
-            match evict {
-                Some((old, number)) if number < a.version => {
-                    self.announcements.remove(&old);
+        if !self.announcements.contains_key(&a.id) {
+            let mut per_publisher: HashMap<PeerId, usize> = HashMap::new();
+            for k in self.announcements.values() {
+                *per_publisher.entry(k.publisher).or_default() += 1;
+            }
+            let own = per_publisher.get(&a.publisher).copied().unwrap_or(0);
+            let crowded = if own >= MAX_ANNOUNCEMENTS_PER_PUBLISHER {
+                Some(a.publisher)
+            } else if self.announcements.len() >= MAX_ANNOUNCEMENTS {
+                per_publisher
+                    .into_iter()
+                    .max_by_key(|(p, n)| (*n, *p))
+                    .map(|(p, _)| p)
+            } else {
+                None
+            };
+            if let Some(crowded) = crowded {
+                let evict = self
+                    .announcements
+                    .values()
+                    .filter(|k| {
+                        k.publisher == crowded
+                            && self.store.get(&k.id).is_none()
+                            && !self.downloads.contains_key(&k.id)
+                    })
+                    .min_by_key(|k| (k.version, k.id))
+                    .map(|k| k.id);
+                match evict {
+                    Some(old) => {
+                        self.announcements.remove(&old);
+                    }
+                    // Nothing to forget: a version held or downloading is kept anyway.
+                    None if self.store.get(&a.id).is_some()
+                        || self.downloads.contains_key(&a.id) => {}
+                    None => return,
                 }
-                _ => return,
             }
         }
         self.announcements.insert(a.id, a);

@@ -470,3 +470,40 @@ async fn an_ambiguous_name_is_refused_until_a_publisher_is_trusted() {
         }
     }
 }
+
+/// A peer flooding its own signed versions fills only its share of the table: another
+/// publisher's versions are still known and listed.
+#[tokio::test]
+async fn a_flood_of_one_publishers_versions_does_not_push_out_anothers() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 2 * CHUNK as usize);
+    let (honest_key, liar_key) = (
+        libp2p::identity::Keypair::generate_ed25519(),
+        libp2p::identity::Keypair::generate_ed25519(),
+    );
+    let (hd, nd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut honest = bare(hd.path(), &honest_key);
+    let real = publish_bare(&mut honest, hd.path(), &file);
+    let (template, _) = honest.complete_version(&real.id).unwrap();
+    let mut node = bare(nd.path(), &libp2p::identity::Keypair::generate_ed25519());
+    assert!(node.on_gossip(None, &real.encode()).is_some());
+    for n in 1..=(super::behaviour::MAX_ANNOUNCEMENTS as u64 + 10) {
+        let mut fake = template.clone();
+        fake.model = "n".into();
+        fake.version = u64::MAX - n;
+        fake.parent = Some(VersionId::of(&n.to_le_bytes()));
+        fake.sign(&liar_key);
+        node.on_gossip(None, &fake.announcement().encode());
+    }
+    let (tx, rx) = oneshot::channel();
+    node.query_versions("m".into(), true, tx);
+    assert_eq!(rx.await.unwrap().unwrap()[0].id, real.id);
+    let (tx, rx) = oneshot::channel();
+    node.query_versions("n".into(), false, tx);
+    let liars = rx.await.unwrap().unwrap();
+    assert_eq!(liars.len(), p2p_protocol::messages::MAX_VERSIONS_LISTED);
+    assert!(
+        liars.iter().all(|a| a.version > u64::MAX - 300),
+        "only its newest kept"
+    );
+}
