@@ -598,3 +598,44 @@ async fn a_newcomer_refuses_a_checkpoint_whose_loss_is_not_what_it_claims() {
     creator.stop().await.unwrap();
     stop_all(vec![newcomer], nodes).await;
 }
+
+/// The fake newest run: a liar creates a run after the real one (so it is the newest) and then
+/// trains nothing. A volunteer without `--run` joins the run its peers train, not the newest
+/// announcement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volunteer_joins_the_run_peers_train_not_the_newest_announcement() {
+    let files = tempfile::tempdir().unwrap();
+    let real_spec = files.path().join("real.toml");
+    std::fs::write(
+        &real_spec,
+        EXAMPLE_SPEC.replace("steps = 600", "steps = 100000"),
+    )
+    .unwrap();
+    let fake_spec = files.path().join("fake.toml");
+    std::fs::write(&fake_spec, format!("{EXAMPLE_SPEC}\nseed = 99\n")).unwrap();
+    let nodes = start_nodes(3).await;
+    let mut real_options = options((0, 1), true);
+    real_options.create = Some(real_spec);
+    let real = train(&nodes[0], real_options).await;
+    let real_run = common::wait_for("the real run to start", TRAIN_TIMEOUT, || async {
+        let s = real.status.borrow().clone();
+        (!s.run_id.is_empty()).then_some(s.run_id)
+    })
+    .await;
+    // Created later, so newest; its creator stops training it at once.
+    let mut fake_options = options((0, 1), true);
+    fake_options.create = Some(fake_spec);
+    let fake = train(&nodes[1], fake_options).await;
+    let fake_run = fake.status.borrow().run_id.clone();
+    fake.stop().await.unwrap();
+    assert_ne!(fake_run, real_run);
+
+    let volunteer = train(&nodes[2], options((0, 1), true)).await;
+    let joined = volunteer.status.borrow().run_id.clone();
+    assert_eq!(joined, real_run, "joined the run its peers train");
+    volunteer.stop().await.unwrap();
+    real.stop().await.unwrap();
+    for n in nodes {
+        n.handle.stop().await.unwrap();
+    }
+}

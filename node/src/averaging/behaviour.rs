@@ -490,6 +490,18 @@ impl Behaviour {
         self.served = Some(served);
     }
 
+    /// Leaves the run joined (training stopped): its sessions are dropped, and peers that ask
+    /// hear that this node trains no run.
+    pub fn leave(&mut self) {
+        if let Some(j) = self.joined.take() {
+            tracing::info!(run = %j.membership.announcement.run.short(), "left the run's averaging");
+        }
+        self.served = None;
+        self.inbound.clear();
+        self.outbound = None;
+        self.opening = None;
+    }
+
     /// Excludes `peer` from averaging in this run (its parameters failed a check).
     pub fn refuse(&mut self, peer: PeerId) {
         if let Some(j) = self.joined.as_mut() {

@@ -20,6 +20,8 @@ pub enum Command {
         /// Where finished sessions opened by peers go.
         served: mpsc::Sender<PeerParams>,
     },
+    /// Stop taking part in the run: sessions end, peers are told "not training any run".
+    LeaveRun,
     /// Open an averaging round with a random peer of the run.
     Average(oneshot::Sender<Result<PeerParams, RoundError>>),
     /// Connected peers known to train the same run.
@@ -36,6 +38,7 @@ impl Behaviour {
                 snapshots,
                 served,
             } => self.join(*membership, snapshots, served),
+            Command::LeaveRun => self.leave(),
             Command::Average(reply) => self.average(reply),
             Command::RunPeers(reply) => {
                 let _ = reply.send(self.status().run_peers);

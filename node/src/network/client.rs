@@ -409,6 +409,14 @@ impl Client {
             .map_err(|_| anyhow!("the node has stopped"))
     }
 
+    /// Stops taking part in the run's averaging (training stopped).
+    pub async fn leave_run(&self) -> Result<()> {
+        self.sender
+            .send(Command::Averaging(averaging::Command::LeaveRun))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
     /// Averages with a random peer of the run: returns its parameters (finite, checked for
     /// length) once both sides have exchanged theirs, or why the round found no partner.
     /// The outer error means the node has stopped.

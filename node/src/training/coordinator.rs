@@ -191,7 +191,10 @@ pub async fn start(
         if wait {
             tokio::select! {
                 r = wait_for_peers(&coordinator.client, &coordinator.spec) => r?,
-                () = stopped.cancelled() => return Ok(()),
+                () = stopped.cancelled() => {
+                    let _ = coordinator.client.leave_run().await;
+                    return Ok(());
+                }
             }
             coordinator
                 .status
@@ -350,6 +353,8 @@ impl Coordinator {
             }
         }
         let _ = self.to_trainer.try_send(ToTrainer::Stop);
+        // Peers asking which run this node trains hear "none" from now on.
+        let _ = self.client.leave_run().await;
         drop(events); // the trainer's last sends fail fast instead of blocking
         let joined = tokio::task::spawn_blocking(move || thread.join()).await;
         if !matches!(joined, Ok(Ok(()))) {
