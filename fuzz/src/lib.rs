@@ -357,6 +357,11 @@ fn requests() -> Vec<Request> {
         },
         Request::Versions {
             model: "digits-mlp".into(),
+            publisher: None,
+        },
+        Request::Versions {
+            model: "digits-mlp".into(),
+            publisher: Some(peer()),
         },
     ]
 }
@@ -449,12 +454,19 @@ fn announcement() -> Announcement {
 }
 
 fn run_announcement() -> RunAnnouncement {
+    let mut v0 = manifest();
+    v0.model = "digits-mlp-1a2b3c".into();
+    v0.version = 0;
+    v0.parent = None;
+    v0.sign(&key());
+    let initial = v0.announcement();
     let mut run = RunAnnouncement {
-        run: id(1),
+        run: initial.id,
         model: "digits-mlp-1a2b3c".into(),
         spec: "model = \"digits-mlp\"\ndataset = \"digits\"\n".into(),
         creator: peer(),
         created_unix: 1_800_000_000,
+        initial,
         signature: Vec::new(),
     };
     run.sign(&key());

@@ -107,6 +107,7 @@ pub struct TrainArgs {
 #[derive(Debug, Clone, Args)]
 pub struct FetchArgs {
     /// A model name (the newest announced version is fetched) or a version id (64 hex digits).
+    #[arg(value_parser = parse_target)]
     pub target: String,
     /// Where to write the file.
     #[arg(long, value_name = "FILE")]
@@ -164,14 +165,15 @@ pub struct CommonArgs {
 
     /// Fetch every new version of this model as it is announced (repeatable), from the
     /// publisher the name means (see --trust).
-    #[arg(long, global = true, value_name = "MODEL")]
+    #[arg(long, global = true, value_name = "MODEL", value_parser = parse_model_name)]
     pub follow: Vec<String>,
 
-    /// A publisher whose versions a model name means when several peers publish that name
-    /// (repeatable). Without it, a name means the publisher followed or fetched before, or
-    /// the only one known (remembered in DATA_DIR/trust.json).
-    #[arg(long, global = true, value_name = "PEER_ID")]
-    pub trust: Vec<libp2p::PeerId>,
+    /// Which publisher a model name means (repeatable): `PEER_ID` trusts a publisher for
+    /// names not yet bound (then nobody else is taken on first use); `NAME=PEER_ID` binds a
+    /// name. Without it, a name means the publisher followed or fetched before, or the only
+    /// one known (remembered in DATA_DIR/trust.json).
+    #[arg(long, global = true, value_name = "PEER_ID|NAME=PEER_ID")]
+    pub trust: Vec<crate::models::trust::TrustArg>,
 
     /// Distribution stage (1-4 exist for measurement; `swarm` is stage 5, the default).
     #[arg(long, global = true, default_value = "swarm",
@@ -311,6 +313,21 @@ fn parse_share(s: &str, what: &str) -> Result<Portion, String> {
 
 fn parse_bootstrap(s: &str) -> Result<BootstrapAddr, String> {
     s.parse()
+}
+
+/// A model name by the protocol's rules.
+fn parse_model_name(s: &str) -> Result<String, String> {
+    p2p_protocol::manifest::validate_model_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("'{s}' is not a model name: {e}"))
+}
+
+/// A version id (64 hex digits) or a model name.
+fn parse_target(s: &str) -> Result<String, String> {
+    if s.parse::<p2p_protocol::manifest::VersionId>().is_ok() {
+        return Ok(s.to_string());
+    }
+    parse_model_name(s).map_err(|e| format!("{e} (nor a version id of 64 hex digits)"))
 }
 
 #[cfg(test)]

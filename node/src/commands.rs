@@ -298,7 +298,11 @@ async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Resul
     )
     .await?;
     match newest {
-        Lookup::Found(newest) => {
+        Lookup::Found(first) => {
+            // The first answer may come from the first peer reached: once the other ways to
+            // join have settled, ask again, so that a name several reachable peers publish is
+            // reported as ambiguous every time, not resolved by who answered first.
+            let newest = settled_answer(client, model, deadline).await?.unwrap_or(first);
             tracing::info!(model, version = newest.version, id = %newest.id, size = newest.size, "newest version found");
             Ok(newest.id)
         }
@@ -314,6 +318,27 @@ async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Resul
         ),
         Lookup::TimedOut { most_connected, .. } => bail!("{most_connected} peer(s) reachable, but none knows a version of model '{model}' (is the name right, and is a node serving it?)"),
     }
+}
+
+/// Longest wait for pending dials before a model name is resolved for good.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until no dial to a bootstrap, cached or mDNS peer is pending (at most
+/// [`SETTLE_TIMEOUT`], never past `deadline`), then asks for `model`'s newest version again.
+async fn settled_answer(
+    client: &Client,
+    model: &str,
+    deadline: Instant,
+) -> Result<Option<p2p_protocol::messages::Announcement>> {
+    let mut connectivity = client.connectivity();
+    let until = deadline.min(Instant::now() + SETTLE_TIMEOUT);
+    while connectivity.borrow().join.dials_pending > 0 {
+        match tokio::time::timeout_at(until, connectivity.changed()).await {
+            Ok(Ok(())) => {}
+            _ => break, // timed out, or the node stopped
+        }
+    }
+    Ok(client.query_versions(model).await?.into_iter().next())
 }
 
 /// Shows a download's progress as it arrives: an `indicatif` bar on a terminal (cleared

@@ -52,7 +52,7 @@ pub struct NodeConfig {
     pub follow: Vec<String>,
     /// Publishers whose versions a bare model name means (`--trust`; see
     /// [`crate::models::trust`]).
-    pub trust: Vec<libp2p::PeerId>,
+    pub trust: Vec<crate::models::trust::TrustArg>,
     /// With any: only these peers may connect, either way (a closed network).
     pub allow_peers: Vec<libp2p::PeerId>,
     /// A private network's pre-shared key: only nodes with the same key can connect (TCP

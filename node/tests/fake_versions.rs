@@ -1,8 +1,12 @@
 //! The adversarial peer's fake newest versions, as processes: a liar publishes a dozen versions
-//! of a model a follower follows, each with a manifest of about 7 MiB (a 64 KiB file with a
-//! 65,536-entry tensor index) and numbered far above the real ones. The follower fetches none of
-//! them (they are the liar's, not the publisher's it follows), its memory and disk stay as they
-//! were, its API stays responsive, and the real publisher's next version still arrives.
+//! of a model a follower follows (numbered 0 to 11, above the real publisher's 0 and 1), each
+//! with the largest tensor index its size allows (2,048 tensors for 4 MiB; a 64 KiB file with
+//! a 65,536-entry index, the attack as first reported, is refused by every manifest check, see
+//! `p2p_protocol::manifest::max_tensors`). The follower fetches none of them (they are the
+//! liar's, not the publisher's it follows), its memory and disk stay as they were, its API
+//! stays responsive, and the real publisher's next version still arrives. A second follower
+//! that trusts the liar for the name does fetch them (manifests decoded off its event loop, at
+//! most the newest in progress); its memory figure is printed.
 //!
 //! Figures print with `cargo test -p p2p-node --test fake_versions -- --nocapture`.
 
@@ -17,8 +21,10 @@ use common::process::{poll, Running, LOOPBACK};
 use common::{http_get, http_post_json};
 
 const FAKES: usize = 12;
-/// One-byte tensors in each fake version: the most a manifest may list.
-const FAKE_TENSORS: usize = 65_536;
+/// Tensors in each fake version, of [`FAKE_TENSOR_BYTES`] each: the most a file of that size
+/// may list.
+const FAKE_TENSORS: usize = 2048;
+const FAKE_TENSOR_BYTES: usize = 2048;
 const WAIT: Duration = Duration::from_secs(240);
 
 fn start(data_dir: &Path, extra: &[&str]) -> Running {
@@ -28,14 +34,15 @@ fn start(data_dir: &Path, extra: &[&str]) -> Running {
     Running::start(&args)
 }
 
-/// A safetensors file of `FAKE_TENSORS` one-byte tensors with long names.
+/// A safetensors file of [`FAKE_TENSORS`] tensors with long names.
 fn fake_file(path: &Path, seed: usize) {
     let padding = "x".repeat(60);
     let tensors: Vec<(String, Vec<u8>)> = (0..FAKE_TENSORS)
         .map(|i| {
+            let name = format!("t{seed:02}.{i:06}.{padding}");
             (
-                format!("t{seed:02}.{i:06}.{padding}"),
-                vec![(i % 251) as u8],
+                name,
+                common::pseudo_random(FAKE_TENSOR_BYTES, (seed * FAKE_TENSORS + i) as u64),
             )
         })
         .collect();
@@ -111,7 +118,7 @@ fn publish(api: std::net::SocketAddr, file: &Path, model: &str) -> serde_json::V
 }
 
 #[test]
-fn a_liars_fake_versions_with_huge_manifests_move_nothing_on_a_follower() {
+fn a_liars_fake_versions_move_nothing_on_a_follower() {
     let files = tempfile::tempdir().unwrap();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let (real0, _) = common::model_file(files.path(), "real0.safetensors", 1, 1);
@@ -139,10 +146,20 @@ fn a_liars_fake_versions_with_huge_manifests_move_nothing_on_a_follower() {
     let mut liar = start(dirs[2].path(), &["--bootstrap", &join]);
     let liar_api = liar.api_addr();
     let liar_id = peer_id(liar_api);
+    // The follower that trusts the liar for "m".
+    let trusting_dir = tempfile::tempdir().unwrap();
+    let bound = format!("m={liar_id}");
+    let mut trusting = start(
+        trusting_dir.path(),
+        &["--bootstrap", &join, "--follow", "m", "--trust", &bound],
+    );
+    let trusting_api = trusting.api_addr();
+    let (trusting_rss_before, _) = memory_kib(trusting.child.id());
     let mut slowest_health = Duration::ZERO;
-    let probe = |slowest: &mut Duration| {
+    let mut trusting_slowest = Duration::ZERO;
+    let probe = |api, slowest: &mut Duration| {
         let t = Instant::now();
-        let (code, _) = http_get(follower_api, "/healthz").unwrap();
+        let (code, _) = http_get(api, "/healthz").unwrap();
         assert_eq!(code, 200);
         *slowest = (*slowest).max(t.elapsed());
     };
@@ -152,14 +169,29 @@ fn a_liars_fake_versions_with_huge_manifests_move_nothing_on_a_follower() {
         let answer = publish(liar_api, &file, "m");
         assert_eq!(answer["publisher"], liar_id.as_str());
         std::fs::remove_file(&file).unwrap();
-        probe(&mut slowest_health);
+        probe(follower_api, &mut slowest_health);
+        probe(trusting_api, &mut trusting_slowest);
     }
     // The follower saw them (it says so), and fetched none.
     follower.wait_line(common::process::Stream::Stderr, WAIT, |l| {
         l.contains("not following another publisher's versions of a followed model")
             && l.contains(&liar_id)
     });
-    probe(&mut slowest_health);
+    probe(follower_api, &mut slowest_health);
+    probe(trusting_api, &mut trusting_slowest);
+
+    // The trusting follower ends with the liar's newest.
+    poll(
+        WAIT,
+        "the trusting follower to fetch the liar's newest",
+        || {
+            held(trusting_api, "m")
+                .contains(&(liar_id.clone(), FAKES as u64 - 1))
+                .then_some(())
+        },
+    );
+    let (trusting_rss, trusting_peak) = memory_kib(trusting.child.id());
+    let trusting_held = held(trusting_api, "m").len();
 
     // The real publisher's next version still arrives.
     let answer = publish(publisher_api, &real1, "m");
@@ -172,7 +204,8 @@ fn a_liars_fake_versions_with_huge_manifests_move_nothing_on_a_follower() {
             .contains(&(publisher_id.clone(), 1))
             .then_some(())
     });
-    probe(&mut slowest_health);
+    probe(follower_api, &mut slowest_health);
+    probe(trusting_api, &mut trusting_slowest);
     let versions = held(follower_api, "m");
     assert!(
         versions.iter().all(|(p, _)| *p == publisher_id),
@@ -183,7 +216,7 @@ fn a_liars_fake_versions_with_huge_manifests_move_nothing_on_a_follower() {
     let liar_manifests = disk_bytes(&dirs[2].path().join("models"));
     println!(
         "follower: RSS {} -> {} MiB (peak {} MiB); models on disk {:.1} -> {:.1} MiB; slowest /healthz {} ms; \
-         the liar published {FAKES} versions holding {:.1} MiB (manifests of {FAKE_TENSORS} tensors each)",
+         the liar published {FAKES} versions holding {:.1} MiB ({FAKE_TENSORS} tensors each)",
         rss_before / 1024,
         rss_after / 1024,
         peak / 1024,
@@ -191,6 +224,17 @@ fn a_liars_fake_versions_with_huge_manifests_move_nothing_on_a_follower() {
         disk_after as f64 / 1048576.0,
         slowest_health.as_millis(),
         liar_manifests as f64 / 1048576.0,
+    );
+    println!(
+        "trusting follower: RSS {} -> {} MiB (peak {} MiB) holding {trusting_held} of the liar's versions; slowest /healthz {} ms",
+        trusting_rss_before / 1024,
+        trusting_rss / 1024,
+        trusting_peak / 1024,
+        trusting_slowest.as_millis(),
+    );
+    assert!(
+        trusting_slowest < Duration::from_secs(2),
+        "/healthz took {trusting_slowest:?} while the liar's versions arrived"
     );
     // Version 1 (1 MiB) is the only growth on disk; memory grows by far less than one fake
     // manifest per version would cost (the report had 19 -> 334 MiB).

@@ -45,6 +45,21 @@ pub const MAX_MANIFEST_TENSORS: usize = 65_536;
 /// Most tensors with no elements a manifest may list (each non-empty tensor holds at least one
 /// byte of the file, so their count is bounded by its size).
 pub const MAX_EMPTY_TENSORS: usize = 1024;
+
+/// Tensors a manifest may list whatever the file's size; beyond them, one per
+/// [`BYTES_PER_EXTRA_TENSOR`] of file. A tensor index costs a holder a few hundred bytes of
+/// memory per entry, so this keeps that cost a small fraction of the file's size: a 64 KiB
+/// file cannot carry a 65,536-entry index (7 MiB of manifest, tens of MiB in memory).
+pub const TENSORS_FOR_ANY_SIZE: usize = 1024;
+
+/// File bytes per tensor beyond [`TENSORS_FOR_ANY_SIZE`].
+pub const BYTES_PER_EXTRA_TENSOR: u64 = 4096;
+
+/// Most tensors a manifest of a file of `total_size` bytes may list.
+pub fn max_tensors(total_size: u64) -> usize {
+    let by_size = TENSORS_FOR_ANY_SIZE as u64 + total_size / BYTES_PER_EXTRA_TENSOR;
+    by_size.min(MAX_MANIFEST_TENSORS as u64) as usize
+}
 /// Bytes of one BLAKE3 hash.
 pub const HASH_BYTES: usize = 32;
 
@@ -52,7 +67,8 @@ pub const HASH_BYTES: usize = 32;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Hash32(pub [u8; HASH_BYTES]);
 
-/// A version's id: the BLAKE3 hash of its encoded manifest. Shown as 64 hex digits.
+/// A version's id: the BLAKE3 hash of its manifest's encoded header (see the module docs).
+/// Shown as 64 hex digits.
 pub type VersionId = Hash32;
 
 impl Hash32 {
@@ -330,7 +346,9 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Decodes and validates `bytes` (without an id to check them against).
+    /// Decodes and validates `bytes` (without an id to check them against). The bytes must
+    /// be the manifest's own canonical encoding ([`Self::encode`]): no trailing bytes, no
+    /// unknown fields, nothing unsigned that would be stored and served on.
     pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::Invalid(format!(
@@ -340,6 +358,11 @@ impl Manifest {
         }
         let manifest: Self =
             ciborium::from_reader(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        if manifest.encode() != bytes {
+            return Err(ManifestError::Malformed(
+                "not the canonical encoding (extra bytes or fields)".into(),
+            ));
+        }
         manifest.validate()?;
         Ok(manifest)
     }
@@ -394,10 +417,12 @@ impl Manifest {
         // A small file with a huge tensor index (35,000 entries for 4 KiB) is memory and CPU
         // spent on a version that holds nothing: tensors must not overlap, and only a few may
         // be empty.
-        if self.tensors.len() > MAX_MANIFEST_TENSORS {
+        if self.tensors.len() > max_tensors(self.total_size) {
             return invalid(format!(
-                "{} tensors, more than {MAX_MANIFEST_TENSORS}",
-                self.tensors.len()
+                "{} tensors for a file of {} bytes, more than {} (1,024, then one per 4 KiB, at most {MAX_MANIFEST_TENSORS})",
+                self.tensors.len(),
+                self.total_size,
+                max_tensors(self.total_size)
             ));
         }
         let empty = self.tensors.iter().filter(|t| t.start == t.end).count();
@@ -541,6 +566,13 @@ mod tests {
             rehashed.validate(),
             Err(ManifestError::BadSignature { .. })
         ));
+        // Unsigned bytes riding along (trailing junk) are not stored and served on.
+        let mut padded = m.encode();
+        padded.extend_from_slice(&[0u8; 64]);
+        assert!(matches!(
+            Manifest::decode_verified(&padded, &m.id()),
+            Err(ManifestError::Malformed(_))
+        ));
         // Signed again by someone else: valid, but it is that peer's version, another id.
         let mut stolen = m.clone();
         let thief = Keypair::generate_ed25519();
@@ -584,13 +616,28 @@ mod tests {
         let mut m = manifest(&[1; 4096], MIN_CHUNK_SIZE);
         m.tensors = (0..35_000).map(|i| entry(i, 0, 0)).collect();
         let e = m.validate().unwrap_err().to_string();
-        assert!(e.contains("empty tensors"), "{e}");
-        m.tensors = (0..35_000).map(|i| entry(i, 0, 4096)).collect();
+        assert!(e.contains("tensors for a file of 4096 bytes"), "{e}");
+        m.tensors = (0..1000).map(|i| entry(i, 0, 4096)).collect();
         assert!(m.validate().unwrap_err().to_string().contains("overlap"));
-        // One byte each, side by side: as many as the file has bytes, and valid.
-        m.tensors = (0..4096).map(|i| entry(i, i, i + 1)).collect();
+        m.tensors = (0..1025).map(|i| entry(i, 0, 0)).collect();
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("empty tensors"));
+        // One byte each, side by side: for 4 KiB, 1,026 are one too many and 1,025 valid.
+        m.tensors = (0..1026).map(|i| entry(i, i, i + 1)).collect();
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than 1025"));
+        m.tensors.pop();
         m.sign(&Keypair::generate_ed25519());
         m.validate().unwrap();
+        // A big file may list many: 65,536 for 256 MiB and more.
+        assert_eq!(max_tensors(256 << 20), MAX_MANIFEST_TENSORS);
+        assert_eq!(max_tensors(u64::MAX), MAX_MANIFEST_TENSORS);
     }
 
     #[test]

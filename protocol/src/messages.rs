@@ -29,6 +29,10 @@ pub const MAX_RESPONSE_BYTES: u64 = {
 /// Most versions listed in one [`Response::Versions`].
 pub const MAX_VERSIONS_LISTED: usize = 64;
 
+/// Most versions of one publisher in a [`Response::Versions`] that names no publisher, so that
+/// one publisher's many (or highly numbered) versions cannot push the others out.
+pub const MAX_VERSIONS_PER_PUBLISHER: usize = 8;
+
 /// What one peer asks another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -53,13 +57,17 @@ pub enum Request {
     Versions {
         /// The model name.
         model: String,
+        /// Only this publisher's versions (else a few of each publisher's, see
+        /// [`MAX_VERSIONS_PER_PUBLISHER`]).
+        #[serde(default)]
+        publisher: Option<PeerId>,
     },
 }
 
 /// The answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
-    /// The manifest's exact bytes (their hash is the id).
+    /// The manifest's exact (canonical) bytes; the hash of its header is the id.
     Manifest {
         /// Encoded manifest.
         #[serde(with = "serde_bytes")]
@@ -104,8 +112,8 @@ pub struct Announcement {
     pub id: VersionId,
     /// File size in bytes.
     pub size: u64,
-    /// The publisher (on the wire: its multihash bytes; in JSON: base58). Gossip receivers
-    /// accept the announcement only if it is also the message's signed author.
+    /// The publisher (on the wire: its multihash bytes; in JSON: base58), whose key signed the
+    /// id; relayed by anyone, checked by [`Announcement::verify`].
     pub publisher: PeerId,
     /// For a checkpoint of a training run: its run, step, samples and evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]

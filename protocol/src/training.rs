@@ -87,7 +87,7 @@ impl ParamDtype {
 }
 
 /// A training run, announced by its creator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunAnnouncement {
     /// The run's id: the id of version 0, its initial weights.
     pub run: VersionId,
@@ -95,11 +95,14 @@ pub struct RunAnnouncement {
     pub model: String,
     /// The run spec, TOML.
     pub spec: String,
-    /// The creator (on the wire: its multihash bytes; in JSON: base58). Gossip receivers
-    /// accept the announcement only if it is also the message's signed author.
+    /// The creator (on the wire: its multihash bytes; in JSON: base58): the publisher of
+    /// version 0, who signs the run.
     pub creator: PeerId,
     /// When the run was created (Unix seconds), to tell the newest run.
     pub created_unix: u64,
+    /// Version 0's own signed announcement: it proves that `creator` published the run's
+    /// initial weights, so nobody else can sign run `run` as theirs.
+    pub initial: crate::messages::Announcement,
     /// The creator's signature of the fields above ([`crate::signing::RUN_DOMAIN`]).
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
@@ -151,7 +154,8 @@ impl RunAnnouncement {
         self.signature = crate::signing::sign(key, crate::signing::RUN_DOMAIN, &self.digest());
     }
 
-    /// Checks the model name, the spec's size and the creator's signature.
+    /// Checks the model name, the spec's size, that `initial` is version 0 of the run's model
+    /// with the run's id, published by the creator, and the creator's signature.
     pub fn check(&self) -> Result<(), GossipError> {
         let invalid = |reason: String| GossipError::Invalid {
             what: "run announcement",
@@ -162,6 +166,21 @@ impl RunAnnouncement {
             return Err(invalid(format!(
                 "run spec of {} bytes, more than {MAX_SPEC_BYTES}",
                 self.spec.len()
+            )));
+        }
+        let v0 = &self.initial;
+        v0.verify()?;
+        if v0.id != self.run
+            || v0.publisher != self.creator
+            || v0.model != self.model
+            || v0.version != 0
+            || v0.training.is_some()
+        {
+            return Err(invalid(format!(
+                "its version 0 is not run {} of model {} published by {}",
+                self.run.short(),
+                self.model,
+                self.creator
             )));
         }
         if !crate::signing::verify(
@@ -338,40 +357,72 @@ mod tests {
     #[test]
     fn run_announcements_round_trip_and_are_checked() {
         let key = Keypair::generate_ed25519();
-        let mut a = RunAnnouncement {
-            run: Hash32::of(b"v0"),
-            model: "digits-mlp-3fa2".into(),
-            spec: "model = \"digits-mlp\"".into(),
-            creator: PeerId::random(),
-            created_unix: 1,
-            signature: vec![],
-        };
-        a.sign(&key);
+        let mut a = signed_run(&key, "digits-mlp-3fa2");
         assert_eq!(RunAnnouncement::decode(&a.encode()).unwrap(), a);
-        let mut big = RunAnnouncement {
-            spec: "x".repeat(MAX_SPEC_BYTES + 1),
-            ..a.clone()
-        };
-        big.sign(&key);
-        assert!(RunAnnouncement::decode(&big.encode()).is_err());
-        let mut bad = RunAnnouncement {
-            model: "a b".into(),
-            ..a.clone()
-        };
-        bad.sign(&key);
-        assert!(RunAnnouncement::decode(&bad.encode()).is_err());
+        a.spec = "x".repeat(MAX_SPEC_BYTES + 1);
+        a.sign(&key);
+        assert!(RunAnnouncement::decode(&a.encode()).is_err());
+        assert!(RunAnnouncement::decode(&signed_run(&key, "a b").encode()).is_err());
         // The fake newest run: a real run made newer, or credited to another creator.
+        let real = signed_run(&key, "digits-mlp-3fa2");
         let newer = RunAnnouncement {
             created_unix: u64::MAX,
-            ..a.clone()
+            ..real.clone()
         };
         let err = RunAnnouncement::decode(&newer.encode()).unwrap_err();
         assert!(err.to_string().contains("not signed"), "{err}");
         let credited = RunAnnouncement {
             creator: Keypair::generate_ed25519().public().to_peer_id(),
-            ..a
+            ..real.clone()
         };
         assert!(RunAnnouncement::decode(&credited.encode()).is_err());
+    }
+
+    /// A liar re-signs someone's run as its own (its spec, its name as creator): refused,
+    /// because the run's version 0 says who published the initial weights.
+    #[test]
+    fn a_run_re_signed_by_someone_else_is_refused() {
+        let real = signed_run(&Keypair::generate_ed25519(), "digits-mlp-3fa2");
+        let liar = Keypair::generate_ed25519();
+        let mut stolen = real.clone();
+        stolen.spec = "model = \"digits-mlp\"\nlearning_rate = 100.0".into();
+        stolen.sign(&liar);
+        let err = RunAnnouncement::decode(&stolen.encode()).unwrap_err();
+        assert!(err.to_string().contains("version 0"), "{err}");
+        // With its own version 0, it is the liar's own run: another id.
+        let own = signed_run(&liar, "digits-mlp-3fa2");
+        RunAnnouncement::decode(&own.encode()).unwrap();
+        assert_ne!(own.run, real.run);
+    }
+
+    /// A run of `model` by `key`, with a signed version 0.
+    fn signed_run(key: &Keypair, model: &str) -> RunAnnouncement {
+        let mut v0 = crate::manifest::Manifest {
+            format: crate::manifest::MANIFEST_FORMAT,
+            model: model.into(),
+            version: 0,
+            parent: None,
+            total_size: 10,
+            chunk_size: crate::manifest::MIN_CHUNK_SIZE,
+            chunk_hashes: Hash32::of(b"chunk").0.to_vec(),
+            tensors: vec![],
+            publisher: PeerId::random(),
+            training: None,
+            signature: vec![],
+        };
+        v0.sign(key);
+        let initial = v0.announcement();
+        let mut run = RunAnnouncement {
+            run: initial.id,
+            model: model.into(),
+            spec: "model = \"digits-mlp\"".into(),
+            creator: PeerId::random(),
+            created_unix: 1,
+            initial,
+            signature: vec![],
+        };
+        run.sign(key);
+        run
     }
 
     #[test]

@@ -80,6 +80,9 @@ const RUNS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most run announcements remembered.
 const MAX_RUNS_KNOWN: usize = 256;
 
+/// Most runs remembered of one creator.
+const MAX_RUNS_PER_CREATOR: usize = 4;
+
 /// Most peers remembered as refused or avoided in a run (identities are cheap: beyond it, an
 /// arbitrary one is forgotten; a peer forgotten and still lying is refused again at once).
 const MAX_TRACKED_PEERS: usize = 4096;
@@ -653,10 +656,39 @@ impl Behaviour {
         runs
     }
 
+    /// Keeps a verified run: at most [`MAX_RUNS_PER_CREATOR`] of one creator (its oldest goes)
+    /// and [`MAX_RUNS_KNOWN`] in all (beyond it, a random one not joined goes, so a flood of
+    /// runs cannot keep a new real one out for good).
     fn remember_run(&mut self, a: RunAnnouncement) {
-        if self.runs.len() < MAX_RUNS_KNOWN || self.runs.contains_key(&a.run) {
-            self.runs.insert(a.run, a);
+        if !self.runs.contains_key(&a.run) {
+            let joined = self.joined.as_ref().map(|j| j.membership.announcement.run);
+            let of_creator: Vec<(u64, VersionId)> = self
+                .runs
+                .values()
+                .filter(|r| r.creator == a.creator && Some(r.run) != joined)
+                .map(|r| (r.created_unix, r.run))
+                .collect();
+            let evict = if of_creator.len() >= MAX_RUNS_PER_CREATOR {
+                of_creator.into_iter().min().map(|(_, run)| run)
+            } else if self.runs.len() >= MAX_RUNS_KNOWN {
+                let others: Vec<VersionId> = self
+                    .runs
+                    .keys()
+                    .filter(|r| Some(**r) != joined)
+                    .copied()
+                    .collect();
+                others.choose(&mut rand::thread_rng()).copied()
+            } else {
+                None
+            };
+            if let Some(run) = evict {
+                self.runs.remove(&run);
+            }
+            if self.runs.len() >= MAX_RUNS_KNOWN {
+                return;
+            }
         }
+        self.runs.insert(a.run, a);
     }
 
     fn finish_runs_query(&mut self, qid: u64, force: bool) {

@@ -22,7 +22,7 @@ use p2p_protocol::codec::CborCodec;
 use p2p_protocol::manifest::{Manifest, VersionId};
 use p2p_protocol::messages::{
     Announcement, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MAX_VERSIONS_LISTED,
-    MODELS_PROTOCOL,
+    MAX_VERSIONS_PER_PUBLISHER, MODELS_PROTOCOL,
 };
 use p2p_protocol::training::TrainingMeta;
 use rand::rngs::StdRng;
@@ -130,6 +130,11 @@ pub struct Behaviour {
     shown: HashSet<(String, PeerId)>,
     /// Versions whose manifest is being decoded off the event loop.
     decoding: HashSet<VersionId>,
+    /// Per version downloading, the older partial versions it superseded, whose files go once
+    /// its manifest is held.
+    superseded: HashMap<VersionId, Vec<VersionId>>,
+    /// Versions refused for good (a checkpoint that failed its check): not taken in again.
+    refused: HashSet<VersionId>,
     downloads: HashMap<VersionId, Download>,
     requests: HashMap<OutboundRequestId, Pending>,
     announcements: HashMap<VersionId, Announcement>,
@@ -177,6 +182,8 @@ impl Behaviour {
             trust,
             shown: HashSet::new(),
             decoding: HashSet::new(),
+            superseded: HashMap::new(),
+            refused: HashSet::new(),
             downloads: HashMap::new(),
             requests: HashMap::new(),
             announcements: HashMap::new(),
@@ -200,32 +207,13 @@ impl Behaviour {
         for a in held {
             behaviour.announcements.insert(a.id, a);
         }
-        // Of interrupted downloads, only the newest of each model and publisher goes on: an
-        // older one was superseded (and a liar's stream of fake versions leaves one, not all).
-        let mut partial: Vec<(String, PeerId, u64, VersionId)> = behaviour
+        let partial: Vec<VersionId> = behaviour
             .store
             .iter()
             .filter(|(_, v)| !v.is_complete())
-            .map(|(id, v)| {
-                (
-                    v.manifest.model.clone(),
-                    v.manifest.publisher,
-                    v.manifest.version,
-                    *id,
-                )
-            })
+            .map(|(id, _)| *id)
             .collect();
-        partial.sort_by(|a, b| (&a.0, a.1, b.2).cmp(&(&b.0, b.1, a.2)));
-        partial.dedup_by(|later, first| {
-            let superseded = later.0 == first.0 && later.1 == first.1;
-            if superseded {
-                tracing::info!(version = %later.3.short(), model = %later.0, "removing an interrupted download superseded by a newer version");
-                let _ = behaviour.store.remove(&later.3);
-                behaviour.announcements.remove(&later.3);
-            }
-            superseded
-        });
-        for id in partial.into_iter().map(|p| p.3) {
+        for id in partial {
             let mut download = Download::new(None, Instant::now());
             behaviour.init_picker(&id, &mut download);
             tracing::info!(version = %id.short(), chunks_held = behaviour.store.get(&id).map_or(0, |v| v.have.count()), "resuming an interrupted download");
@@ -257,6 +245,21 @@ impl Behaviour {
     /// Follows `model`: every newer version of the publisher the name means ([`Trust`]) that
     /// is announced or found is fetched; only the newest is kept in progress.
     pub fn follow(&mut self, model: String) {
+        // Of its interrupted downloads, only the newest of each publisher goes on: an older one
+        // was superseded (and a stream of versions never served leaves one, not all).
+        let mut partial: Vec<(PeerId, u64, VersionId)> = self
+            .store
+            .iter()
+            .filter(|(_, v)| v.manifest.model == model && !v.is_complete())
+            .map(|(id, v)| (v.manifest.publisher, v.manifest.version, *id))
+            .collect();
+        partial.sort_by_key(|(p, number, _)| (*p, std::cmp::Reverse(*number)));
+        for pair in partial.windows(2) {
+            if pair[0].0 == pair[1].0 {
+                tracing::info!(version = %pair[1].2.short(), model, "removing an interrupted download superseded by a newer version");
+                self.forget(&pair[1].2, "superseded by a newer version");
+            }
+        }
         if self.trust.remembered(&model).is_none() {
             let mut held: Vec<PeerId> = self
                 .store
@@ -408,11 +411,21 @@ impl Behaviour {
         let qid = self.next_query;
         self.next_query += 1;
         let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+        // A name already bound to a publisher asks for that publisher's versions only.
+        let publisher = if trusted {
+            match self.trust.resolve(&model, &[], self.local_peer) {
+                Resolution::Publisher(p) => Some(p),
+                _ => None,
+            }
+        } else {
+            None
+        };
         for peer in &peers {
             let rid = self.inner.send_request(
                 peer,
                 Request::Versions {
                     model: model.clone(),
+                    publisher,
                 },
             );
             self.requests.insert(
@@ -493,17 +506,24 @@ impl Behaviour {
     /// and any this node is downloading. Their provider records are withdrawn. Returns the ids
     /// deleted.
     pub fn prune(&mut self, model: &str, keep: usize) -> Vec<VersionId> {
-        let mut held: Vec<(u64, VersionId)> = self
+        let mut held: Vec<(bool, u64, VersionId)> = self
             .store
             .iter()
             .filter(|(id, v)| {
                 v.manifest.model == model && v.is_complete() && !self.downloads.contains_key(id)
             })
-            .map(|(id, v)| (v.manifest.version, *id))
+            .map(|(id, v)| {
+                (
+                    v.manifest.publisher == self.local_peer,
+                    v.manifest.version,
+                    *id,
+                )
+            })
             .collect();
+        // Our own versions are kept first (they are what we publish), then the newest.
         held.sort_by_key(|v| std::cmp::Reverse(*v));
         let mut removed = Vec::new();
-        for (number, id) in held.into_iter().skip(keep) {
+        for (_, number, id) in held.into_iter().skip(keep) {
             if self.uploads.in_use(&id, Instant::now()) {
                 tracing::debug!(version = %id.short(), "not pruning a version peers are fetching");
                 continue;
@@ -595,7 +615,8 @@ impl Behaviour {
         }
     }
 
-    /// A gossip message on the announcements topic from `source` (the signed author). Returns
+    /// A gossip message on the announcements topic from `source` (its author or a relay: the
+    /// announcement's own signature is what is checked). Returns
     /// the announcement if it was valid.
     pub fn on_gossip(&mut self, source: Option<PeerId>, data: &[u8]) -> Option<Announcement> {
         let announcement = match Announcement::decode(data) {
@@ -659,8 +680,8 @@ impl Behaviour {
                     },
                 }
             }
-            Request::Versions { model } => Response::Versions {
-                versions: self.known_versions(&model),
+            Request::Versions { model, publisher } => Response::Versions {
+                versions: self.listed_versions(&model, publisher),
             },
         };
         if self.inner.send_response(channel, response).is_err() {
@@ -740,11 +761,19 @@ impl Behaviour {
                 self.on_chunk(peer, id, index, got, data)
             }
             (Purpose::Versions(qid), Response::Versions { versions }) => {
-                // Oldest first, so that a parent is known before its child is checked.
-                let mut versions: Vec<Announcement> =
-                    versions.into_iter().take(MAX_VERSIONS_LISTED).collect();
+                let asked = self.versions_queries.get(&qid).map(|q| q.model.clone());
+                // Only the model asked about; oldest first, so that a parent is known before
+                // its child is checked.
+                let mut versions: Vec<Announcement> = versions
+                    .into_iter()
+                    .take(MAX_VERSIONS_LISTED)
+                    .filter(|a| asked.as_ref() == Some(&a.model))
+                    .collect();
                 versions.sort_by_key(|a| a.version);
                 for a in versions {
+                    if self.announcements.get(&a.id) == Some(&a) {
+                        continue; // known and verified already
+                    }
                     if let Err(e) = a.verify() {
                         // A peer relays only what it verified: this one lied or forged.
                         self.events.push_back(Event::Misbehaved {
@@ -831,12 +860,20 @@ impl Behaviour {
     /// it started from, or its own); else the newest this node published of `model`. Only held
     /// versions count, so another peer's announcement can never renumber ours.
     fn chain_head(&self, model: &str, training: Option<&TrainingMeta>) -> Option<(VersionId, u64)> {
-        // A run's version 0 (its id) counts when only announced: a volunteer that started from
-        // the initial weights drawn from the seed never fetched it.
-        let run_start = training
-            .and_then(|t| self.announcements.get(&t.run))
-            .filter(|a| a.model == model && a.version == 0)
-            .map(|a| (a.id, 0));
+        // A run's version 0 is its id, held or not: a volunteer that started from the initial
+        // weights drawn from the seed never fetched it.
+        let run_start = training.map(|t| (t.run, 0));
+        // Our own signed versions that peers still announce count too (a store lost or
+        // pruned): only we can sign them.
+        let own_announced: Vec<(VersionId, u64)> = match training {
+            None => self
+                .announcements
+                .values()
+                .filter(|a| a.model == model && a.publisher == self.local_peer)
+                .map(|a| (a.id, a.version))
+                .collect(),
+            Some(_) => Vec::new(),
+        };
         self.store
             .iter()
             .filter(|(id, v)| {
@@ -852,21 +889,60 @@ impl Behaviour {
             })
             .map(|(id, v)| (*id, v.manifest.version))
             .chain(run_start)
+            .chain(own_announced)
             .max_by_key(|(id, number)| (*number, *id))
     }
 
-    /// Every verified version of `model` known here (held or announced), newest first, at most
-    /// [`MAX_VERSIONS_LISTED`].
+    /// Verified versions of `model` known here (held or announced), newest first within each
+    /// publisher: see [`Self::listed_versions`].
     fn known_versions(&self, model: &str) -> Vec<Announcement> {
-        let mut list: Vec<Announcement> = self
+        self.listed_versions(model, None)
+    }
+
+    /// The verified versions of `model` to list (at most [`MAX_VERSIONS_LISTED`]): with
+    /// `publisher`, its newest; else the newest [`MAX_VERSIONS_PER_PUBLISHER`] of each
+    /// publisher, the one this node trusts for the name first, then this node's own, then the
+    /// publishers with the most versions. One publisher's many or highly numbered versions
+    /// never push the others out of an answer.
+    fn listed_versions(&self, model: &str, publisher: Option<PeerId>) -> Vec<Announcement> {
+        let mut by_publisher: HashMap<PeerId, Vec<Announcement>> = HashMap::new();
+        for a in self
             .announcements
             .values()
-            .filter(|a| a.model == model)
-            .cloned()
+            .filter(|a| a.model == model && publisher.is_none_or(|p| a.publisher == p))
+        {
+            by_publisher.entry(a.publisher).or_default().push(a.clone());
+        }
+        let publishers: Vec<PeerId> = by_publisher.keys().copied().collect();
+        let preferred = match self.trust.resolve(model, &publishers, self.local_peer) {
+            Resolution::Publisher(p) => Some(p),
+            _ => None,
+        };
+        let share = if publisher.is_some() {
+            MAX_VERSIONS_LISTED
+        } else {
+            MAX_VERSIONS_PER_PUBLISHER
+        };
+        let mut groups: Vec<(PeerId, usize, Vec<Announcement>)> = by_publisher
+            .into_iter()
+            .map(|(p, mut list)| {
+                let count = list.len();
+                list.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
+                list.truncate(share);
+                (p, count, list)
+            })
             .collect();
-        list.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
-        list.truncate(MAX_VERSIONS_LISTED);
-        list
+        groups.sort_by_key(|(p, count, _)| {
+            (
+                Some(*p) != preferred,
+                *p != self.local_peer,
+                std::cmp::Reverse(*count),
+                *p,
+            )
+        });
+        let mut out: Vec<Announcement> = groups.into_iter().flat_map(|(_, _, l)| l).collect();
+        out.truncate(MAX_VERSIONS_LISTED);
+        out
     }
 
     /// The versions of `model` by the publisher the name means, newest first; remembers that
@@ -922,6 +998,9 @@ impl Behaviour {
     /// publisher the name means and it is newer than every version of that publisher known.
     /// Returns whether it was accepted.
     fn learn_announcement(&mut self, a: Announcement) -> bool {
+        if self.refused.contains(&a.id) {
+            return false;
+        }
         if let Some(why) = self.chain_error(&a) {
             tracing::warn!(publisher = %a.publisher, id = %a.id.short(), "refusing a version: {why}");
             return false;
@@ -955,7 +1034,7 @@ impl Behaviour {
                     {
                         let follows = match other {
                             Resolution::Publisher(p) => p.to_base58(),
-                            _ => "no publisher yet (several known: pass --trust PEER_ID)".into(),
+                            _ => "none yet (several known, or none trusted): bind one with --trust NAME=PEER_ID".into(),
                         };
                         tracing::warn!(%model, %publisher, follows, "not following another publisher's versions of a followed model");
                     }
@@ -973,23 +1052,35 @@ impl Behaviour {
     }
 
     /// Keeps `a` in the bounded table of known versions. A publisher has at most
-    /// [`MAX_ANNOUNCEMENTS_PER_PUBLISHER`] there and all together at most [`MAX_ANNOUNCEMENTS`]:
-    /// beyond either, the lowest-numbered version neither held nor downloading of that
-    /// publisher (or of the publisher with the most) is forgotten, so one peer's flood of its
-    /// own versions never pushes out anyone else's.
+    /// [`MAX_ANNOUNCEMENTS_PER_PUBLISHER`] there and all together at most [`MAX_ANNOUNCEMENTS`].
+    /// Beyond either, the lowest-numbered evictable version of that publisher (or of the
+    /// publisher with the most evictable ones) is forgotten, if it is older than `a`. Never
+    /// evicted: versions held or downloading, ours, and those of the publisher a name is bound
+    /// to here. So one peer's flood of its own versions (or of many identities') never pushes
+    /// out a followed publisher's.
     fn remember_announcement(&mut self, a: Announcement) {
+        let keep_anyway = self.store.get(&a.id).is_some() || self.downloads.contains_key(&a.id);
         if !self.announcements.contains_key(&a.id) {
-            let mut per_publisher: HashMap<PeerId, usize> = HashMap::new();
+            let evictable = |k: &Announcement| {
+                self.store.get(&k.id).is_none()
+                    && !self.downloads.contains_key(&k.id)
+                    && k.publisher != self.local_peer
+                    && self.trust.remembered(&k.model) != Some(k.publisher)
+            };
+            let mut per_publisher: HashMap<PeerId, (usize, usize)> = HashMap::new();
             for k in self.announcements.values() {
-                *per_publisher.entry(k.publisher).or_default() += 1;
+                let entry = per_publisher.entry(k.publisher).or_default();
+                entry.0 += 1;
+                entry.1 += usize::from(evictable(k));
             }
-            let own = per_publisher.get(&a.publisher).copied().unwrap_or(0);
+            let own = per_publisher.get(&a.publisher).map_or(0, |c| c.0);
             let crowded = if own >= MAX_ANNOUNCEMENTS_PER_PUBLISHER {
                 Some(a.publisher)
             } else if self.announcements.len() >= MAX_ANNOUNCEMENTS {
                 per_publisher
                     .into_iter()
-                    .max_by_key(|(p, n)| (*n, *p))
+                    .filter(|(_, (_, evictable))| *evictable > 0)
+                    .max_by_key(|(p, (_, evictable))| (*evictable, *p))
                     .map(|(p, _)| p)
             } else {
                 None
@@ -998,29 +1089,26 @@ impl Behaviour {
                 let evict = self
                     .announcements
                     .values()
-                    .filter(|k| {
-                        k.publisher == crowded
-                            && self.store.get(&k.id).is_none()
-                            && !self.downloads.contains_key(&k.id)
-                    })
+                    .filter(|k| k.publisher == crowded && evictable(k))
                     .min_by_key(|k| (k.version, k.id))
-                    .map(|k| k.id);
+                    .map(|k| (k.id, k.version));
                 match evict {
-                    Some(old) => {
+                    Some((old, number))
+                        if keep_anyway || crowded != a.publisher || number < a.version =>
+                    {
                         self.announcements.remove(&old);
                     }
-                    // Nothing to forget: a version held or downloading is kept anyway.
-                    None if self.store.get(&a.id).is_some()
-                        || self.downloads.contains_key(&a.id) => {}
-                    None => return,
+                    _ if keep_anyway => {}
+                    _ => return,
                 }
             }
         }
         self.announcements.insert(a.id, a);
     }
 
-    /// Cancels the downloads of older versions of `model` by `publisher` that nobody waits
-    /// for (a follower's superseded versions), and removes their files.
+    /// Stops the downloads of older versions of `model` by `publisher` that nobody waits for
+    /// any more (a follower's superseded versions). Their files go once the newest one's
+    /// manifest is held, so that the chunks they share are copied first.
     fn cancel_superseded(&mut self, model: &str, publisher: PeerId, newest: &VersionId) {
         let Some(number) = self.announcements.get(newest).map(|a| a.version) else {
             return;
@@ -1028,7 +1116,7 @@ impl Behaviour {
         let superseded: Vec<VersionId> = self
             .downloads
             .iter()
-            .filter(|(id, d)| *id != newest && d.waiters.is_empty())
+            .filter(|(id, d)| *id != newest && d.waiters.iter().all(|w| w.is_closed()))
             .filter(|(id, _)| {
                 self.announcements.get(id).is_some_and(|a| {
                     a.model == model && a.publisher == publisher && a.version < number
@@ -1037,20 +1125,60 @@ impl Behaviour {
             .map(|(id, _)| *id)
             .collect();
         for id in superseded {
-            self.downloads.remove(&id);
-            for pending in self.requests.values_mut() {
-                if matches!(pending.purpose, Purpose::Manifest(v) | Purpose::Chunk(v, _) | Purpose::Have(v) if v == id)
-                {
-                    pending.cancelled = true;
-                }
-            }
-            if self.store.get(&id).is_some_and(|v| !v.is_complete()) {
-                if let Err(e) = self.store.remove(&id) {
-                    tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot delete a superseded download");
-                }
-            }
+            self.stop_download(&id);
+            let mut pending = self.superseded.remove(&id).unwrap_or_default();
+            pending.push(id);
+            self.superseded.entry(*newest).or_default().extend(pending);
             tracing::info!(version = %id.short(), model, "download cancelled: a newer version superseded it");
         }
+    }
+
+    /// Ends the download of `id` (if any): its requests are cancelled and its waiters told.
+    fn stop_download(&mut self, id: &VersionId) {
+        if let Some(d) = self.downloads.remove(id) {
+            for waiter in d.waiters {
+                let _ = waiter.send(Err(Error::Cancelled(id.short())));
+            }
+        }
+        self.decoding.remove(id);
+        for pending in self.requests.values_mut() {
+            if matches!(pending.purpose, Purpose::Manifest(v) | Purpose::Chunk(v, _) | Purpose::Have(v) if v == *id)
+            {
+                pending.cancelled = true;
+            }
+        }
+    }
+
+    /// Forgets version `id`: its download ends, its files are removed, its provider record is
+    /// withdrawn and it is listed no more. Used for superseded downloads, and for a version a
+    /// caller refused (a checkpoint that failed its check).
+    pub fn forget(&mut self, id: &VersionId, why: &str) {
+        self.stop_download(id);
+        if self.store.get(id).is_some() {
+            self.events.push_back(Event::StopProviding(*id));
+            if let Err(e) = self.store.remove(id) {
+                tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot delete a version");
+            }
+        }
+        self.announcements.remove(id);
+        self.downloaded.remove(id);
+        self.uploads.forget(id);
+        if let Some(older) = self.superseded.remove(id) {
+            for old in older {
+                self.forget(&old, why);
+            }
+        }
+        tracing::info!(version = %id.short(), "version forgotten: {why}");
+    }
+
+    /// Refuses version `id` for good: forgotten (see [`Self::forget`]) and never taken in
+    /// again from an announcement or a listing.
+    pub fn refuse(&mut self, id: &VersionId, why: &str) {
+        if self.refused.len() >= MAX_ANNOUNCEMENTS {
+            self.refused.clear();
+        }
+        self.refused.insert(*id);
+        self.forget(id, why);
     }
 
     fn answered_versions_query(&mut self, qid: u64) {
@@ -1121,6 +1249,10 @@ impl Behaviour {
                 self.config.endgame_copies,
             );
             d.start(picker, resumed, copied);
+        }
+        // The versions this one superseded gave what they share: their files can go now.
+        for old in self.superseded.remove(id).unwrap_or_default() {
+            self.forget(&old, "superseded by a newer version");
         }
     }
 
@@ -1204,6 +1336,10 @@ impl Behaviour {
             }
         };
         let announcement = manifest.announcement();
+        if let Some(d) = self.downloads.get_mut(&id) {
+            // The signed publisher, whatever a peer's `Have` claimed.
+            d.publisher = Some(manifest.publisher).filter(|p| *p != self.local_peer);
+        }
         if let Some(why) = self.chain_error(&announcement) {
             // Signed by its publisher, so the publisher broke its own chain: nothing of it is
             // fetched.
@@ -1410,14 +1546,9 @@ impl Behaviour {
             resumed = report.chunks_resumed, peers = report.peers_used, seconds = report.seconds,
             "download complete"
         );
-        let (model, publisher) = (v.manifest.model.clone(), v.manifest.publisher);
         if !self.announcements.contains_key(id) {
             let announcement = v.manifest.announcement();
             self.remember_announcement(announcement);
-        }
-        if publisher != self.local_peer && self.trust.remembered(&model).is_none() {
-            // A version fetched (by id, or following the name) is the publisher followed.
-            self.trust.remember(&model, publisher);
         }
         if self.uploads.serves(false, true) {
             self.start_providing(id);

@@ -35,6 +35,16 @@ pub enum Command {
         /// Newest first, or why the name is ambiguous.
         reply: oneshot::Sender<Result<Vec<Announcement>, Error>>,
     },
+    /// Forget a version (see [`Behaviour::forget`]): one that could not be fetched in time;
+    /// with `for_good` ([`Behaviour::refuse`]), a checkpoint that failed its check.
+    Forget {
+        /// The version.
+        id: VersionId,
+        /// Never take it in again.
+        for_good: bool,
+        /// Why, for the log.
+        why: String,
+    },
     /// Versions held (`GET /models`).
     Models(oneshot::Sender<Vec<ModelInfo>>),
     /// Write a complete version to a file (off the event loop), verifying it again.
@@ -80,6 +90,13 @@ impl Behaviour {
                 trusted,
                 reply,
             } => self.query_versions(model, trusted, reply),
+            Command::Forget { id, for_good, why } => {
+                if for_good {
+                    self.refuse(&id, &why);
+                } else {
+                    self.forget(&id, &why);
+                }
+            }
             Command::Models(reply) => {
                 let _ = reply.send(self.models());
             }

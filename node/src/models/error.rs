@@ -49,7 +49,7 @@ pub enum Error {
     #[error("{0}")]
     Export(String),
     /// Several peers publish a model of this name and none is trusted.
-    #[error("model '{model}' is published by {} peers ({}): choose one with --trust PEER_ID", publishers.len(), publishers.iter().map(|p| p.to_base58()).collect::<Vec<_>>().join(", "))]
+    #[error("model '{model}' is published by {} peers ({}): choose one with --trust {model}=PEER_ID", publishers.len(), publishers.iter().map(|p| p.to_base58()).collect::<Vec<_>>().join(", "))]
     AmbiguousModel {
         /// The name.
         model: String,
@@ -59,6 +59,9 @@ pub enum Error {
     /// The version's number is not its parent's plus one (its publisher signed a broken chain).
     #[error("{0}")]
     BrokenChain(String),
+    /// The download was cancelled (a newer version superseded it, or the version was refused).
+    #[error("the download of version {0} was cancelled")]
+    Cancelled(String),
 }
 
 impl Error {

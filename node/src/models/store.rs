@@ -755,7 +755,17 @@ fn check_limits(
             chunk_size / 1024
         );
     }
-    // The largest manifest this file could get: longest name, largest number, a parent.
+    let allowed = manifest::max_tensors(total_size);
+    if header.tensors.len() > allowed {
+        bail!(
+            "{} has {} tensors: a file of {total_size} bytes may have at most {allowed} (1,024, then one per 4 KiB of file, at most {}); store fewer, larger tensors (concatenate small ones)",
+            source.display(),
+            header.tensors.len(),
+            manifest::MAX_MANIFEST_TENSORS
+        );
+    }
+    // The largest manifest this file could get: longest name, largest number, a parent,
+    // training figures and a signature.
     let probe = Manifest {
         format: MANIFEST_FORMAT,
         model: "m".repeat(manifest::MAX_MODEL_NAME_BYTES),
@@ -765,8 +775,15 @@ fn check_limits(
         chunk_size,
         chunk_hashes: vec![0; chunks as usize * manifest::HASH_BYTES],
         tensors: header.tensors.clone(),
-        publisher: libp2p::PeerId::random(),
-        training: None,
+        // An ed25519 peer id (38 bytes) and the longest training figures a checkpoint has.
+        publisher: Keypair::generate_ed25519().public().to_peer_id(),
+        training: Some(TrainingMeta {
+            run: Hash32([0xff; manifest::HASH_BYTES]),
+            step: u64::MAX,
+            samples_seen: u64::MAX,
+            loss: Some(f64::MAX),
+            accuracy: Some(1.0 / 3.0),
+        }),
         signature: vec![0; p2p_protocol::signing::MAX_SIGNATURE_BYTES],
     };
     let size = probe.encode().len();
@@ -1018,7 +1035,7 @@ mod tests {
             Store::import_file(&root, &source, CHUNK).unwrap_err()
         );
         assert!(e.contains("300000 tensors"), "{e}");
-        assert!(e.contains("MiB one version may have"), "{e}");
+        assert!(e.contains("may have at most"), "{e}");
         assert!(!e.contains("manifest.cbor"), "{e}");
         assert_eq!(leftovers(&root), Vec::<String>::new());
     }

@@ -3,16 +3,19 @@
 //! Versions are signed, so anyone can publish a model called `digits-mlp`, but only under their
 //! own peer id: a model is really *publisher + name*. A bare `NAME` resolves, in this order, to
 //!
-//! 1. a publisher the user trusts with `--trust PEER_ID` that publishes `NAME`;
-//! 2. the publisher followed or fetched under `NAME` before (remembered in `trust.json`; a
-//!    version fetched by id, or held when the node starts following the name, counts);
+//! 1. the publisher bound to it with `--trust NAME=PEER_ID`;
+//! 2. the publisher followed or fetched by name before (remembered in `trust.json`; versions of
+//!    a single publisher held when the node starts following the name count);
 //! 3. this node, if it publishes `NAME` itself;
-//! 4. the only publisher of `NAME` known, which is then remembered (trust on first use, as
-//!    SSH does with host keys).
+//! 4. a publisher trusted with `--trust PEER_ID` that publishes `NAME`; with such publishers
+//!    given, nobody else is taken on first use;
+//! 5. the only publisher of `NAME` known (trust on first use, as SSH does with host keys).
 //!
-//! Several publishers and none of the above: the name is ambiguous, and the user is shown them
-//! all and asked to pick one with `--trust`. Versions of `NAME` by other publishers are shown
-//! in logs, never followed.
+//! Whatever it resolves to by 4 or 5 is remembered once used. Several candidates and none of
+//! the above: the name is ambiguous, and the user is shown them all and asked to pick one.
+//! Versions of `NAME` by other publishers are shown in logs, never followed. A
+//! `--trust PEER_ID` is a tie-breaker for names not yet bound: it never takes a name followed
+//! before from its publisher (that takes `--trust NAME=PEER_ID`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -22,7 +25,7 @@ use libp2p::PeerId;
 
 use crate::fsutil;
 
-/// Most names remembered (the oldest entries are dropped beyond it).
+/// Most names remembered (beyond it, new names are not remembered).
 pub const MAX_REMEMBERED: usize = 10_000;
 /// Largest `trust.json` read.
 const MAX_FILE_BYTES: u64 = 4 << 20;
@@ -32,59 +35,103 @@ const MAX_FILE_BYTES: u64 = 4 << 20;
 pub enum Resolution {
     /// This publisher's versions.
     Publisher(PeerId),
-    /// Several publishers and no reason to prefer one (sorted).
+    /// Several candidates and no reason to prefer one (sorted).
     Ambiguous(Vec<PeerId>),
-    /// Nobody known publishes it.
+    /// Nobody known (or, with `--trust PEER_ID` given, nobody trusted) publishes it.
     Unknown,
+}
+
+/// A `--trust` value: a publisher trusted for names not yet bound, or one bound to a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustArg {
+    /// `--trust PEER_ID`.
+    Publisher(PeerId),
+    /// `--trust NAME=PEER_ID`.
+    Name(String, PeerId),
+}
+
+impl std::str::FromStr for TrustArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse_peer = |p: &str| {
+            p.parse::<PeerId>()
+                .map_err(|e| format!("'{p}' is not a peer id: {e}"))
+        };
+        match s.split_once('=') {
+            Some((name, peer)) => {
+                p2p_protocol::manifest::validate_model_name(name)
+                    .map_err(|e| format!("'{name}' is not a model name: {e}"))?;
+                Ok(Self::Name(name.to_string(), parse_peer(peer)?))
+            }
+            None => Ok(Self::Publisher(parse_peer(s)?)),
+        }
+    }
 }
 
 /// The publishers trusted per model name.
 #[derive(Debug)]
 pub struct Trust {
     explicit: HashSet<PeerId>,
+    bound: BTreeMap<String, PeerId>,
     remembered: BTreeMap<String, PeerId>,
     path: Option<PathBuf>,
 }
 
 impl Trust {
-    /// Trust in memory only, with `explicit` publishers.
-    pub fn new(explicit: impl IntoIterator<Item = PeerId>) -> Self {
-        Self {
-            explicit: explicit.into_iter().collect(),
+    /// Trust in memory only, from `--trust` values.
+    pub fn new(args: impl IntoIterator<Item = TrustArg>) -> Self {
+        let mut trust = Self {
+            explicit: HashSet::new(),
+            bound: BTreeMap::new(),
             remembered: BTreeMap::new(),
             path: None,
-        }
-    }
-
-    /// Loads the names remembered in `path` (none if it does not exist; a damaged file is
-    /// reported and ignored) and keeps `path` to save new ones.
-    pub fn load(path: &Path, explicit: impl IntoIterator<Item = PeerId>) -> Self {
-        let mut trust = Self::new(explicit);
-        trust.path = Some(path.to_path_buf());
-        match read(path) {
-            Ok(remembered) => trust.remembered = remembered,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "ignoring a damaged trust file")
+        };
+        for arg in args {
+            match arg {
+                TrustArg::Publisher(p) => {
+                    trust.explicit.insert(p);
+                }
+                TrustArg::Name(name, p) => {
+                    trust.bound.insert(name, p);
+                }
             }
         }
         trust
     }
 
-    /// What `model` means, given the publishers known to publish it and this node's id.
-    pub fn resolve(&self, model: &str, publishers: &[PeerId], local: PeerId) -> Resolution {
-        let mut trusted: Vec<PeerId> = publishers
-            .iter()
-            .filter(|p| self.explicit.contains(p))
-            .copied()
-            .collect();
-        trusted.sort();
-        trusted.dedup();
-        match trusted.len() {
-            1 => return Resolution::Publisher(trusted[0]),
-            n if n > 1 => return Resolution::Ambiguous(trusted),
-            _ => {}
+    /// Loads the names remembered in `path` (none if it does not exist) and keeps `path` to
+    /// save new ones. Entries that do not parse are skipped with a warning; a file that is not
+    /// a JSON map at all is moved aside (`trust.json.damaged`), so nothing overwrites it.
+    pub fn load(path: &Path, args: impl IntoIterator<Item = TrustArg>) -> Self {
+        let mut trust = Self::new(args);
+        trust.path = Some(path.to_path_buf());
+        match read(path) {
+            Ok(remembered) => trust.remembered = remembered,
+            Err(e) => {
+                let aside = path.with_extension("json.damaged");
+                let moved = std::fs::rename(path, &aside).is_ok();
+                let moved_to = if moved {
+                    aside.display().to_string()
+                } else {
+                    "-".into()
+                };
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), moved_to, "ignoring a damaged trust file");
+            }
         }
-        if let Some(p) = self.remembered.get(model) {
+        // A name bound on the command line is remembered as such.
+        let bound: Vec<(String, PeerId)> =
+            trust.bound.iter().map(|(m, p)| (m.clone(), *p)).collect();
+        for (model, p) in bound {
+            trust.remember(&model, p);
+        }
+        trust
+    }
+
+    /// What `model` means, given the publishers known to publish it and this node's id (see
+    /// the module docs for the order).
+    pub fn resolve(&self, model: &str, publishers: &[PeerId], local: PeerId) -> Resolution {
+        if let Some(p) = self.bound.get(model).or_else(|| self.remembered.get(model)) {
             return Resolution::Publisher(*p);
         }
         if publishers.contains(&local) {
@@ -93,6 +140,9 @@ impl Trust {
         let mut all = publishers.to_vec();
         all.sort();
         all.dedup();
+        if !self.explicit.is_empty() {
+            all.retain(|p| self.explicit.contains(p));
+        }
         match all.len() {
             0 => Resolution::Unknown,
             1 => Resolution::Publisher(all[0]),
@@ -103,6 +153,11 @@ impl Trust {
     /// The publisher remembered for `model`, if any.
     pub fn remembered(&self, model: &str) -> Option<PeerId> {
         self.remembered.get(model).copied()
+    }
+
+    /// Whether `--trust PEER_ID` values were given (then only those are taken on first use).
+    pub fn has_trusted_publishers(&self) -> bool {
+        !self.explicit.is_empty()
     }
 
     /// Remembers `publisher` for `model` (and saves the file) if it is not already.
@@ -127,20 +182,26 @@ fn read(path: &Path) -> Result<BTreeMap<String, PeerId>> {
     let Some(bytes) = fsutil::read_bounded(path, MAX_FILE_BYTES)? else {
         return Ok(BTreeMap::new());
     };
-    let map: BTreeMap<String, String> = serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{} is not a JSON map of model names to peer ids",
-            path.display()
-        )
-    })?;
+    let map: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not a JSON map of model names to peer ids",
+                path.display()
+            )
+        })?;
     let mut out = BTreeMap::new();
     for (model, peer) in map.into_iter().take(MAX_REMEMBERED) {
-        p2p_protocol::manifest::validate_model_name(&model)
-            .with_context(|| format!("bad model name '{model}'"))?;
-        let peer = peer
-            .parse()
-            .with_context(|| format!("bad peer id '{peer}' for model '{model}'"))?;
-        out.insert(model, peer);
+        let parsed = p2p_protocol::manifest::validate_model_name(&model)
+            .ok()
+            .and_then(|()| peer.as_str()?.parse::<PeerId>().ok());
+        match parsed {
+            Some(p) => {
+                out.insert(model, p);
+            }
+            None => {
+                tracing::warn!(path = %path.display(), %model, "skipping a trust entry that is not a model name and a peer id");
+            }
+        }
     }
     Ok(out)
 }
@@ -159,7 +220,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_name_means_the_trusted_then_the_remembered_then_our_own_then_the_only_publisher() {
+    fn a_name_means_the_bound_the_remembered_our_own_the_trusted_then_the_only_publisher() {
         let (alice, bob, me) = (PeerId::random(), PeerId::random(), PeerId::random());
         let open = Trust::new([]);
         assert_eq!(open.resolve("m", &[], me), Resolution::Unknown);
@@ -175,22 +236,47 @@ mod tests {
             panic!("two strangers are ambiguous");
         };
         assert_eq!(both.len(), 2);
-        let trusting_bob = Trust::new([bob]);
+        let trusting_bob = Trust::new([TrustArg::Publisher(bob)]);
         assert_eq!(
-            trusting_bob.resolve("m", &[alice, bob, me], me),
+            trusting_bob.resolve("m", &[alice, bob], me),
             Resolution::Publisher(bob)
         );
-        let mut remembering = Trust::new([]);
+        assert_eq!(
+            trusting_bob.resolve("m", &[alice], me),
+            Resolution::Unknown,
+            "with publishers trusted, a stranger is not taken on first use"
+        );
+        let bound = Trust::new([TrustArg::Name("m".into(), alice), TrustArg::Publisher(bob)]);
+        assert_eq!(
+            bound.resolve("m", &[bob, me], me),
+            Resolution::Publisher(alice)
+        );
+        let mut remembering = Trust::new([TrustArg::Publisher(bob)]);
         remembering.remember("m", alice);
         assert_eq!(
             remembering.resolve("m", &[bob, me], me),
             Resolution::Publisher(alice),
-            "a liar taking the name later does not take it over"
+            "neither a publisher trusted for other names nor a liar takes a name followed before"
         );
     }
 
     #[test]
-    fn remembered_publishers_survive_a_restart_and_a_damaged_file_is_ignored() {
+    fn trust_arguments_parse_as_a_publisher_or_a_name_bound_to_one() {
+        let peer = PeerId::random();
+        assert_eq!(
+            peer.to_base58().parse::<TrustArg>().unwrap(),
+            TrustArg::Publisher(peer)
+        );
+        assert_eq!(
+            format!("digits-mlp={peer}").parse::<TrustArg>().unwrap(),
+            TrustArg::Name("digits-mlp".into(), peer)
+        );
+        assert!("a b=x".parse::<TrustArg>().is_err());
+        assert!("m=notapeer".parse::<TrustArg>().is_err());
+    }
+
+    #[test]
+    fn remembered_publishers_survive_a_restart_and_damage_costs_only_what_is_damaged() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trust.json");
         let alice = PeerId::random();
@@ -200,10 +286,21 @@ mod tests {
             again.resolve("digits-mlp", &[PeerId::random()], PeerId::random()),
             Resolution::Publisher(alice)
         );
-        std::fs::write(&path, b"{\"m\": \"not a peer\"}").unwrap();
+        // One bad entry costs that entry only.
+        let json = format!("{{\"m\": \"not a peer\", \"n\": \"{alice}\"}}");
+        std::fs::write(&path, json).unwrap();
+        let loaded = Trust::load(&path, []);
+        assert_eq!(loaded.resolve("m", &[], alice), Resolution::Unknown);
         assert_eq!(
-            Trust::load(&path, []).resolve("m", &[], alice),
-            Resolution::Unknown
+            loaded.resolve("n", &[], alice),
+            Resolution::Publisher(alice)
+        );
+        // A file that is no map at all is moved aside, never overwritten.
+        std::fs::write(&path, b"[1, 2").unwrap();
+        Trust::load(&path, []).remember("m", alice);
+        assert_eq!(
+            std::fs::read(path.with_extension("json.damaged")).unwrap(),
+            b"[1, 2"
         );
     }
 }

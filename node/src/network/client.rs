@@ -34,7 +34,7 @@ pub enum Command {
     /// Penalty points of peers that sent bad data.
     Penalties(oneshot::Sender<HashMap<PeerId, u32>>),
     /// Announce a training run on gossip.
-    AnnounceRun(RunAnnouncement),
+    AnnounceRun(Box<RunAnnouncement>),
     /// Count a penalty against a peer whose parameters were refused; with `exclude`, leave it
     /// out of this run's averaging from now on.
     RefusePeer {
@@ -379,7 +379,7 @@ impl Client {
     /// Announces a training run on gossip.
     pub async fn announce_run(&self, announcement: RunAnnouncement) -> Result<()> {
         self.sender
-            .send(Command::AnnounceRun(announcement))
+            .send(Command::AnnounceRun(Box::new(announcement)))
             .await
             .map_err(|_| anyhow!("the node has stopped"))
     }
@@ -404,6 +404,19 @@ impl Client {
                 membership: Box::new(membership),
                 snapshots,
                 served,
+            }))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
+    /// Forgets version `id`: its download ends, its files go and it is listed no more; with
+    /// `for_good`, it is never taken in again (a checkpoint that failed its check).
+    pub async fn forget_version(&self, id: VersionId, for_good: bool, why: String) -> Result<()> {
+        self.sender
+            .send(Command::Models(models::Command::Forget {
+                id,
+                for_good,
+                why,
             }))
             .await
             .map_err(|_| anyhow!("the node has stopped"))

@@ -57,7 +57,7 @@ impl EventLoop {
     /// Fails (with a one-line reason) if an address cannot be listened on.
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
         let store = Store::open(&config.models_dir())?;
-        let trust = Trust::load(&config.trust_path(), config.trust.iter().copied());
+        let trust = Trust::load(&config.trust_path(), config.trust.iter().cloned());
         let mut models = ModelsBehaviour::new(config.models.clone(), store, key.clone(), trust);
         for model in &config.follow {
             models.follow(model.clone());
@@ -155,7 +155,7 @@ impl EventLoop {
                 let _ = reply.send(self.reputation.scores());
             }
             Command::AnnounceRun(announcement) => {
-                let bytes = self.averaging().announce_run(announcement);
+                let bytes = self.averaging().announce_run(*announcement);
                 self.publish_gossip(runs_topic(), bytes, "run");
             }
             Command::RefusePeer { peer, why, exclude } => {

@@ -4,9 +4,11 @@
 //!   vocabulary is fixed from the creator's file; a run without a name gets one), the data is
 //!   loaded to check it, the initial weights are published as version 0 of the run's model,
 //!   and the run is announced. The run's id is version 0's id.
-//! * **Join** (`train`): the node asks its peers for runs (and hears announcements) until one
-//!   shows up (the newest, or `--run ID`), then fetches the newest version of the run's model
-//!   through the swarm and starts from it, not from version 0.
+//! * **Join** (`train`): the node asks its peers for runs (and hears announcements, each
+//!   signed by its creator) until one shows up (the one most connected peers train, see
+//!   [`choose_run`], or `--run ID`), then starts from the best checkpoint of the run's members
+//!   that passes its check on this node's own test split (see `start_version`), or from the
+//!   initial weights.
 //! * **Resume**: a node restarted with `train` continues the run recorded in its data dir
 //!   (`training/state.json`) from its last local checkpoint.
 //!
@@ -85,7 +87,8 @@ impl Default for TrainOptions {
 /// Where the starting weights come from.
 #[derive(Debug, Clone)]
 pub enum Start {
-    /// The run's initial weights (this node created the run).
+    /// The run's initial weights, drawn from the spec's seed (this node created the run, or no
+    /// checkpoint passed its check).
     Initial,
     /// A checkpoint file: this node's own (resume) or a version fetched from the swarm.
     Checkpoint {
@@ -250,6 +253,7 @@ async fn create(
         spec: spec.to_toml(),
         creator: local_peer,
         created_unix: unix_now(),
+        initial: published,
         signature: Vec::new(),
     };
     client.sign_run(&mut announcement);
@@ -408,24 +412,29 @@ async fn find_run(
     }
 }
 
-/// Most checkpoints a newcomer fetches and checks before it starts from the run's initial
-/// weights instead.
+/// Most checkpoints (each of another publisher) a newcomer fetches and checks.
 const MAX_START_CANDIDATES: usize = 3;
 
 /// How much worse than announced a checkpoint's loss on this node's test split may be: a
 /// factor and an absolute slack (the test split is the same for every node of a run, so an
-/// honest figure matches up to floating-point noise and device differences).
+/// honest figure matches up to floating-point noise, device differences, and an evaluation a
+/// few steps older than the weights).
 const LOSS_TOLERANCE: (f64, f64) = (1.10, 0.05);
 
 /// The run's version this node starts from when it has no checkpoint of its own.
 ///
 /// Only checkpoints of this run published by its members count: its creator, or a peer that
-/// says it trains the run. Newest first, each (at most [`MAX_START_CANDIDATES`]) is fetched and
-/// checked: its metadata must match what its signed announcement claims (run, step, samples),
-/// its weights must fit the run's model, and its loss on this node's own test split must be
-/// within [`LOSS_TOLERANCE`] of the announced loss. A checkpoint that fails is refused (its
-/// publisher penalized) and the next is tried; with none left, training starts from the run's
-/// initial weights, which are drawn from the spec's seed exactly as its creator drew them.
+/// says it trains the run. The newest checkpoint of each of up to [`MAX_START_CANDIDATES`]
+/// publishers (newest first) is fetched and checked: its metadata must match what its signed
+/// announcement claims (run, step, samples), its weights must fit the run's model, its loss
+/// on this node's own test split must be within [`LOSS_TOLERANCE`] of the announced loss and
+/// below the initial weights' loss. Of those that pass, the one with the lowest loss here is
+/// taken. One that fails is refused for good (forgotten, never served on) and its publisher
+/// penalized; one that cannot be fetched in time is forgotten. With none left, training starts
+/// from the run's initial weights, drawn from the spec's seed exactly as its creator drew them.
+///
+/// A member can still hand over weights that are good on the test split and bad elsewhere (a
+/// backdoor): loss figures cannot tell; averaging with the honest members then dilutes them.
 async fn start_version(
     client: &Client,
     announcement: &RunAnnouncement,
@@ -448,7 +457,8 @@ async fn start_version(
                 .remove(&announcement.run)
                 .unwrap_or_default();
             let candidates = run_checkpoints(announcement, &members, versions);
-            // Version 0 is always there once the creator is reached.
+            // The creator's version 0 is listed once the creator (or a peer that knows the run)
+            // is reached.
             Ok((!candidates.is_empty()).then_some(candidates))
         },
     )
@@ -463,50 +473,96 @@ async fn start_version(
         ),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for candidate in candidates.into_iter().take(MAX_START_CANDIDATES) {
+    let initial_loss = {
+        let (spec, data) = (prepared.0.clone(), prepared.1.clone());
+        tokio::task::spawn_blocking(move || -> Result<f64> {
+            Ok(Model::new(&spec, &p2p_models::Device::Cpu)?
+                .evaluate(&data)?
+                .loss)
+        })
+        .await
+        .context("the initial weights' evaluation stopped")??
+    };
+    let mut best: Option<(f64, PathBuf)> = None;
+    for (i, candidate) in candidates.into_iter().enumerate() {
         let Some(claimed) = candidate.training.clone() else {
-            break; // version 0: the initial weights
+            continue; // version 0: the initial weights, the fallback anyway
         };
-        tracing::info!(model = %announcement.model, version = candidate.version, id = %candidate.id.short(), publisher = %candidate.publisher, step = claimed.step, "fetching and checking the run's newest checkpoint");
-        let path = dir.join("start.safetensors");
-        let checked = async {
+        let Some(announced) = claimed.loss else {
+            tracing::info!(id = %candidate.id.short(), "skipping a checkpoint announced without a loss to check it against");
+            continue;
+        };
+        tracing::info!(model = %announcement.model, version = candidate.version, id = %candidate.id.short(), publisher = %candidate.publisher, step = claimed.step, "fetching and checking a checkpoint to start from");
+        let path = dir.join(format!("start-{i}.safetensors"));
+        let fetched = async {
             tokio::time::timeout(timeout, client.fetch(candidate.id))
                 .await
                 .map_err(|_| anyhow!("not fetched within {} s", timeout.as_secs()))??;
-            client.export(candidate.id, &path).await?;
-            let (spec, data) = (prepared.0.clone(), prepared.1.clone());
-            let file = path.clone();
-            tokio::task::spawn_blocking(move || check_start(&spec, &data, &file, &claimed))
-                .await
-                .context("the checkpoint check stopped")?
+            client.export(candidate.id, &path).await
         }
         .await;
+        if let Err(e) = fetched {
+            tracing::warn!(id = %candidate.id.short(), error = %format!("{e:#}"), "cannot fetch a checkpoint to start from");
+            client
+                .forget_version(candidate.id, false, format!("not fetched: {e:#}"))
+                .await?;
+            continue;
+        }
+        let (spec, data, file) = (prepared.0.clone(), prepared.1.clone(), path.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            check_start(&spec, &data, &file, &claimed, announced, initial_loss)
+        })
+        .await
+        .context("the checkpoint check stopped")?;
         match checked {
             Ok(loss) => {
                 tracing::info!(
                     version = candidate.version,
                     loss,
-                    "starting from a checked checkpoint"
+                    announced,
+                    initial_loss,
+                    "checkpoint passed its check"
                 );
-                return Ok(Start::Checkpoint {
-                    path,
-                    resume: false,
-                });
+                if best.as_ref().is_none_or(|(l, _)| loss < *l) {
+                    if let Some((_, worse)) = best.replace((loss, path)) {
+                        let _ = std::fs::remove_file(worse);
+                    }
+                } else {
+                    let _ = std::fs::remove_file(&path);
+                }
             }
             Err(e) => {
                 let why = format!("checkpoint {} refused: {e:#}", candidate.id.short());
                 tracing::warn!(publisher = %candidate.publisher, "{why}");
                 let _ = std::fs::remove_file(&path);
-                client.refuse_peer(candidate.publisher, why, true).await?;
+                client
+                    .forget_version(candidate.id, true, why.clone())
+                    .await?;
+                client.refuse_peer(candidate.publisher, why, false).await?;
             }
         }
     }
-    tracing::info!(run = %announcement.run.short(), "starting from the run's initial weights");
-    Ok(Start::Initial)
+    match best {
+        Some((loss, path)) => {
+            let start = dir.join("start.safetensors");
+            std::fs::rename(&path, &start)
+                .with_context(|| format!("cannot rename {}", path.display()))?;
+            tracing::info!(loss, "starting from the best checked checkpoint");
+            Ok(Start::Checkpoint {
+                path: start,
+                resume: false,
+            })
+        }
+        None => {
+            tracing::info!(run = %announcement.run.short(), "starting from the run's initial weights");
+            Ok(Start::Initial)
+        }
+    }
 }
 
-/// The versions of `run` a newcomer may start from, newest first: version 0 (the run's id, by
-/// its creator) and the checkpoints of the run published by its creator or by `members`.
+/// The versions of `run` a newcomer may start from: [`MAX_START_CANDIDATES`] checkpoints of the
+/// run published by its creator or `members` (the newest of as many publishers as there are,
+/// then the next newest), then version 0 (the run's id, by its creator).
 fn run_checkpoints(
     run: &RunAnnouncement,
     members: &HashSet<PeerId>,
@@ -522,16 +578,31 @@ fn run_checkpoints(
         })
         .collect();
     out.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
-    out
+    let (initial, checkpoints): (Vec<Announcement>, Vec<Announcement>) =
+        out.into_iter().partition(|a| a.id == run.run);
+    let mut seen = HashSet::new();
+    let (first_of_each, rest): (Vec<Announcement>, Vec<Announcement>) = checkpoints
+        .into_iter()
+        .partition(|a| seen.insert(a.publisher));
+    let mut picked: Vec<Announcement> = first_of_each
+        .into_iter()
+        .chain(rest)
+        .take(MAX_START_CANDIDATES)
+        .collect();
+    picked.extend(initial);
+    picked
 }
 
 /// Checks a fetched checkpoint against its signed claims: metadata, shapes, and loss on this
-/// node's test split. Returns that loss.
+/// node's test split, which must be within [`LOSS_TOLERANCE`] of `announced` and below
+/// `initial` (the initial weights' loss). Returns that loss.
 fn check_start(
     spec: &RunSpec,
     data: &Dataset,
     path: &Path,
     claimed: &p2p_protocol::training::TrainingMeta,
+    announced: f64,
+    initial: f64,
 ) -> Result<f64> {
     let model = Model::new(spec, &p2p_models::Device::Cpu)?;
     let (values, meta) = checkpoint::load(path, model.layout())?;
@@ -547,11 +618,11 @@ fn check_start(
     }
     model.set_params(&values)?;
     let own = model.evaluate(data)?.loss;
-    let Some(announced) = claimed.loss else {
-        bail!("its announcement gives no loss to check it against");
-    };
     if !own.is_finite() || own > announced * LOSS_TOLERANCE.0 + LOSS_TOLERANCE.1 {
         bail!("its loss on this node's test split is {own:.4}, not the announced {announced:.4}");
+    }
+    if own >= initial {
+        bail!("its loss on this node's test split, {own:.4}, is no better than the initial weights' {initial:.4}");
     }
     Ok(own)
 }
@@ -633,6 +704,17 @@ mod tests {
             spec: spec.into(),
             creator: PeerId::random(),
             created_unix,
+            initial: p2p_protocol::messages::Announcement {
+                model: "m".into(),
+                version: 0,
+                id: VersionId::of(b"v0"),
+                size: 0,
+                publisher: PeerId::random(),
+                training: None,
+                parent: None,
+                body: VersionId::of(b"body"),
+                signature: Vec::new(),
+            },
             signature: Vec::new(),
         }
     }
@@ -683,6 +765,17 @@ mod tests {
             spec: named.to_toml(),
             creator: PeerId::random(),
             created_unix: 0,
+            initial: p2p_protocol::messages::Announcement {
+                model: "m".into(),
+                version: 0,
+                id: VersionId::of(b"v0"),
+                size: 0,
+                publisher: PeerId::random(),
+                training: None,
+                parent: None,
+                body: VersionId::of(b"body"),
+                signature: Vec::new(),
+            },
             signature: Vec::new(),
         }
     }
