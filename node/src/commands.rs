@@ -324,7 +324,9 @@ async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Resul
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits until no dial to a bootstrap, cached or mDNS peer is pending (at most
-/// [`SETTLE_TIMEOUT`], never past `deadline`), then asks for `model`'s newest version again.
+/// [`SETTLE_TIMEOUT`], never past `deadline`), then asks for `model`'s newest version again,
+/// and remembers its publisher for the name (nothing is remembered before: the first answer
+/// may come from the only peer reached so far).
 async fn settled_answer(
     client: &Client,
     model: &str,
@@ -338,7 +340,7 @@ async fn settled_answer(
             _ => break, // timed out, or the node stopped
         }
     }
-    Ok(client.query_versions(model).await?.into_iter().next())
+    Ok(client.resolve_versions(model).await?.into_iter().next())
 }
 
 /// Shows a download's progress as it arrives: an `indicatif` bar on a terminal (cleared

@@ -34,6 +34,30 @@ fn assert_one_line_error(result: (i32, String, String), code: i32, needle: &str)
 }
 
 #[test]
+fn a_bad_model_name_or_trust_value_is_a_usage_error() {
+    let dir = tmp();
+    let d = dir.path().to_str().unwrap();
+    assert_one_line_error(
+        run(&["--data-dir", d, "--no-mdns", "--follow", "a b"], QUICK),
+        2,
+        "'a b' is not a model name",
+    );
+    assert_one_line_error(
+        run(&["fetch", "a b", "--out", "x", "--data-dir", d], QUICK),
+        2,
+        "nor a version id",
+    );
+    assert_one_line_error(
+        run(
+            &["--data-dir", d, "--no-mdns", "--trust", "m=not-a-peer"],
+            QUICK,
+        ),
+        2,
+        "is not a peer id",
+    );
+}
+
+#[test]
 fn malformed_multiaddr_is_a_usage_error() {
     let dir = tmp();
     let d = dir.path().to_str().unwrap();

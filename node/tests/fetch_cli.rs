@@ -159,6 +159,52 @@ fn fetch_of_an_unknown_model_fails_with_one_line() {
     assert!(!out.exists());
 }
 
+/// Two publishers of one name, both reachable, neither connected to the other: a fetch by the
+/// bare name is refused naming both (not resolved to whichever answered first), and binding
+/// the name with `--trust NAME=PEER_ID` fetches that publisher's bytes.
+#[test]
+fn a_name_two_reachable_peers_publish_is_refused_until_one_is_chosen() {
+    let files = tempfile::tempdir().unwrap();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a_file, _) = common::model_file(files.path(), "a.safetensors", 1, 11);
+    let (b_file, b_bytes) = common::model_file(files.path(), "b.safetensors", 1, 12);
+    let (_a, a_join) = publisher(dirs[0].path(), &a_file, "m", "100");
+    let (_b, b_join) = publisher(dirs[1].path(), &b_file, "m", "100");
+    let b_id = b_join.rsplit('/').next().unwrap().to_string();
+    let out = files.path().join("out");
+    let fetch_both = |extra: &[&str]| {
+        let mut a = args(&[
+            "fetch",
+            "m",
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+            "--timeout",
+            "60",
+            "--data-dir",
+            dirs[2].path().to_str().unwrap(),
+            "--bootstrap",
+            &a_join,
+            "--bootstrap",
+            &b_join,
+        ]);
+        a.extend(extra);
+        run(&a, Duration::from_secs(180))
+    };
+    let (code, _, stderr) = fetch_both(&[]);
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("is published by 2 peers") && last.contains(&b_id),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    let bound = format!("m={b_id}");
+    let (code, _, stderr) = fetch_both(&["--trust", &bound]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::read(&out).unwrap() == b_bytes, "B's bytes");
+}
+
 /// The only way in is a stopped node: the error names that cause (not a missing model), and
 /// the fetch ends as soon as every way to join has failed, long before its timeout.
 #[test]

@@ -30,6 +30,7 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::command::Scope;
 use super::disk::{
     self, ChunkJob, ChunkRead, ChunkWriter, DecodedManifest, DiskEvent, Imported, PublishFile,
 };
@@ -104,8 +105,8 @@ struct Pending {
 
 struct VersionsQuery {
     model: String,
-    /// Only the versions of the publisher the name resolves to ([`Trust`]).
-    trusted: bool,
+    /// Which versions the answer holds.
+    scope: Scope,
     outstanding: usize,
     deadline: Instant,
     reply: oneshot::Sender<Result<Vec<Announcement>, Error>>,
@@ -400,19 +401,18 @@ impl Behaviour {
     }
 
     /// Asks every connected peer which versions of `model` it knows; `reply` gets them merged
-    /// with those known here, newest first: with `trusted`, only those of the publisher the
-    /// name means (an error if it is ambiguous), else every verified one.
+    /// with those known here, newest first, in `scope`.
     pub fn query_versions(
         &mut self,
         model: String,
-        trusted: bool,
+        scope: Scope,
         reply: oneshot::Sender<Result<Vec<Announcement>, Error>>,
     ) {
         let qid = self.next_query;
         self.next_query += 1;
         let peers: Vec<PeerId> = self.connected.iter().copied().collect();
         // A name already bound to a publisher asks for that publisher's versions only.
-        let publisher = if trusted {
+        let publisher = if scope != Scope::All {
             match self.trust.resolve(&model, &[], self.local_peer) {
                 Resolution::Publisher(p) => Some(p),
                 _ => None,
@@ -441,7 +441,7 @@ impl Behaviour {
             qid,
             VersionsQuery {
                 model,
-                trusted,
+                scope,
                 outstanding: peers.len(),
                 deadline: Instant::now() + VERSIONS_QUERY_TIMEOUT,
                 reply,
@@ -563,7 +563,7 @@ impl Behaviour {
             self.last_follow_poll = Some(Instant::now());
             for model in self.followed.clone() {
                 let (reply, _) = oneshot::channel();
-                self.query_versions(model, true, reply);
+                self.query_versions(model, Scope::Trusted, reply);
             }
         }
         let expired: Vec<u64> = self
@@ -945,9 +945,14 @@ impl Behaviour {
         out
     }
 
-    /// The versions of `model` by the publisher the name means, newest first; remembers that
-    /// publisher (trust on first use). Ambiguous: an error naming the publishers.
-    fn trusted_versions(&mut self, model: &str) -> Result<Vec<Announcement>, Error> {
+    /// The versions of `model` by the publisher the name means, newest first; with `remember`,
+    /// that publisher is remembered (trust on first use). Ambiguous: an error naming the
+    /// publishers.
+    fn trusted_versions(
+        &mut self,
+        model: &str,
+        remember: bool,
+    ) -> Result<Vec<Announcement>, Error> {
         let all: Vec<Announcement> = self
             .announcements
             .values()
@@ -957,7 +962,7 @@ impl Behaviour {
         let publishers: Vec<PeerId> = all.iter().map(|a| a.publisher).collect();
         match self.trust.resolve(model, &publishers, self.local_peer) {
             Resolution::Publisher(p) => {
-                if p != self.local_peer && publishers.contains(&p) {
+                if remember && p != self.local_peer && publishers.contains(&p) {
                     self.trust.remember(model, p);
                 }
                 let mut list: Vec<Announcement> =
@@ -1195,10 +1200,10 @@ impl Behaviour {
             .is_some_and(|q| force || q.outstanding == 0);
         if done {
             if let Some(q) = self.versions_queries.remove(&qid) {
-                let answer = if q.trusted {
-                    self.trusted_versions(&q.model)
-                } else {
-                    Ok(self.known_versions(&q.model))
+                let answer = match q.scope {
+                    Scope::All => Ok(self.known_versions(&q.model)),
+                    Scope::Trusted => self.trusted_versions(&q.model, false),
+                    Scope::Resolve => self.trusted_versions(&q.model, true),
                 };
                 let _ = q.reply.send(answer);
             }

@@ -10,6 +10,19 @@ use tokio::sync::{oneshot, watch};
 use super::disk::PublishFile;
 use super::{Behaviour, DownloadReport, DownloadState, Error, FetchProgress, ModelInfo};
 
+/// Which versions of a model a [`Command::QueryVersions`] answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every verified version, whoever published it (a run's checkpoints come from all its
+    /// members).
+    All,
+    /// Those of the publisher the name means (see [`super::trust`]); an error if ambiguous.
+    Trusted,
+    /// As `Trusted`, and that publisher is remembered for the name (trust on first use): what
+    /// a fetch by name does once its dials settled.
+    Resolve,
+}
+
 /// Requests to the models behaviour.
 #[derive(Debug)]
 pub enum Command {
@@ -29,9 +42,8 @@ pub enum Command {
     QueryVersions {
         /// Model name.
         model: String,
-        /// Only the versions of the publisher the name means (see [`super::trust`]); else
-        /// every verified version, whoever published it.
-        trusted: bool,
+        /// Which versions.
+        scope: Scope,
         /// Newest first, or why the name is ambiguous.
         reply: oneshot::Sender<Result<Vec<Announcement>, Error>>,
     },
@@ -87,9 +99,9 @@ impl Behaviour {
             } => self.fetch(id, reply, progress),
             Command::QueryVersions {
                 model,
-                trusted,
+                scope,
                 reply,
-            } => self.query_versions(model, trusted, reply),
+            } => self.query_versions(model, scope, reply),
             Command::Forget { id, for_good, why } => {
                 if for_good {
                     self.refuse(&id, &why);

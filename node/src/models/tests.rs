@@ -418,6 +418,31 @@ async fn a_fake_newest_version_moves_nothing_and_a_follower_keeps_only_the_newes
     assert!(!v0_dir.exists(), "the superseded one's files are removed");
 }
 
+/// Interrupted downloads of a model nobody follows (a `fetch ID` killed, twice) all resume:
+/// only following a name keeps just the newest.
+#[tokio::test]
+async fn interrupted_fetches_by_id_all_resume_when_the_name_is_not_followed() {
+    let files = tempfile::tempdir().unwrap();
+    let first = model_file(files.path(), 3 * CHUNK as usize);
+    let second_dir = files.path().join("2");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let second = model_file(&second_dir, 4 * CHUNK as usize);
+    let (pd, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut publisher = bare(pd.path(), &key());
+    let v0 = publish_bare(&mut publisher, pd.path(), &first);
+    let v1 = publish_bare(&mut publisher, pd.path(), &second);
+    {
+        let mut store = Store::open(&fd.path().join("models")).unwrap();
+        for id in [v0.id, v1.id] {
+            let (m, _) = publisher.complete_version(&id).unwrap();
+            store.begin(id, m.clone(), &m.encode()).unwrap();
+        }
+    }
+    let fetcher = bare(fd.path(), &key());
+    assert!(fetcher.download_state(&v0.id).is_some());
+    assert!(fetcher.download_state(&v1.id).is_some());
+}
+
 /// A version whose number is not its parent's plus one is refused, even signed.
 #[tokio::test]
 async fn a_version_that_breaks_its_chain_is_refused() {
@@ -469,7 +494,7 @@ async fn an_ambiguous_name_is_refused_until_a_publisher_is_trusted() {
         c.on_gossip(None, &a.encode());
         c.on_gossip(None, &b.encode());
         let (tx, rx) = oneshot::channel();
-        c.query_versions("m".into(), true, tx);
+        c.query_versions("m".into(), super::command::Scope::Trusted, tx);
         let answer = rx.await.unwrap();
         if !trusting_b {
             let err = answer.unwrap_err().to_string();
@@ -506,7 +531,7 @@ async fn a_flood_of_one_publishers_versions_does_not_push_out_anothers() {
     }
     // Listed to others: a few of each publisher, the real one among them.
     let (tx, rx) = oneshot::channel();
-    node.query_versions("m".into(), false, tx);
+    node.query_versions("m".into(), super::command::Scope::All, tx);
     let listed = rx.await.unwrap().unwrap();
     let liars = listed
         .iter()
@@ -523,6 +548,6 @@ async fn a_flood_of_one_publishers_versions_does_not_push_out_anothers() {
     );
     // Two publishers of "m" and no trust: ambiguous, not the liar's by its numbers.
     let (tx, rx) = oneshot::channel();
-    node.query_versions("m".into(), true, tx);
+    node.query_versions("m".into(), super::command::Scope::Trusted, tx);
     assert!(rx.await.unwrap().is_err());
 }

@@ -341,23 +341,30 @@ impl Client {
     }
 
     /// Versions of `model` known to this node and its connected peers, newest first, by the
-    /// publisher the name means (see [`models::trust`]; an error if it is ambiguous).
+    /// publisher the name means (see [`models::trust`]; an error if it is ambiguous). Nothing
+    /// is remembered.
     pub async fn query_versions(&self, model: &str) -> Result<Vec<Announcement>> {
-        self.query(model, true).await
+        self.query(model, models::command::Scope::Trusted).await
+    }
+
+    /// As [`Self::query_versions`], and the publisher found is remembered for the name (trust
+    /// on first use): for a fetch by name once its dials have settled.
+    pub async fn resolve_versions(&self, model: &str) -> Result<Vec<Announcement>> {
+        self.query(model, models::command::Scope::Resolve).await
     }
 
     /// Every verified version of `model` known to this node and its connected peers, whoever
     /// published it, newest first (a run's checkpoints come from all its members).
     pub async fn query_all_versions(&self, model: &str) -> Result<Vec<Announcement>> {
-        self.query(model, false).await
+        self.query(model, models::command::Scope::All).await
     }
 
-    async fn query(&self, model: &str, trusted: bool) -> Result<Vec<Announcement>> {
+    async fn query(&self, model: &str, scope: models::command::Scope) -> Result<Vec<Announcement>> {
         let model = model.to_string();
         self.ask(|reply| {
             Command::Models(models::Command::QueryVersions {
                 model,
-                trusted,
+                scope,
                 reply,
             })
         })
