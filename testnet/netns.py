@@ -347,8 +347,10 @@ def run_distribution(net, hosts, stage, size_mib, file, model, timeout):
     """Host 1 publishes `file` over the API while hosts 2.. follow `model`; returns per-host
     completion times (seconds since the publish) and the publisher's upload."""
     n = len(hosts) - 1
-    common = ["--stage", stage, "--follow", model]
     join = hosts[0].start(["--stage", stage, "--chunk-size-kib", str(net.args.chunk_kib)]).join_addr()
+    # Followers name the publisher they follow (a name not bound yet is taken only after a
+    # settling delay, which would count in the timings).
+    common = ["--stage", stage, "--follow", model, "--trust", f"{model}={join.rsplit('/', 1)[1]}"]
     for i, h in enumerate(hosts[1:]):
         extra = ["--portion", f"{i}/{n}"] if stage == "coordinated" else []
         h.start(common + extra, bootstrap=join)
@@ -421,8 +423,9 @@ def scenario_churn(net, args):
     expected = file_digest(file)
     model = "churn"
     join = hosts[0].start([]).join_addr()
+    follow = ["--follow", model, "--trust", f"{model}={join.rsplit('/', 1)[1]}"]
     for h in hosts[1:]:
-        h.start(["--follow", model], bootstrap=join)
+        h.start(follow, bootstrap=join)
     all_connected(hosts)
     started = time.monotonic()
     http(hosts[0].api(), "/publish", {"path": str(file), "model": model}, timeout=120)
@@ -447,7 +450,7 @@ def scenario_churn(net, args):
     contact_addr = contact.join_addr()
     for _ in victims:
         h = net.add_host()
-        h.start(["--follow", model], bootstrap=contact_addr)
+        h.start(follow, bootstrap=contact_addr)
         newcomers.append(h)
     finishers = survivors + newcomers
     done = {}

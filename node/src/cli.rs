@@ -160,7 +160,7 @@ pub struct CommonArgs {
     pub publish: Vec<PathBuf>,
 
     /// Model name for --publish [default: the file name without extension].
-    #[arg(long, global = true, value_name = "NAME")]
+    #[arg(long, global = true, value_name = "NAME", value_parser = parse_model_name)]
     pub model: Option<String>,
 
     /// Fetch every new version of this model as it is announced (repeatable), from the
@@ -214,6 +214,23 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    /// Checks what clap cannot see in one value: a name bound twice with `--trust` to two
+    /// publishers.
+    pub fn validate(&self) -> Result<(), clap::Error> {
+        let mut bound = std::collections::BTreeMap::new();
+        for arg in &self.trust {
+            if let crate::models::trust::TrustArg::Name(name, peer) = arg {
+                if bound.insert(name, peer).is_some_and(|other| other != peer) {
+                    return Err(clap::Error::raw(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!("error: --trust binds '{name}' to two publishers; give one\n"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves the CLI flags: flag > environment (handled by clap) > platform default.
     pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
         let data_dir = match &self.data_dir {

@@ -302,7 +302,9 @@ async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Resul
             // The first answer may come from the first peer reached: once the other ways to
             // join have settled, ask again, so that a name several reachable peers publish is
             // reported as ambiguous every time, not resolved by who answered first.
-            let newest = settled_answer(client, model, deadline).await?.unwrap_or(first);
+            let newest = settled_answer(client, model, deadline)
+                .await?
+                .unwrap_or(first);
             tracing::info!(model, version = newest.version, id = %newest.id, size = newest.size, "newest version found");
             Ok(newest.id)
         }
@@ -316,7 +318,24 @@ async fn resolve_model(client: &Client, model: &str, deadline: Instant) -> Resul
                 .last_dial_error
                 .map_or(String::new(), |e| format!(" (last error: {e})"))
         ),
-        Lookup::TimedOut { most_connected, .. } => bail!("{most_connected} peer(s) reachable, but none knows a version of model '{model}' (is the name right, and is a node serving it?)"),
+        Lookup::TimedOut { most_connected, .. } => {
+            let mut others: Vec<String> = client
+                .query_all_versions(model)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| a.publisher.to_base58())
+                .collect();
+            others.sort();
+            others.dedup();
+            if others.is_empty() {
+                bail!("{most_connected} peer(s) reachable, but none knows a version of model '{model}' (is the name right, and is a node serving it?)")
+            }
+            bail!(
+                "model '{model}' is known only from publishers it does not mean here ({}): bind one with --trust {model}=PEER_ID",
+                others.join(", ")
+            )
+        }
     }
 }
 

@@ -18,6 +18,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    if let Err(e) = cli.common.validate() {
+        return usage_error(e);
+    }
     logging::init(cli.common.log_format);
     if matches!(cli.command, Some(Command::Train(_))) {
         // Training allocates and frees the same large tensors every step: keep them.

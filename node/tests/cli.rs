@@ -55,6 +55,28 @@ fn a_bad_model_name_or_trust_value_is_a_usage_error() {
         2,
         "is not a peer id",
     );
+    let (a, b) = (
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id(),
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id(),
+    );
+    let (ta, tb) = (format!("m={a}"), format!("m={b}"));
+    assert_one_line_error(
+        run(
+            &["--data-dir", d, "--no-mdns", "--trust", &ta, "--trust", &tb],
+            QUICK,
+        ),
+        2,
+        "binds 'm' to two publishers",
+    );
+    assert_one_line_error(
+        run(&["--data-dir", d, "--no-mdns", "--model", "a b"], QUICK),
+        2,
+        "'a b' is not a model name",
+    );
 }
 
 #[test]

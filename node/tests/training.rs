@@ -531,19 +531,20 @@ async fn a_node_joining_late_from_a_checkpoint_is_not_held_back_by_finished_peer
     stop_all(handles, nodes).await;
 }
 
-/// A member's poisoned checkpoint: the run's creator publishes, as the newest version, random
-/// weights whose signed metadata claims a loss of 0.01. A newcomer fetches it, measures the
-/// loss on its own test split, refuses it (penalizing the publisher, deleting it) and starts
-/// from the best honest checkpoint instead.
+/// A member's poisoned checkpoint: a member of the run publishes, as the newest version, random
+/// weights whose signed metadata claims a loss of 0.01. A newcomer checks it and the creator's
+/// newest checkpoint on its own test split, refuses the poison (penalizing its publisher,
+/// deleting it) and starts from the creator's checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newcomer_refuses_a_checkpoint_whose_loss_is_not_what_it_claims() {
     let files = tempfile::tempdir().unwrap();
     let spec_path = files.path().join("digits.toml");
     let text = EXAMPLE_SPEC
         .replace("steps = 600", "steps = 200")
-        .replace("partition = \"by-label\"", "partition = \"iid\"");
+        .replace("partition = \"by-label\"", "partition = \"iid\"")
+        + "min_peers = 0\n";
     std::fs::write(&spec_path, &text).unwrap();
-    let nodes = start_nodes(2).await;
+    let nodes = start_nodes(3).await;
     let mut creator_options = options((0, 1), false);
     creator_options.create = Some(spec_path.clone());
     let mut creator = train(&nodes[0], creator_options).await;
@@ -552,6 +553,14 @@ async fn a_newcomer_refuses_a_checkpoint_whose_loss_is_not_what_it_claims() {
         .expect("the creator finished in time")
         .unwrap();
     let honest_loss = honest.loss.unwrap();
+    // The poisoner joins the run (a member: it says it trains it), then publishes the poison.
+    let mut member_options = options((0, 1), true);
+    member_options.run = Some(honest.run_id.parse().unwrap());
+    let mut member = train(&nodes[1], member_options).await;
+    tokio::time::timeout(TRAIN_TIMEOUT, member.finished())
+        .await
+        .expect("the member finished in time")
+        .unwrap();
 
     // The poison: random weights, claiming to be far better and further along.
     let spec = p2p_models::spec::RunSpec::parse(&text).unwrap();
@@ -569,7 +578,7 @@ async fn a_newcomer_refuses_a_checkpoint_whose_loss_is_not_what_it_claims() {
         accuracy: Some(0.99),
     };
     p2p_models::checkpoint::save(&poison, model.layout(), &values, &meta).unwrap();
-    let published = nodes[0]
+    let published = nodes[1]
         .handle
         .client
         .publish_checkpoint(&poison, &honest.model)
@@ -577,31 +586,38 @@ async fn a_newcomer_refuses_a_checkpoint_whose_loss_is_not_what_it_claims() {
         .unwrap();
     assert_eq!(published.training.as_ref().unwrap().loss, Some(0.01));
 
-    let mut newcomer = train(&nodes[1], options((0, 1), false)).await;
+    let mut newcomer = train(&nodes[2], options((0, 1), false)).await;
     let status = tokio::time::timeout(TRAIN_TIMEOUT, newcomer.finished())
         .await
         .expect("the newcomer finished in time")
         .unwrap();
-    let penalties = nodes[1].handle.client.penalties().await.unwrap();
+    let penalties = nodes[2].handle.client.penalties().await.unwrap();
     eprintln!(
         "creator loss {honest_loss:.3}; newcomer: samples {}, loss {:?}, penalties {penalties:?}",
         status.samples_seen, status.loss
     );
-    assert!(
-        penalties.get(&nodes[0].peer_id()).copied().unwrap_or(0) >= 1,
-        "the poisoned checkpoint's publisher was penalized: {penalties:?}"
+    assert_eq!(
+        penalties.get(&nodes[1].peer_id()).copied(),
+        Some(1),
+        "the poisoned checkpoint's publisher was penalized once: {penalties:?}"
     );
     assert!(
-        status.samples_seen > 200 * 32 && status.samples_seen < 1_000_000,
-        "started from an honest checkpoint, not the poison nor scratch: {status:?}"
+        !penalties.contains_key(&nodes[0].peer_id()),
+        "the creator was not: {penalties:?}"
+    );
+    assert_eq!(
+        status.samples_seen,
+        200 * 32 * 2,
+        "started from the creator's checkpoint (its 200 steps), not the poison nor scratch: {status:?}"
     );
     // The refused version is gone from the newcomer: not kept, not served on.
-    let held = nodes[1].handle.client.models().await.unwrap();
+    let held = nodes[2].handle.client.models().await.unwrap();
     assert!(
         held.iter().all(|m| m.id != published.id.to_hex()),
         "{held:?}"
     );
     creator.stop().await.unwrap();
+    member.stop().await.unwrap();
     stop_all(vec![newcomer], nodes).await;
 }
 

@@ -73,7 +73,7 @@ pub const IDENTIFY_PROTOCOL_VERSION: &str = "/p2p-ml/1.0.0";
 pub const GOSSIPSUB_PROTOCOL_PREFIX: &str = "/p2p-ml/meshsub";
 
 /// The gossipsub topic every node joins; model versions and training runs are announced here.
-pub const ANNOUNCE_TOPIC: &str = "p2p-ml/announce/1";
+pub const ANNOUNCE_TOPIC: &str = "p2p-ml/announce/2";
 
 /// Largest gossipsub message a node sends or accepts.
 pub const MAX_GOSSIP_MESSAGE_BYTES: usize = 64 * 1024;

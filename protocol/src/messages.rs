@@ -11,7 +11,7 @@ use crate::codec::GossipError;
 use crate::manifest::{VersionId, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES};
 
 /// Request-response protocol id for model distribution.
-pub const MODELS_PROTOCOL: &str = "/p2p-ml/models/1.0.0";
+pub const MODELS_PROTOCOL: &str = "/p2p-ml/models/2.0.0";
 
 /// Largest encoded request.
 pub const MAX_REQUEST_BYTES: u64 = 4 * 1024;

@@ -37,16 +37,21 @@ use crate::codec::GossipError;
 use crate::manifest::{Hash32, VersionId};
 
 /// Request-response protocol id of gossip averaging and run discovery.
-pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/1.0.0";
+pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/2.0.0";
 
 /// The gossipsub topic of run announcements.
-pub const RUNS_TOPIC: &str = "p2p-ml/runs/1";
+pub const RUNS_TOPIC: &str = "p2p-ml/runs/2";
 
 /// Largest piece of parameters in one message.
 pub const MAX_PIECE_BYTES: usize = 1 << 20;
 
 /// Largest encoded training request or response: a piece plus framing.
 pub const MAX_TRAINING_MESSAGE_BYTES: u64 = MAX_PIECE_BYTES as u64 + 64 * 1024;
+
+/// Highest version number a run's checkpoint may have to be used: a run publishing 2^32
+/// checkpoints is impossible, so a higher number is its publisher's lie (one that would use up
+/// the numbering of whoever derives from it).
+pub const MAX_PLAUSIBLE_CHECKPOINT_VERSION: u64 = 1 << 32;
 
 /// Largest run spec carried in an announcement.
 pub const MAX_SPEC_BYTES: usize = 32 * 1024;

@@ -1,4 +1,4 @@
-//! The `/p2p-ml/train/1.0.0` protocol: gossip averaging sessions and run discovery, as one
+//! The `/p2p-ml/train/2.0.0` protocol: gossip averaging sessions and run discovery, as one
 //! libp2p behaviour ([`Behaviour`]) that imports neither the rest of the network nor the
 //! model store.
 //!

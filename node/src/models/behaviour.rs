@@ -1,4 +1,4 @@
-//! [`Behaviour`]: the `/p2p-ml/models/1.0.0` protocol as one libp2p `NetworkBehaviour` (see
+//! [`Behaviour`]: the `/p2p-ml/models/2.0.0` protocol as one libp2p `NetworkBehaviour` (see
 //! the [module docs](super) for participants, flow and limits). It wraps a request-response
 //! behaviour, tracks which peers are connected, runs its timer, answers requests by the rules
 //! of `Uploads`, carries out the `Step`s of each `Download`, and hands disk work to
@@ -26,6 +26,7 @@ use p2p_protocol::messages::{
 };
 use p2p_protocol::training::TrainingMeta;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -47,6 +48,12 @@ use crate::wire_behaviour::WrapsRequestResponse;
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
 const FOLLOW_POLL: Duration = Duration::from_secs(5);
+
+/// How long a follower waits, from when it starts following a name not bound to a publisher yet,
+/// before it takes the only publisher it knows (trust on first use): long enough for every
+/// peer reachable at start to have answered, so that two publishers of the name are seen as
+/// two, not as whichever answered first.
+const FOLLOW_SETTLE: Duration = Duration::from_secs(10);
 
 /// How often downloads are driven and availability refreshed.
 const TICK: Duration = Duration::from_millis(200);
@@ -87,13 +94,25 @@ const MAX_SHOWN: usize = 1024;
 /// How long a query for a model's versions waits for answers.
 const VERSIONS_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How far [`Behaviour::forget_version`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forget {
+    /// Only a partial download nobody waits for (a superseded one).
+    Partial,
+    /// Any version nobody waits for, complete or not (one a caller no longer wants).
+    Unwanted,
+    /// Whatever it is (a version refused for good).
+    Refused,
+}
+
 /// What an outstanding request was for.
 #[derive(Debug)]
 enum Purpose {
     Manifest(VersionId),
     Have(VersionId),
     Chunk(VersionId, u32),
-    Versions(u64),
+    /// A versions query, and the model it asked about.
+    Versions(u64, String),
 }
 
 #[derive(Debug)]
@@ -142,7 +161,9 @@ pub struct Behaviour {
     /// Bytes of chunks received, per version.
     downloaded: HashMap<VersionId, u64>,
     uploads: Uploads,
-    followed: HashSet<String>,
+    /// Models followed, and since when (a name not bound yet is taken only after
+    /// [`FOLLOW_SETTLE`]).
+    followed: HashMap<String, Instant>,
     versions_queries: HashMap<u64, VersionsQuery>,
     next_query: u64,
     last_sync: Instant,
@@ -190,7 +211,7 @@ impl Behaviour {
             announcements: HashMap::new(),
             downloaded: HashMap::new(),
             uploads: Uploads::new(&config),
-            followed: HashSet::new(),
+            followed: HashMap::new(),
             versions_queries: HashMap::new(),
             next_query: 0,
             last_sync: Instant::now(),
@@ -258,7 +279,7 @@ impl Behaviour {
         for pair in partial.windows(2) {
             if pair[0].0 == pair[1].0 {
                 tracing::info!(version = %pair[1].2.short(), model, "removing an interrupted download superseded by a newer version");
-                self.forget(&pair[1].2, "superseded by a newer version");
+                self.forget_version(&pair[1].2, "superseded by a newer version", Forget::Partial);
             }
         }
         if self.trust.remembered(&model).is_none() {
@@ -272,11 +293,58 @@ impl Behaviour {
                 .collect();
             held.sort();
             held.dedup();
+            // Held versions of one publisher mean it was followed before, unless the user
+            // trusts other publishers only.
             if let [only] = held[..] {
-                self.trust.remember(&model, only);
+                if !self.trust.has_trusted_publishers() || self.trust.trusts(&only) {
+                    self.trust.remember(&model, only);
+                }
             }
         }
-        self.followed.insert(model);
+        self.followed.insert(model, Instant::now());
+    }
+
+    /// Decides what the followed `model` means now and fetches that publisher's newest version
+    /// if it is neither held complete nor downloading; older downloads of it that nobody waits
+    /// for are cancelled. A name not bound yet is taken (and remembered) only once it has been
+    /// followed for [`FOLLOW_SETTLE`].
+    fn refresh_follow(&mut self, model: &str) {
+        let Some(since) = self.followed.get(model).copied() else {
+            return;
+        };
+        let publishers: Vec<PeerId> = self
+            .announcements
+            .values()
+            .filter(|a| a.model == model)
+            .map(|a| a.publisher)
+            .collect();
+        let publisher = match self.trust.resolve(model, &publishers, self.local_peer) {
+            Resolution::Publisher(p) => p,
+            Resolution::Ambiguous(_) | Resolution::Unknown => return,
+        };
+        if !self.trust.is_bound(model) && publisher != self.local_peer {
+            if since.elapsed() < FOLLOW_SETTLE {
+                return; // other publishers of the name may still answer
+            }
+            self.trust.remember(model, publisher);
+        }
+        let Some((newest, number)) = self
+            .announcements
+            .values()
+            .filter(|a| a.model == model && a.publisher == publisher)
+            .max_by_key(|a| (a.version, a.id))
+            .map(|a| (a.id, a.version))
+        else {
+            return;
+        };
+        if self.store.get(&newest).is_some_and(|v| v.is_complete())
+            || self.downloads.contains_key(&newest)
+        {
+            return;
+        }
+        self.cancel_superseded(model, publisher, &newest, number);
+        self.ensure_download(newest);
+        self.drive(&newest);
     }
 
     // ----- commands -----
@@ -432,7 +500,7 @@ impl Behaviour {
                 rid,
                 Pending {
                     peer: *peer,
-                    purpose: Purpose::Versions(qid),
+                    purpose: Purpose::Versions(qid, model.clone()),
                     cancelled: false,
                 },
             );
@@ -561,7 +629,9 @@ impl Behaviour {
             .is_none_or(|t| t.elapsed() >= FOLLOW_POLL);
         if poll_due && !self.connected.is_empty() {
             self.last_follow_poll = Some(Instant::now());
-            for model in self.followed.clone() {
+            let followed: Vec<String> = self.followed.keys().cloned().collect();
+            for model in followed {
+                self.refresh_follow(&model);
                 let (reply, _) = oneshot::channel();
                 self.query_versions(model, Scope::Trusted, reply);
             }
@@ -760,14 +830,13 @@ impl Behaviour {
             (Purpose::Chunk(id, index), Response::Chunk { index: got, data }) => {
                 self.on_chunk(peer, id, index, got, data)
             }
-            (Purpose::Versions(qid), Response::Versions { versions }) => {
-                let asked = self.versions_queries.get(&qid).map(|q| q.model.clone());
-                // Only the model asked about; oldest first, so that a parent is known before
-                // its child is checked.
+            (Purpose::Versions(qid, asked), Response::Versions { versions }) => {
+                // Only the model asked about (a late answer too); oldest first, so that a
+                // parent is known before its child is checked.
                 let mut versions: Vec<Announcement> = versions
                     .into_iter()
                     .take(MAX_VERSIONS_LISTED)
-                    .filter(|a| asked.as_ref() == Some(&a.model))
+                    .filter(|a| a.model == asked)
                     .collect();
                 versions.sort_by_key(|a| a.version);
                 for a in versions {
@@ -786,7 +855,7 @@ impl Behaviour {
                 }
                 self.answered_versions_query(qid);
             }
-            (Purpose::Versions(qid), _) => self.answered_versions_query(qid),
+            (Purpose::Versions(qid, _), _) => self.answered_versions_query(qid),
             (Purpose::Manifest(id), _) => self.drive(&id),
             (Purpose::Have(id), _) => {
                 self.on_have(peer, id, None);
@@ -832,7 +901,7 @@ impl Behaviour {
             }
         }
         match pending.purpose {
-            Purpose::Versions(qid) => self.answered_versions_query(qid),
+            Purpose::Versions(qid, _) => self.answered_versions_query(qid),
             Purpose::Manifest(id) => self.drive(&id),
             Purpose::Have(id) => self.on_have(peer, id, None),
             Purpose::Chunk(id, index) => {
@@ -883,6 +952,8 @@ impl Behaviour {
                         Some(t) => {
                             **id == t.run
                                 || v.manifest.training.as_ref().is_some_and(|m| m.run == t.run)
+                                    && v.manifest.version
+                                        <= p2p_protocol::training::MAX_PLAUSIBLE_CHECKPOINT_VERSION
                         }
                         None => v.manifest.publisher == self.local_peer,
                     }
@@ -893,18 +964,29 @@ impl Behaviour {
             .max_by_key(|(id, number)| (*number, *id))
     }
 
-    /// Verified versions of `model` known here (held or announced), newest first within each
-    /// publisher: see [`Self::listed_versions`].
-    fn known_versions(&self, model: &str) -> Vec<Announcement> {
-        self.listed_versions(model, None)
+    /// Every verified version of `model` known here (held or announced), newest first, with no
+    /// wire limit: for this node's own use (a newcomer filters a run's checkpoints from it).
+    fn all_versions(&self, model: &str) -> Vec<Announcement> {
+        let mut list: Vec<Announcement> = self
+            .announcements
+            .values()
+            .filter(|a| a.model == model)
+            .cloned()
+            .collect();
+        list.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
+        list
     }
 
     /// The verified versions of `model` to list (at most [`MAX_VERSIONS_LISTED`]): with
     /// `publisher`, its newest; else the newest [`MAX_VERSIONS_PER_PUBLISHER`] of each
-    /// publisher, the one this node trusts for the name first, then this node's own, then the
-    /// publishers with the most versions. One publisher's many or highly numbered versions
-    /// never push the others out of an answer.
-    fn listed_versions(&self, model: &str, publisher: Option<PeerId>) -> Vec<Announcement> {
+    /// publisher, the one this node trusts for the name first, then this node's own, then
+    /// publishers of versions held here, then the others in random order. One publisher's many
+    /// or highly numbered versions never push the others out of an answer.
+    pub(super) fn listed_versions(
+        &self,
+        model: &str,
+        publisher: Option<PeerId>,
+    ) -> Vec<Announcement> {
         let mut by_publisher: HashMap<PeerId, Vec<Announcement>> = HashMap::new();
         for a in self
             .announcements
@@ -923,24 +1005,25 @@ impl Behaviour {
         } else {
             MAX_VERSIONS_PER_PUBLISHER
         };
-        let mut groups: Vec<(PeerId, usize, Vec<Announcement>)> = by_publisher
+        let mut groups: Vec<(PeerId, Vec<Announcement>)> = by_publisher
             .into_iter()
             .map(|(p, mut list)| {
-                let count = list.len();
                 list.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
                 list.truncate(share);
-                (p, count, list)
+                (p, list)
             })
             .collect();
-        groups.sort_by_key(|(p, count, _)| {
+        // Trusted, then our own, then publishers of versions held here; the rest in random
+        // order, so that no publisher can buy its way up (with more versions, or a number).
+        groups.shuffle(&mut rand::thread_rng());
+        groups.sort_by_key(|(p, _)| {
             (
                 Some(*p) != preferred,
                 *p != self.local_peer,
-                std::cmp::Reverse(*count),
-                *p,
+                !self.store.iter().any(|(_, v)| v.manifest.publisher == *p),
             )
         });
-        let mut out: Vec<Announcement> = groups.into_iter().flat_map(|(_, _, l)| l).collect();
+        let mut out: Vec<Announcement> = groups.into_iter().flat_map(|(_, l)| l).collect();
         out.truncate(MAX_VERSIONS_LISTED);
         out
     }
@@ -1013,37 +1096,21 @@ impl Behaviour {
         let id = a.id;
         let model = a.model.clone();
         let publisher = a.publisher;
-        let newer = self
-            .announcements
-            .values()
-            .filter(|k| k.model == model && k.publisher == publisher)
-            .all(|k| a.version > k.version);
         self.remember_announcement(a);
-        if self.followed.contains(&model) && newer && self.store.get(&id).is_none() {
-            let publishers: Vec<PeerId> = self
-                .announcements
-                .values()
-                .filter(|k| k.model == model)
-                .map(|k| k.publisher)
-                .collect();
-            match self.trust.resolve(&model, &publishers, self.local_peer) {
-                Resolution::Publisher(p) if p == publisher => {
-                    if p != self.local_peer {
-                        self.trust.remember(&model, p);
-                    }
-                    self.cancel_superseded(&model, publisher, &id);
-                    self.ensure_download(id);
-                }
-                other => {
-                    if self.shown.len() < MAX_SHOWN && self.shown.insert((model.clone(), publisher))
-                    {
-                        let follows = match other {
-                            Resolution::Publisher(p) => p.to_base58(),
-                            _ => "none yet (several known, or none trusted): bind one with --trust NAME=PEER_ID".into(),
-                        };
-                        tracing::warn!(%model, %publisher, follows, "not following another publisher's versions of a followed model");
-                    }
-                }
+        if self.followed.contains_key(&model) {
+            self.refresh_follow(&model);
+            let resolved = self.trust.resolve(&model, &[], self.local_peer);
+            if resolved != Resolution::Publisher(publisher)
+                && publisher != self.local_peer
+                && self.trust.is_bound(&model)
+                && self.shown.len() < MAX_SHOWN
+                && self.shown.insert((model.clone(), publisher))
+            {
+                let follows = match resolved {
+                    Resolution::Publisher(p) => p.to_base58(),
+                    _ => "-".into(),
+                };
+                tracing::warn!(%model, %publisher, follows, "not following another publisher's versions of a followed model");
             }
         }
         if let Some(d) = self.downloads.get_mut(&id) {
@@ -1059,10 +1126,10 @@ impl Behaviour {
     /// Keeps `a` in the bounded table of known versions. A publisher has at most
     /// [`MAX_ANNOUNCEMENTS_PER_PUBLISHER`] there and all together at most [`MAX_ANNOUNCEMENTS`].
     /// Beyond either, the lowest-numbered evictable version of that publisher (or of the
-    /// publisher with the most evictable ones) is forgotten, if it is older than `a`. Never
-    /// evicted: versions held or downloading, ours, and those of the publisher a name is bound
-    /// to here. So one peer's flood of its own versions (or of many identities') never pushes
-    /// out a followed publisher's.
+    /// publisher with the most evictable ones) is forgotten, if it is older than `a`. Versions
+    /// held or downloading are never evicted; ours and those of the publisher a name is bound
+    /// to here are not evicted for others' (only beyond their own share). So one peer's flood
+    /// of its own versions (or of many identities') never pushes out a followed publisher's.
     fn remember_announcement(&mut self, a: Announcement) {
         let keep_anyway = self.store.get(&a.id).is_some() || self.downloads.contains_key(&a.id);
         if !self.announcements.contains_key(&a.id) {
@@ -1091,10 +1158,21 @@ impl Behaviour {
                 None
             };
             if let Some(crowded) = crowded {
+                // Over its own share, a publisher's oldest entry goes even if it is one we
+                // follow (else its table freezes); only held and downloading ones stay.
+                let own_share = crowded == a.publisher && own >= MAX_ANNOUNCEMENTS_PER_PUBLISHER;
                 let evict = self
                     .announcements
                     .values()
-                    .filter(|k| k.publisher == crowded && evictable(k))
+                    .filter(|k| {
+                        k.publisher == crowded
+                            && if own_share {
+                                self.store.get(&k.id).is_none()
+                                    && !self.downloads.contains_key(&k.id)
+                            } else {
+                                evictable(k)
+                            }
+                    })
                     .min_by_key(|k| (k.version, k.id))
                     .map(|k| (k.id, k.version));
                 match evict {
@@ -1114,10 +1192,13 @@ impl Behaviour {
     /// Stops the downloads of older versions of `model` by `publisher` that nobody waits for
     /// any more (a follower's superseded versions). Their files go once the newest one's
     /// manifest is held, so that the chunks they share are copied first.
-    fn cancel_superseded(&mut self, model: &str, publisher: PeerId, newest: &VersionId) {
-        let Some(number) = self.announcements.get(newest).map(|a| a.version) else {
-            return;
-        };
+    fn cancel_superseded(
+        &mut self,
+        model: &str,
+        publisher: PeerId,
+        newest: &VersionId,
+        number: u64,
+    ) {
         let superseded: Vec<VersionId> = self
             .downloads
             .iter()
@@ -1154,10 +1235,30 @@ impl Behaviour {
         }
     }
 
-    /// Forgets version `id`: its download ends, its files are removed, its provider record is
-    /// withdrawn and it is listed no more. Used for superseded downloads, and for a version a
-    /// caller refused (a checkpoint that failed its check).
+    /// Forgets version `id` unless someone waits for it (a `fetch` of it): its download ends,
+    /// its files are removed, its provider record is withdrawn and it is listed no more. For a
+    /// version a caller no longer wants (a checkpoint not chosen to start from, or not fetched
+    /// in time).
     pub fn forget(&mut self, id: &VersionId, why: &str) {
+        self.forget_version(id, why, Forget::Unwanted);
+    }
+
+    /// [`Self::forget`], as far as `mode` allows.
+    fn forget_version(&mut self, id: &VersionId, why: &str, mode: Forget) {
+        let wanted = self
+            .downloads
+            .get(id)
+            .is_some_and(|d| d.waiters.iter().any(|w| !w.is_closed()));
+        let complete = self.store.get(id).is_some_and(|v| v.is_complete());
+        let keep = match mode {
+            Forget::Partial => wanted || complete,
+            Forget::Unwanted => wanted,
+            Forget::Refused => false,
+        };
+        if keep {
+            tracing::debug!(version = %id.short(), "not forgetting a version in use: {why}");
+            return;
+        }
         self.stop_download(id);
         if self.store.get(id).is_some() {
             self.events.push_back(Event::StopProviding(*id));
@@ -1170,7 +1271,7 @@ impl Behaviour {
         self.uploads.forget(id);
         if let Some(older) = self.superseded.remove(id) {
             for old in older {
-                self.forget(&old, why);
+                self.forget_version(&old, why, Forget::Partial);
             }
         }
         tracing::info!(version = %id.short(), "version forgotten: {why}");
@@ -1183,7 +1284,7 @@ impl Behaviour {
             self.refused.clear();
         }
         self.refused.insert(*id);
-        self.forget(id, why);
+        self.forget_version(id, why, Forget::Refused);
     }
 
     fn answered_versions_query(&mut self, qid: u64) {
@@ -1201,7 +1302,7 @@ impl Behaviour {
         if done {
             if let Some(q) = self.versions_queries.remove(&qid) {
                 let answer = match q.scope {
-                    Scope::All => Ok(self.known_versions(&q.model)),
+                    Scope::All => Ok(self.all_versions(&q.model)),
                     Scope::Trusted => self.trusted_versions(&q.model, false),
                     Scope::Resolve => self.trusted_versions(&q.model, true),
                 };
@@ -1257,7 +1358,7 @@ impl Behaviour {
         }
         // The versions this one superseded gave what they share: their files can go now.
         for old in self.superseded.remove(id).unwrap_or_default() {
-            self.forget(&old, "superseded by a newer version");
+            self.forget_version(&old, "superseded by a newer version", Forget::Partial);
         }
     }
 
@@ -1569,6 +1670,10 @@ impl Behaviour {
             for waiter in d.waiters {
                 let _ = waiter.send(Err(error.clone()));
             }
+        }
+        // The older partial versions it superseded go too: nothing resumes them.
+        for old in self.superseded.remove(id).unwrap_or_default() {
+            self.forget_version(&old, "superseded by a version that failed", Forget::Partial);
         }
     }
 

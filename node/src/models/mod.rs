@@ -1,4 +1,4 @@
-//! The `/p2p-ml/models/1.0.0` protocol: model versions held on disk, served to peers and
+//! The `/p2p-ml/models/2.0.0` protocol: model versions held on disk, served to peers and
 //! downloaded from many peers at once, as one libp2p behaviour ([`Behaviour`]) that imports
 //! neither the rest of the network nor the averaging protocol.
 //!

@@ -529,10 +529,17 @@ async fn a_flood_of_one_publishers_versions_does_not_push_out_anothers() {
         fake.sign(&liar_key);
         node.on_gossip(None, &fake.announcement().encode());
     }
-    // Listed to others: a few of each publisher, the real one among them.
+    // Kept: the liar's newest 256 (its share), and the real one.
     let (tx, rx) = oneshot::channel();
     node.query_versions("m".into(), super::command::Scope::All, tx);
-    let listed = rx.await.unwrap().unwrap();
+    let known = rx.await.unwrap().unwrap();
+    assert_eq!(
+        known.len(),
+        super::behaviour::MAX_ANNOUNCEMENTS_PER_PUBLISHER + 1
+    );
+    assert!(known.iter().any(|a| a.id == real.id));
+    // Listed to others: a few of each publisher, the real one among them.
+    let listed = node.listed_versions("m", None);
     let liars = listed
         .iter()
         .filter(|a| a.publisher != real.publisher)

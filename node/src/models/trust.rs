@@ -102,22 +102,34 @@ impl Trust {
 
     /// Loads the names remembered in `path` (none if it does not exist) and keeps `path` to
     /// save new ones. Entries that do not parse are skipped with a warning; a file that is not
-    /// a JSON map at all is moved aside (`trust.json.damaged`), so nothing overwrites it.
+    /// a JSON map at all is moved aside (`trust.json.damaged`). A file that cannot be read (or
+    /// moved aside) is never overwritten: nothing is saved this run.
     pub fn load(path: &Path, args: impl IntoIterator<Item = TrustArg>) -> Self {
         let mut trust = Self::new(args);
-        trust.path = Some(path.to_path_buf());
-        match read(path) {
-            Ok(remembered) => trust.remembered = remembered,
+        match fsutil::read_bounded(path, MAX_FILE_BYTES) {
             Err(e) => {
-                let aside = path.with_extension("json.damaged");
-                let moved = std::fs::rename(path, &aside).is_ok();
-                let moved_to = if moved {
-                    aside.display().to_string()
-                } else {
-                    "-".into()
-                };
-                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), moved_to, "ignoring a damaged trust file");
+                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "cannot read the trust file: no name is remembered, and none saved, this run");
             }
+            Ok(None) => trust.path = Some(path.to_path_buf()),
+            Ok(Some(bytes)) => match parse(path, &bytes) {
+                Ok(remembered) => {
+                    trust.remembered = remembered;
+                    trust.path = Some(path.to_path_buf());
+                }
+                Err(e) => {
+                    let aside = path.with_extension("json.damaged");
+                    let moved = std::fs::rename(path, &aside).is_ok();
+                    if moved {
+                        trust.path = Some(path.to_path_buf());
+                    }
+                    let moved_to = if moved {
+                        aside.display().to_string()
+                    } else {
+                        "- (not moved: nothing is saved this run)".into()
+                    };
+                    tracing::warn!(path = %path.display(), error = %format!("{e:#}"), moved_to, "ignoring a damaged trust file");
+                }
+            },
         }
         // A name bound on the command line is remembered as such.
         let bound: Vec<(String, PeerId)> =
@@ -150,6 +162,16 @@ impl Trust {
         }
     }
 
+    /// Whether `model` is bound to a publisher (on the command line, or remembered).
+    pub fn is_bound(&self, model: &str) -> bool {
+        self.bound.contains_key(model) || self.remembered.contains_key(model)
+    }
+
+    /// Whether `peer` was given with `--trust PEER_ID`.
+    pub fn trusts(&self, peer: &PeerId) -> bool {
+        self.explicit.contains(peer)
+    }
+
     /// The publisher remembered for `model`, if any.
     pub fn remembered(&self, model: &str) -> Option<PeerId> {
         self.remembered.get(model).copied()
@@ -178,12 +200,9 @@ impl Trust {
     }
 }
 
-fn read(path: &Path) -> Result<BTreeMap<String, PeerId>> {
-    let Some(bytes) = fsutil::read_bounded(path, MAX_FILE_BYTES)? else {
-        return Ok(BTreeMap::new());
-    };
+fn parse(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, PeerId>> {
     let map: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&bytes).with_context(|| {
+        serde_json::from_slice(bytes).with_context(|| {
             format!(
                 "{} is not a JSON map of model names to peer ids",
                 path.display()

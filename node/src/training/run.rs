@@ -27,7 +27,7 @@ use p2p_models::model::Model;
 use p2p_models::spec::{DatasetSpec, RunSpec};
 use p2p_protocol::manifest::VersionId;
 use p2p_protocol::messages::Announcement;
-use p2p_protocol::training::RunAnnouncement;
+use p2p_protocol::training::{RunAnnouncement, MAX_PLAUSIBLE_CHECKPOINT_VERSION};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -424,14 +424,18 @@ const LOSS_TOLERANCE: (f64, f64) = (1.10, 0.05);
 /// The run's version this node starts from when it has no checkpoint of its own.
 ///
 /// Only checkpoints of this run published by its members count: its creator, or a peer that
-/// says it trains the run. The newest checkpoint of each of up to [`MAX_START_CANDIDATES`]
-/// publishers (newest first) is fetched and checked: its metadata must match what its signed
-/// announcement claims (run, step, samples), its weights must fit the run's model, its loss
-/// on this node's own test split must be within [`LOSS_TOLERANCE`] of the announced loss and
-/// below the initial weights' loss. Of those that pass, the one with the lowest loss here is
-/// taken. One that fails is refused for good (forgotten, never served on) and its publisher
-/// penalized; one that cannot be fetched in time is forgotten. With none left, training starts
-/// from the run's initial weights, drawn from the spec's seed exactly as its creator drew them.
+/// says it trains the run. The candidates (see [`run_checkpoints`]) are the creator's newest
+/// checkpoint and the newest of up to two other members chosen at random, each fetched (if
+/// its size fits the run's model) and checked: its metadata must match what its signed
+/// announcement claims (run, step, samples), its weights must fit the run's model, its loss on
+/// this node's own test split must be within [`LOSS_TOLERANCE`] of the announced loss and
+/// below the initial weights' loss. The creator's checkpoint is taken if it passes (the run is
+/// the creator's), else the passing one with the lowest loss here; the others are forgotten.
+/// A checkpoint that fails is refused for good (deleted, never served on) and its publisher
+/// penalized once, but only if another candidate passed: when every one fails, this node's own
+/// data is the likelier culprit, and nobody is penalized. One that cannot be fetched in time
+/// is forgotten. With none left, training starts from the run's initial weights, drawn from
+/// the spec's seed exactly as its creator drew them.
 ///
 /// A member can still hand over weights that are good on the test split and bad elsewhere (a
 /// backdoor): loss figures cannot tell; averaging with the honest members then dilutes them.
@@ -473,17 +477,19 @@ async fn start_version(
         ),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let initial_loss = {
+    let (initial_loss, largest) = {
         let (spec, data) = (prepared.0.clone(), prepared.1.clone());
-        tokio::task::spawn_blocking(move || -> Result<f64> {
-            Ok(Model::new(&spec, &p2p_models::Device::Cpu)?
-                .evaluate(&data)?
-                .loss)
+        tokio::task::spawn_blocking(move || -> Result<(f64, u64)> {
+            let model = Model::new(&spec, &p2p_models::Device::Cpu)?;
+            // F32 weights, and room for a header of names, shapes and metadata.
+            let largest = model.layout().len() as u64 * 4 * 2 + (1 << 20);
+            Ok((model.evaluate(&data)?.loss, largest))
         })
         .await
         .context("the initial weights' evaluation stopped")??
     };
-    let mut best: Option<(f64, PathBuf)> = None;
+    let mut passed: Vec<(f64, bool, PathBuf, VersionId)> = Vec::new();
+    let mut failed: Vec<(VersionId, PeerId, String)> = Vec::new();
     for (i, candidate) in candidates.into_iter().enumerate() {
         let Some(claimed) = candidate.training.clone() else {
             continue; // version 0: the initial weights, the fallback anyway
@@ -492,15 +498,23 @@ async fn start_version(
             tracing::info!(id = %candidate.id.short(), "skipping a checkpoint announced without a loss to check it against");
             continue;
         };
+        if candidate.size > largest {
+            failed.push((
+                candidate.id,
+                candidate.publisher,
+                format!(
+                    "{} bytes, more than a checkpoint of this run's model can be",
+                    candidate.size
+                ),
+            ));
+            continue;
+        }
         tracing::info!(model = %announcement.model, version = candidate.version, id = %candidate.id.short(), publisher = %candidate.publisher, step = claimed.step, "fetching and checking a checkpoint to start from");
         let path = dir.join(format!("start-{i}.safetensors"));
-        let fetched = async {
-            tokio::time::timeout(timeout, client.fetch(candidate.id))
-                .await
-                .map_err(|_| anyhow!("not fetched within {} s", timeout.as_secs()))??;
-            client.export(candidate.id, &path).await
-        }
-        .await;
+        let fetched = tokio::time::timeout(timeout, client.fetch(candidate.id))
+            .await
+            .map_err(|_| anyhow!("not fetched within {} s", timeout.as_secs()))
+            .and_then(|r| r);
         if let Err(e) = fetched {
             tracing::warn!(id = %candidate.id.short(), error = %format!("{e:#}"), "cannot fetch a checkpoint to start from");
             client
@@ -508,6 +522,7 @@ async fn start_version(
                 .await?;
             continue;
         }
+        client.export(candidate.id, &path).await?;
         let (spec, data, file) = (prepared.0.clone(), prepared.1.clone(), path.clone());
         let checked = tokio::task::spawn_blocking(move || {
             check_start(&spec, &data, &file, &claimed, announced, initial_loss)
@@ -523,31 +538,46 @@ async fn start_version(
                     initial_loss,
                     "checkpoint passed its check"
                 );
-                if best.as_ref().is_none_or(|(l, _)| loss < *l) {
-                    if let Some((_, worse)) = best.replace((loss, path)) {
-                        let _ = std::fs::remove_file(worse);
-                    }
-                } else {
-                    let _ = std::fs::remove_file(&path);
-                }
+                let by_creator = candidate.publisher == announcement.creator;
+                passed.push((loss, by_creator, path, candidate.id));
             }
             Err(e) => {
-                let why = format!("checkpoint {} refused: {e:#}", candidate.id.short());
-                tracing::warn!(publisher = %candidate.publisher, "{why}");
                 let _ = std::fs::remove_file(&path);
-                client
-                    .forget_version(candidate.id, true, why.clone())
-                    .await?;
-                client.refuse_peer(candidate.publisher, why, false).await?;
+                failed.push((candidate.id, candidate.publisher, format!("{e:#}")));
             }
         }
     }
-    match best {
-        Some((loss, path)) => {
+    for (id, publisher, why) in &failed {
+        let why = format!("checkpoint {} refused: {why}", id.short());
+        tracing::warn!(%publisher, "{why}");
+        client.forget_version(*id, true, why.clone()).await?;
+        if !passed.is_empty() {
+            client.refuse_peer(*publisher, why, false).await?;
+        }
+    }
+    if passed.is_empty() && !failed.is_empty() {
+        tracing::warn!("every checkpoint failed its check on this node's test split: if this node's data (--data) is not the run's, fix it; nobody was penalized");
+    }
+    // The creator's if it passed, else the lowest loss here.
+    passed.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.total_cmp(&b.0)));
+    let mut passed = passed.into_iter();
+    let chosen = passed.next();
+    for (_, _, path, id) in passed {
+        let _ = std::fs::remove_file(path);
+        client
+            .forget_version(
+                id,
+                false,
+                "a checked checkpoint not chosen to start from".into(),
+            )
+            .await?;
+    }
+    match chosen {
+        Some((loss, _, path, _)) => {
             let start = dir.join("start.safetensors");
             std::fs::rename(&path, &start)
                 .with_context(|| format!("cannot rename {}", path.display()))?;
-            tracing::info!(loss, "starting from the best checked checkpoint");
+            tracing::info!(loss, "starting from a checked checkpoint");
             Ok(Start::Checkpoint {
                 path: start,
                 resume: false,
@@ -560,35 +590,40 @@ async fn start_version(
     }
 }
 
-/// The versions of `run` a newcomer may start from: [`MAX_START_CANDIDATES`] checkpoints of the
-/// run published by its creator or `members` (the newest of as many publishers as there are,
-/// then the next newest), then version 0 (the run's id, by its creator).
+/// The versions of `run` a newcomer may start from: the creator's newest checkpoint of the run,
+/// the newest of up to [`MAX_START_CANDIDATES`] − 1 other publishers among `members` chosen at
+/// random (not by number: numbers are the publisher's own claim), then version 0 (the run's
+/// id, by its creator). Checkpoints numbered above [`MAX_PLAUSIBLE_CHECKPOINT_VERSION`] are
+/// left out.
 fn run_checkpoints(
     run: &RunAnnouncement,
     members: &HashSet<PeerId>,
     versions: Vec<Announcement>,
 ) -> Vec<Announcement> {
-    let mut out: Vec<Announcement> = versions
-        .into_iter()
-        .filter(|a| a.model == run.model)
-        .filter(|a| {
-            let member = a.publisher == run.creator || members.contains(&a.publisher);
-            let of_run = a.training.as_ref().is_some_and(|t| t.run == run.run);
-            (a.id == run.run && a.publisher == run.creator) || (member && of_run)
-        })
-        .collect();
-    out.sort_by_key(|a| std::cmp::Reverse((a.version, a.id)));
-    let (initial, checkpoints): (Vec<Announcement>, Vec<Announcement>) =
-        out.into_iter().partition(|a| a.id == run.run);
-    let mut seen = HashSet::new();
-    let (first_of_each, rest): (Vec<Announcement>, Vec<Announcement>) = checkpoints
-        .into_iter()
-        .partition(|a| seen.insert(a.publisher));
-    let mut picked: Vec<Announcement> = first_of_each
-        .into_iter()
-        .chain(rest)
-        .take(MAX_START_CANDIDATES)
-        .collect();
+    use rand::seq::SliceRandom;
+    let mut newest: std::collections::HashMap<PeerId, Announcement> =
+        std::collections::HashMap::new();
+    let mut initial = None;
+    for a in versions.into_iter().filter(|a| a.model == run.model) {
+        if a.id == run.run && a.publisher == run.creator {
+            initial = Some(a);
+            continue;
+        }
+        let member = a.publisher == run.creator || members.contains(&a.publisher);
+        let of_run = a.training.as_ref().is_some_and(|t| t.run == run.run);
+        if !member || !of_run || a.version > MAX_PLAUSIBLE_CHECKPOINT_VERSION {
+            continue;
+        }
+        let slot = newest.entry(a.publisher).or_insert_with(|| a.clone());
+        if (a.version, a.id) > (slot.version, slot.id) {
+            *slot = a;
+        }
+    }
+    let mut picked: Vec<Announcement> = newest.remove(&run.creator).into_iter().collect();
+    let mut others: Vec<Announcement> = newest.into_values().collect();
+    others.shuffle(&mut rand::thread_rng());
+    let room = MAX_START_CANDIDATES.saturating_sub(picked.len());
+    picked.extend(others.into_iter().take(room));
     picked.extend(initial);
     picked
 }
