@@ -491,6 +491,27 @@ pub enum ModelNameError {
     },
 }
 
+/// A signed manifest of a 10-byte file, version `version` of `model` (with a made-up parent
+/// from version 1), for tests of what carries one.
+#[cfg(test)]
+pub(crate) fn signed_for_tests(key: &Keypair, model: &str, version: u64) -> Manifest {
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT,
+        model: model.into(),
+        version,
+        parent: (version > 0).then(|| Hash32::of(b"parent")),
+        total_size: 10,
+        chunk_size: MIN_CHUNK_SIZE,
+        chunk_hashes: Hash32::of(b"chunk").0.to_vec(),
+        tensors: vec![],
+        publisher: key.public().to_peer_id(),
+        training: None,
+        signature: vec![],
+    };
+    m.sign(key);
+    m
+}
+
 /// Number of chunks of a file of `total_size` bytes.
 pub fn chunk_count(total_size: u64, chunk_size: u32) -> u64 {
     total_size.div_ceil(u64::from(chunk_size.max(1)))

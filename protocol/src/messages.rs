@@ -188,26 +188,12 @@ impl Announcement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Hash32, Manifest, MANIFEST_FORMAT};
+    use crate::manifest::Hash32;
     use libp2p::identity::Keypair;
 
     /// A signed announcement of version `version` of `model` by `key`.
     fn signed(key: &Keypair, model: &str, version: u64) -> Announcement {
-        let mut m = Manifest {
-            format: MANIFEST_FORMAT,
-            model: model.into(),
-            version,
-            parent: (version > 0).then(|| Hash32::of(b"parent")),
-            total_size: 10,
-            chunk_size: crate::manifest::MIN_CHUNK_SIZE,
-            chunk_hashes: Hash32::of(b"chunk").0.to_vec(),
-            tensors: vec![],
-            publisher: PeerId::random(),
-            training: None,
-            signature: vec![],
-        };
-        m.sign(key);
-        m.announcement()
+        crate::manifest::signed_for_tests(key, model, version).announcement()
     }
 
     #[test]

@@ -402,20 +402,7 @@ mod tests {
 
     /// A run of `model` by `key`, with a signed version 0.
     fn signed_run(key: &Keypair, model: &str) -> RunAnnouncement {
-        let mut v0 = crate::manifest::Manifest {
-            format: crate::manifest::MANIFEST_FORMAT,
-            model: model.into(),
-            version: 0,
-            parent: None,
-            total_size: 10,
-            chunk_size: crate::manifest::MIN_CHUNK_SIZE,
-            chunk_hashes: Hash32::of(b"chunk").0.to_vec(),
-            tensors: vec![],
-            publisher: PeerId::random(),
-            training: None,
-            signature: vec![],
-        };
-        v0.sign(key);
+        let v0 = crate::manifest::signed_for_tests(key, model, 0);
         let initial = v0.announcement();
         let mut run = RunAnnouncement {
             run: initial.id,

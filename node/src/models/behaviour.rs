@@ -1433,15 +1433,14 @@ impl Behaviour {
         if self.downloads.get(&id).is_none_or(Download::has_manifest) {
             return; // cancelled, or another copy was taken meanwhile
         }
-        let manifest = match result {
-            Ok(m) => m,
+        let (manifest, announcement) = match result {
+            Ok(decoded) => decoded,
             Err(e) => {
                 tracing::warn!(%peer, version = %id.short(), error = %e, "peer sent a bad manifest");
                 self.punish(peer, id, "sent a manifest that does not match its id");
                 return;
             }
         };
-        let announcement = manifest.announcement();
         if let Some(d) = self.downloads.get_mut(&id) {
             // The signed publisher, whatever a peer's `Have` claimed.
             d.publisher = Some(manifest.publisher).filter(|p| *p != self.local_peer);

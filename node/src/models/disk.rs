@@ -161,8 +161,9 @@ pub struct DecodedManifest {
     pub peer: PeerId,
     /// The bytes received.
     pub bytes: Vec<u8>,
-    /// The manifest, or why it was refused.
-    pub result: Result<Manifest, ManifestError>,
+    /// The manifest and its announcement (both hash the whole body, so both are made here),
+    /// or why it was refused.
+    pub result: Result<(Manifest, Announcement), ManifestError>,
 }
 
 /// Decodes and verifies `bytes` as the manifest of `id` on a blocking thread (see
@@ -174,7 +175,10 @@ pub(super) fn spawn_decode(
     done: mpsc::UnboundedSender<DiskEvent>,
 ) {
     tokio::task::spawn_blocking(move || {
-        let result = Manifest::decode_verified(&bytes, &id);
+        let result = Manifest::decode_verified(&bytes, &id).map(|m| {
+            let announcement = m.announcement();
+            (m, announcement)
+        });
         let _ = done.send(DiskEvent::ManifestDecoded(Box::new(DecodedManifest {
             id,
             peer,

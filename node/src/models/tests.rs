@@ -29,7 +29,11 @@ struct Node {
 }
 
 fn node(config: ModelsConfig) -> Node {
-    let dir = tempfile::tempdir().unwrap();
+    node_in(tempfile::tempdir().unwrap(), config)
+}
+
+/// A node whose store is `dir/models`.
+fn node_in(dir: TempDir, config: ModelsConfig) -> Node {
     let store = Store::open(&dir.path().join("models")).unwrap();
     let swarm =
         Swarm::new_ephemeral_tokio(|key| Behaviour::new(config, store, key, Trust::new([])));
@@ -130,14 +134,7 @@ fn node_with_store_of(config: ModelsConfig, other: &Node) -> Node {
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
         std::fs::copy(&entry, &target).unwrap();
     }
-    let store = Store::open(&to).unwrap();
-    let swarm =
-        Swarm::new_ephemeral_tokio(|key| Behaviour::new(config, store, key, Trust::new([])));
-    Node {
-        swarm,
-        _dir: dir,
-        events: Vec::new(),
-    }
+    node_in(dir, config)
 }
 
 /// Every file under `dir`.

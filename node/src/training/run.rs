@@ -732,6 +732,21 @@ mod tests {
         (0..n).map(|_| PeerId::random()).collect()
     }
 
+    /// A version-0 announcement for runs whose checks these tests do not exercise.
+    fn unsigned_initial() -> p2p_protocol::messages::Announcement {
+        p2p_protocol::messages::Announcement {
+            model: "m".into(),
+            version: 0,
+            id: VersionId::of(b"v0"),
+            size: 0,
+            publisher: PeerId::random(),
+            training: None,
+            parent: None,
+            body: VersionId::of(b"body"),
+            signature: Vec::new(),
+        }
+    }
+
     fn run(n: u8, created_unix: u64, spec: &str) -> RunAnnouncement {
         RunAnnouncement {
             run: VersionId::of(&[n]),
@@ -739,17 +754,7 @@ mod tests {
             spec: spec.into(),
             creator: PeerId::random(),
             created_unix,
-            initial: p2p_protocol::messages::Announcement {
-                model: "m".into(),
-                version: 0,
-                id: VersionId::of(b"v0"),
-                size: 0,
-                publisher: PeerId::random(),
-                training: None,
-                parent: None,
-                body: VersionId::of(b"body"),
-                signature: Vec::new(),
-            },
+            initial: unsigned_initial(),
             signature: Vec::new(),
         }
     }
@@ -800,17 +805,7 @@ mod tests {
             spec: named.to_toml(),
             creator: PeerId::random(),
             created_unix: 0,
-            initial: p2p_protocol::messages::Announcement {
-                model: "m".into(),
-                version: 0,
-                id: VersionId::of(b"v0"),
-                size: 0,
-                publisher: PeerId::random(),
-                training: None,
-                parent: None,
-                body: VersionId::of(b"body"),
-                signature: Vec::new(),
-            },
+            initial: unsigned_initial(),
             signature: Vec::new(),
         }
     }
