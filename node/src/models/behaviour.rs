@@ -596,14 +596,9 @@ impl Behaviour {
                 tracing::debug!(version = %id.short(), "not pruning a version peers are fetching");
                 continue;
             }
-            self.events.push_back(Event::StopProviding(id));
-            if let Err(e) = self.store.remove(&id) {
-                tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot prune a version");
+            if !self.delete_version(&id) {
                 continue;
             }
-            self.announcements.remove(&id);
-            self.downloaded.remove(&id);
-            self.uploads.forget(&id);
             tracing::info!(model, version = number, id = %id.short(), "pruned an old version");
             removed.push(id);
         }
@@ -1015,12 +1010,17 @@ impl Behaviour {
             .collect();
         // Trusted, then our own, then publishers of versions held here; the rest in random
         // order, so that no publisher can buy its way up (with more versions, or a number).
+        let held: HashSet<PeerId> = self
+            .store
+            .iter()
+            .map(|(_, v)| v.manifest.publisher)
+            .collect();
         groups.shuffle(&mut rand::thread_rng());
         groups.sort_by_key(|(p, _)| {
             (
                 Some(*p) != preferred,
                 *p != self.local_peer,
-                !self.store.iter().any(|(_, v)| v.manifest.publisher == *p),
+                !held.contains(p),
             )
         });
         let mut out: Vec<Announcement> = groups.into_iter().flat_map(|(_, l)| l).collect();
@@ -1139,20 +1139,22 @@ impl Behaviour {
                     && k.publisher != self.local_peer
                     && self.trust.remembered(&k.model) != Some(k.publisher)
             };
-            let mut per_publisher: HashMap<PeerId, (usize, usize)> = HashMap::new();
-            for k in self.announcements.values() {
-                let entry = per_publisher.entry(k.publisher).or_default();
-                entry.0 += 1;
-                entry.1 += usize::from(evictable(k));
-            }
-            let own = per_publisher.get(&a.publisher).map_or(0, |c| c.0);
+            let own = self
+                .announcements
+                .values()
+                .filter(|k| k.publisher == a.publisher)
+                .count();
             let crowded = if own >= MAX_ANNOUNCEMENTS_PER_PUBLISHER {
                 Some(a.publisher)
             } else if self.announcements.len() >= MAX_ANNOUNCEMENTS {
-                per_publisher
+                // The publisher with the most entries that may go.
+                let mut evictable_of: HashMap<PeerId, usize> = HashMap::new();
+                for k in self.announcements.values().filter(|k| evictable(k)) {
+                    *evictable_of.entry(k.publisher).or_default() += 1;
+                }
+                evictable_of
                     .into_iter()
-                    .filter(|(_, (_, evictable))| *evictable > 0)
-                    .max_by_key(|(p, (_, evictable))| (*evictable, *p))
+                    .max_by_key(|(p, n)| (*n, *p))
                     .map(|(p, _)| p)
             } else {
                 None
@@ -1260,21 +1262,30 @@ impl Behaviour {
             return;
         }
         self.stop_download(id);
-        if self.store.get(id).is_some() {
-            self.events.push_back(Event::StopProviding(*id));
-            if let Err(e) = self.store.remove(id) {
-                tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot delete a version");
-            }
-        }
-        self.announcements.remove(id);
-        self.downloaded.remove(id);
-        self.uploads.forget(id);
+        self.delete_version(id);
         if let Some(older) = self.superseded.remove(id) {
             for old in older {
                 self.forget_version(&old, why, Forget::Partial);
             }
         }
         tracing::info!(version = %id.short(), "version forgotten: {why}");
+    }
+
+    /// Deletes version `id` if held (its provider record withdrawn) and forgets what is known
+    /// of it: its announcement and traffic figures. False, with everything kept, if its files
+    /// could not be deleted.
+    fn delete_version(&mut self, id: &VersionId) -> bool {
+        if self.store.get(id).is_some() {
+            self.events.push_back(Event::StopProviding(*id));
+            if let Err(e) = self.store.remove(id) {
+                tracing::warn!(version = %id.short(), error = %format!("{e:#}"), "cannot delete a version");
+                return false;
+            }
+        }
+        self.announcements.remove(id);
+        self.downloaded.remove(id);
+        self.uploads.forget(id);
+        true
     }
 
     /// Refuses version `id` for good: forgotten (see [`Self::forget`]) and never taken in

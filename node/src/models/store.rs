@@ -910,6 +910,17 @@ mod tests {
 
     const CHUNK: u32 = 64 * 1024;
 
+    /// Adopts `imported` as version 0 of model `m` by a fresh publisher.
+    fn adopt_first(store: &mut Store, imported: ImportedFile) -> VersionId {
+        store
+            .adopt(
+                imported,
+                VersionClaims::first("m"),
+                &Keypair::generate_ed25519(),
+            )
+            .unwrap()
+    }
+
     /// Writes a safetensors file of `header` and `data` to `path`; returns its bytes.
     fn write_file(path: &Path, header: &str, data: impl IntoIterator<Item = u8>) -> Vec<u8> {
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
@@ -1074,13 +1085,7 @@ mod tests {
         model(&source, 100_000, 5);
         let mut store = Store::open(&root).unwrap();
         let imported = Store::import_file(&root, &source, CHUNK).unwrap();
-        let id = store
-            .adopt(
-                imported,
-                VersionClaims::first("m"),
-                &Keypair::generate_ed25519(),
-            )
-            .unwrap();
+        let id = adopt_first(&mut store, imported);
         drop(store);
         fs::create_dir_all(root.join(format!(".removing-{}", Hash32::of(b"x").to_hex()))).unwrap();
         let orphan = root.join(Hash32::of(b"y").to_hex());
@@ -1116,13 +1121,7 @@ mod tests {
         let mut store = Store::open(&root).unwrap();
         let mut imported = Store::import_file(&root, &source, CHUNK).unwrap();
         imported.tensors[0].name = "other".into();
-        let id = store
-            .adopt(
-                imported,
-                VersionClaims::first("m"),
-                &Keypair::generate_ed25519(),
-            )
-            .unwrap();
+        let id = adopt_first(&mut store, imported);
         let e = format!("{:#}", store.check_header(&id).unwrap_err());
         assert!(e.contains("other tensors"), "{e}");
         store.remove(&id).unwrap();
