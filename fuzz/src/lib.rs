@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use p2p_models::checkpoint::{self, CheckpointMeta};
+use p2p_models::compress;
 use p2p_models::params::{self, Layout, TensorShape, WireDtype};
 use p2p_protocol::bitfield::Bitfield;
 use p2p_protocol::codec;
@@ -21,7 +22,7 @@ use p2p_protocol::manifest::{Hash32, Manifest};
 use p2p_protocol::messages::{Announcement, Request, Response};
 use p2p_protocol::safetensors::{self as st, TensorEntry};
 use p2p_protocol::training::{
-    ParamDtype, RunAnnouncement, TrainRequest, TrainResponse, TrainingMeta,
+    DeltaEncoding, Exchange, ParamDtype, RunAnnouncement, TrainRequest, TrainResponse, TrainingMeta,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -287,6 +288,31 @@ pub fn targets() -> Vec<Target> {
             },
         },
         Target {
+            name: "pseudo-gradient-piece",
+            seeds: || {
+                let values: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin() * 1e-3).collect();
+                compressions()
+                    .iter()
+                    .map(|c| c.encode_piece(&values).0)
+                    .collect()
+            },
+            run: |b| {
+                let mut ok = false;
+                for codec in compressions() {
+                    // What a session does: the piece must hold its values, all finite.
+                    if let Ok(values) = codec.decode_piece(b, 300) {
+                        assert_eq!(values.len(), 300, "accepted piece, wrong length");
+                        assert!(
+                            values.iter().all(|v| v.is_finite()),
+                            "accepted a non-finite value"
+                        );
+                        ok = true;
+                    }
+                }
+                ok
+            },
+        },
+        Target {
             name: "param-piece",
             seeds: || {
                 let values: Vec<f32> = (0..300).map(|i| i as f32 * 0.01 - 1.0).collect();
@@ -387,16 +413,43 @@ fn responses() -> Vec<Response> {
     ]
 }
 
+/// The pseudo-gradient encodings sessions decode.
+fn compressions() -> Vec<compress::Codec> {
+    [
+        compress::Compression::F32,
+        compress::Compression::Int8,
+        compress::Compression::TopK,
+    ]
+    .into_iter()
+    .map(|compression| compress::Codec {
+        compression,
+        topk_fraction: 0.03,
+    })
+    .collect()
+}
+
 fn train_requests() -> Vec<TrainRequest> {
     vec![
         TrainRequest::Runs,
         TrainRequest::Open {
             run: id(1),
             layout: id(2),
-            dtype: ParamDtype::F16,
+            exchange: Exchange::Params(ParamDtype::F16),
             params: 1000,
             samples: 3200,
             step: 100,
+            round: 0,
+        },
+        TrainRequest::Open {
+            run: id(1),
+            layout: id(2),
+            exchange: Exchange::PseudoGradients(DeltaEncoding::TopK {
+                per_million: 30_000,
+            }),
+            params: 1000,
+            samples: 3200,
+            step: 100,
+            round: 7,
         },
         TrainRequest::Piece {
             session: 42,
@@ -416,6 +469,7 @@ fn train_responses() -> Vec<TrainResponse> {
             session: 1,
             samples: 3200,
             step: 100,
+            round: 3,
             pieces: 2,
         },
         TrainResponse::Piece {

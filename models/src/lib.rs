@@ -13,9 +13,12 @@
 //! * [`train`]: a [`train::Trainer`] that runs training steps and evaluations;
 //! * [`params`]: parameters as one flat vector: weighted averaging, finite checks, norms,
 //!   f16/bf16 wire encodings;
-//! * [`checkpoint`]: safetensors files written atomically, with training metadata.
+//! * [`checkpoint`]: safetensors files written atomically, with training metadata;
+//! * [`outer`]: the outer optimizer of local-SGD training (DiLoCo) and pseudo-gradients;
+//! * [`compress`]: int8 and top-k encodings of pseudo-gradients, with error feedback.
 
 pub mod checkpoint;
+pub mod compress;
 pub mod data;
 pub mod device;
 pub mod layers;
@@ -24,6 +27,7 @@ pub mod mlp;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod outer;
 pub mod params;
 pub mod spec;
 pub mod train;

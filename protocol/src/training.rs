@@ -15,8 +15,8 @@
 //! Every few local steps a node opens a session with a random peer of the same run:
 //!
 //! ```text
-//! A -> B  Open { run, layout, dtype, params, samples, step }
-//! B -> A  Accepted { session, samples, step, pieces }   (or Busy / Refused)
+//! A -> B  Open { run, layout, exchange, params, samples, step, round }
+//! B -> A  Accepted { session, samples, step, round, pieces }   (or Busy / Refused)
 //! A -> B  Piece { session, index: i, A's piece i }       for i in 0..pieces, a few in flight
 //! B -> A  Piece { index: i, B's piece i }
 //! ```
@@ -28,6 +28,13 @@
 //! ones are refused and the sender penalized; a session that breaks off leaves both models as
 //! they were. `layout` is the BLAKE3 hash of the tensor names and shapes, so peers whose models
 //! differ never exchange a byte of parameters.
+//!
+//! What a session exchanges is the run's [`Exchange`]: full parameters as a `dtype`, or, in
+//! runs with outer steps (DiLoCo), each side's pseudo-gradient of outer step `round`, encoded
+//! (int8, top-k or f32) piece by piece. Outer steps are counted run-wide: a node more than
+//! [`MAX_ROUND_LAG`] behind a count it saw takes it at its next outer step, and a
+//! pseudo-gradient more than [`MAX_ROUND_LAG`] outer steps older than the receiver's is not
+//! used.
 
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
@@ -37,7 +44,7 @@ use crate::codec::GossipError;
 use crate::manifest::{Hash32, VersionId};
 
 /// Request-response protocol id of gossip averaging and run discovery.
-pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/2.0.0";
+pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/3.0.0";
 
 /// The gossipsub topic of run announcements.
 pub const RUNS_TOPIC: &str = "p2p-ml/runs/2";
@@ -90,6 +97,34 @@ impl ParamDtype {
         params.div_ceil(self.per_piece() as u64) as u32
     }
 }
+
+/// How pseudo-gradients are encoded in a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeltaEncoding {
+    /// 4-byte floats.
+    F32,
+    /// Blockwise absmax int8.
+    Int8,
+    /// The largest values by magnitude, 2 bits each; `per_million` of each piece's values.
+    TopK {
+        /// Values kept, per million.
+        per_million: u32,
+    },
+}
+
+/// What the two sides of an averaging session exchange; both must use the run's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exchange {
+    /// Their parameters, as this element type.
+    Params(ParamDtype),
+    /// Their pseudo-gradients of one outer step, in this encoding.
+    PseudoGradients(DeltaEncoding),
+}
+
+/// How many outer steps older than the receiver's a pseudo-gradient may be and still be used.
+pub const MAX_ROUND_LAG: u64 = 2;
 
 /// A training run, announced by its creator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,14 +287,16 @@ pub enum TrainRequest {
         run: VersionId,
         /// BLAKE3 of the model's tensor names and shapes.
         layout: Hash32,
-        /// Element type of the pieces.
-        dtype: ParamDtype,
+        /// What is exchanged, and how it is encoded.
+        exchange: Exchange,
         /// Number of parameters.
         params: u64,
         /// Samples the opener's parameters have seen (its averaging weight).
         samples: u64,
         /// The opener's local step.
         step: u64,
+        /// With pseudo-gradients: the outer step the opener's is of (else 0).
+        round: u64,
     },
     /// Piece `index` of the opener's parameters; answered with the same piece of the peer's.
     Piece {
@@ -291,6 +328,8 @@ pub enum TrainResponse {
         samples: u64,
         /// The peer's local step.
         step: u64,
+        /// With pseudo-gradients: the outer step the peer's is of (else 0).
+        round: u64,
         /// Number of pieces each side sends.
         pieces: u32,
     },

@@ -6,10 +6,7 @@
 
 use std::str::FromStr;
 
-use p2p_models::params as pm;
-use p2p_protocol::training::ParamDtype;
-
-use super::behaviour::wire_dtype;
+use super::pieces::PieceCodec;
 
 /// How a hostile node lies in averaging sessions.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,14 +66,15 @@ impl Attack {
 
     /// What to send instead of `own` (this piece of our parameters); `partner` is the same
     /// piece of the partner's parameters when already received, `own_norm` and `total` the
-    /// L2 norm and length of all our parameters.
+    /// L2 norm and length of all our parameters (or, with outer steps, of our pseudo-gradient:
+    /// the attacks then lie about pseudo-gradients the same way), encoded as `codec` says.
     pub fn piece(
         self,
         own: &[f32],
         partner: Option<&[f32]>,
         own_norm: f64,
         total: usize,
-        dtype: ParamDtype,
+        (codec, index): (&PieceCodec, u32),
     ) -> Vec<u8> {
         let values: Vec<f32> = match self {
             Self::Nan => vec![f32::NAN; own.len()],
@@ -90,7 +88,7 @@ impl Attack {
             }
             Self::Stall => own.to_vec(),
         };
-        pm::encode(&values, wire_dtype(dtype))
+        codec.encode(index, total, &values)
     }
 }
 
@@ -104,6 +102,10 @@ fn standard_normal() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p2p_models::params as pm;
+    use p2p_protocol::training::ParamDtype;
+
+    const F32: PieceCodec = PieceCodec::Params(ParamDtype::F32);
 
     #[test]
     fn attacks_parse_and_bad_ones_say_why() {
@@ -122,8 +124,8 @@ mod tests {
     fn noise_has_the_relative_norm_asked_for() {
         let own = vec![1.0f32; 100_000];
         let norm = pm::l2_norm(&own);
-        let bytes = Attack::Noise(1.996).piece(&own, None, norm, own.len(), ParamDtype::F32);
-        let sent = pm::decode(&bytes, wire_dtype(ParamDtype::F32)).unwrap();
+        let bytes = Attack::Noise(1.996).piece(&own, None, norm, own.len(), (&F32, 0));
+        let sent = F32.decode(0, own.len(), &bytes, own.len()).unwrap();
         let d = pm::relative_distance(&own, &sent);
         assert!((d - 1.996).abs() < 0.02, "{d}");
     }
@@ -132,8 +134,8 @@ mod tests {
     fn negation_targets_the_partner_when_known() {
         let own = vec![1.0f32; 4];
         let partner = vec![2.0f32; 4];
-        let bytes = Attack::Negate.piece(&own, Some(&partner), 2.0, 4, ParamDtype::F32);
-        let sent = pm::decode(&bytes, wire_dtype(ParamDtype::F32)).unwrap();
+        let bytes = Attack::Negate.piece(&own, Some(&partner), 2.0, 4, (&F32, 0));
+        let sent = F32.decode(0, 4, &bytes, 4).unwrap();
         assert_eq!(sent, vec![-2.0; 4]);
     }
 }

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::{PeerId, StreamProtocol};
-use p2p_models::params::{self as pm, WireDtype};
+use p2p_models::params as pm;
 use p2p_protocol::codec::CborCodec;
 use p2p_protocol::manifest::{Hash32, VersionId};
 use p2p_protocol::training::{
-    self as wire, ParamDtype, RunAnnouncement, TrainRequest, TrainResponse, MAX_RUNS_LISTED,
+    self as wire, Exchange, RunAnnouncement, TrainRequest, TrainResponse, MAX_RUNS_LISTED,
 };
 use rand::seq::SliceRandom;
 use serde::Serialize;
@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::attack::Attack;
+use super::pieces::{Incoming, PieceCodec, PieceError};
 use crate::wire_behaviour::WrapsRequestResponse;
 
 /// Peers tried by one averaging round before it gives up.
@@ -107,17 +108,36 @@ fn avoid(avoided: &mut HashMap<PeerId, Instant>, peer: PeerId) {
     avoided.insert(peer, Instant::now());
 }
 
-/// The trainer's parameters at one moment, as served to peers.
+/// The trainer's parameters at one moment (or, with outer steps, its pseudo-gradient of one
+/// outer step), as served to peers.
 pub struct Snapshot {
     /// Which snapshot this is (increasing within one trainer): mixes against the same one
     /// share one weight budget.
     pub id: u64,
-    /// The flat parameter vector.
+    /// The flat parameter vector; with outer steps, the pseudo-gradient as peers decode it.
     pub params: Vec<f32>,
     /// Samples they have seen (the averaging weight).
     pub samples: u64,
     /// The local step they were taken at.
     pub step: u64,
+    /// With outer steps: the outer step and the encoded pieces (sent as they are, so that
+    /// every peer gets exactly what error feedback accounted for).
+    pub outer: Option<OuterPayload>,
+}
+
+/// A pseudo-gradient ready to send.
+pub struct OuterPayload {
+    /// The outer step it is of (1 for the first).
+    pub round: u64,
+    /// Its pieces, encoded.
+    pub pieces: Vec<Vec<u8>>,
+}
+
+impl Snapshot {
+    /// The outer step of its pseudo-gradient (0 for parameters).
+    pub fn round(&self) -> u64 {
+        self.outer.as_ref().map_or(0, |o| o.round)
+    }
 }
 
 /// The trainer's latest snapshot, as the behaviour reads it: `None` until the first one.
@@ -147,6 +167,8 @@ pub struct PeerParams {
     pub samples: u64,
     /// Its local step.
     pub step: u64,
+    /// With outer steps: the outer step its pseudo-gradient is of.
+    pub round: u64,
     /// Our snapshot it was exchanged with.
     pub base: Arc<Snapshot>,
     /// Whether this node opened the session.
@@ -163,6 +185,7 @@ impl std::fmt::Debug for Snapshot {
             .field("params", &self.params.len())
             .field("samples", &self.samples)
             .field("step", &self.step)
+            .field("round", &self.round())
             .finish()
     }
 }
@@ -174,6 +197,7 @@ impl std::fmt::Debug for PeerParams {
             .field("params", &self.params.len())
             .field("samples", &self.samples)
             .field("step", &self.step)
+            .field("round", &self.round)
             .field("opened_here", &self.opened_here)
             .finish()
     }
@@ -188,8 +212,8 @@ pub struct RunMembership {
     pub layout: Hash32,
     /// Number of parameters.
     pub params: u64,
-    /// Element type on the wire.
-    pub dtype: ParamDtype,
+    /// What sessions exchange, and how it is encoded.
+    pub codec: PieceCodec,
     /// Fault injection for tests and testnets: lie in sessions this way.
     pub attack: Option<Attack>,
 }
@@ -217,27 +241,6 @@ struct Joined {
     refused: HashSet<PeerId>,
 }
 
-/// Parameters being received, piece by piece.
-struct Incoming {
-    values: Vec<f32>,
-    got: Vec<bool>,
-    count: u32,
-}
-
-impl Incoming {
-    fn new(params: usize, pieces: u32) -> Self {
-        Self {
-            values: vec![0.0; params],
-            got: vec![false; pieces as usize],
-            count: 0,
-        }
-    }
-
-    fn complete(&self) -> bool {
-        self.count as usize == self.got.len()
-    }
-}
-
 /// One exchange of parameters with a peer, in either direction: our snapshot goes out piece
 /// by piece, the peer's comes in and is checked as it arrives.
 struct Session {
@@ -249,6 +252,7 @@ struct Session {
     incoming: Incoming,
     peer_samples: u64,
     peer_step: u64,
+    peer_round: u64,
     started: Instant,
     last_activity: Instant,
     /// Bytes of parameters sent and received.
@@ -263,8 +267,7 @@ impl Session {
         id: u64,
         snapshot: Arc<Snapshot>,
         pieces: u32,
-        peer_samples: u64,
-        peer_step: u64,
+        (peer_samples, peer_step, peer_round): (u64, u64, u64),
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -274,6 +277,7 @@ impl Session {
             snapshot,
             peer_samples,
             peer_step,
+            peer_round,
             started: now,
             last_activity: now,
             bytes: (0, 0),
@@ -287,30 +291,35 @@ impl Session {
         &mut self,
         index: u32,
         data: &[u8],
-        dtype: ParamDtype,
+        codec: &PieceCodec,
     ) -> Result<Duration, PieceError> {
         let now = Instant::now();
         let gap = now.duration_since(self.last_activity);
         self.last_activity = now;
         self.bytes.1 += data.len() as u64;
-        store_piece(&mut self.incoming, index, data, dtype).map(|()| gap)
+        self.incoming.store(index, data, codec).map(|()| gap)
     }
 
     /// Our piece `index`, encoded for the wire (or what `attack` sends instead).
-    fn piece(&mut self, index: u32, dtype: ParamDtype, attack: Option<Attack>) -> Vec<u8> {
-        let data = match attack {
-            None | Some(Attack::Stall) => encode_piece(&self.snapshot.params, index, dtype),
-            Some(attack) => {
-                let params = &self.snapshot.params;
+    fn piece(&mut self, index: u32, codec: &PieceCodec, attack: Option<Attack>) -> Vec<u8> {
+        let params = &self.snapshot.params;
+        let range = codec.range(params.len(), index);
+        let data = match (attack, &self.snapshot.outer) {
+            (None | Some(Attack::Stall), Some(outer)) => outer
+                .pieces
+                .get(index as usize)
+                .cloned()
+                .unwrap_or_default(),
+            (None | Some(Attack::Stall), None) => codec.encode(index, params.len(), &params[range]),
+            (Some(attack), _) => {
                 let norm = *self.own_norm.get_or_insert_with(|| pm::l2_norm(params));
-                let range = piece_range(params.len(), index, dtype);
                 let partner = self
                     .incoming
                     .got
                     .get(index as usize)
                     .is_some_and(|got| *got)
                     .then(|| &self.incoming.values[range.clone()]);
-                attack.piece(&params[range], partner, norm, params.len(), dtype)
+                attack.piece(&params[range], partner, norm, params.len(), (codec, index))
             }
         };
         self.bytes.0 += data.len() as u64;
@@ -324,6 +333,7 @@ impl Session {
             params: self.incoming.values,
             samples: self.peer_samples,
             step: self.peer_step,
+            round: self.peer_round,
             base: self.snapshot,
             opened_here,
             bytes: self.bytes,
@@ -786,12 +796,13 @@ impl Behaviour {
         let request = TrainRequest::Open {
             run: m.announcement.run,
             layout: m.layout,
-            dtype: m.dtype,
+            exchange: m.codec.exchange(),
             params: m.params,
             samples: m
                 .attack
                 .map_or(snapshot.samples, |a| a.claimed_samples(snapshot.samples)),
             step: snapshot.step,
+            round: snapshot.round(),
         };
         let rid = self.inner.send_request(&peer, request);
         self.requests.insert(rid, Purpose::Open);
@@ -824,7 +835,7 @@ impl Behaviour {
         self.try_next_peer(tried, reply);
     }
 
-    fn on_accepted(&mut self, peer: PeerId, session: u64, samples: u64, step: u64, pieces: u32) {
+    fn on_accepted(&mut self, peer: PeerId, session: u64, peer_at: (u64, u64, u64), pieces: u32) {
         let Some(opening) = self.opening.take() else {
             return;
         };
@@ -832,7 +843,7 @@ impl Behaviour {
             let _ = opening.reply.send(Err("left the run".into()));
             return;
         };
-        let expected = j.membership.dtype.pieces(j.membership.params);
+        let expected = j.membership.codec.pieces(j.membership.params);
         if opening.peer != peer || pieces != expected {
             self.opening = Some(opening);
             self.retry(peer, "peer answered with another piece count");
@@ -851,7 +862,7 @@ impl Behaviour {
             return;
         }
         self.outbound = Some(Opened {
-            session: Session::new(peer, session, snapshot, pieces, samples, step),
+            session: Session::new(peer, session, snapshot, pieces, peer_at),
             next: 0,
             tried,
             reply,
@@ -864,7 +875,7 @@ impl Behaviour {
         let Some(j) = self.joined.as_ref() else {
             return;
         };
-        let (dtype, attack) = (j.membership.dtype, j.membership.attack);
+        let (codec, attack) = (j.membership.codec, j.membership.attack);
         let Some(o) = self.outbound.as_mut() else {
             return;
         };
@@ -876,7 +887,7 @@ impl Behaviour {
             let request = TrainRequest::Piece {
                 session: o.session.id,
                 index: o.next,
-                data: o.session.piece(o.next, dtype, attack),
+                data: o.session.piece(o.next, &codec, attack),
             };
             let rid = self.inner.send_request(&o.session.peer, request);
             self.requests.insert(rid, Purpose::Piece);
@@ -885,13 +896,13 @@ impl Behaviour {
     }
 
     fn on_piece_back(&mut self, peer: PeerId, index: u32, data: &[u8]) {
-        let Some(dtype) = self.joined.as_ref().map(|j| j.membership.dtype) else {
+        let Some(codec) = self.joined.as_ref().map(|j| j.membership.codec) else {
             return;
         };
         let Some(o) = self.outbound.as_mut().filter(|o| o.session.peer == peer) else {
             return;
         };
-        let received = o.session.receive(index, data, dtype);
+        let received = o.session.receive(index, data, &codec);
         let complete = o.session.incoming.complete();
         match received {
             Ok(gap) => self.note_piece_time(gap),
@@ -939,13 +950,16 @@ impl Behaviour {
             TrainRequest::Open {
                 run,
                 layout,
-                dtype,
+                exchange,
                 params,
                 samples,
                 step,
-            } => match self.on_open(peer, run, layout, dtype, params) {
+                round,
+            } => match self.on_open(peer, run, layout, exchange, params) {
                 Err(refusal) => refusal,
-                Ok((snapshot, pieces)) => self.accept(peer, &snapshot, samples, step, pieces),
+                Ok((snapshot, pieces)) => {
+                    self.accept(peer, &snapshot, (samples, step, round), pieces)
+                }
             },
             TrainRequest::Piece {
                 session,
@@ -963,7 +977,7 @@ impl Behaviour {
         peer: PeerId,
         run: VersionId,
         layout: Hash32,
-        dtype: ParamDtype,
+        exchange: Exchange,
         params: u64,
     ) -> Result<(Arc<Snapshot>, u32), TrainResponse> {
         let refused = |reason: &str| {
@@ -981,11 +995,11 @@ impl Behaviour {
         if j.refused.contains(&peer) {
             return refused("your parameters were refused before");
         }
-        if m.layout != layout || m.params != params || m.dtype != dtype {
-            return refused("different model layout or dtype");
+        if m.layout != layout || m.params != params || m.codec.exchange() != exchange {
+            return refused("different model layout or exchange");
         }
         j.members.insert(peer);
-        let pieces = m.dtype.pieces(m.params);
+        let pieces = m.codec.pieces(m.params);
         let snapshot = j.snapshots.borrow().clone();
         match snapshot {
             // Not trained far enough to have parameters yet: like busy, try later.
@@ -1000,15 +1014,14 @@ impl Behaviour {
         &mut self,
         peer: PeerId,
         snapshot: &Arc<Snapshot>,
-        samples: u64,
-        step: u64,
+        peer_at: (u64, u64, u64),
         pieces: u32,
     ) -> TrainResponse {
         let session = self.next_session;
         self.next_session = self.next_session.wrapping_add(1);
         self.inbound.insert(
             session,
-            Session::new(peer, session, Arc::clone(snapshot), pieces, samples, step),
+            Session::new(peer, session, Arc::clone(snapshot), pieces, peer_at),
         );
         let samples = self
             .attack()
@@ -1017,6 +1030,7 @@ impl Behaviour {
             session,
             samples,
             step: snapshot.step,
+            round: snapshot.round(),
             pieces,
         }
     }
@@ -1027,13 +1041,13 @@ impl Behaviour {
                 reason: "not training any run".into(),
             };
         };
-        let (dtype, attack) = (j.membership.dtype, j.membership.attack);
+        let (codec, attack) = (j.membership.codec, j.membership.attack);
         let Some(s) = self.inbound.get_mut(&session).filter(|s| s.peer == peer) else {
             return TrainResponse::Refused {
                 reason: "unknown session".into(),
             };
         };
-        let received = s.receive(index, data, dtype);
+        let received = s.receive(index, data, &codec);
         if let Ok(gap) = received {
             self.note_piece_time(gap);
         }
@@ -1053,7 +1067,7 @@ impl Behaviour {
                 reason: format!("bad parameters: {why}"),
             };
         }
-        let reply = s.piece(index, dtype, attack);
+        let reply = s.piece(index, &codec, attack);
         if s.incoming.complete() {
             if let Some(s) = self.inbound.remove(&session) {
                 let done = s.finish(false);
@@ -1110,9 +1124,10 @@ impl Behaviour {
                     session,
                     samples,
                     step,
+                    round,
                     pieces,
                 },
-            ) => self.on_accepted(peer, session, samples, step, pieces),
+            ) => self.on_accepted(peer, session, (samples, step, round), pieces),
             (Purpose::Open, TrainResponse::Refused { reason }) => {
                 if let Some(j) = self.joined.as_mut() {
                     j.members.remove(&peer);
@@ -1244,154 +1259,3 @@ impl WrapsRequestResponse for Behaviour {
 }
 
 crate::impl_wire_behaviour!(Behaviour);
-
-/// The wire dtype of the models crate for a protocol dtype.
-pub fn wire_dtype(dtype: ParamDtype) -> WireDtype {
-    match dtype {
-        ParamDtype::F32 => WireDtype::F32,
-        ParamDtype::F16 => WireDtype::F16,
-        ParamDtype::Bf16 => WireDtype::Bf16,
-    }
-}
-
-/// The protocol dtype for a run's wire dtype.
-pub fn param_dtype(dtype: WireDtype) -> ParamDtype {
-    match dtype {
-        WireDtype::F32 => ParamDtype::F32,
-        WireDtype::F16 => ParamDtype::F16,
-        WireDtype::Bf16 => ParamDtype::Bf16,
-    }
-}
-
-/// Range of piece `index` in a vector of `len` parameters.
-fn piece_range(len: usize, index: u32, dtype: ParamDtype) -> std::ops::Range<usize> {
-    let per = dtype.per_piece();
-    let start = (index as usize).saturating_mul(per).min(len);
-    start..(start + per).min(len)
-}
-
-/// Piece `index` of `params`, encoded.
-fn encode_piece(params: &[f32], index: u32, dtype: ParamDtype) -> Vec<u8> {
-    pm::encode(
-        &params[piece_range(params.len(), index, dtype)],
-        wire_dtype(dtype),
-    )
-}
-
-/// Why a piece of parameters is refused (the session ends and the peer is reported).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PieceError {
-    /// An index past the session's piece count.
-    #[error("piece {0} does not exist")]
-    NoSuchPiece(u32),
-    /// The same piece again.
-    #[error("piece {0} sent twice")]
-    Twice(u32),
-    /// Bytes that are not values of the run's wire dtype.
-    #[error("undecodable piece {index}: {reason}")]
-    Undecodable {
-        /// The piece.
-        index: u32,
-        /// The decoder's words.
-        reason: String,
-    },
-    /// Another number of values than the piece holds.
-    #[error("piece {index} has {got} values, expected {expected}")]
-    WrongLength {
-        /// The piece.
-        index: u32,
-        /// Values sent.
-        got: usize,
-        /// Values the piece holds.
-        expected: usize,
-    },
-    /// A value that is not finite.
-    #[error("a NaN or infinity at parameter {0}")]
-    NotFinite(usize),
-}
-
-/// Decodes piece `index` into `incoming`, checking its length and that every value is finite.
-fn store_piece(
-    incoming: &mut Incoming,
-    index: u32,
-    data: &[u8],
-    dtype: ParamDtype,
-) -> Result<(), PieceError> {
-    let slot = incoming
-        .got
-        .get(index as usize)
-        .copied()
-        .ok_or(PieceError::NoSuchPiece(index))?;
-    if slot {
-        return Err(PieceError::Twice(index));
-    }
-    let range = piece_range(incoming.values.len(), index, dtype);
-    let values = pm::decode(data, wire_dtype(dtype)).map_err(|e| PieceError::Undecodable {
-        index,
-        reason: e.to_string(),
-    })?;
-    if values.len() != range.len() {
-        return Err(PieceError::WrongLength {
-            index,
-            got: values.len(),
-            expected: range.len(),
-        });
-    }
-    if let Some(i) = pm::first_non_finite(&values) {
-        return Err(PieceError::NotFinite(range.start + i));
-    }
-    incoming.values[range].copy_from_slice(&values);
-    incoming.got[index as usize] = true;
-    incoming.count += 1;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pieces_round_trip_and_bad_ones_are_refused() {
-        let params: Vec<f32> = (0..300_000).map(|i| i as f32 * 1e-3).collect();
-        let dtype = ParamDtype::F32;
-        let pieces = dtype.pieces(params.len() as u64);
-        assert_eq!(pieces, 2);
-        let mut incoming = Incoming::new(params.len(), pieces);
-        for i in 0..pieces {
-            store_piece(&mut incoming, i, &encode_piece(&params, i, dtype), dtype).unwrap();
-        }
-        assert!(incoming.complete());
-        assert_eq!(incoming.values, params);
-
-        let mut fresh = Incoming::new(params.len(), pieces);
-        let first = &params[piece_range(params.len(), 0, dtype)];
-        let nan = Attack::Nan.piece(first, None, 1.0, params.len(), dtype);
-        assert!(matches!(
-            store_piece(&mut fresh, 0, &nan, dtype),
-            Err(PieceError::NotFinite(_))
-        ));
-        let short = encode_piece(&params[..10], 0, dtype);
-        assert!(matches!(
-            store_piece(&mut fresh, 0, &short, dtype),
-            Err(PieceError::WrongLength { got: 10, .. })
-        ));
-        assert_eq!(
-            store_piece(&mut fresh, 7, &short, dtype),
-            Err(PieceError::NoSuchPiece(7))
-        );
-        let good = encode_piece(&params, 1, dtype);
-        store_piece(&mut fresh, 1, &good, dtype).unwrap();
-        assert_eq!(
-            store_piece(&mut fresh, 1, &good, dtype),
-            Err(PieceError::Twice(1))
-        );
-    }
-
-    #[test]
-    fn half_precision_pieces_halve_the_bytes() {
-        let params = vec![0.5f32; 1000];
-        let f32_bytes = encode_piece(&params, 0, ParamDtype::F32).len();
-        let f16_bytes = encode_piece(&params, 0, ParamDtype::F16).len();
-        assert_eq!(f32_bytes, 2 * f16_bytes);
-    }
-}

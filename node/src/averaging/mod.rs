@@ -1,10 +1,11 @@
-//! The `/p2p-ml/train/2.0.0` protocol: gossip averaging sessions and run discovery, as one
+//! The `/p2p-ml/train/3.0.0` protocol: gossip averaging sessions and run discovery, as one
 //! libp2p behaviour ([`Behaviour`]) that imports neither the rest of the network nor the
 //! model store.
 //!
 //! **Participants**: nodes training the same run (same run id, tensor layout hash, parameter
-//! count and wire dtype). **Flow**: the opener sends `Open` with its run, layout, samples seen
-//! and step; the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per peer, or no
+//! count and exchange: parameters in a wire dtype, or pseudo-gradients in an encoding, see
+//! [`pieces`]). **Flow**: the opener sends `Open` with its run, layout, samples seen, step and
+//! (with pseudo-gradients) outer step; the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per peer, or no
 //! parameters yet),
 //! `Refused` (another run or layout, or a peer refused before) or `Accepted` with the piece
 //! count and the samples and step of its trainer's latest snapshot. That snapshot is read
@@ -29,13 +30,15 @@
 mod attack;
 mod behaviour;
 mod command;
+pub mod pieces;
 
 pub use attack::Attack;
 pub use behaviour::{
-    param_dtype, wire_dtype, AveragerStatus, Behaviour, Event, KnownRuns, PeerParams, RoundError,
+    AveragerStatus, Behaviour, Event, KnownRuns, OuterPayload, PeerParams, RoundError,
     RunMembership, Snapshot, Snapshots, MAX_SESSIONS,
 };
 pub use command::Command;
+pub use pieces::PieceCodec;
 
 #[cfg(test)]
 mod tests;

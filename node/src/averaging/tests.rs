@@ -13,6 +13,8 @@ use libp2p::PeerId;
 use libp2p_swarm_test::SwarmExt;
 use p2p_protocol::manifest::Hash32;
 use p2p_protocol::training::{ParamDtype, RunAnnouncement};
+
+use super::PieceCodec;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Attack, Behaviour, Event, PeerParams, RoundError, RunMembership, Snapshot};
@@ -42,7 +44,7 @@ fn membership(attack: Option<Attack>) -> RunMembership {
         },
         layout: Hash32::of(b"layout"),
         params: PARAMS as u64,
-        dtype: ParamDtype::F32,
+        codec: PieceCodec::Params(ParamDtype::F32),
         attack,
     }
 }
@@ -53,6 +55,7 @@ fn snapshot(value: f32, samples: u64) -> Arc<Snapshot> {
         params: vec![value; PARAMS],
         samples,
         step: samples / 32,
+        outer: None,
     })
 }
 

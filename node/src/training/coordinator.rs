@@ -31,12 +31,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::delta_guard::{DeltaGuard, DeltaVerdict};
 use super::guard::{Decision, MixGuard, Severity};
 use super::pace::Pace;
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
 use super::{TrainingState, TrainingStatus};
-use crate::averaging::{param_dtype, PeerParams, RoundError, RunMembership};
+use crate::averaging::{PeerParams, PieceCodec, RoundError, RunMembership};
 use crate::network::lookup::{self, IfUnreachable, Lookup};
 use crate::network::Client;
 
@@ -119,10 +120,10 @@ pub async fn start(
                 .map(|t| (t.name.as_str(), t.shape.as_slice())),
         ),
         params: layout.len() as u64,
-        dtype: param_dtype(prepared.spec.wire_dtype),
+        codec: PieceCodec::of(&prepared.spec),
         attack: options.attack,
     };
-    let averaging = !options.no_averaging && prepared.spec.average_every > 0;
+    let averaging = !options.no_averaging && prepared.spec.exchange_every() > 0;
     let (peer_tx, peer_rx) = mpsc::channel(8);
     let (snapshots_tx, snapshots_rx) = watch::channel(None);
     client.join_run(membership, snapshots_rx, peer_tx).await?;
@@ -157,6 +158,7 @@ pub async fn start(
     // `/status` reads the training status from this watch, through the client.
     client.watch_training(status_rx.clone());
     let pace_limit = Arc::new(AtomicU64::new(u64::MAX));
+    let trainer_first_step = trainer.step;
     let (to_trainer, from_coordinator) = sync_channel(TRAINER_QUEUE);
     let (events_tx, events) = mpsc::channel(TRAINER_QUEUE);
     let job = TrainerJob {
@@ -175,6 +177,8 @@ pub async fn start(
             prepared.spec.average_every,
             prepared.spec.max_lead_steps(),
         ),
+        delta_guard: DeltaGuard::default(),
+        first_step: trainer_first_step,
         last_base: None,
         spec: prepared.spec,
         model: prepared.announcement.model,
@@ -316,6 +320,10 @@ struct Coordinator {
     pace: Pace,
     /// The adaptive bounds on what a peer's parameters may do to ours.
     guard: MixGuard,
+    /// The bounds on what a peer's pseudo-gradient may do (outer steps).
+    delta_guard: DeltaGuard,
+    /// The trainer's step when this node started training (bytes per step count from it).
+    first_step: u64,
     /// Our snapshot of the last round, to measure how far we move between rounds.
     last_base: Option<Arc<crate::averaging::Snapshot>>,
 }
@@ -385,14 +393,41 @@ impl Coordinator {
                 steps_per_second,
                 averaging_time_fraction,
                 waiting_time_fraction,
-            } => self.status.send_modify(|s| {
-                s.step = step;
-                s.samples_seen = samples_seen;
-                s.batch_loss = Some(batch_loss);
-                s.steps_per_second = steps_per_second;
-                s.averaging_time_fraction = averaging_time_fraction;
-                s.waiting_time_fraction = waiting_time_fraction;
-            }),
+                outer_step,
+                compression_ratio,
+            } => {
+                let first_step = self.first_step;
+                let ratio = match self.spec.averaging {
+                    p2p_models::spec::Averaging::Outer => compression_ratio,
+                    p2p_models::spec::Averaging::Parameters => {
+                        4.0 / self.spec.wire_dtype.size() as f64
+                    }
+                };
+                self.status.send_modify(|s| {
+                    s.step = step;
+                    s.samples_seen = samples_seen;
+                    s.batch_loss = Some(batch_loss);
+                    s.steps_per_second = steps_per_second;
+                    s.averaging_time_fraction = averaging_time_fraction;
+                    s.waiting_time_fraction = waiting_time_fraction;
+                    s.network_wait_fraction =
+                        (averaging_time_fraction + waiting_time_fraction).min(1.0);
+                    s.outer_step = outer_step;
+                    s.compression_ratio = ratio;
+                    let steps = step.saturating_sub(first_step).max(1) as f64;
+                    s.bytes_sent_per_step = s.averaging_bytes_sent as f64 / steps;
+                    s.bytes_received_per_step = s.averaging_bytes_received as f64 / steps;
+                })
+            }
+            FromTrainer::OuterStep { round, averaged } => {
+                tracing::debug!(run = %self.run.short(), round, averaged, "outer step");
+                self.status.send_modify(|s| {
+                    s.outer_step = round;
+                    if averaged > 0 {
+                        s.last_outer_averaged = averaged;
+                    }
+                });
+            }
             FromTrainer::Evaluated { step, evaluation } => {
                 tracing::info!(
                     run = %self.run.short(), step, loss = format!("{:.4}", evaluation.loss),
@@ -506,6 +541,10 @@ impl Coordinator {
                 return;
             }
         };
+        if p.base.outer.is_some() {
+            self.on_pseudo_gradient(p).await;
+            return;
+        }
         let bound = self.guard.bound();
         let previous = self.last_base.replace(Arc::clone(&p.base));
         let period = self.spec.average_every.max(1) as f64;
@@ -585,6 +624,102 @@ impl Coordinator {
                 tracing::debug!("trainer busy; dropping a peer's parameters")
             }
             Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Checks a peer's pseudo-gradient against ours ([`DeltaGuard`]) and its outer
+    /// parameters against ours (the checks and bounds of parameter averaging: [`MixGuard`]),
+    /// on a blocking thread, and hands them to the trainer as the guards say, or refuses them
+    /// (penalizing the peer, and excluding it at the third time, when no honest peer sends such
+    /// a thing). Outer parameters that fail alone are skipped like an outlier's parameters.
+    async fn on_pseudo_gradient(&mut self, p: PeerParams) {
+        self.status.send_modify(|s| {
+            s.averaging_bytes_sent += p.bytes.0;
+            s.averaging_bytes_received += p.bytes.1;
+        });
+        if p.step >= self.spec.steps {
+            self.pace.finished(&p.peer);
+            self.refresh_pace_limit();
+        } else {
+            self.note_progress(p.peer, p.samples);
+        }
+        let mut guard = std::mem::take(&mut self.delta_guard);
+        let bound = self.guard.bound();
+        let judged = tokio::task::spawn_blocking(move || {
+            let mut p = p;
+            let n = p.params.len() / 2;
+            let theirs = p.params.split_off(n);
+            let (own_delta, own_outer) = p.base.params.split_at(n.min(p.base.params.len()));
+            let verdict = guard.judge(own_delta, &p.params);
+            let outer_check = params::check_peer(own_outer, &theirs, bound);
+            (guard, p, theirs, verdict, outer_check)
+        })
+        .await;
+        let Ok((guard, mut p, theirs, verdict, outer_check)) = judged else {
+            return;
+        };
+        self.delta_guard = guard;
+        tracing::debug!(peer = %p.peer, round = p.round, own_round = p.base.round(), ?verdict, ?outer_check, seconds = p.seconds, "pseudo-gradient from peer");
+        match verdict {
+            DeltaVerdict::Use { scale } => {
+                if scale < 1.0 {
+                    p.params.iter_mut().for_each(|v| *v *= scale as f32);
+                }
+                let outer = match outer_check {
+                    Ok(distance) => {
+                        let decision =
+                            self.guard
+                                .judge(p.peer, distance, p.base.samples, p.samples);
+                        self.guard.observe(p.peer, p.base.step, distance);
+                        self.status.send_modify(|s| {
+                            s.last_distance = Some(distance);
+                            s.consensus_distance = Some(match s.consensus_distance {
+                                Some(c) => (1.0 - CONSENSUS_ALPHA) * c + CONSENSUS_ALPHA * distance,
+                                None => distance,
+                            });
+                            s.distance_bound = Some(self.guard.bound());
+                        });
+                        match decision {
+                            Decision::Mix { weight, .. } => {
+                                Some((theirs, Arc::clone(&p.base), weight))
+                            }
+                            Decision::Skip => None,
+                        }
+                    }
+                    Err(refusal) => {
+                        if let params::Refusal::TooFar { distance, .. } = refusal {
+                            self.guard.observe(p.peer, p.base.step, distance);
+                        }
+                        self.refuse(p.peer, refusal, (p.base.step, p.step), false)
+                            .await;
+                        None
+                    }
+                };
+                self.status
+                    .send_modify(|s| s.last_peer = Some(p.peer.to_string()));
+                let command = ToTrainer::PseudoGradient {
+                    peer: p.peer,
+                    round: p.round,
+                    values: p.params,
+                    outer,
+                };
+                if let Err(TrySendError::Full(_)) = self.to_trainer.try_send(command) {
+                    tracing::debug!("trainer busy; dropping a peer's pseudo-gradient");
+                }
+            }
+            DeltaVerdict::Refuse { why, penalize } => {
+                self.status.send_modify(|s| s.mixes_refused += 1);
+                let why = format!("sent {why}");
+                if !penalize {
+                    tracing::info!(peer = %p.peer, "{why} (refused, no penalty: an outlier)");
+                    return;
+                }
+                tracing::warn!(peer = %p.peer, "{why}");
+                let exclude = self.guard.strike(p.peer);
+                if let Err(e) = self.client.refuse_peer(p.peer, why, exclude).await {
+                    tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
+                }
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! Decentralized training: every node trains its own copy of a run's model on its own shard of
-//! the data and averages parameters with random peers of the run every few steps. No node
-//! coordinates the others.
+//! the data and averages parameters with random peers of the run every few steps, or (with
+//! `averaging = "outer"`) exchanges compressed pseudo-gradients and takes outer steps
+//! ([`outer`], [`delta_guard`]). No node coordinates the others.
 //!
 //! * [`run`]: creating a run (its spec and version 0), finding one to join, or resuming the
 //!   one this node trained before a restart; data shard and starting weights;
@@ -13,7 +14,9 @@
 use serde::Serialize;
 
 pub mod coordinator;
+pub mod delta_guard;
 pub mod guard;
+pub mod outer;
 pub mod pace;
 pub mod run;
 pub mod trainer;
@@ -91,6 +94,21 @@ pub struct TrainingStatus {
     pub averaging_time_fraction: f64,
     /// Fraction of the trainer's time spent waiting for slower peers (bounded staleness).
     pub waiting_time_fraction: f64,
+    /// Fraction of the trainer's wall time spent waiting on the network, 0 to 1: averaging
+    /// rounds (parameter averaging) or pseudo-gradients due (outer steps), plus slower peers.
+    pub network_wait_fraction: f64,
+    /// Outer steps taken (with `averaging = "outer"`; else 0).
+    pub outer_step: u64,
+    /// Mean bytes sent to peers in exchanges per local step taken since this node started.
+    pub bytes_sent_per_step: f64,
+    /// Mean bytes received from peers in exchanges per local step taken since this node
+    /// started.
+    pub bytes_received_per_step: f64,
+    /// Bytes of this node's last pseudo-gradient as f32 over the bytes it is sent as (with
+    /// outer steps; 1 for parameters in f32, 2 in f16/bf16).
+    pub compression_ratio: f64,
+    /// Pseudo-gradients averaged by the last outer step (own included).
+    pub last_outer_averaged: u32,
     /// Peers known to train this run.
     pub run_peers: usize,
     /// Peers whose parameters were refused (NaN, wrong shape, too far), by peer id.

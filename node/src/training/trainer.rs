@@ -19,6 +19,15 @@
 //! a row, is the run's own and fails training. After the last step it runs the
 //! run's final averaging rounds, writes the final checkpoint, and then only serves: peers'
 //! rounds still mix into its parameters, which are evaluated and checkpointed again.
+//!
+//! With `averaging = "outer"` the thread runs outer steps instead ([`super::outer`]): every
+//! `inner_steps` steps it ends the inner phase, publishes its compressed pseudo-gradient as
+//! the snapshot peers' sessions get, asks for a round and trains on at once; peers'
+//! pseudo-gradients ([`ToTrainer::PseudoGradient`]) are gathered as they come and applied at
+//! the next boundary. It waits on the network only for slower peers (bounded staleness) and
+//! when the round to apply misses pseudo-gradients that measured arrival times say are about
+//! to come (at most [`MAX_ARRIVAL_WAIT_FRACTION`] of an inner phase). Checkpoints then hold the outer
+//! parameters, and training ends with them.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,10 +39,13 @@ use libp2p::PeerId;
 use p2p_models::checkpoint::{self, CheckpointMeta};
 use p2p_models::model::Evaluation;
 use p2p_models::params;
+use p2p_models::spec::Averaging;
 use p2p_models::train::Trainer;
 use tokio::sync::{mpsc, watch};
 
-use crate::averaging::Snapshot;
+use super::outer::{OuterLoop, Received};
+use crate::averaging::pieces::OUTER_PARAMS_CODEC;
+use crate::averaging::{OuterPayload, Snapshot};
 
 /// How long an averaging round may take before the trainer goes on without it.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +58,20 @@ const MAX_PACE_WAIT: Duration = Duration::from_secs(10);
 /// would spin (thousands a second with fast partners) and take CPU from the slow peers waited
 /// for when they share a machine.
 const PACE_ROUND_PAUSE: Duration = Duration::from_millis(50);
+
+/// With outer steps, the longest a boundary waits for peers' pseudo-gradients that measured
+/// arrival times say are about to come, as a fraction of the last inner phase's duration: a
+/// pseudo-gradient applied a round late costs far more than the wait (see
+/// [`super::outer`]); an inner phase that is shorter than an exchange shows as a high
+/// `network_wait_fraction`, and the cure is a larger `inner_steps`.
+pub const MAX_ARRIVAL_WAIT_FRACTION: f64 = 1.0;
+
+/// With outer steps, the longest the last outer step waits for peers' pseudo-gradients.
+const FINAL_ROUND_WAIT: Duration = Duration::from_secs(10);
+
+/// With outer steps, while waiting for slower peers, how often a session is asked for (to
+/// learn how far they got).
+const PACE_ASK_EVERY: Duration = Duration::from_millis(500);
 
 /// How often progress (step, loss, speed) is reported while training.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -115,6 +141,19 @@ pub enum ToTrainer {
         /// Whether this node opened the round (else the peer did).
         opened_here: bool,
     },
+    /// With outer steps: a peer's pseudo-gradient (checked, clipped), for the round being
+    /// gathered, and its outer parameters to mix in, if they passed their checks.
+    PseudoGradient {
+        /// The peer.
+        peer: PeerId,
+        /// The outer step it is of.
+        round: u64,
+        /// Its values, scaled by the guard.
+        values: Vec<f32>,
+        /// The peer's outer parameters, ours they were exchanged with, and the weight to mix
+        /// them at: `θ += weight × (theirs − ours then)`.
+        outer: Option<(Vec<f32>, Arc<Snapshot>, f64)>,
+    },
     /// An averaging round this node opened ended without parameters to mix.
     RoundFailed,
     /// Save a checkpoint and stop.
@@ -141,6 +180,10 @@ pub enum FromTrainer {
         averaging_time_fraction: f64,
         /// Fraction of the thread's time spent waiting for slower peers.
         waiting_time_fraction: f64,
+        /// Outer steps taken (0 without outer steps).
+        outer_step: u64,
+        /// Bytes of the last pseudo-gradient as f32 over as sent (0 without one).
+        compression_ratio: f64,
     },
     /// An evaluation on the test split.
     Evaluated {
@@ -149,10 +192,18 @@ pub enum FromTrainer {
         /// The result.
         evaluation: Evaluation,
     },
-    /// A peer's parameters were mixed in.
+    /// A peer's parameters were mixed in (or its pseudo-gradient used).
     Mixed {
         /// The peer.
         peer: PeerId,
+    },
+    /// An outer step was taken.
+    OuterStep {
+        /// Its number.
+        round: u64,
+        /// Pseudo-gradients its average held (own included; 0 for the first, which applies
+        /// none).
+        averaged: u32,
     },
     /// A checkpoint was written to the local resume file `path`; with `publish`, the same
     /// bytes were also written to their own immutable file (one per step), to be published as
@@ -211,7 +262,8 @@ pub struct TrainerJob {
 }
 
 /// How many local steps the snapshot served to peers may lag behind while training: a quarter
-/// of the spec's `average_every` (at least 1), or 16 steps when it is 0. Each refresh copies
+/// of the spec's `average_every` (at least 1), or 16 steps when it is 0 (parameter averaging
+/// only: with outer steps the snapshot is the last pseudo-gradient). Each refresh copies
 /// the parameters once. After the last step the final parameters are served, then each mix's
 /// result.
 pub fn snapshot_every(average_every: u64) -> u64 {
@@ -224,7 +276,23 @@ pub fn snapshot_every(average_every: u64) -> u64 {
 
 /// Runs the trainer until it finishes and is told to stop (or the coordinator goes away).
 pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<FromTrainer>) {
+    let outer = (job.averaging && job.trainer.spec().averaging == Averaging::Outer).then(|| {
+        job.trainer
+            .params()
+            .map(|p| OuterLoop::new(job.trainer.spec(), p))
+    });
+    let outer = match outer.transpose() {
+        Ok(outer) => outer,
+        Err(e) => {
+            let _ = events.blocking_send(FromTrainer::Failed(e.into()));
+            return;
+        }
+    };
     let mut state = State {
+        outer,
+        phase_started: Instant::now(),
+        last_phase: None,
+        exchanges_used: 0,
         job,
         events,
         good: None,
@@ -260,6 +328,13 @@ struct GoodState {
 
 struct State {
     job: TrainerJob,
+    /// With outer steps: their state.
+    outer: Option<OuterLoop>,
+    /// When the current inner phase started, and how long the last one took.
+    phase_started: Instant,
+    last_phase: Option<Duration>,
+    /// Peers' pseudo-gradients used and outer parameters mixed so far.
+    exchanges_used: u64,
     events: mpsc::Sender<FromTrainer>,
     /// The last good state: taken at the start, and from every checkpoint once a training
     /// step after it had a finite loss.
@@ -301,7 +376,9 @@ impl State {
         if self.job.trainer.step == 0 {
             self.evaluate()?;
         }
-        self.snapshot()?;
+        if self.outer.is_none() {
+            self.snapshot()?;
+        }
         self.remember_good()?;
         let refresh = snapshot_every(spec.average_every);
         let mut last_report = (Instant::now(), self.job.trainer.step);
@@ -344,9 +421,20 @@ impl State {
                         / self.started.elapsed().as_secs_f64().max(1e-9),
                     waiting_time_fraction: self.pace_time.as_secs_f64()
                         / self.started.elapsed().as_secs_f64().max(1e-9),
+                    outer_step: self.outer.as_ref().map_or(0, OuterLoop::round),
+                    compression_ratio: self
+                        .outer
+                        .as_ref()
+                        .map_or(0.0, OuterLoop::compression_ratio),
                 })?;
             }
-            if self.job.averaging
+            if self.outer.is_some() {
+                if step.is_multiple_of(spec.inner_steps) {
+                    if let Flow::Stop = self.outer_boundary(commands)? {
+                        return self.checkpoint(false);
+                    }
+                }
+            } else if self.job.averaging
                 && spec.average_every > 0
                 && step.is_multiple_of(spec.average_every)
             {
@@ -366,15 +454,21 @@ impl State {
                 self.checkpoint(true)?;
             }
         }
-        if self.job.averaging && spec.average_every > 0 {
+        if self.outer.is_some() {
+            if let Flow::Stop = self.outer_finish(commands)? {
+                return self.checkpoint(false);
+            }
+        } else if self.job.averaging && spec.average_every > 0 {
             for _ in 0..spec.final_averaging_rounds {
                 if let Round::Stop = self.average(commands)? {
                     return self.checkpoint(false);
                 }
             }
         }
-        // From now on peers get the final parameters (then each mix's result).
-        self.snapshot()?;
+        if self.outer.is_none() {
+            // From now on peers get the final parameters (then each mix's result).
+            self.snapshot()?;
+        }
         self.evaluate()?;
         self.checkpoint(true)?;
         self.send(FromTrainer::Finished)?;
@@ -388,10 +482,26 @@ impl State {
     /// round finds no partner (waiting for peers it cannot reach is pointless).
     fn pace(&mut self, commands: &Receiver<ToTrainer>) -> Result<Flow, TrainerError> {
         let started = Instant::now();
+        let mut last_ask = None;
         while self.job.averaging
             && self.job.trainer.samples_seen >= self.job.pace_limit.load(Ordering::Relaxed)
             && started.elapsed() < MAX_PACE_WAIT
         {
+            if self.outer.is_some() {
+                // Outer steps: the snapshot stays this round's pseudo-gradient (a peer that
+                // has it already does not use it twice); a session now and then tells how
+                // far the slower peers got.
+                if last_ask.is_none_or(|t: Instant| t.elapsed() >= PACE_ASK_EVERY) {
+                    last_ask = Some(Instant::now());
+                    self.send(FromTrainer::RoundWanted)?;
+                }
+                if let Flow::Stop =
+                    self.gather_until(commands, Instant::now() + PACE_ROUND_PAUSE)?
+                {
+                    return Ok(Flow::Stop);
+                }
+                continue;
+            }
             match self.average(commands)? {
                 Round::Mixed => {}
                 Round::Failed => break,
@@ -428,9 +538,16 @@ impl State {
             match command {
                 Some(ToTrainer::Stop) => return self.checkpoint(false),
                 Some(command) => {
-                    let mixed = matches!(command, ToTrainer::Mix { .. });
+                    let mixed = matches!(
+                        command,
+                        ToTrainer::Mix { .. } | ToTrainer::PseudoGradient { .. }
+                    );
                     if let Flow::Stop = self.handle(command)? {
                         return self.checkpoint(false);
+                    }
+                    if mixed && self.outer.is_some() {
+                        // Peers averaging next get what was just mixed in.
+                        self.publish_final_outer();
                     }
                     dirty |= mixed;
                 }
@@ -512,6 +629,49 @@ impl State {
                 self.send(FromTrainer::Mixed { peer })?;
                 Ok(Flow::Continue)
             }
+            ToTrainer::PseudoGradient {
+                peer,
+                round,
+                values,
+                outer: peer_outer,
+            } => {
+                let Some(outer) = self.outer.as_mut() else {
+                    return Ok(Flow::Continue);
+                };
+                let received = outer.receive(peer, round, &values);
+                tracing::debug!(%peer, round, ?received, "a peer's pseudo-gradient");
+                // Outer parameters are mixed whenever they passed their checks, also after the
+                // last outer step and from a pseudo-gradient used before: more gossip on θ
+                // only brings nodes closer.
+                // Mixes against one snapshot share one weight budget, as with parameters.
+                let peer_outer = peer_outer.and_then(|(theirs, base, weight)| {
+                    let weight = self.weight_left(base.id, weight)?;
+                    Some((theirs, base, weight))
+                });
+                let Some(outer) = self.outer.as_mut() else {
+                    return Ok(Flow::Continue);
+                };
+                let mixed = match peer_outer {
+                    Some((theirs, base, weight)) if received != Received::WrongLength => {
+                        let n = theirs.len();
+                        let ours = base.params.get(n..).unwrap_or_default();
+                        let shift = outer.mix_outer(&theirs, ours, weight)?;
+                        let mut local = self.job.trainer.params()?;
+                        for (p, d) in local.iter_mut().zip(&shift) {
+                            *p += d;
+                        }
+                        self.job.trainer.set_params(&local)?;
+                        true
+                    }
+                    _ => false,
+                };
+                if received == Received::Used || mixed {
+                    self.last_mixed = Some(peer);
+                    self.exchanges_used += 1;
+                    self.send(FromTrainer::Mixed { peer })?;
+                }
+                Ok(Flow::Continue)
+            }
             ToTrainer::RoundFailed => Ok(Flow::Continue),
             ToTrainer::Stop => Ok(Flow::Stop),
         }
@@ -525,9 +685,181 @@ impl State {
             params: self.job.trainer.params()?,
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
+            outer: None,
         });
         self.job.snapshots.send_replace(Some(snapshot));
         Ok(())
+    }
+
+    /// Ends an inner phase: applies the last round's average, starts the next phase, publishes
+    /// this phase's pseudo-gradient and asks for a round, without waiting for it (see
+    /// [`super::outer`]). Waits briefly first when a peer's pseudo-gradient is due.
+    fn outer_boundary(&mut self, commands: &Receiver<ToTrainer>) -> Result<Flow, TrainerError> {
+        let phase = self.phase_started.elapsed();
+        if let Flow::Stop = self.wait_for_arrival(commands, phase)? {
+            return Ok(Flow::Stop);
+        }
+        let local = self.job.trainer.params()?;
+        let Some(outer) = self.outer.as_mut() else {
+            return Ok(Flow::Continue);
+        };
+        let boundary = outer.boundary(&local)?;
+        self.job.trainer.set_params(&boundary.params)?;
+        self.last_phase = Some(phase);
+        self.phase_started = Instant::now();
+        // Peers get the pseudo-gradient, then the outer parameters (int8), as one vector.
+        let theta = OUTER_PARAMS_CODEC.encode(outer.outer_params());
+        let mut values = boundary.encoded.values;
+        values.extend_from_slice(&theta.values);
+        let mut pieces = boundary.encoded.pieces;
+        pieces.extend(theta.pieces);
+        self.next_snapshot += 1;
+        let snapshot = Arc::new(Snapshot {
+            id: self.next_snapshot,
+            params: values,
+            samples: self.job.trainer.samples_seen,
+            step: self.job.trainer.step,
+            outer: Some(OuterPayload {
+                round: boundary.round,
+                pieces,
+            }),
+        });
+        self.job.snapshots.send_replace(Some(snapshot));
+        self.send(FromTrainer::OuterStep {
+            round: boundary.round,
+            averaged: boundary.averaged,
+        })?;
+        self.send(FromTrainer::RoundWanted)?;
+        Ok(Flow::Continue)
+    }
+
+    /// Before a boundary: while the round it applies holds fewer pseudo-gradients than rounds
+    /// usually do and measured arrival times say more are coming, waits for them, at most
+    /// [`MAX_ARRIVAL_WAIT_FRACTION`] of the phase that just ended (see
+    /// [`OuterLoop::missing_until`]).
+    fn wait_for_arrival(
+        &mut self,
+        commands: &Receiver<ToTrainer>,
+        phase: Duration,
+    ) -> Result<Flow, TrainerError> {
+        let started = Instant::now();
+        let limit = started + phase.mul_f64(MAX_ARRIVAL_WAIT_FRACTION);
+        let mut flow = Ok(Flow::Continue);
+        while let Some(due) = self.outer.as_ref().and_then(OuterLoop::missing_until) {
+            let deadline = due.min(limit);
+            if deadline <= Instant::now() {
+                break;
+            }
+            flow = self.gather_until(commands, deadline);
+            if !matches!(flow, Ok(Flow::Continue)) {
+                break;
+            }
+        }
+        self.averaging_time += started.elapsed();
+        flow
+    }
+
+    /// Handles commands until `deadline`, until a peer's pseudo-gradient or outer parameters
+    /// were used, or until a round of ours failed.
+    fn gather_until(
+        &mut self,
+        commands: &Receiver<ToTrainer>,
+        deadline: Instant,
+    ) -> Result<Flow, TrainerError> {
+        let used_before = self.exchanges_used;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match commands.recv_timeout(left) {
+                Ok(command) => {
+                    // A round of ours that found no partner: nothing more is coming for now.
+                    let failed = matches!(command, ToTrainer::RoundFailed);
+                    if let Flow::Stop = self.handle(command)? {
+                        return Ok(Flow::Stop);
+                    }
+                    if self.exchanges_used != used_before || failed {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return Ok(Flow::Stop),
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// After the last step: ends the last inner phase (unless it just ended), gives peers'
+    /// pseudo-gradients for it until one came or [`FINAL_ROUND_WAIT`] passed, applies them,
+    /// and takes the outer parameters as the model.
+    fn outer_finish(&mut self, commands: &Receiver<ToTrainer>) -> Result<Flow, TrainerError> {
+        let spec_h = self.job.trainer.spec().inner_steps;
+        if !self.job.trainer.step.is_multiple_of(spec_h) {
+            if let Flow::Stop = self.outer_boundary(commands)? {
+                return Ok(Flow::Stop);
+            }
+        }
+        let phase = self
+            .last_phase
+            .map_or(FINAL_ROUND_WAIT, |p| p.min(FINAL_ROUND_WAIT));
+        if let Flow::Stop = self.wait_for_arrival(commands, phase)? {
+            return Ok(Flow::Stop);
+        }
+        let Some(outer) = self.outer.as_mut() else {
+            return Ok(Flow::Continue);
+        };
+        let averaged = outer.finish()?;
+        let round = outer.round();
+        let params = outer.outer_params().to_vec();
+        self.job.trainer.set_params(&params)?;
+        self.send(FromTrainer::OuterStep { round, averaged })?;
+        // Final rounds, as with parameter averaging: the last pseudo-gradient (peers that used
+        // it do not use it again) with the final outer parameters, so that nodes that finish
+        // at different times end close to one model.
+        let rounds = self.job.trainer.spec().final_averaging_rounds;
+        for _ in 0..rounds {
+            self.publish_final_outer();
+            self.send(FromTrainer::RoundWanted)?;
+            if let Flow::Stop = self.gather_until(commands, Instant::now() + ROUND_TIMEOUT)? {
+                return Ok(Flow::Stop);
+            }
+        }
+        if let Some(outer) = self.outer.as_ref() {
+            let params = outer.outer_params().to_vec();
+            self.job.trainer.set_params(&params)?;
+        }
+        self.publish_final_outer();
+        Ok(Flow::Continue)
+    }
+
+    /// After the last outer step: serves the last pseudo-gradient with the current outer
+    /// parameters.
+    fn publish_final_outer(&mut self) {
+        let Some(outer) = self.outer.as_ref() else {
+            return;
+        };
+        let Some(last) = self.job.snapshots.borrow().clone() else {
+            return;
+        };
+        let Some(payload) = last.outer.as_ref() else {
+            return;
+        };
+        let n = outer.outer_params().len();
+        let theta = OUTER_PARAMS_CODEC.encode(outer.outer_params());
+        let mut values = last.params.get(..n).unwrap_or_default().to_vec();
+        values.extend_from_slice(&theta.values);
+        let delta_pieces = p2p_models::compress::pieces(n) as usize;
+        let mut pieces: Vec<Vec<u8>> = payload.pieces.iter().take(delta_pieces).cloned().collect();
+        pieces.extend(theta.pieces);
+        self.next_snapshot += 1;
+        let snapshot = Arc::new(Snapshot {
+            id: self.next_snapshot,
+            params: values,
+            samples: self.job.trainer.samples_seen,
+            step: self.job.trainer.step,
+            outer: Some(OuterPayload {
+                round: payload.round,
+                pieces,
+            }),
+        });
+        self.job.snapshots.send_replace(Some(snapshot));
     }
 
     fn evaluate(&mut self) -> Result<(), TrainerError> {
@@ -594,7 +926,13 @@ impl State {
         let to_step = good.step;
         tracing::warn!(step, loss, to_step, blamed = ?blamed, "training diverged; rolled back to the last good state");
         // Peers must not average with what diverged.
-        self.snapshot()?;
+        match self.outer.as_mut() {
+            Some(outer) => {
+                outer.reset(good.params.clone());
+                self.job.snapshots.send_replace(None);
+            }
+            None => self.snapshot()?,
+        }
         self.send(FromTrainer::RolledBack {
             from_step: step,
             to_step,
@@ -610,7 +948,12 @@ impl State {
             loss: self.last_eval.map(|e| e.loss),
             accuracy: self.last_eval.map(|e| e.accuracy),
         };
-        let values = self.job.trainer.params()?;
+        // With outer steps the model is the outer parameters (the local ones carry this node's
+        // progress since the last outer step on top).
+        let values = match &self.outer {
+            Some(outer) => outer.outer_params().to_vec(),
+            None => self.job.trainer.params()?,
+        };
         let bytes = checkpoint::to_bytes(self.job.trainer.layout(), &values, &meta)?;
         let path = &self.job.checkpoint_path;
         checkpoint::write_atomic(path, &bytes).map_err(|source| TrainerError::Checkpoint {

@@ -1,0 +1,183 @@
+//! [`DeltaGuard`]: how much a peer's pseudo-gradient may move the outer parameters. Pure
+//! bookkeeping, no I/O. Broken pieces (a wrong length, a NaN, a bad encoding) never get here:
+//! the session refuses them as they arrive (`averaging::pieces`). What passes is finite and of
+//! the model's length, and can still poison: scaled up, negated, noise. Three rules bound it:
+//!
+//! 1. **Norm bound.** The *reference* norm is the larger of this node's own pseudo-gradient
+//!    norm in the exchange and the median of the last [`WINDOW`] norms of peers' accepted
+//!    pseudo-gradients (once [`WARMUP`] were accepted) (honest peers run the same `inner_steps` with the same learning rate,
+//!    so their norms are alike; the median is one peer, one vote over a window). A norm at
+//!    [`REFUSE_FACTOR`] times the reference or more is refused; at [`PENALIZE_FACTOR`] or more
+//!    the peer is penalized too (no honest peer of the run is that far off).
+//! 2. **Opposition.** A pseudo-gradient whose cosine with ours is at most [`MIN_COSINE`] is
+//!    refused with a penalty: honest peers' directions differ (by shard, by noise) but do not
+//!    point straight back (the negation attack sends exactly that).
+//! 3. **Clipping.** An accepted pseudo-gradient is scaled down to at most [`CLIP_FACTOR`] times
+//!    the reference norm (centered clipping around zero, Karimireddy et al., ICML 2021), so a
+//!    scaled-up one just inside the bound moves the model no more than an honest one.
+//!
+//! Each pseudo-gradient counts once in a round's average (see `training::outer`), so one peer
+//! moves a round by at most `CLIP_FACTOR / (partners + 1)` of an honest step.
+
+use std::collections::VecDeque;
+
+use p2p_models::params;
+
+/// Accepted peers' norms the median is taken over.
+pub const WINDOW: usize = 32;
+
+/// Accepted norms needed before their median counts.
+pub const WARMUP: usize = 5;
+
+/// Norms at this multiple of the reference or beyond are refused.
+pub const REFUSE_FACTOR: f64 = 3.0;
+
+/// Norms at this multiple of the reference or beyond are refused with a penalty.
+pub const PENALIZE_FACTOR: f64 = 6.0;
+
+/// Accepted pseudo-gradients are clipped to this multiple of the reference norm.
+pub const CLIP_FACTOR: f64 = 1.5;
+
+/// A cosine with ours at or below this is refused with a penalty.
+pub const MIN_COSINE: f64 = -0.9;
+
+/// Smallest reference norm: pseudo-gradients of a node that stopped moving must not make every
+/// peer an outlier.
+const MIN_REFERENCE: f64 = 1e-8;
+
+/// What to do with a peer's pseudo-gradient.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeltaVerdict {
+    /// Use it, multiplied by `scale` (in (0, 1]; below 1 when clipped).
+    Use {
+        /// The factor.
+        scale: f64,
+    },
+    /// Do not use it; `penalize` when no honest peer sends such a thing.
+    Refuse {
+        /// Why, in a few words.
+        why: String,
+        /// Whether the peer is penalized.
+        penalize: bool,
+    },
+}
+
+/// The norms seen, to bound the next.
+#[derive(Debug, Default)]
+pub struct DeltaGuard {
+    accepted: VecDeque<f64>,
+}
+
+impl DeltaGuard {
+    /// Judges `theirs` against `ours` (same length, finite: checked before).
+    pub fn judge(&mut self, ours: &[f32], theirs: &[f32]) -> DeltaVerdict {
+        let own = params::l2_norm(ours);
+        let norm = params::l2_norm(theirs);
+        let reference = self.reference(own);
+        if norm >= PENALIZE_FACTOR * reference || norm >= REFUSE_FACTOR * reference {
+            return DeltaVerdict::Refuse {
+                why: format!(
+                    "a pseudo-gradient of norm {norm:.3e}, {:.1} times the reference {reference:.3e}",
+                    norm / reference
+                ),
+                penalize: norm >= PENALIZE_FACTOR * reference,
+            };
+        }
+        if own > 0.0 && norm > 0.0 {
+            let cosine = dot(ours, theirs) / (own * norm);
+            if cosine <= MIN_COSINE {
+                return DeltaVerdict::Refuse {
+                    why: format!("a pseudo-gradient opposed to ours (cosine {cosine:.2})"),
+                    penalize: true,
+                };
+            }
+        }
+        if self.accepted.len() == WINDOW {
+            self.accepted.pop_front();
+        }
+        self.accepted.push_back(norm);
+        let scale = if norm > CLIP_FACTOR * reference {
+            CLIP_FACTOR * reference / norm
+        } else {
+            1.0
+        };
+        DeltaVerdict::Use { scale }
+    }
+
+    /// The larger of `own` and, once [`WARMUP`] were accepted, the median accepted norm.
+    fn reference(&self, own: f64) -> f64 {
+        let mut norms: Vec<f64> = self.accepted.iter().copied().collect();
+        norms.sort_by(f64::total_cmp);
+        let median = if norms.len() >= WARMUP {
+            norms[norms.len() / 2]
+        } else {
+            0.0
+        };
+        own.max(median).max(MIN_REFERENCE)
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn honest(i: usize) -> Vec<f32> {
+        (0..100)
+            .map(|j| ((i * 7 + j) as f32 * 0.3).sin() * 0.01 + 0.01)
+            .collect()
+    }
+
+    #[test]
+    fn honest_pseudo_gradients_are_used_whole() {
+        let mut guard = DeltaGuard::default();
+        for i in 0..10 {
+            assert_eq!(
+                guard.judge(&honest(0), &honest(i)),
+                DeltaVerdict::Use { scale: 1.0 }
+            );
+        }
+    }
+
+    #[test]
+    fn scaled_ones_are_clipped_or_refused_and_negated_ones_refused() {
+        let mut guard = DeltaGuard::default();
+        let ours = honest(0);
+        for i in 1..=WARMUP {
+            guard.judge(&ours, &honest(i));
+        }
+        let scaled = |f: f32| honest(1).iter().map(|v| v * f).collect::<Vec<f32>>();
+        // Just inside the bound: used, but clipped to 1.5 times the reference.
+        let DeltaVerdict::Use { scale } = guard.judge(&ours, &scaled(2.9)) else {
+            panic!("refused");
+        };
+        let moved = scale * params::l2_norm(&scaled(2.9));
+        assert!(
+            (moved / params::l2_norm(&ours) - 1.5).abs() < 0.1,
+            "{moved}"
+        );
+        // Beyond it: refused; far beyond: penalized.
+        assert!(matches!(
+            guard.judge(&ours, &scaled(4.0)),
+            DeltaVerdict::Refuse {
+                penalize: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            guard.judge(&ours, &scaled(100.0)),
+            DeltaVerdict::Refuse { penalize: true, .. }
+        ));
+        let negated: Vec<f32> = ours.iter().map(|v| -v).collect();
+        let DeltaVerdict::Refuse { why, penalize } = guard.judge(&ours, &negated) else {
+            panic!("a negated pseudo-gradient was used");
+        };
+        assert!(penalize && why.contains("opposed"), "{why}");
+    }
+}
