@@ -354,20 +354,22 @@ def train_demo(args):
 
         print()
         header = (f"{'node':<8} {'shard':<6} {'labels':<12} {'steps':>5} {'steps/s':>7} {'rounds':>6} "
-                  f"{'KiB/round':>9} {'averaging':>9} {'accuracy':>8}")
+                  f"{'KiB/round':>9} {'KiB/step':>8} {'waiting':>7} {'accuracy':>8}")
         print(header)
         print("-" * len(header))
         for d, t in zip(dirs, statuses):
             per_round = t["averaging_bytes_sent"] / max(t["averaging_rounds"], 1) / 1024
+            per_step = t.get("bytes_sent_per_step", 0.0) / 1024
+            waiting = t.get("network_wait_fraction", t["averaging_time_fraction"])
             print(f"{d.name:<8} {t['shard']:<6} {labels_of(t):<12} {t['step']:>5} "
-                  f"{t['steps_per_second']:>7.0f} {t['averaging_rounds']:>6} {per_round:>9.1f} {t['averaging_time_fraction']:>9.0%} "
-                  f"{fmt_acc(t):>8}")
+                  f"{t['steps_per_second']:>7.0f} {t['averaging_rounds']:>6} {per_round:>9.1f} "
+                  f"{per_step:>8.1f} {waiting:>7.0%} {fmt_acc(t):>8}")
         accs = [t["accuracy"] for t in statuses]
         print("-" * len(header))
         print(f"{'network':<8} {'':<6} {'0-9':<12} {DEMO_STEPS * args.nodes:>5} {'':>7} {'':>6} {'':>9} "
-              f"{'':>9} {min(accs):.3f}-{max(accs):.3f}")
+              f"{'':>8} {'':>7} {min(accs):.3f}-{max(accs):.3f}")
         print(f"{'baseline':<8} {'0/1':<6} {'0-9':<12} {DEMO_STEPS * args.nodes:>5} {'-':>7} {'-':>6} "
-              f"{'-':>9} {'-':>9} {base_acc if base_acc is None else format(base_acc, '.3f'):>8}")
+              f"{'-':>9} {'-':>8} {'-':>7} {base_acc if base_acc is None else format(base_acc, '.3f'):>8}")
         print(f"\nevery node, on the full test split, after {time.monotonic() - started:.0f}s; "
               "baseline: one node alone on all labels for the same total samples")
         sys.stdout.flush()

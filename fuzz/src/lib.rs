@@ -345,6 +345,7 @@ pub fn targets() -> Vec<Target> {
                     samples_seen: 9600,
                     loss: Some(0.5),
                     accuracy: Some(0.9),
+                    bits_per_char: None,
                 };
                 vec![checkpoint::to_bytes(&layout, &values, &meta).unwrap_or_default()]
             },
@@ -502,6 +503,7 @@ fn announcement() -> Announcement {
         samples_seen: 9600,
         loss: Some(0.3),
         accuracy: Some(0.91),
+        bits_per_char: None,
     });
     m.sign(&key());
     m.announcement()

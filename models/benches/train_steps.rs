@@ -36,6 +36,15 @@ fn cases() -> Vec<(&'static str, String)> {
                 .to_string(),
         ),
         (
+            "char-transformer-4x256-ctx128 b8 adamw (the austen run)",
+            format!(
+                "model = \"char-transformer\"\ndataset = \"text:unused\"\nbatch_size = 8\n\
+                 optimizer = \"adamw\"\nlearning_rate = 0.001\n[transformer]\ncontext = 128\n\
+                 dim = 256\nheads = 8\nlayers = 4\nvocab = {:?}\n",
+                printable
+            ),
+        ),
+        (
             "char-transformer-2x64-ctx64 b16 adamw",
             format!(
                 "model = \"char-transformer\"\ndataset = \"text:unused\"\nbatch_size = 16\n\

@@ -40,6 +40,9 @@ pub struct CheckpointMeta {
     /// Test accuracy when written, if evaluated.
     #[serde(default)]
     pub accuracy: Option<f64>,
+    /// For a character model: the test loss in bits per character, if evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_char: Option<f64>,
 }
 
 /// The safetensors bytes of `values` laid out as `layout`, with `meta`.
@@ -193,6 +196,7 @@ mod tests {
             samples_seen: 224,
             loss: Some(0.25),
             accuracy: Some(0.9),
+            bits_per_char: None,
         };
         save(&path, &layout(), &values, &meta).unwrap();
         let (back, got) = load(&path, &layout()).unwrap();

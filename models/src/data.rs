@@ -8,7 +8,10 @@
 //!   and `t10k-labels-idx1-ubyte` in a directory (each may end in `.gz`); pixels divided by
 //!   255; the official train/test split.
 //! * **Text**: a UTF-8 file read as characters of the run's vocabulary (unknown characters map
-//!   to index 0); the last `test_fraction` of the text is the test split.
+//!   to index 0); the last `test_fraction` of the text is the test split (held out: never
+//!   trained on).
+//! * **Austen** (bundled, `models/data/austen.txt.gz`, public domain): Jane Austen's six novels,
+//!   4,025,034 bytes of English text, 81 distinct characters, read as text.
 //!
 //! Shards: `iid` cuts a seeded shuffle of the training set into equal parts; `by-label` sorts
 //! it by label first, so that each part holds only a few labels. Text shards are contiguous
@@ -27,6 +30,9 @@ use crate::{Error, Result};
 
 /// The bundled digits set, gzipped CSV.
 const DIGITS_CSV_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+
+/// The bundled Austen corpus, gzipped UTF-8 text.
+const AUSTEN_TXT_GZ: &[u8] = include_bytes!("../data/austen.txt.gz");
 
 /// Largest data file read (text or IDX, after decompression).
 pub const MAX_DATA_BYTES: u64 = 2 << 30;
@@ -193,8 +199,8 @@ impl Dataset {
                     classes: 10,
                 })
             }
-            DatasetSpec::Text(path) => {
-                let text = read_text(&path)?;
+            DatasetSpec::Text(_) | DatasetSpec::Austen => {
+                let text = source.read_text()?;
                 let vocab = Vocab::new(&spec.transformer.vocab);
                 let tokens = vocab.encode(&text);
                 let context = spec.transformer.context;
@@ -202,8 +208,7 @@ impl Dataset {
                 let (train, test) = tokens.split_at(cut);
                 if train.len() <= context || test.len() <= context {
                     return Err(Error::Data(format!(
-                        "{} is too short: both the training and the test part must be longer than the context of {context} characters",
-                        path.display()
+                        "{source} is too short: both the training and the test part must be longer than the context of {context} characters"
                     )));
                 }
                 Ok(Self::Text {
@@ -270,6 +275,26 @@ impl Dataset {
         match self {
             Self::Labeled { train, .. } => train.len(),
             Self::Text { train, .. } => train.len(),
+        }
+    }
+}
+
+/// The bundled Austen corpus as text.
+pub fn austen() -> Result<String> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(AUSTEN_TXT_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::Data(format!("the bundled austen corpus is damaged: {e}")))?;
+    Ok(text)
+}
+
+impl DatasetSpec {
+    /// The text of a text data set (an error for the others).
+    pub fn read_text(&self) -> Result<String> {
+        match self {
+            DatasetSpec::Text(path) => read_text(path),
+            DatasetSpec::Austen => austen(),
+            other => Err(Error::Data(format!("{other} is not a text data set"))),
         }
     }
 }
@@ -424,6 +449,30 @@ mod tests {
 
     fn spec(text: &str) -> RunSpec {
         RunSpec::parse(text).unwrap()
+    }
+
+    #[test]
+    fn the_bundled_austen_corpus_loads_with_a_held_out_tail() {
+        let text = austen().unwrap();
+        assert_eq!(text.len(), 4_025_034);
+        assert!(text.starts_with("SENSE AND SENSIBILITY"));
+        let vocab = Vocab::from_text(&text);
+        assert_eq!(vocab.size(), 82, "81 characters and the unknown id");
+        let mut spec = spec("model = \"char-transformer\"\ndataset = \"austen\"");
+        spec.transformer.vocab = vocab.chars();
+        let Dataset::Text { train, test, .. } = Dataset::load(&spec, None).unwrap() else {
+            panic!("austen is text");
+        };
+        // The last fifth is held out: the end of the text, never trained on.
+        assert_eq!(train.len() + test.len(), text.chars().count());
+        assert!((test.len() as f64 / text.chars().count() as f64 - 0.2).abs() < 1e-3);
+        assert_eq!(
+            vocab.decode(&test[test.len() - 20..]),
+            text.chars()
+                .skip(text.chars().count() - 20)
+                .collect::<String>()
+        );
+        assert!(Dataset::load(&spec, Some(Path::new("x.txt"))).is_err());
     }
 
     #[test]

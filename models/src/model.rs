@@ -43,6 +43,13 @@ pub struct Evaluation {
     pub samples: usize,
 }
 
+impl Evaluation {
+    /// The loss in bits (per character, for text): the mean cross-entropy over ln 2.
+    pub fn bits_per_char(&self) -> f64 {
+        self.loss / std::f64::consts::LN_2
+    }
+}
+
 /// One batch of inputs and targets.
 #[derive(Debug, Clone)]
 pub struct Batch {

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! model = "digits-mlp"       # or "char-transformer"
-//! dataset = "digits"         # bundled; or "mnist:<dir>", "text:<file>"
+//! dataset = "digits"         # bundled; or "austen" (bundled text), "mnist:<dir>", "text:<file>"
 //! partition = "by-label"     # or "iid"
 //! steps = 600                # local steps per node
 //! batch_size = 32
@@ -67,6 +67,9 @@ pub enum DatasetSpec {
     Mnist(PathBuf),
     /// A UTF-8 text file, for the character model.
     Text(PathBuf),
+    /// Jane Austen's six novels, bundled with the program (4 MB of English text, public
+    /// domain), for the character model.
+    Austen,
 }
 
 impl FromStr for DatasetSpec {
@@ -75,10 +78,11 @@ impl FromStr for DatasetSpec {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s.split_once(':') {
             None if s == "digits" => Ok(Self::Digits),
+            None if s == "austen" => Ok(Self::Austen),
             Some(("mnist", path)) if !path.is_empty() => Ok(Self::Mnist(path.into())),
             Some(("text", path)) if !path.is_empty() => Ok(Self::Text(path.into())),
             _ => Err(format!(
-                "unknown data set '{s}'; expected \"digits\", \"mnist:<dir>\" or \"text:<file>\""
+                "unknown data set '{s}'; expected \"digits\", \"austen\", \"mnist:<dir>\" or \"text:<file>\""
             )),
         }
     }
@@ -102,6 +106,7 @@ impl fmt::Display for DatasetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Digits => f.write_str("digits"),
+            Self::Austen => f.write_str("austen"),
             Self::Mnist(p) => write!(f, "mnist:{}", p.display()),
             Self::Text(p) => write!(f, "text:{}", p.display()),
         }
@@ -109,12 +114,17 @@ impl fmt::Display for DatasetSpec {
 }
 
 impl DatasetSpec {
+    /// Whether it is text (for the character model).
+    pub fn is_text(&self) -> bool {
+        matches!(self, Self::Text(_) | Self::Austen)
+    }
+
     /// The same kind of data set, read from `path` instead (a volunteer's `--data`).
     pub fn with_path(&self, path: &Path) -> Result<Self> {
         match self {
-            Self::Digits => Err(Error::Spec(
-                "this run trains on the bundled digits set; --data does not apply".into(),
-            )),
+            Self::Digits | Self::Austen => Err(Error::Spec(format!(
+                "this run trains on the bundled {self} data set; --data does not apply"
+            ))),
             Self::Mnist(_) => Ok(Self::Mnist(path.to_path_buf())),
             Self::Text(_) => Ok(Self::Text(path.to_path_buf())),
         }
@@ -512,14 +522,16 @@ impl RunSpec {
                 {
                     return bad("hidden must list 1 to 8 layer widths, each 1 to 16384".into());
                 }
-                if matches!(self.dataset, DatasetSpec::Text(_)) {
+                if self.dataset.is_text() {
                     return bad("digits-mlp trains on digits or mnist, not on text".into());
                 }
             }
             ModelKind::CharTransformer => {
                 let t = &self.transformer;
-                if !matches!(self.dataset, DatasetSpec::Text(_)) {
-                    return bad("char-transformer trains on a text data set (text:<file>)".into());
+                if !self.dataset.is_text() {
+                    return bad(
+                        "char-transformer trains on a text data set (austen or text:<file>)".into(),
+                    );
                 }
                 if self.partition == Partition::ByLabel {
                     return bad(
@@ -690,6 +702,10 @@ checkpoint_every = 100     # local steps between published checkpoints
                 "learning_rate",
             ),
             ("model = \"char-transformer\"\ndataset = \"digits\"", "text"),
+            (
+                "model = \"digits-mlp\"\ndataset = \"austen\"",
+                "not on text",
+            ),
             (
                 "model = \"char-transformer\"\ndataset = \"text:a.txt\"\npartition = \"by-label\"",
                 "iid",

@@ -230,6 +230,33 @@ mod tests {
         assert!(after.loss < before.loss * 0.6, "{before:?} -> {after:?}");
     }
 
+    /// The bundled Austen corpus: a small transformer learns English characters on it, its
+    /// held-out validation loss falling from the uniform 6.4 bits per character (82 ids) to
+    /// well below the 4.4 bits of a model that knows only character frequencies.
+    #[test]
+    fn the_char_transformer_learns_english_from_the_bundled_austen_corpus() {
+        let mut spec = RunSpec::parse(
+            "model = \"char-transformer\"\ndataset = \"austen\"\noptimizer = \"adamw\"\n\
+             learning_rate = 0.003\nbatch_size = 16\nlr_schedule = \"constant\"\n\
+             [transformer]\ncontext = 32\ndim = 64\nheads = 4\nlayers = 2",
+        )
+        .unwrap();
+        let text = crate::data::austen().unwrap();
+        spec.transformer.vocab = crate::data::Vocab::from_text(&text).chars();
+        let data = Dataset::load(&spec, None)
+            .unwrap()
+            .shard(0, 1, Partition::Iid, 1)
+            .unwrap();
+        let mut trainer = Trainer::new(&spec, data, &Device::Cpu, 1).unwrap();
+        let before = trainer.evaluate().unwrap();
+        for _ in 0..300 {
+            trainer.train_step().unwrap();
+        }
+        let after = trainer.evaluate().unwrap();
+        assert!(before.bits_per_char() > 6.0, "{before:?}");
+        assert!(after.bits_per_char() < 3.5, "{before:?} -> {after:?}");
+    }
+
     #[test]
     fn data_that_does_not_fit_the_model_is_refused() {
         let spec = RunSpec::parse("model = \"digits-mlp\"\ndataset = \"mnist:/nowhere\"").unwrap();

@@ -208,6 +208,99 @@ async fn outer_steps_with_int8_pseudo_gradients_let_three_non_iid_nodes_converge
     stop_all(handles, nodes).await;
 }
 
+/// A newcomer to a run with outer steps starts from the newest checkpoint, which holds the
+/// outer parameters (not version 0), takes the run's outer-step count after its first
+/// exchange, and ends where the others do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_to_outer_steps_starts_from_the_latest_outer_parameters() {
+    let files = tempfile::tempdir().unwrap();
+    let spec = files.path().join("outer.toml");
+    // Iid shards: on by-label ones the first outer parameters of two nodes are legitimately
+    // worse than the initial weights on the labels neither has, and a newcomer refuses a
+    // checkpoint no better than those.
+    let iid = OUTER_SPEC.replace("by-label", "iid");
+    std::fs::write(&spec, format!("{iid}min_peers = 1\n")).unwrap();
+    let nodes = start_nodes(3).await;
+    let mut handles = Vec::new();
+    for (i, node) in nodes[..2].iter().enumerate() {
+        let mut o = options((i as u32, 3), true);
+        if i == 0 {
+            o.create = Some(spec.clone());
+        }
+        handles.push(train(node, o).await);
+    }
+    // Once the first outer parameters are published as a checkpoint, the third joins.
+    let mut creator = handles[0].status.clone();
+    tokio::time::timeout(
+        TRAIN_TIMEOUT,
+        creator.wait_for(|s| s.checkpoints_published >= 1),
+    )
+    .await
+    .expect("a checkpoint was published in time")
+    .unwrap();
+    let mut late = train(&nodes[2], options((2, 3), true)).await;
+    let started = late.status.borrow().clone();
+    assert!(
+        started.samples_seen >= 100 * 32,
+        "it started from a checkpoint, not version 0: {started:?}"
+    );
+    let status = tokio::time::timeout(TRAIN_TIMEOUT, late.finished())
+        .await
+        .expect("the newcomer finished in time")
+        .unwrap();
+    eprintln!(
+        "newcomer: outer step {}, exchanges {}, accuracy {:?}",
+        status.outer_step, status.averaging_rounds, status.accuracy
+    );
+    // 600 steps are 60 of its own outer steps: it counts more, having taken the run's count.
+    assert!(status.outer_step > 60, "{status:?}");
+    assert!(status.averaging_rounds > 0, "{status:?}");
+    handles.push(late);
+    stop_all(handles, nodes).await;
+}
+
+/// A node of a run with outer steps that vanishes mid-run (its process gone, sessions with it
+/// cut mid-way) costs the others only its pseudo-gradients: they finish their steps, without
+/// waiting on it for long, and end near the others' accuracy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_vanishing_mid_run_leaves_the_others_training_with_outer_steps() {
+    let files = tempfile::tempdir().unwrap();
+    let spec = files.path().join("outer.toml");
+    std::fs::write(&spec, OUTER_SPEC.replace("by-label", "iid")).unwrap();
+    let mut nodes = start_nodes(3).await;
+    let starts = nodes.iter().enumerate().map(|(i, node)| {
+        let mut o = options((i as u32, 3), true);
+        if i == 0 {
+            o.create = Some(spec.clone());
+        }
+        train(node, o)
+    });
+    let mut handles = futures::future::join_all(starts).await;
+    let mut creator = handles[0].status.clone();
+    tokio::time::timeout(TRAIN_TIMEOUT, creator.wait_for(|s| s.outer_step >= 10))
+        .await
+        .expect("ten outer steps in time")
+        .unwrap();
+    // The third node's process goes away: its connections close mid-session.
+    let gone = handles.pop().unwrap();
+    let gone_node = nodes.pop().unwrap();
+    gone_node.handle.stop().await.unwrap();
+    drop(gone);
+    for h in &mut handles {
+        let s = tokio::time::timeout(TRAIN_TIMEOUT, h.finished())
+            .await
+            .expect("the others finished in time")
+            .unwrap();
+        eprintln!(
+            "survivor: accuracy {:?}, waiting {:.3}, exchanges {}",
+            s.accuracy, s.network_wait_fraction, s.averaging_rounds
+        );
+        assert!(s.accuracy.unwrap() >= 0.9, "{s:?}");
+        assert!(s.network_wait_fraction < 0.5, "{s:?}");
+    }
+    stop_all(handles, nodes).await;
+}
+
 /// The outer-steps spec of the tests: three by-label shards, 10 local steps per outer step, a
 /// model wide enough that an inner phase takes about as long as an exchange on loopback.
 const OUTER_SPEC: &str = "model = \"digits-mlp\"\ndataset = \"digits\"\npartition = \"by-label\"\n\
@@ -624,6 +717,7 @@ async fn a_newcomer_refuses_a_checkpoint_whose_loss_is_not_what_it_claims() {
         samples_seen: 1_000_000,
         loss: Some(0.01),
         accuracy: Some(0.99),
+        bits_per_char: None,
     };
     p2p_models::checkpoint::save(&poison, model.layout(), &values, &meta).unwrap();
     let published = nodes[1]

@@ -251,12 +251,24 @@ pub struct TrainingMeta {
     pub loss: Option<f64>,
     /// Test accuracy, if evaluated.
     pub accuracy: Option<f64>,
+    /// For a character model: the test loss in bits per character (the loss over ln 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_char: Option<f64>,
 }
 
 impl TrainingMeta {
-    /// Checks that the figures are finite and in range (a loss is at least 0, an accuracy in
-    /// [0, 1]).
+    /// Checks that the figures are finite and in range (a loss and bits per character are at
+    /// least 0, an accuracy in [0, 1]).
     pub fn check(&self) -> Result<(), String> {
+        if self
+            .bits_per_char
+            .is_some_and(|b| !b.is_finite() || b < 0.0)
+        {
+            return Err(format!(
+                "bits per character {:?} is not a finite figure >= 0",
+                self.bits_per_char
+            ));
+        }
         if self.loss.is_some_and(|l| !l.is_finite() || l < 0.0) {
             return Err(format!(
                 "training loss {:?} is not a finite figure >= 0",

@@ -66,8 +66,9 @@ impl Attack {
 
     /// What to send instead of `own` (this piece of our parameters); `partner` is the same
     /// piece of the partner's parameters when already received, `own_norm` and `total` the
-    /// L2 norm and length of all our parameters (or, with outer steps, of our pseudo-gradient:
-    /// the attacks then lie about pseudo-gradients the same way), encoded as `codec` says.
+    /// L2 norm and length of all we exchange (our parameters; with outer steps, our
+    /// pseudo-gradient followed by our outer parameters, so the attacks lie about both), encoded
+    /// as `codec` says for piece `index`.
     pub fn piece(
         self,
         own: &[f32],

@@ -279,5 +279,6 @@ fn training_meta(metadata: Option<&HashMap<String, String>>) -> Result<TrainingM
         samples_seen: meta.samples_seen,
         loss: meta.loss,
         accuracy: meta.accuracy,
+        bits_per_char: meta.bits_per_char,
     })
 }

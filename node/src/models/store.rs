@@ -783,6 +783,7 @@ fn check_limits(
             samples_seen: u64::MAX,
             loss: Some(f64::MAX),
             accuracy: Some(1.0 / 3.0),
+            bits_per_char: Some(f64::MAX),
         }),
         signature: vec![0; p2p_protocol::signing::MAX_SIGNATURE_BYTES],
     };

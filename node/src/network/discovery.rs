@@ -31,6 +31,9 @@ pub const CACHE_SAVE_SOON: Duration = Duration::from_secs(1);
 /// How long mDNS may take to find a LAN peer before joining counts as failed.
 pub const MDNS_GRACE: Duration = Duration::from_secs(5);
 
+/// Peers remembered as reported by mDNS (beyond: forgotten, and logged again when reported).
+const MAX_MDNS_FOUND: usize = 4096;
+
 /// Joining and staying joined.
 pub struct Discovery {
     config: NodeConfig,
@@ -44,6 +47,8 @@ pub struct Discovery {
     /// Peers with at least one connection.
     connected: usize,
     connectivity: watch::Sender<Connectivity>,
+    /// Peers mDNS reported (logged once each, even when already known from a connection).
+    mdns_found: HashSet<PeerId>,
 }
 
 impl Discovery {
@@ -58,6 +63,7 @@ impl Discovery {
             started: Instant::now(),
             last_cache_save: Instant::now(),
             connected: 0,
+            mdns_found: HashSet::new(),
             connectivity: watch::Sender::new(Connectivity::default()),
         }
     }
@@ -269,7 +275,12 @@ impl Discovery {
     /// mDNS found peers on the local network: remember and dial them.
     pub fn on_mdns(&mut self, swarm: &mut Swarm<Behaviour>, found: Vec<(PeerId, Multiaddr)>) {
         for (peer, addr) in found {
-            let new = self.book.get(&peer).is_none();
+            if self.mdns_found.len() >= MAX_MDNS_FOUND {
+                self.mdns_found.clear();
+            }
+            // Logged the first time mDNS reports the peer, even when it connected to us first
+            // (its own mDNS found us sooner).
+            let new = self.mdns_found.insert(peer);
             self.book.learn(peer, [addr.clone()], Source::Mdns);
             swarm
                 .behaviour_mut()

@@ -174,7 +174,7 @@ pub async fn start(
         client,
         guard: MixGuard::new(
             prepared.spec.max_param_distance,
-            prepared.spec.average_every,
+            prepared.spec.exchange_every(),
             prepared.spec.max_lead_steps(),
         ),
         delta_guard: DeltaGuard::default(),
@@ -432,12 +432,15 @@ impl Coordinator {
                 tracing::info!(
                     run = %self.run.short(), step, loss = format!("{:.4}", evaluation.loss),
                     accuracy = format!("{:.4}", evaluation.accuracy), samples = evaluation.samples,
+                    bits_per_char = self.spec.dataset.is_text().then(|| format!("{:.3}", evaluation.bits_per_char())),
                     "evaluation"
                 );
+                let text = self.spec.dataset.is_text();
                 self.status.send_modify(|s| {
                     s.step = s.step.max(step);
                     s.loss = Some(evaluation.loss);
                     s.accuracy = Some(evaluation.accuracy);
+                    s.bits_per_char = text.then(|| evaluation.bits_per_char());
                     s.evaluated_at_step = Some(step);
                     s.evaluated_after_rounds = s.averaging_rounds;
                 });
@@ -637,6 +640,29 @@ impl Coordinator {
             s.averaging_bytes_sent += p.bytes.0;
             s.averaging_bytes_received += p.bytes.1;
         });
+        // No honest node counts far more outer steps than the run has (its count follows the
+        // highest it sees, so one lie would spread).
+        // Counts jump to the highest seen when far behind, so honest ones can exceed the run's
+        // own number of outer steps somewhat; twice it, plus slack, is no honest count.
+        let max_round = self
+            .spec
+            .steps
+            .div_ceil(self.spec.inner_steps)
+            .saturating_mul(2)
+            .saturating_add(16);
+        if p.round > max_round {
+            self.status.send_modify(|s| s.mixes_refused += 1);
+            let why = format!(
+                "claimed outer step {}, more than the run's {max_round}",
+                p.round
+            );
+            tracing::warn!(peer = %p.peer, "{why}");
+            let exclude = self.guard.strike(p.peer);
+            if let Err(e) = self.client.refuse_peer(p.peer, why, exclude).await {
+                tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
+            }
+            return;
+        }
         if p.step >= self.spec.steps {
             self.pace.finished(&p.peer);
             self.refresh_pace_limit();
@@ -650,7 +676,7 @@ impl Coordinator {
             let n = p.params.len() / 2;
             let theirs = p.params.split_off(n);
             let (own_delta, own_outer) = p.base.params.split_at(n.min(p.base.params.len()));
-            let verdict = guard.judge(own_delta, &p.params);
+            let verdict = guard.judge(p.peer, own_delta, &p.params);
             let outer_check = params::check_peer(own_outer, &theirs, bound);
             (guard, p, theirs, verdict, outer_check)
         })
@@ -667,9 +693,11 @@ impl Coordinator {
                 }
                 let outer = match outer_check {
                     Ok(distance) => {
+                        // Every phase is the same number of samples by the spec: a peer's
+                        // claimed samples do not buy its outer parameters more weight.
                         let decision =
                             self.guard
-                                .judge(p.peer, distance, p.base.samples, p.samples);
+                                .judge(p.peer, distance, p.base.samples, p.base.samples);
                         self.guard.observe(p.peer, p.base.step, distance);
                         self.status.send_modify(|s| {
                             s.last_distance = Some(distance);

@@ -4,29 +4,37 @@
 //! the model's length, and can still poison: scaled up, negated, noise. Three rules bound it:
 //!
 //! 1. **Norm bound.** The *reference* norm is the larger of this node's own pseudo-gradient
-//!    norm in the exchange and the median of the last [`WINDOW`] norms of peers' accepted
-//!    pseudo-gradients (once [`WARMUP`] were accepted) (honest peers run the same `inner_steps` with the same learning rate,
-//!    so their norms are alike; the median is one peer, one vote over a window). A norm at
-//!    [`REFUSE_FACTOR`] times the reference or more is refused; at [`PENALIZE_FACTOR`] or more
-//!    the peer is penalized too (no honest peer of the run is that far off).
-//! 2. **Opposition.** A pseudo-gradient whose cosine with ours is at most [`MIN_COSINE`] is
-//!    refused with a penalty: honest peers' directions differ (by shard, by noise) but do not
-//!    point straight back (the negation attack sends exactly that).
+//!    norm in the exchange and the median, over peers, of each peer's latest accepted norm
+//!    (one peer, one vote; honest peers run the same `inner_steps` with the same learning
+//!    rate, so their norms are alike), once [`WARMUP`] peers were accepted, and never more than
+//!    [`MAX_REFERENCE_FACTOR`] times our own. Norms are recorded clipped (rule 3), so a peer
+//!    cannot ratchet the median up. A norm at [`REFUSE_FACTOR`] times the reference or more is
+//!    refused; at [`PENALIZE_FACTOR`] or more the peer is penalized too (no honest peer of the
+//!    run is that far off), once warm: until then our own norm may come from a short phase
+//!    (a resumed node's first).
+//! 2. **Opposition.** A pseudo-gradient whose cosine with ours is at most
+//!    [`MIN_COSINE`] is refused; at most [`PENALIZED_COSINE`] with a penalty: honest peers'
+//!    directions differ (by shard, by noise) but do not point straight back (the negation
+//!    attack sends exactly that).
 //! 3. **Clipping.** An accepted pseudo-gradient is scaled down to at most [`CLIP_FACTOR`] times
 //!    the reference norm (centered clipping around zero, Karimireddy et al., ICML 2021), so a
 //!    scaled-up one just inside the bound moves the model no more than an honest one.
 //!
-//! Each pseudo-gradient counts once in a round's average (see `training::outer`), so one peer
-//! moves a round by at most `CLIP_FACTOR / (partners + 1)` of an honest step.
+//! Each peer's pseudo-gradient counts once in a round's average, equally (see
+//! `training::outer`), so one peer moves a round by at most `CLIP_FACTOR / (partners + 1)` of
+//! an honest step; in a round with few partners, one just inside the opposition bound can
+//! still turn the round's average back (the price of accepting non-iid peers whose honest
+//! pseudo-gradients point partly away from ours).
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 
+use libp2p::PeerId;
 use p2p_models::params;
 
-/// Accepted peers' norms the median is taken over.
-pub const WINDOW: usize = 32;
+/// Peers whose latest accepted norm is remembered (beyond: an arbitrary one is forgotten).
+pub const MAX_PEERS: usize = 1024;
 
-/// Accepted norms needed before their median counts.
+/// Accepted peers needed before their median counts, and before refusals cost a penalty.
 pub const WARMUP: usize = 5;
 
 /// Norms at this multiple of the reference or beyond are refused.
@@ -38,8 +46,16 @@ pub const PENALIZE_FACTOR: f64 = 6.0;
 /// Accepted pseudo-gradients are clipped to this multiple of the reference norm.
 pub const CLIP_FACTOR: f64 = 1.5;
 
-/// A cosine with ours at or below this is refused with a penalty.
+/// The reference is at most this multiple of our own norm.
+pub const MAX_REFERENCE_FACTOR: f64 = 3.0;
+
+/// A cosine with ours at or below this is refused. Honest pseudo-gradients of by-label shards
+/// measured cosines down to -0.52 with each other (their output layers pull apart), so the
+/// bound only stops what points almost straight back.
 pub const MIN_COSINE: f64 = -0.9;
+
+/// A cosine with ours at or below this is refused with a penalty.
+pub const PENALIZED_COSINE: f64 = -0.98;
 
 /// Smallest reference norm: pseudo-gradients of a node that stopped moving must not make every
 /// peer an outlier.
@@ -65,22 +81,25 @@ pub enum DeltaVerdict {
 /// The norms seen, to bound the next.
 #[derive(Debug, Default)]
 pub struct DeltaGuard {
-    accepted: VecDeque<f64>,
+    /// Each peer's latest accepted norm, clipped.
+    accepted: HashMap<PeerId, f64>,
 }
 
 impl DeltaGuard {
-    /// Judges `theirs` against `ours` (same length, finite: checked before).
-    pub fn judge(&mut self, ours: &[f32], theirs: &[f32]) -> DeltaVerdict {
+    /// Judges `peer`'s pseudo-gradient `theirs` against ours (same length, finite: checked
+    /// before).
+    pub fn judge(&mut self, peer: PeerId, ours: &[f32], theirs: &[f32]) -> DeltaVerdict {
         let own = params::l2_norm(ours);
         let norm = params::l2_norm(theirs);
         let reference = self.reference(own);
-        if norm >= PENALIZE_FACTOR * reference || norm >= REFUSE_FACTOR * reference {
+        let warm = self.accepted.len() >= WARMUP;
+        if norm >= REFUSE_FACTOR * reference {
             return DeltaVerdict::Refuse {
                 why: format!(
                     "a pseudo-gradient of norm {norm:.3e}, {:.1} times the reference {reference:.3e}",
                     norm / reference
                 ),
-                penalize: norm >= PENALIZE_FACTOR * reference,
+                penalize: warm && norm >= PENALIZE_FACTOR * reference,
             };
         }
         if own > 0.0 && norm > 0.0 {
@@ -88,32 +107,37 @@ impl DeltaGuard {
             if cosine <= MIN_COSINE {
                 return DeltaVerdict::Refuse {
                     why: format!("a pseudo-gradient opposed to ours (cosine {cosine:.2})"),
-                    penalize: true,
+                    penalize: cosine <= PENALIZED_COSINE,
                 };
             }
         }
-        if self.accepted.len() == WINDOW {
-            self.accepted.pop_front();
+        let clipped = norm.min(CLIP_FACTOR * reference);
+        if self.accepted.len() >= MAX_PEERS && !self.accepted.contains_key(&peer) {
+            if let Some(any) = self.accepted.keys().next().copied() {
+                self.accepted.remove(&any);
+            }
         }
-        self.accepted.push_back(norm);
-        let scale = if norm > CLIP_FACTOR * reference {
-            CLIP_FACTOR * reference / norm
-        } else {
-            1.0
-        };
+        self.accepted.insert(peer, clipped);
+        let scale = if norm > clipped { clipped / norm } else { 1.0 };
         DeltaVerdict::Use { scale }
     }
 
-    /// The larger of `own` and, once [`WARMUP`] were accepted, the median accepted norm.
+    /// The larger of `own` and, once [`WARMUP`] peers were accepted, the median of their
+    /// latest norms, at most [`MAX_REFERENCE_FACTOR`] times `own`.
     fn reference(&self, own: f64) -> f64 {
-        let mut norms: Vec<f64> = self.accepted.iter().copied().collect();
+        let mut norms: Vec<f64> = self.accepted.values().copied().collect();
         norms.sort_by(f64::total_cmp);
         let median = if norms.len() >= WARMUP {
             norms[norms.len() / 2]
         } else {
             0.0
         };
-        own.max(median).max(MIN_REFERENCE)
+        let capped = if own > 0.0 {
+            median.min(MAX_REFERENCE_FACTOR * own)
+        } else {
+            median
+        };
+        own.max(capped).max(MIN_REFERENCE)
     }
 }
 
@@ -139,10 +163,36 @@ mod tests {
         let mut guard = DeltaGuard::default();
         for i in 0..10 {
             assert_eq!(
-                guard.judge(&honest(0), &honest(i)),
+                guard.judge(PeerId::random(), &honest(0), &honest(i)),
                 DeltaVerdict::Use { scale: 1.0 }
             );
         }
+    }
+
+    /// A peer re-sending pseudo-gradients just inside the bound, again and again, holds one
+    /// vote of its clipped norm: the reference, and with it the bound, does not climb.
+    #[test]
+    fn one_peer_cannot_ratchet_the_reference_up() {
+        let mut guard = DeltaGuard::default();
+        let ours = honest(0);
+        for _ in 0..WARMUP {
+            guard.judge(PeerId::random(), &ours, &honest(1));
+        }
+        let liar = PeerId::random();
+        let mut factor = 2.9f32;
+        for _ in 0..100 {
+            let sent: Vec<f32> = honest(1).iter().map(|v| v * factor).collect();
+            if let DeltaVerdict::Use { .. } = guard.judge(liar, &ours, &sent) {
+                factor *= 1.5;
+            }
+        }
+        let honest_norm = params::l2_norm(&honest(1)).max(params::l2_norm(&ours));
+        let reference = guard.reference(params::l2_norm(&ours));
+        assert!(
+            reference <= 1.01 * honest_norm,
+            "{reference} vs {honest_norm}"
+        );
+        assert!(factor < 10.0, "{factor}");
     }
 
     #[test]
@@ -150,11 +200,11 @@ mod tests {
         let mut guard = DeltaGuard::default();
         let ours = honest(0);
         for i in 1..=WARMUP {
-            guard.judge(&ours, &honest(i));
+            guard.judge(PeerId::random(), &ours, &honest(i));
         }
         let scaled = |f: f32| honest(1).iter().map(|v| v * f).collect::<Vec<f32>>();
         // Just inside the bound: used, but clipped to 1.5 times the reference.
-        let DeltaVerdict::Use { scale } = guard.judge(&ours, &scaled(2.9)) else {
+        let DeltaVerdict::Use { scale } = guard.judge(PeerId::random(), &ours, &scaled(2.9)) else {
             panic!("refused");
         };
         let moved = scale * params::l2_norm(&scaled(2.9));
@@ -164,18 +214,19 @@ mod tests {
         );
         // Beyond it: refused; far beyond: penalized.
         assert!(matches!(
-            guard.judge(&ours, &scaled(4.0)),
+            guard.judge(PeerId::random(), &ours, &scaled(4.0)),
             DeltaVerdict::Refuse {
                 penalize: false,
                 ..
             }
         ));
         assert!(matches!(
-            guard.judge(&ours, &scaled(100.0)),
+            guard.judge(PeerId::random(), &ours, &scaled(100.0)),
             DeltaVerdict::Refuse { penalize: true, .. }
         ));
         let negated: Vec<f32> = ours.iter().map(|v| -v).collect();
-        let DeltaVerdict::Refuse { why, penalize } = guard.judge(&ours, &negated) else {
+        let DeltaVerdict::Refuse { why, penalize } = guard.judge(PeerId::random(), &ours, &negated)
+        else {
             panic!("a negated pseudo-gradient was used");
         };
         assert!(penalize && why.contains("opposed"), "{why}");

@@ -58,6 +58,9 @@ pub struct TrainingStatus {
     pub loss: Option<f64>,
     /// Test accuracy at the last evaluation.
     pub accuracy: Option<f64>,
+    /// For a character model: the test (validation) loss in bits per character at the last
+    /// evaluation.
+    pub bits_per_char: Option<f64>,
     /// Step of the last evaluation.
     pub evaluated_at_step: Option<u64>,
     /// Averaging rounds mixed in before the last evaluation: equal to `averaging_rounds` when
@@ -92,7 +95,8 @@ pub struct TrainingStatus {
     /// Fraction of the trainer's time spent in averaging rounds (waiting for the peer
     /// included).
     pub averaging_time_fraction: f64,
-    /// Fraction of the trainer's time spent waiting for slower peers (bounded staleness).
+    /// Fraction of the trainer's time spent waiting for slower peers (bounded staleness),
+    /// besides the averaging rounds it opened meanwhile.
     pub waiting_time_fraction: f64,
     /// Fraction of the trainer's wall time spent waiting on the network, 0 to 1: averaging
     /// rounds (parameter averaging) or pseudo-gradients due (outer steps), plus slower peers.

@@ -44,9 +44,11 @@
 //! [`MAX_ROUND_LAG`] older than this node's current one is not used; a newer one is, and a
 //! node more than that far behind the highest count it saw takes that count at its next outer
 //! step, so a newcomer that started from a checkpoint catches up with the run's count after
-//! one exchange (and nodes at about the same count keep their own, which never inflates).
+//! one exchange, while nodes at about the same count keep their own. A count no honest node
+//! can have (beyond the run's steps over `inner_steps`, plus slack) is refused before it gets
+//! here (`training::coordinator`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -74,6 +76,8 @@ struct Gathering {
     sum: Vec<f64>,
     /// How many.
     count: u32,
+    /// The peers whose pseudo-gradient it holds: one each, whatever outer step they claim.
+    peers: HashSet<PeerId>,
     /// When it was published.
     published: Instant,
 }
@@ -97,8 +101,12 @@ pub enum Received {
     Used,
     /// More than [`MAX_ROUND_LAG`] outer steps older than every round being gathered.
     Stale,
-    /// This peer's pseudo-gradient of that outer step (or a later one) was used already.
+    /// This peer's pseudo-gradient of that outer step (or a later one) was used already, or
+    /// the round it would go to holds one of this peer's already.
     Duplicate,
+    /// Kept for the next round: the peer is ahead, and the current round holds its
+    /// pseudo-gradient already.
+    Early,
     /// No round is being gathered (before the first boundary, or after the last).
     NoRound,
     /// Another length than the model's.
@@ -122,6 +130,8 @@ pub struct OuterLoop {
     gathering: VecDeque<Gathering>,
     /// Each peer's last used outer step.
     used: HashMap<PeerId, u64>,
+    /// Pseudo-gradients of peers ahead, for the next round (one per peer).
+    early: HashMap<PeerId, Vec<f32>>,
     /// Moving average of how long after a round is published peers' pseudo-gradients of it
     /// arrive.
     arrival_secs: Option<f64>,
@@ -149,6 +159,7 @@ impl OuterLoop {
             highest_seen: 0,
             gathering: VecDeque::new(),
             used: HashMap::new(),
+            early: HashMap::new(),
             arrival_secs: None,
             last_sizes: (0, 0),
             applied_counts: VecDeque::new(),
@@ -168,20 +179,28 @@ impl OuterLoop {
         let delta = pseudo_gradient(&self.phase_start, local);
         let encoded = self.feedback.compress(&self.codec, &delta);
         self.last_sizes = (4 * delta.len(), encoded.bytes());
-        self.round += 1;
-        if self.highest_seen > self.round + MAX_ROUND_LAG {
+        self.round = self.round.saturating_add(1);
+        if self.highest_seen > self.round.saturating_add(MAX_ROUND_LAG) {
             // Far behind the run's count (a newcomer): take it, so that peers use ours.
             self.round = self.highest_seen;
         }
         let mut sum = Vec::new();
         accumulate(&mut sum, &encoded.values, 1.0);
-        self.gathering.push_back(Gathering {
+        let mut round = Gathering {
             round: self.round,
             own: encoded.values.clone(),
             sum,
             count: 1,
+            peers: HashSet::new(),
             published: Instant::now(),
-        });
+        };
+        // Pseudo-gradients that came early, from peers one round ahead.
+        for (peer, values) in self.early.drain() {
+            accumulate(&mut round.sum, &values, 1.0);
+            round.count += 1;
+            round.peers.insert(peer);
+        }
+        self.gathering.push_back(round);
         let mut averaged = 0;
         while self.gathering.len() > 1 {
             averaged += self.apply_oldest()?;
@@ -258,6 +277,10 @@ impl OuterLoop {
                 .position(|g| g.round >= round)
                 .unwrap_or(0)
         };
+        let taken = self
+            .gathering
+            .get(slot)
+            .is_some_and(|g| g.peers.contains(&peer));
         if self.used.len() >= MAX_TRACKED_PEERS && !self.used.contains_key(&peer) {
             if let Some(oldest) = self.used.iter().min_by_key(|(_, r)| **r).map(|(p, _)| *p) {
                 self.used.remove(&oldest);
@@ -265,11 +288,22 @@ impl OuterLoop {
         }
         self.used.insert(peer, round);
         self.highest_seen = self.highest_seen.max(round);
+        if taken {
+            // One pseudo-gradient per peer and round, whatever outer step it claims: the round
+            // holds this peer's already (a late one, or it is ahead), so this one waits for the
+            // next round (one kept per peer; a newer one replaces it).
+            if self.early.len() < MAX_TRACKED_PEERS || self.early.contains_key(&peer) {
+                self.early.insert(peer, values.to_vec());
+                return Received::Early;
+            }
+            return Received::Duplicate;
+        }
         let Some(g) = self.gathering.get_mut(slot) else {
             return Received::NoRound;
         };
         accumulate(&mut g.sum, values, 1.0);
         g.count += 1;
+        g.peers.insert(peer);
         if g.round == round {
             let delay = g.published.elapsed().as_secs_f64();
             self.arrival_secs = Some(match self.arrival_secs {
@@ -352,6 +386,7 @@ impl OuterLoop {
         self.phase_start.clone_from(&params);
         self.outer = params;
         self.gathering.clear();
+        self.early.clear();
         self.optimizer.set_velocity(Vec::new());
         self.feedback = ErrorFeedback::default();
     }
@@ -425,6 +460,9 @@ mod tests {
         assert_eq!(a.receive(peer, 0, &[0.1; 4]), Received::Stale);
         assert_eq!(a.receive(peer, 2, &[0.1; 3]), Received::WrongLength);
         assert_eq!(a.receive(peer, 2, &[0.1; 4]), Received::Used);
+        // Its next one waits for the next round: one per peer and round.
+        assert_eq!(a.receive(peer, 3, &[0.1; 4]), Received::Early);
+        assert_eq!(a.receive(peer, 3, &[0.1; 4]), Received::Duplicate);
         // A peer one step ahead: used, and the count goes on by one.
         let near = PeerId::random();
         assert_eq!(a.receive(near, 4, &[0.1; 4]), Received::Used);
@@ -511,12 +549,17 @@ mod convergence {
                 }
             }
         }
-        // The last pseudo-gradients still arrive before the nodes finish (they wait for them).
+        // The last pseudo-gradients still arrive before the nodes finish (they wait for them;
+        // one per peer and round is used).
         for arrived in in_flight {
             for (i, l) in loops.iter_mut().enumerate() {
                 for (j, (round, values)) in arrived.iter().enumerate() {
                     if i != j {
-                        assert_eq!(l.receive(peers[j], *round, values), Received::Used);
+                        let got = l.receive(peers[j], *round, values);
+                        assert!(
+                            matches!(got, Received::Used | Received::Early | Received::Duplicate),
+                            "{got:?}"
+                        );
                     }
                 }
             }

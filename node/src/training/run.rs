@@ -21,10 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use libp2p::PeerId;
 use p2p_models::checkpoint::{self, CheckpointMeta};
-use p2p_models::data::{read_text, Dataset, Vocab};
+use p2p_models::data::{Dataset, Vocab};
 use p2p_models::device::DeviceChoice;
 use p2p_models::model::Model;
-use p2p_models::spec::{DatasetSpec, RunSpec};
+use p2p_models::spec::RunSpec;
 use p2p_protocol::manifest::VersionId;
 use p2p_protocol::messages::Announcement;
 use p2p_protocol::training::{RunAnnouncement, MAX_PLAUSIBLE_CHECKPOINT_VERSION};
@@ -150,8 +150,8 @@ pub fn resolve_spec(path: &Path, data: Option<&Path>) -> Result<RunSpec> {
     if let Some(p) = data {
         spec.dataset = spec.dataset.with_path(p)?;
     }
-    if let DatasetSpec::Text(text_path) = &spec.dataset {
-        let text = read_text(text_path)?;
+    if spec.dataset.is_text() {
+        let text = spec.dataset.read_text()?;
         spec.transformer.vocab = Vocab::from_text(&text).chars();
         spec.validate()?;
     }

@@ -92,6 +92,10 @@ pub const MAX_WEIGHT_PER_SNAPSHOT: f64 = 2.0 / 3.0;
 /// Snapshots whose mixed weight is remembered.
 const SNAPSHOTS_TRACKED: usize = 16;
 
+/// (snapshot, peer) pairs of outer-parameter mixes remembered; beyond, only the current
+/// snapshot's are kept.
+const MAX_OUTER_MIXES_TRACKED: usize = 4096;
+
 /// Why the trainer thread stopped training.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
@@ -293,6 +297,7 @@ pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<
         phase_started: Instant::now(),
         last_phase: None,
         exchanges_used: 0,
+        outer_mixed: std::collections::HashSet::new(),
         job,
         events,
         good: None,
@@ -335,6 +340,8 @@ struct State {
     last_phase: Option<Duration>,
     /// Peers' pseudo-gradients used and outer parameters mixed so far.
     exchanges_used: u64,
+    /// (our snapshot, peer) pairs whose outer parameters were mixed.
+    outer_mixed: std::collections::HashSet<(u64, PeerId)>,
     events: mpsc::Sender<FromTrainer>,
     /// The last good state: taken at the start, and from every checkpoint once a training
     /// step after it had a finite loss.
@@ -482,6 +489,7 @@ impl State {
     /// round finds no partner (waiting for peers it cannot reach is pointless).
     fn pace(&mut self, commands: &Receiver<ToTrainer>) -> Result<Flow, TrainerError> {
         let started = Instant::now();
+        let averaging_before = self.averaging_time;
         let mut last_ask = None;
         while self.job.averaging
             && self.job.trainer.samples_seen >= self.job.pace_limit.load(Ordering::Relaxed)
@@ -521,7 +529,10 @@ impl State {
                 }
             }
         }
-        self.pace_time += started.elapsed();
+        // Rounds opened meanwhile count as averaging, not twice: the two add up to the time
+        // spent waiting on the network.
+        let nested = self.averaging_time.saturating_sub(averaging_before);
+        self.pace_time += started.elapsed().saturating_sub(nested);
         Ok(Flow::Continue)
     }
 
@@ -640,19 +651,23 @@ impl State {
                 };
                 let received = outer.receive(peer, round, &values);
                 tracing::debug!(%peer, round, ?received, "a peer's pseudo-gradient");
-                // Outer parameters are mixed whenever they passed their checks, also after the
-                // last outer step and from a pseudo-gradient used before: more gossip on θ
-                // only brings nodes closer.
-                // Mixes against one snapshot share one weight budget, as with parameters.
-                let peer_outer = peer_outer.and_then(|(theirs, base, weight)| {
-                    let weight = self.weight_left(base.id, weight)?;
-                    Some((theirs, base, weight))
-                });
+                // Outer parameters that passed their checks are mixed once per peer and
+                // snapshot of ours (so a peer cannot take a snapshot's whole weight budget with
+                // repeated sessions), whatever became of the pseudo-gradient they came with:
+                // gossip on θ is what keeps nodes together. Mixes against one snapshot share
+                // one weight budget, as with parameters.
+                let mixable = received != Received::WrongLength;
+                let peer_outer = peer_outer
+                    .filter(|(_, base, _)| mixable && self.first_outer_mix(base.id, peer))
+                    .and_then(|(theirs, base, weight)| {
+                        let weight = self.weight_left(base.id, weight)?;
+                        Some((theirs, base, weight))
+                    });
                 let Some(outer) = self.outer.as_mut() else {
                     return Ok(Flow::Continue);
                 };
                 let mixed = match peer_outer {
-                    Some((theirs, base, weight)) if received != Received::WrongLength => {
+                    Some((theirs, base, weight)) => {
                         let n = theirs.len();
                         let ours = base.params.get(n..).unwrap_or_default();
                         let shift = outer.mix_outer(&theirs, ours, weight)?;
@@ -665,8 +680,10 @@ impl State {
                     }
                     _ => false,
                 };
-                if received == Received::Used || mixed {
-                    self.last_mixed = Some(peer);
+                if matches!(received, Received::Used | Received::Early) || mixed {
+                    // No peer is blamed for a divergence with outer steps: what it sent is
+                    // averaged with others' and applied a boundary later, so the peer mixed
+                    // in last is no better a suspect than any other (the guards bound each).
                     self.exchanges_used += 1;
                     self.send(FromTrainer::Mixed { peer })?;
                 }
@@ -677,8 +694,13 @@ impl State {
         }
     }
 
-    /// Replaces the snapshot served to peers with the current parameters.
+    /// Replaces the snapshot served to peers with the current parameters (not in a run with
+    /// outer steps, whose peers expect pseudo-gradients: a node there serves only what
+    /// [`Self::outer_boundary`] publishes, and nothing when it trains alone).
     fn snapshot(&mut self) -> Result<(), TrainerError> {
+        if self.job.trainer.spec().averaging == Averaging::Outer {
+            return Ok(());
+        }
         self.next_snapshot += 1;
         let snapshot = Arc::new(Snapshot {
             id: self.next_snapshot,
@@ -862,8 +884,19 @@ impl State {
         self.job.snapshots.send_replace(Some(snapshot));
     }
 
+    /// Evaluates the model on the test split: with outer steps, the outer parameters (the
+    /// model checkpoints hold and peers converge on), not the local ones.
     fn evaluate(&mut self) -> Result<(), TrainerError> {
-        let evaluation = self.job.trainer.evaluate()?;
+        let evaluation = match &self.outer {
+            Some(outer) => {
+                let local = self.job.trainer.params()?;
+                self.job.trainer.set_params(outer.outer_params())?;
+                let evaluation = self.job.trainer.evaluate();
+                self.job.trainer.set_params(&local)?;
+                evaluation?
+            }
+            None => self.job.trainer.evaluate()?,
+        };
         self.last_eval = Some(evaluation);
         self.send(FromTrainer::Evaluated {
             step: self.job.trainer.step,
@@ -891,6 +924,15 @@ impl State {
         }
         *used += weight;
         Some(weight)
+    }
+
+    /// Whether `peer`'s outer parameters were not mixed against snapshot `id` yet; records
+    /// them as mixed.
+    fn first_outer_mix(&mut self, id: u64, peer: PeerId) -> bool {
+        if self.outer_mixed.len() >= MAX_OUTER_MIXES_TRACKED {
+            self.outer_mixed.retain(|(s, _)| *s == id);
+        }
+        self.outer_mixed.insert((id, peer))
     }
 
     /// Takes the current parameters as the state to roll back to.
@@ -941,12 +983,21 @@ impl State {
     }
 
     fn checkpoint(&mut self, publish: bool) -> Result<(), TrainerError> {
+        if publish && self.outer.is_some() {
+            // The published figures must describe the outer parameters as they are now (a
+            // newcomer checks them against the bytes).
+            self.evaluate()?;
+        }
         let meta = CheckpointMeta {
             run: self.job.run.clone(),
             step: self.job.trainer.step,
             samples_seen: self.job.trainer.samples_seen,
             loss: self.last_eval.map(|e| e.loss),
             accuracy: self.last_eval.map(|e| e.accuracy),
+            bits_per_char: self
+                .last_eval
+                .filter(|_| self.job.trainer.spec().dataset.is_text())
+                .map(|e| e.bits_per_char()),
         };
         // With outer steps the model is the outer parameters (the local ones carry this node's
         // progress since the last outer step on top).
