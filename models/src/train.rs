@@ -215,19 +215,25 @@ mod tests {
             path.display()
         ))
         .unwrap();
-        spec.transformer.vocab =
-            crate::data::Vocab::from_text(&crate::data::read_text(&path).unwrap()).chars();
-        let data = Dataset::load(&spec, None)
+        let (before, after) = train_text(&mut spec, 150);
+        assert!(after.loss < before.loss * 0.6, "{before:?} -> {after:?}");
+    }
+
+    /// Fixes a text spec's vocabulary from its data set (as a run's creator does), trains
+    /// `steps` steps on all of it, and gives the evaluations before and after.
+    fn train_text(spec: &mut RunSpec, steps: u32) -> (Evaluation, Evaluation) {
+        let text = spec.dataset.read_text().unwrap();
+        spec.transformer.vocab = crate::data::Vocab::from_text(&text).chars();
+        let data = Dataset::load(spec, None)
             .unwrap()
             .shard(0, 1, Partition::Iid, 1)
             .unwrap();
-        let mut trainer = Trainer::new(&spec, data, &Device::Cpu, 1).unwrap();
+        let mut trainer = Trainer::new(spec, data, &Device::Cpu, 1).unwrap();
         let before = trainer.evaluate().unwrap();
-        for _ in 0..150 {
+        for _ in 0..steps {
             trainer.train_step().unwrap();
         }
-        let after = trainer.evaluate().unwrap();
-        assert!(after.loss < before.loss * 0.6, "{before:?} -> {after:?}");
+        (before, trainer.evaluate().unwrap())
     }
 
     /// The bundled Austen corpus: a small transformer learns English characters on it, its
@@ -241,18 +247,7 @@ mod tests {
              [transformer]\ncontext = 32\ndim = 64\nheads = 4\nlayers = 2",
         )
         .unwrap();
-        let text = crate::data::austen().unwrap();
-        spec.transformer.vocab = crate::data::Vocab::from_text(&text).chars();
-        let data = Dataset::load(&spec, None)
-            .unwrap()
-            .shard(0, 1, Partition::Iid, 1)
-            .unwrap();
-        let mut trainer = Trainer::new(&spec, data, &Device::Cpu, 1).unwrap();
-        let before = trainer.evaluate().unwrap();
-        for _ in 0..300 {
-            trainer.train_step().unwrap();
-        }
-        let after = trainer.evaluate().unwrap();
+        let (before, after) = train_text(&mut spec, 300);
         assert!(before.bits_per_char() > 6.0, "{before:?}");
         assert!(after.bits_per_char() < 3.5, "{before:?} -> {after:?}");
     }

@@ -6,16 +6,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
-use common::{start_node, TestNode};
-use p2p_node::training::coordinator::{self, TrainingHandle};
+use common::training::{
+    accuracies, options, run_to_completion, start_nodes, stop_all, train, OUTER_SPEC, TRAIN_TIMEOUT,
+};
+use common::TestNode;
 use p2p_node::training::run::TrainOptions;
-use p2p_node::training::TrainingStatus;
-
-/// Generous: debug builds on a busy 2-core machine.
-const TRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The example spec of the training issue, as written.
 const EXAMPLE_SPEC: &str = r#"
@@ -28,92 +25,6 @@ learning_rate = 0.05
 average_every = 10         # local steps between averaging rounds
 checkpoint_every = 100     # local steps between published checkpoints
 "#;
-
-fn options(shard: (u32, u32), averaging: bool) -> TrainOptions {
-    TrainOptions {
-        shard: Some(shard),
-        no_averaging: !averaging,
-        find_timeout: Duration::from_secs(120),
-        ..TrainOptions::default()
-    }
-}
-
-async fn train(node: &TestNode, options: TrainOptions) -> TrainingHandle {
-    coordinator::start(
-        node.handle.client.clone(),
-        node.peer_id(),
-        node.dir.path(),
-        options,
-    )
-    .await
-    .unwrap()
-}
-
-/// Starts `nodes.len()` training nodes (the first creates the run from `spec`) with the given
-/// options, and waits until each has finished its local steps.
-async fn run_to_completion(
-    nodes: &[TestNode],
-    spec: &Path,
-    mut each: impl FnMut(usize) -> TrainOptions,
-) -> (Vec<TrainingStatus>, Vec<TrainingHandle>) {
-    let mut creator_options = each(0);
-    creator_options.create = Some(spec.to_path_buf());
-    let starts = nodes.iter().enumerate().map(|(i, node)| {
-        let opts = if i == 0 {
-            creator_options.clone()
-        } else {
-            each(i)
-        };
-        train(node, opts)
-    });
-    let mut handles = futures::future::join_all(starts).await;
-    for h in &mut handles {
-        tokio::time::timeout(TRAIN_TIMEOUT, h.finished())
-            .await
-            .expect("training finished in time")
-            .unwrap();
-    }
-    // Finished nodes still answer rounds that others open, and evaluate again after them:
-    // wait until every node's evaluation describes its current parameters.
-    let finals = common::wait_for(
-        "evaluations of the final parameters",
-        TRAIN_TIMEOUT,
-        || async {
-            let statuses: Vec<TrainingStatus> =
-                handles.iter().map(|h| h.status.borrow().clone()).collect();
-            statuses
-                .iter()
-                .all(|s| s.evaluated_after_rounds == s.averaging_rounds)
-                .then_some(statuses)
-        },
-    )
-    .await;
-    (finals, handles)
-}
-
-async fn start_nodes(n: usize) -> Vec<TestNode> {
-    common::init_logs();
-    let first = start_node(vec![]).await;
-    let mut nodes = vec![];
-    for _ in 1..n {
-        nodes.push(start_node(vec![first.bootstrap_addr()]).await);
-    }
-    nodes.insert(0, first);
-    nodes
-}
-
-fn accuracies(statuses: &[TrainingStatus]) -> Vec<f64> {
-    statuses.iter().map(|s| s.accuracy.unwrap()).collect()
-}
-
-async fn stop_all(handles: Vec<TrainingHandle>, nodes: Vec<TestNode>) {
-    for h in handles {
-        h.stop().await.unwrap();
-    }
-    for n in nodes {
-        n.handle.stop().await.unwrap();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn averaging_lets_four_non_iid_nodes_reach_90_percent_and_training_alone_does_not() {
@@ -163,47 +74,6 @@ async fn averaging_lets_four_non_iid_nodes_reach_90_percent_and_training_alone_d
             *a < lo - 0.3,
             "training alone on a few labels is clearly worse: {alone_acc:?} vs {acc:?}"
         );
-    }
-    stop_all(handles, nodes).await;
-}
-
-/// Outer steps (DiLoCo) on non-iid shards: 10 local steps between outer steps, int8
-/// pseudo-gradients with error feedback and int8 outer parameters, Nesterov outer optimizer,
-/// exchanges overlapping the next inner phase. Three nodes that each see about a third of the
-/// labels all end near the accuracy of one model trained on everything (about 0.97; one node
-/// alone on its shard: about 0.4), sending a fraction of the bytes parameters in f32 would.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outer_steps_with_int8_pseudo_gradients_let_three_non_iid_nodes_converge() {
-    let files = tempfile::tempdir().unwrap();
-    let spec = files.path().join("outer.toml");
-    std::fs::write(&spec, OUTER_SPEC).unwrap();
-    let nodes = start_nodes(3).await;
-    let (statuses, handles) =
-        run_to_completion(&nodes, &spec, |i| options((i as u32, 3), true)).await;
-    let acc = accuracies(&statuses);
-    eprintln!(
-        "outer steps: accuracies {acc:?}, used {:?}, outer steps {:?}, bytes sent/step {:?}, waiting {:?}, compression {:?}",
-        statuses.iter().map(|s| s.averaging_rounds).collect::<Vec<_>>(),
-        statuses.iter().map(|s| s.outer_step).collect::<Vec<_>>(),
-        statuses.iter().map(|s| s.bytes_sent_per_step.round()).collect::<Vec<_>>(),
-        statuses.iter().map(|s| s.network_wait_fraction).collect::<Vec<_>>(),
-        statuses.iter().map(|s| s.compression_ratio).collect::<Vec<_>>(),
-    );
-    // 64 inputs, two hidden layers of 512, 10 outputs: 301,066 parameters; sending them in
-    // f32 at every step would be 1,204,264 bytes a step. Each exchange sends 1.03 bytes a
-    // parameter for each of the pseudo-gradient and the outer parameters, about twice an
-    // outer step: about 124 kB a step here.
-    for s in &statuses {
-        assert_eq!(s.step, 600, "{s:?}");
-        assert!(s.outer_step >= 60, "{s:?}");
-        assert!(
-            s.averaging_rounds >= 30,
-            "used only {} exchanges",
-            s.averaging_rounds
-        );
-        assert!(s.compression_ratio > 3.8, "{s:?}");
-        assert!(s.bytes_sent_per_step < 1_204_264.0 / 5.0, "{s:?}");
-        assert!(s.accuracy.unwrap() >= 0.85, "{s:?}");
     }
     stop_all(handles, nodes).await;
 }
@@ -300,12 +170,6 @@ async fn a_node_vanishing_mid_run_leaves_the_others_training_with_outer_steps() 
     }
     stop_all(handles, nodes).await;
 }
-
-/// The outer-steps spec of the tests: three by-label shards, 10 local steps per outer step, a
-/// model wide enough that an inner phase takes about as long as an exchange on loopback.
-const OUTER_SPEC: &str = "model = \"digits-mlp\"\ndataset = \"digits\"\npartition = \"by-label\"\n\
-    shards = 3\nsteps = 600\naveraging = \"outer\"\ninner_steps = 10\ncompression = \"int8\"\n\
-    checkpoint_every = 100\nhidden = [512, 512]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_sending_nan_parameters_is_refused_and_the_others_converge() {

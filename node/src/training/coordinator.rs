@@ -587,12 +587,7 @@ impl Coordinator {
                 return;
             }
         };
-        if p.step >= self.spec.steps {
-            self.pace.finished(&p.peer);
-            self.refresh_pace_limit();
-        } else {
-            self.note_progress(p.peer, p.samples);
-        }
+        self.note_peer_at(&p);
         let decision = self
             .guard
             .judge(p.peer, distance, p.base.samples, p.samples);
@@ -663,12 +658,7 @@ impl Coordinator {
             }
             return;
         }
-        if p.step >= self.spec.steps {
-            self.pace.finished(&p.peer);
-            self.refresh_pace_limit();
-        } else {
-            self.note_progress(p.peer, p.samples);
-        }
+        self.note_peer_at(&p);
         let mut guard = std::mem::take(&mut self.delta_guard);
         let bound = self.guard.bound();
         let judged = tokio::task::spawn_blocking(move || {
@@ -786,6 +776,17 @@ impl Coordinator {
         tracing::warn!(%peer, "{why}");
         if let Err(e) = self.client.refuse_peer(peer, why, exclude).await {
             tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
+        }
+    }
+
+    /// Records where a peer averaged with stands: finished (it holds nobody back), or its
+    /// progress.
+    fn note_peer_at(&mut self, p: &PeerParams) {
+        if p.step >= self.spec.steps {
+            self.pace.finished(&p.peer);
+            self.refresh_pace_limit();
+        } else {
+            self.note_progress(p.peer, p.samples);
         }
     }
 

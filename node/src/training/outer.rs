@@ -500,6 +500,42 @@ mod convergence {
 
     use crate::averaging::pieces::OUTER_PARAMS_CODEC;
 
+    /// `nodes` trainers on the by-label shards of `spec`, all starting from the first one's
+    /// initial weights, and their outer loops.
+    fn by_label_nodes(spec: &RunSpec, nodes: u32) -> (Vec<Trainer>, Vec<OuterLoop>) {
+        let mut trainers: Vec<Trainer> = (0..nodes)
+            .map(|i| {
+                let data = Dataset::load(spec, None)
+                    .unwrap()
+                    .shard(i, nodes, Partition::ByLabel, spec.seed)
+                    .unwrap();
+                Trainer::new(spec, data, &p2p_models::Device::Cpu, u64::from(i)).unwrap()
+            })
+            .collect();
+        let start = trainers[0].params().unwrap();
+        for t in &mut trainers {
+            t.set_params(&start).unwrap();
+        }
+        let loops = (0..nodes)
+            .map(|_| OuterLoop::new(spec, start.clone()))
+            .collect();
+        (trainers, loops)
+    }
+
+    /// One inner phase of 10 steps on every node, then its boundary; gives what each sends.
+    fn phase(trainers: &mut [Trainer], loops: &mut [OuterLoop]) -> Vec<(u64, Vec<f32>)> {
+        let mut sent = Vec::new();
+        for (t, l) in trainers.iter_mut().zip(loops.iter_mut()) {
+            for _ in 0..10 {
+                t.train_step().unwrap();
+            }
+            let b = l.boundary(&t.params().unwrap()).unwrap();
+            t.set_params(&b.params).unwrap();
+            sent.push((b.round, b.encoded.values));
+        }
+        sent
+    }
+
     /// Accuracy of the outer parameters after three trainers on by-label digits shards ran
     /// 60 outer steps of 10 inner steps, every pseudo-gradient reaching every other node
     /// `delay` outer steps later than the next boundary.
@@ -510,33 +546,10 @@ mod convergence {
         )
         .unwrap();
         let peers: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
-        let mut trainers: Vec<Trainer> = (0..3u32)
-            .map(|i| {
-                let data = Dataset::load(&spec, None)
-                    .unwrap()
-                    .shard(i, 3, Partition::ByLabel, spec.seed)
-                    .unwrap();
-                Trainer::new(&spec, data, &p2p_models::Device::Cpu, u64::from(i)).unwrap()
-            })
-            .collect();
-        let start = trainers[0].params().unwrap();
-        for t in &mut trainers {
-            t.set_params(&start).unwrap();
-        }
-        let mut loops: Vec<OuterLoop> = (0..3)
-            .map(|_| OuterLoop::new(&spec, start.clone()))
-            .collect();
+        let (mut trainers, mut loops) = by_label_nodes(&spec, 3);
         let mut in_flight = Vec::new();
         for _ in 0..60 {
-            let mut sent = Vec::new();
-            for (t, l) in trainers.iter_mut().zip(&mut loops) {
-                for _ in 0..10 {
-                    t.train_step().unwrap();
-                }
-                let b = l.boundary(&t.params().unwrap()).unwrap();
-                t.set_params(&b.params).unwrap();
-                sent.push((b.round, b.encoded.values));
-            }
+            let sent = phase(&mut trainers, &mut loops);
             in_flight.push(sent);
             if in_flight.len() > delay {
                 let arrived = in_flight.remove(0);
@@ -594,34 +607,10 @@ mod convergence {
         .unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let peers: Vec<PeerId> = (0..nodes).map(|_| PeerId::random()).collect();
-        let shards = nodes as u32;
-        let mut trainers: Vec<Trainer> = (0..shards)
-            .map(|i| {
-                let data = Dataset::load(&spec, None)
-                    .unwrap()
-                    .shard(i, shards, Partition::ByLabel, spec.seed)
-                    .unwrap();
-                Trainer::new(&spec, data, &p2p_models::Device::Cpu, u64::from(i)).unwrap()
-            })
-            .collect();
-        let start = trainers[0].params().unwrap();
-        for t in &mut trainers {
-            t.set_params(&start).unwrap();
-        }
-        let mut loops: Vec<OuterLoop> = (0..nodes)
-            .map(|_| OuterLoop::new(&spec, start.clone()))
-            .collect();
+        let (mut trainers, mut loops) = by_label_nodes(&spec, nodes as u32);
         let mut queue = Vec::new();
         for _ in 0..60 {
-            let mut sent = Vec::new();
-            for (t, l) in trainers.iter_mut().zip(&mut loops) {
-                for _ in 0..10 {
-                    t.train_step().unwrap();
-                }
-                let b = l.boundary(&t.params().unwrap()).unwrap();
-                t.set_params(&b.params).unwrap();
-                sent.push((b.round, b.encoded.values));
-            }
+            let sent = phase(&mut trainers, &mut loops);
             let outers: Vec<Vec<f32>> = loops
                 .iter()
                 .map(|l| OUTER_PARAMS_CODEC.encode(&l.outer).values)

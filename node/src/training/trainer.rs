@@ -729,24 +729,11 @@ impl State {
         self.job.trainer.set_params(&boundary.params)?;
         self.last_phase = Some(phase);
         self.phase_started = Instant::now();
-        // Peers get the pseudo-gradient, then the outer parameters (int8), as one vector.
-        let theta = OUTER_PARAMS_CODEC.encode(outer.outer_params());
-        let mut values = boundary.encoded.values;
-        values.extend_from_slice(&theta.values);
-        let mut pieces = boundary.encoded.pieces;
-        pieces.extend(theta.pieces);
-        self.next_snapshot += 1;
-        let snapshot = Arc::new(Snapshot {
-            id: self.next_snapshot,
-            params: values,
-            samples: self.job.trainer.samples_seen,
-            step: self.job.trainer.step,
-            outer: Some(OuterPayload {
-                round: boundary.round,
-                pieces,
-            }),
-        });
-        self.job.snapshots.send_replace(Some(snapshot));
+        self.publish_outer(
+            boundary.round,
+            boundary.encoded.values,
+            boundary.encoded.pieces,
+        );
         self.send(FromTrainer::OuterStep {
             round: boundary.round,
             averaged: boundary.averaged,
@@ -854,7 +841,7 @@ impl State {
     /// After the last outer step: serves the last pseudo-gradient with the current outer
     /// parameters.
     fn publish_final_outer(&mut self) {
-        let Some(outer) = self.outer.as_ref() else {
+        let Some(n) = self.outer.as_ref().map(|o| o.outer_params().len()) else {
             return;
         };
         let Some(last) = self.job.snapshots.borrow().clone() else {
@@ -863,12 +850,21 @@ impl State {
         let Some(payload) = last.outer.as_ref() else {
             return;
         };
-        let n = outer.outer_params().len();
+        let delta = last.params.get(..n).unwrap_or_default().to_vec();
+        let pieces = p2p_models::compress::pieces(n) as usize;
+        let delta_pieces = payload.pieces.iter().take(pieces).cloned().collect();
+        self.publish_outer(payload.round, delta, delta_pieces);
+    }
+
+    /// Serves the pseudo-gradient of outer step `round` (its decoded values and encoded pieces)
+    /// followed by the current outer parameters in int8, as one vector: what peers' sessions
+    /// exchange.
+    fn publish_outer(&mut self, round: u64, mut values: Vec<f32>, mut pieces: Vec<Vec<u8>>) {
+        let Some(outer) = self.outer.as_ref() else {
+            return;
+        };
         let theta = OUTER_PARAMS_CODEC.encode(outer.outer_params());
-        let mut values = last.params.get(..n).unwrap_or_default().to_vec();
         values.extend_from_slice(&theta.values);
-        let delta_pieces = p2p_models::compress::pieces(n) as usize;
-        let mut pieces: Vec<Vec<u8>> = payload.pieces.iter().take(delta_pieces).cloned().collect();
         pieces.extend(theta.pieces);
         self.next_snapshot += 1;
         let snapshot = Arc::new(Snapshot {
@@ -876,10 +872,7 @@ impl State {
             params: values,
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
-            outer: Some(OuterPayload {
-                round: payload.round,
-                pieces,
-            }),
+            outer: Some(OuterPayload { round, pieces }),
         });
         self.job.snapshots.send_replace(Some(snapshot));
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod process;
+pub mod training;
 
 use std::future::Future;
 use std::time::Duration;
