@@ -651,11 +651,7 @@ impl Coordinator {
                 "claimed outer step {}, more than the run's {max_round}",
                 p.round
             );
-            tracing::warn!(peer = %p.peer, "{why}");
-            let exclude = self.guard.strike(p.peer);
-            if let Err(e) = self.client.refuse_peer(p.peer, why, exclude).await {
-                tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
-            }
+            self.penalize(p.peer, why).await;
             return;
         }
         self.note_peer_at(&p);
@@ -732,12 +728,18 @@ impl Coordinator {
                     tracing::info!(peer = %p.peer, "{why} (refused, no penalty: an outlier)");
                     return;
                 }
-                tracing::warn!(peer = %p.peer, "{why}");
-                let exclude = self.guard.strike(p.peer);
-                if let Err(e) = self.client.refuse_peer(p.peer, why, exclude).await {
-                    tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
-                }
+                self.penalize(p.peer, why).await;
             }
+        }
+    }
+
+    /// Penalizes `peer` for what no honest peer sends, excluding it from the run at its third
+    /// strike.
+    async fn penalize(&mut self, peer: PeerId, why: String) {
+        tracing::warn!(%peer, "{why}");
+        let exclude = self.guard.strike(peer);
+        if let Err(e) = self.client.refuse_peer(peer, why, exclude).await {
+            tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
         }
     }
 

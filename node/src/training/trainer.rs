@@ -307,6 +307,7 @@ pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<
         mixed_per_snapshot: std::collections::VecDeque::new(),
         next_snapshot: 0,
         last_eval: None,
+        evaluated_at: None,
         averaging_time: Duration::ZERO,
         pace_time: Duration::ZERO,
         started: Instant::now(),
@@ -356,6 +357,8 @@ struct State {
     mixed_per_snapshot: std::collections::VecDeque<(u64, f64)>,
     next_snapshot: u64,
     last_eval: Option<Evaluation>,
+    /// The step and exchange count at the last evaluation (what it describes).
+    evaluated_at: Option<(u64, u64)>,
     averaging_time: Duration,
     pace_time: Duration,
     started: Instant,
@@ -891,6 +894,7 @@ impl State {
             None => self.job.trainer.evaluate()?,
         };
         self.last_eval = Some(evaluation);
+        self.evaluated_at = Some((self.job.trainer.step, self.exchanges_used));
         self.send(FromTrainer::Evaluated {
             step: self.job.trainer.step,
             evaluation,
@@ -976,9 +980,10 @@ impl State {
     }
 
     fn checkpoint(&mut self, publish: bool) -> Result<(), TrainerError> {
-        if publish && self.outer.is_some() {
+        let evaluated_now = self.evaluated_at == Some((self.job.trainer.step, self.exchanges_used));
+        if publish && self.outer.is_some() && !evaluated_now {
             // The published figures must describe the outer parameters as they are now (a
-            // newcomer checks them against the bytes).
+            // newcomer checks them against the bytes); unless they were just evaluated.
             self.evaluate()?;
         }
         let meta = CheckpointMeta {
