@@ -127,8 +127,14 @@ async fn a_banned_peer_is_cut_off_and_stays_banned_after_a_restart() {
     common::init_logs();
     let a = start(vec![], |_| {}).await;
     let liar = start(vec![a.bootstrap_addr()], |_| {}).await;
-    wait_for("the liar to connect", WAIT, || async {
-        connected_to(&a, liar.peer_id()).await.then_some(())
+    // Connected, and identify told a its listen address: only then does the address book
+    // (saved at shutdown) hold an entry to find after the restart.
+    wait_for("the liar to connect and identify itself", WAIT, || async {
+        let peers = a.handle.client.peers().await.ok()?;
+        peers
+            .iter()
+            .any(|p| p.peer_id == liar.peer_id().to_string() && p.connected && !p.addrs.is_empty())
+            .then_some(())
     })
     .await;
     for _ in 0..3 {
