@@ -5,7 +5,10 @@ by veth pairs to a bridge, its upload and download shaped with `tc`, running one
     testnet/netns.py distribute [--hosts 8] [--profile dc] [--size 64] [--stages all]
     testnet/netns.py churn [--hosts 8] [--kill 0.25]
     testnet/netns.py bootstrap-loss [--hosts 8]
-    testnet/netns.py train [--hosts 4]
+    testnet/netns.py train [--hosts 4] [--workload digits|text] [--averaging outer|parameters]
+                           [--inner-steps 50] [--compression int8|top-k|f32] [--set 'FIELD = V']
+                           [--churn 2] [--attack negate --attack scale=2.9] [--no-baseline]
+    testnet/netns.py speedup [--steps 300] [--hosts-list 2,4,8] [--target-from RESULT]
     testnet/netns.py up [--hosts 8]                  # hosts and idle nodes until Ctrl-C
 
 Scenarios print a summary table and write `result.json` into `--out` (default
@@ -187,6 +190,7 @@ class Host:
         self.dir = net.out / self.name
         self.proc = None
         self.log_file = None
+        self.cpus = None  # `taskset -c` list the node is pinned to (None: not pinned)
         if net.loopback:
             self.ip = "127.0.0.1"
             self.ns = None
@@ -222,6 +226,8 @@ class Host:
                "--api-addr", f"{self.ip}:{0 if self.net.loopback else 7000}"]
         if bootstrap:
             cmd += ["--bootstrap", bootstrap]
+        if self.cpus is not None:
+            cmd = ["taskset", "-c", self.cpus, *cmd]
         if self.ns:
             cmd = ["ip", "netns", "exec", self.ns, *cmd]
         self.log_file = self.dir / "node.log"
@@ -514,24 +520,89 @@ def scenario_bootstrap_loss(net, args):
             "restarted_rejoined": rejoined, "ok": True}
 
 
-def scenario_train(net, args):
-    steps = args.steps
-    spec = net.out / "digits.toml"
-    spec.write_text(DEMO_SPEC.format(shards=args.hosts, steps=steps))
-    base = net.out / "baseline.toml"
-    base.write_text(DEMO_SPEC.format(shards=1, steps=steps * args.hosts).replace("by-label", "iid"))
-    hosts = [net.add_host() for _ in range(args.hosts)]
-    baseline_host = net.add_host()
-    t0 = time.monotonic()
-    join = hosts[0].start(["train", "--create", str(spec), "--shard", f"0/{args.hosts}"]).join_addr()
-    for i, h in enumerate(hosts[1:], start=1):
-        h.start(["train", "--shard", f"{i}/{args.hosts}"], bootstrap=join)
-    baseline_host.start(["train", "--create", str(base), "--shard", "0/1", "--no-averaging"])
-    curves = {h.name: [] for h in hosts + [baseline_host]}
+TEXT_SPEC = """model = "char-transformer"
+dataset = "austen"
+shards = {shards}
+steps = {steps}
+batch_size = 8
+optimizer = "adamw"
+learning_rate = 0.001
+eval_every = {eval_every}
+checkpoint_every = {checkpoint_every}
+{averaging}
+[transformer]
+context = 128
+dim = 256
+heads = 8
+layers = 4
+"""
 
-    def sample():
+
+def run_spec(args, shards, steps, alone=False):
+    """The run spec of a `train`/`speedup` scenario: the digits demo (non-iid by-label shards)
+    or the Austen text model, with the averaging the flags ask for. `alone`: the baseline's
+    spec (one shard, iid)."""
+    averaging = "".join(f"{line}\n" for line in args.set)
+    if args.averaging == "outer":
+        averaging += (f'averaging = "outer"\ninner_steps = {args.inner_steps}\n'
+                      f'compression = "{args.compression}"')
+    if args.workload == "text":
+        return TEXT_SPEC.format(shards=shards, steps=steps, eval_every=args.eval_every,
+                                checkpoint_every=max(args.eval_every, args.inner_steps),
+                                averaging=averaging)
+    spec = DEMO_SPEC.format(shards=shards, steps=steps) + averaging + "\n"
+    if args.averaging == "outer":
+        # Checkpoints at outer-step boundaries, so that a newcomer starts from outer parameters.
+        spec = spec.replace("checkpoint_every = 100", f"checkpoint_every = {args.inner_steps * 2}")
+    return spec.replace("by-label", "iid") if alone else spec
+
+
+def parameter_count(path):
+    """Values in a safetensors file (its header's shapes)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    total = 0
+    for name, t in header.items():
+        if name != "__metadata__":
+            count = 1
+            for d in t["shape"]:
+                count *= d
+            total += count
+    return total
+
+
+def start_log_line(host, needle):
+    """The first line of `host`'s log that contains `needle`, or None."""
+    if not host.log_file or not host.log_file.exists():
+        return None
+    for line in host.log_file.read_text(errors="replace").splitlines():
+        if needle in line:
+            return line
+    return None
+
+
+def log_field(line, key):
+    """`key=value` from a text log line (None when absent)."""
+    for word in (line or "").split():
+        if word.startswith(key + "="):
+            return word.split("=", 1)[1].strip('",')
+    return None
+
+
+class Training:
+    """Samples `/status.training` of a set of hosts: per-host curves of
+    (seconds since the host's first training step, step, accuracy or validation loss),
+    and the last status."""
+
+    def __init__(self, text):
+        self.text = text
+        self.curves, self.last, self.began, self.evaluated = {}, {}, {}, {}
+
+    def sample(self, hosts, until_settled=True):
+        """One round of samples; true when every host finished and evaluated its final model."""
         done = True
-        for h in hosts + [baseline_host]:
+        for h in hosts:
             h.check_alive()
             t = (h.get("/status") or {}).get("training")
             if not t:
@@ -539,31 +610,219 @@ def scenario_train(net, args):
                 continue
             if t.get("state") == "failed":
                 raise RuntimeError(f"{h.name}: training failed: {t.get('error')}")
-            point = [round(time.monotonic() - t0, 2), t["step"], t.get("accuracy")]
-            c = curves[h.name]
-            if t.get("accuracy") is not None and (not c or c[-1][1:] != point[1:]):
-                c.append(point)
+            self.last[h.name] = t
+            now = time.monotonic()
+            if t["step"] > 0 and h.name not in self.began:
+                self.began[h.name] = now
+            metric = t.get("loss") if self.text else t.get("accuracy")
+            c = self.curves.setdefault(h.name, [])
+            evaluated = (t.get("evaluated_at_step"), t.get("evaluated_after_rounds"))
+            if metric is not None and evaluated[0] is not None and self.evaluated.get(h.name) != evaluated:
+                self.evaluated[h.name] = evaluated
+                c.append([round(now - self.began.get(h.name, now), 2), evaluated[0], metric])
             settled = t["state"] == "finished" and t["evaluated_after_rounds"] == t["averaging_rounds"]
             done = done and settled
-        return done
+        return done or not until_settled
 
-    wait_for("training to finish", args.timeout, sample, 0.25)
-    finals = {}
-    for h in hosts + [baseline_host]:
-        finals[h.name] = (h.get("/status") or {}).get("training") or {}
+    def metric(self, name):
+        t = self.last.get(name) or {}
+        return t.get("loss") if self.text else t.get("accuracy")
+
+
+def metric_label(args):
+    return "val loss" if args.workload == "text" else "accuracy"
+
+
+def print_hosts(rows, args):
+    """The per-host table: steps, outer steps, traffic, waiting, final quality."""
+    print(f"{'host':<10} {'role':<10} {'shard':<6} {'steps':>6} {'outer':>5} {'KiB/step':>9} "
+          f"{'waiting':>8} {metric_label(args):>9}")
+    for r in rows:
+        m = r["metric"]
+        print(f"{r['host']:<10} {r['role']:<10} {r['shard']:<6} {r['steps']:>6} {r['outer_step']:>5} "
+              f"{r['sent_per_step'] / 1024:>9.2f} {r['network_wait'] * 100:>7.1f}% "
+              f"{'-' if m is None else f'{m:.3f}':>9}")
+
+
+def host_row(host, status, role, text):
+    t = status or {}
+    return {"host": host.name, "role": role, "shard": t.get("shard", "-"), "steps": t.get("step", 0),
+            "outer_step": t.get("outer_step", 0), "sent_per_step": t.get("bytes_sent_per_step", 0.0),
+            "received_per_step": t.get("bytes_received_per_step", 0.0),
+            "network_wait": t.get("network_wait_fraction", 0.0),
+            "metric": t.get("loss") if text else t.get("accuracy"),
+            "bits_per_char": t.get("bits_per_char"), "compression_ratio": t.get("compression_ratio")}
+
+
+def scenario_train(net, args):
+    """N hosts train one run on their shards (optionally with attackers, and with hosts killed
+    halfway and replaced by newcomers); a baseline host trains alone on all data for the same
+    total samples. Prints quality, traffic per step against f32 every step, and waiting."""
+    n, steps, text = args.hosts, args.steps, args.workload == "text"
+    spec = net.out / "run.toml"
+    spec.write_text(run_spec(args, n, steps))
+    base = net.out / "baseline.toml"
+    base.write_text(run_spec(args, 1, steps * n, alone=True))
+    hosts = [net.add_host() for _ in range(n)]
+    attackers = [net.add_host() for _ in args.attack]
+    baseline_host = None if args.no_baseline else net.add_host()
+    join = hosts[0].start(["train", "--create", str(spec), "--shard", f"0/{n}"]).join_addr()
+    for i, h in enumerate(hosts[1:], start=1):
+        h.start(["train", "--shard", f"{i}/{n}"], bootstrap=join)
+    for i, (h, attack) in enumerate(zip(attackers, args.attack)):
+        h.start(["train", "--shard", f"{i % n}/{n}", "--attack-averaging", attack], bootstrap=join)
+    if baseline_host:
+        baseline_host.start(["train", "--create", str(base), "--shard", "0/1", "--no-averaging"])
+    everyone = hosts + attackers + ([baseline_host] if baseline_host else [])
+    training = Training(text)
+    replaced, newcomers = [], []
+    if args.churn:
+        # Kill `churn` hosts (not the first: it is the others' contact) halfway, then start as
+        # many newcomers on the same shards with fresh data dirs.
+        wait_for("the hosts to be halfway", args.timeout, lambda: (
+            training.sample(everyone, until_settled=False) and
+            statistics.mean(training.last.get(h.name, {}).get("step", 0) for h in hosts) >= steps / 2), 0.25)
+        victims = hosts[-args.churn:]
+        for v in victims:
+            v.kill()
+            replaced.append(v.name)
+        log(f"killed {', '.join(replaced)} halfway (SIGKILL)")
+        contact = hosts[0].join_addr()
+        for v in victims:
+            h = net.add_host()
+            shard = training.last.get(v.name, {}).get("shard", f"{hosts.index(v)}/{n}")
+            h.start(["train", "--shard", shard], bootstrap=contact)
+            newcomers.append(h)
+        hosts = [h for h in hosts if h not in victims] + newcomers
+        everyone = [h for h in everyone if h not in victims] + newcomers
+    wait_for("training to finish", args.timeout, lambda: training.sample(everyone), 0.25)
+    for h in everyone:
         h.stop()
-    print(f"{'host':<10} {'shard':<6} {'steps':>6} {'steps/s':>8} {'rounds':>7} {'accuracy':>9}")
-    for h in hosts:
-        t = finals[h.name]
-        print(f"{h.name:<10} {t.get('shard', '-'):<6} {t.get('step', 0):>6} {t.get('steps_per_second', 0):>8.0f} "
-              f"{t.get('averaging_rounds', 0):>7} {t.get('accuracy') or 0:>9.3f}")
-    b = finals[baseline_host.name]
-    print(f"{'baseline':<10} {'0/1':<6} {b.get('step', 0):>6} {b.get('steps_per_second', 0):>8.0f} "
-          f"{'-':>7} {b.get('accuracy') or 0:>9.3f}")
-    return {"hosts": args.hosts, "steps": steps, "curves": curves,
-            "final": {k: v.get("accuracy") for k, v in finals.items()},
-            "steps_per_second": {k: v.get("steps_per_second") for k, v in finals.items()},
-            "baseline": baseline_host.name}
+    rows = [host_row(h, training.last.get(h.name), "newcomer" if h in newcomers else "honest", text)
+            for h in hosts]
+    rows += [host_row(h, training.last.get(h.name), "attacker", text) for h in attackers]
+    if baseline_host:
+        rows.append(host_row(baseline_host, training.last.get(baseline_host.name), "baseline", text))
+    print_hosts(rows, args)
+    result = {"hosts": n, "steps": steps, "workload": args.workload, "averaging": args.averaging,
+              "inner_steps": args.inner_steps, "compression": args.compression,
+              "attack": args.attack, "replaced": replaced, "rows": rows,
+              "curves": training.curves, "baseline": baseline_host.name if baseline_host else None,
+              "final": {r["host"]: r["metric"] for r in rows}}
+    honest = [r for r in rows if r["role"] in ("honest", "newcomer")]
+    checkpoint = (training.last.get(hosts[0].name) or {}).get("checkpoint_path")
+    if checkpoint and Path(checkpoint).exists():
+        params = parameter_count(checkpoint)
+        f32_per_step = params * 4
+        sent = max(r["sent_per_step"] for r in honest)
+        result.update(parameters=params, f32_bytes_per_step=f32_per_step, max_sent_per_step=sent)
+        print(f"traffic: {params} parameters; full f32 parameters every step would send "
+              f"{f32_per_step / 1024:.1f} KiB/step; the most any host sent was {sent / 1024:.2f} KiB/step "
+              f"({f32_per_step / max(sent, 1e-9):.0f}x fewer)")
+    waits = [r["network_wait"] for r in honest]
+    print(f"waiting on the network: {min(waits) * 100:.1f}-{max(waits) * 100:.1f}% of wall time")
+    values = [r["metric"] for r in honest if r["metric"] is not None]
+    if values:
+        print(f"{metric_label(args)} of honest hosts: {min(values):.3f}-{max(values):.3f}"
+              + (f"; baseline {rows[-1]['metric']:.3f}" if baseline_host and rows[-1]["metric"] is not None else ""))
+    for h in newcomers:
+        line = start_log_line(h, "training starts (")
+        start = {"host": h.name, "how": line.split("training starts (", 1)[1].split(")", 1)[0] if line else None,
+                 "samples_seen": log_field(line, "samples_seen")}
+        result.setdefault("newcomer_starts", []).append(start)
+        print(f"{h.name} (newcomer) started {start['how']}")
+    return result
+
+
+def scenario_speedup(net, args):
+    """Time to a target loss: one host pinned to one core trains alone for `--steps`; its final
+    validation loss is L*. Then 2 hosts (each pinned to its own core), and the larger counts of
+    `--hosts-list` (cores shared), train one run until every host's loss reaches L*. Text model
+    by default."""
+    cores = os.cpu_count() or 1
+    results = {"steps": args.steps, "workload": args.workload, "cores": cores, "runs": []}
+
+    def run(count):
+        label = "alone" if count == 1 else f"{count} hosts"
+        spec = net.out / f"speedup-{count}.toml"
+        spec.write_text(run_spec(args, count, args.steps, alone=count == 1))
+        hosts = [net.add_host() for _ in range(count)]
+        for i, h in enumerate(hosts):
+            h.cpus = str(i % cores)
+        if count == 1:
+            hosts[0].start(["train", "--create", str(spec), "--shard", "0/1", "--no-averaging"])
+        else:
+            join = hosts[0].start(["train", "--create", str(spec), "--shard", f"0/{count}"]).join_addr()
+            for i, h in enumerate(hosts[1:], start=1):
+                h.start(["train", "--shard", f"{i}/{count}"], bootstrap=join)
+        training = Training(args.workload == "text")
+        target = results.get("target")
+        better = (lambda v: v <= target) if args.workload == "text" else (lambda v: v >= target)
+
+        def reached_or_done():
+            done = training.sample(hosts)
+            if target is None:
+                return done
+            return done or all(any(better(p[2]) for p in training.curves.get(h.name, [])) for h in hosts)
+
+        wait_for(f"{label} to finish", args.timeout, reached_or_done, 0.25)
+        for h in hosts:
+            h.stop()
+        row = {"hosts": count, "per_host": []}
+        for h in hosts:
+            c = training.curves.get(h.name, [])
+            t = training.last.get(h.name) or {}
+            hit = next((p for p in c if target is not None and better(p[2])), None)
+            row["per_host"].append({"host": h.name, "cpu": h.cpus, "curve": c,
+                                    "seconds_to_target": hit[0] if hit else None,
+                                    "steps_to_target": hit[1] if hit else None,
+                                    "network_wait": t.get("network_wait_fraction", 0.0),
+                                    "sent_per_step": t.get("bytes_sent_per_step", 0.0),
+                                    "final": c[-1][2] if c else None,
+                                    "seconds": c[-1][0] if c else None})
+        for h in hosts:
+            h.remove()
+        return row
+
+    if args.target_from:
+        # The single host of an earlier run with the same flags (it takes as long as it takes).
+        earlier = json.loads(args.target_from.read_text())
+        alone = earlier["runs"][0]
+        if (earlier.get("scenario") != "speedup" or alone["hosts"] != 1 or earlier["steps"] != args.steps
+                or earlier.get("workload") != args.workload):
+            raise ValueError(f"{args.target_from}: not a speedup result with --steps {args.steps} "
+                             f"and --workload {args.workload}")
+        log(f"one host alone: taken from {args.target_from}")
+    else:
+        alone = run(1)
+    final = alone["per_host"][0]
+    if final["final"] is None:
+        raise RuntimeError("the single host never evaluated")
+    results["target"] = final["final"]
+    alone["per_host"][0].update(seconds_to_target=final["seconds"], steps_to_target=args.steps)
+    results["runs"].append(alone)
+    log(f"L* = {results['target']:.4f} ({metric_label(args)} of one host after {args.steps} steps, "
+        f"{final['seconds']:.0f} s)")
+    for count in args.hosts_list:
+        results["runs"].append(run(count))
+    t1 = final["seconds"]
+    print(f"L* = {results['target']:.4f} ({metric_label(args)} of one host alone after {args.steps} steps)")
+    print(f"{'hosts':>5} {'cores':>5} {'s to L* (slowest)':>18} {'speed-up':>9} {'steps to L*':>14} "
+          f"{'waiting':>8} {'KiB/step':>9}")
+    for r in results["runs"]:
+        times = [p["seconds_to_target"] for p in r["per_host"]]
+        steps = [p["steps_to_target"] for p in r["per_host"]]
+        slowest = None if None in times else max(times)
+        samples = None if None in steps else sum(steps)
+        gain = t1 / slowest if slowest and t1 else None
+        r.update(seconds_to_target=slowest, speedup=gain, steps_to_target_total=samples)
+        waits = [p["network_wait"] for p in r["per_host"]]
+        sent = max(p["sent_per_step"] for p in r["per_host"])
+        print(f"{r['hosts']:>5} {min(r['hosts'], cores):>5} "
+              f"{'not reached' if slowest is None else f'{slowest:.0f}':>18} "
+              f"{'-' if gain is None else f'{gain:.2f}x':>9} "
+              f"{'-' if samples is None else samples:>14} {max(waits) * 100:>7.2f}% {sent / 1024:>9.2f}")
+    return results
 
 
 def scenario_up(net, args):
@@ -581,7 +840,8 @@ def scenario_up(net, args):
 
 
 SCENARIOS = {"distribute": scenario_distribute, "churn": scenario_churn,
-             "bootstrap-loss": scenario_bootstrap_loss, "train": scenario_train, "up": scenario_up}
+             "bootstrap-loss": scenario_bootstrap_loss, "train": scenario_train,
+             "speedup": scenario_speedup, "up": scenario_up}
 
 
 def main():
@@ -597,14 +857,51 @@ def main():
     parser.add_argument("--chunk-kib", type=int, default=1024, help="distribute: chunk size of the version")
     parser.add_argument("--stages", default="all", help="distribute: comma-separated stages, or all")
     parser.add_argument("--kill", type=float, default=0.25, help="churn: fraction of fetchers killed")
-    parser.add_argument("--steps", type=int, default=600, help="train: local steps per host")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per phase")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train: local steps per host (600 digits, 300 text); speedup: the single host's budget")
+    parser.add_argument("--workload", choices=["digits", "text"], default=None,
+                        help="train/speedup: non-iid digits shards or the Austen text model (speedup: text)")
+    parser.add_argument("--averaging", choices=["outer", "parameters"], default="outer",
+                        help="train/speedup: outer steps on pseudo-gradients, or plain parameter averaging")
+    parser.add_argument("--inner-steps", type=int, default=50, help="with outer: local steps per outer step")
+    parser.add_argument("--compression", choices=["int8", "top-k", "f32"], default="int8",
+                        help="with outer: how pseudo-gradients travel")
+    parser.add_argument("--eval-every", type=int, default=25, help="text: local steps between evaluations")
+    parser.add_argument("--set", action="append", default=[], metavar="'FIELD = VALUE'",
+                        help="train/speedup: an extra line of the run spec (e.g. 'outer_momentum = 0.9'); repeatable")
+    parser.add_argument("--attack", action="append", default=[], metavar="ATTACK",
+                        help="train: add an adversarial host (negate, scale=F, noise=D, nan, stall); repeatable")
+    parser.add_argument("--churn", type=int, default=0,
+                        help="train: hosts killed halfway and replaced by as many newcomers")
+    parser.add_argument("--no-baseline", action="store_true", help="train: no single-host baseline")
+    parser.add_argument("--target-from", type=Path, metavar="RESULT",
+                        help="speedup: reuse the single host of an earlier result.json (same --steps)")
+    parser.add_argument("--hosts-list", default="2,4,8",
+                        help="speedup: host counts compared with one host alone")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per phase (default 600; 3600 with the text model)")
     parser.add_argument("--bin", type=Path, default=DEFAULT_BIN)
     parser.add_argument("--out", type=Path, help="results dir (default testnet/run/netns/...)")
     parser.add_argument("--loopback", action="store_true", help="no namespaces: processes on 127.0.0.1")
     args = parser.parse_args()
     if args.hosts is None:
         args.hosts = 4 if args.scenario == "train" else 8
+    if args.workload is None:
+        args.workload = "text" if args.scenario == "speedup" else "digits"
+    if args.steps is None:
+        args.steps = 300 if args.workload == "text" else 600
+    if args.timeout is None:
+        args.timeout = 3600 if args.workload == "text" else 600
+    try:
+        args.hosts_list = [int(x) for x in args.hosts_list.split(",") if x]
+    except ValueError:
+        sys.exit("error: --hosts-list is a comma-separated list of host counts, e.g. 2,4,8")
+    if any(not 2 <= x <= 64 for x in args.hosts_list):
+        sys.exit("error: --hosts-list counts must be between 2 and 64")
+    if not 1 <= args.inner_steps <= 100_000 or not 1 <= args.steps <= 10_000_000 or args.eval_every < 1:
+        sys.exit("error: --inner-steps, --steps and --eval-every must be positive")
+    if not 0 <= args.churn < args.hosts:
+        sys.exit("error: --churn must be below --hosts")
     if not 2 <= args.hosts <= 200:
         sys.exit("error: --hosts must be between 2 and 200")
     if args.size < 1 or args.size > 4096:

@@ -172,27 +172,83 @@ def bootstrap_loss(result, out, stem):
 
 def train(result, out, stem):
     curves, base = result["curves"], result["baseline"]
-    lines = [f"### Training: {result['hosts']} hosts, non-iid digits shards, {result['steps']} local steps "
-             f"({result['links']['summary']})", "", "| host | final test accuracy | training steps/s |",
-             "|---|---|---|"]
-    speeds = result.get("steps_per_second", {})
-    for name, acc in result["final"].items():
-        label = "baseline (one node, all data, same total samples)" if name == base else name
-        acc_text = f"{acc:.3f}" if acc is not None else "-"
-        speed = speeds.get(name)
-        lines.append(f"| {label} | {acc_text} | {speed:.0f} |" if speed else f"| {label} | {acc_text} | - |")
+    text = result.get("workload") == "text"
+    metric = "validation loss" if text else "test accuracy"
+    setup = (f"{result.get('averaging', 'parameters')} averaging"
+             + (f", {result['inner_steps']} inner steps, {result['compression']}"
+                if result.get("averaging") == "outer" else ""))
+    extra = ""
+    if result.get("replaced"):
+        extra += f"; {', '.join(result['replaced'])} killed halfway and replaced by newcomers"
+    if result.get("attack"):
+        extra += f"; attackers: {', '.join(result['attack'])}"
+    lines = [f"### Training: {result['hosts']} hosts, {'Austen text' if text else 'non-iid digits'} shards, "
+             f"{result['steps']} local steps, {setup}{extra} ({result['links']['summary']})", ""]
+    if "rows" in result:
+        lines += [f"| host | role | steps | outer steps | KiB sent/step | waiting | {metric} |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            m = "-" if r["metric"] is None else f"{r['metric']:.3f}"
+            lines.append(f"| {r['host']} | {r['role']} | {r['steps']} | {r['outer_step']} | "
+                         f"{r['sent_per_step'] / 1024:.2f} | {r['network_wait'] * 100:.1f}% | {m} |")
+        if result.get("f32_bytes_per_step"):
+            lines += ["", f"Full f32 parameters every step: {result['f32_bytes_per_step'] / 1024:.1f} KiB/step "
+                          f"({result['parameters']} parameters); the most any host sent: "
+                          f"{result['max_sent_per_step'] / 1024:.2f} KiB/step, "
+                          f"{result['f32_bytes_per_step'] / max(result['max_sent_per_step'], 1e-9):.0f}x fewer."]
+    else:
+        lines += ["| host | final test accuracy | training steps/s |", "|---|---|---|"]
+        speeds = result.get("steps_per_second", {})
+        for name, acc in result["final"].items():
+            label = "baseline (one node, all data, same total samples)" if name == base else name
+            acc_text = f"{acc:.3f}" if acc is not None else "-"
+            speed = speeds.get(name)
+            lines.append(f"| {label} | {acc_text} | {speed:.0f} |" if speed else f"| {label} | {acc_text} | - |")
     t_max = max((c[-1][0] for c in curves.values() if c), default=1)
-    svg = Svg("Test accuracy over time", "seconds", "accuracy (full test split)", nice_max(t_max), 1.0)
+    y_max = max((p[2] for c in curves.values() for p in c if p[2] is not None), default=1.0) if text else 1.0
+    svg = Svg(f"{metric.capitalize()} over time", "seconds", metric, nice_max(t_max), y_max)
     svg.x_axis_numbers()
     for i, (name, c) in enumerate(curves.items()):
         color = "black" if name == base else COLORS[i % len(COLORS)]
         svg.polyline([(p[0], p[2]) for p in c if p[2] is not None], color)
         svg.key(color, "baseline" if name == base else name)
     svg.save(out / f"{stem}-accuracy.svg")
-    return lines + ["", f"![accuracy]({stem}-accuracy.svg)", ""]
+    return lines + ["", f"![{metric}]({stem}-accuracy.svg)", ""]
 
 
-RENDER = {"distribute": distribute, "churn": churn, "bootstrap-loss": bootstrap_loss, "train": train}
+def speedup(result, out, stem):
+    text = result.get("workload", "text") == "text"
+    metric = "validation loss" if text else "test accuracy"
+    lines = [f"### Speed-up: time to L* = {result['target']:.4f} ({metric} of one host alone after "
+             f"{result['steps']} steps), {result['links']['summary']}", "",
+             "| hosts | seconds to L* (slowest host) | speed-up | local steps to L*, all hosts together | waiting | KiB sent/step |",
+             "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        t = r.get("seconds_to_target")
+        waits = max(p["network_wait"] for p in r["per_host"])
+        sent = max(p["sent_per_step"] for p in r["per_host"])
+        steps = r.get("steps_to_target_total")
+        gain = r.get("speedup")
+        lines.append(f"| {r['hosts']} | {'not reached' if t is None else f'{t:.0f}'} | "
+                     f"{'-' if not gain else f'{gain:.2f}x'} | "
+                     f"{'-' if steps is None else steps} | {waits * 100:.2f}% | {sent / 1024:.1f} |")
+    t_max = max((p["curve"][-1][1] for r in result["runs"] for p in r["per_host"] if p["curve"]), default=1)
+    y_max = max((q[2] for r in result["runs"] for p in r["per_host"] for q in p["curve"]), default=1.0)
+    svg = Svg(f"{metric.capitalize()} per local step", "local steps of each host", metric, nice_max(t_max), y_max)
+    svg.x_axis_numbers()
+    i = 0
+    for r in result["runs"]:
+        for p in r["per_host"]:
+            color = "black" if r["hosts"] == 1 else COLORS[i % len(COLORS)]
+            i += r["hosts"] != 1
+            svg.polyline([(q[1], q[2]) for q in p["curve"]], color)
+            svg.key(color, "one host alone" if r["hosts"] == 1 else f"{p['host']} of {r['hosts']}")
+    svg.save(out / f"{stem}-curves.svg")
+    return lines + ["", f"![curves]({stem}-curves.svg)", ""]
+
+
+RENDER = {"distribute": distribute, "churn": churn, "bootstrap-loss": bootstrap_loss, "train": train,
+          "speedup": speedup}
 
 
 def main():

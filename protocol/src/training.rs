@@ -31,10 +31,9 @@
 //!
 //! What a session exchanges is the run's [`Exchange`]: full parameters as a `dtype`, or, in
 //! runs with outer steps (DiLoCo), each side's pseudo-gradient of outer step `round`, encoded
-//! (int8, top-k or f32) piece by piece. Outer steps are counted run-wide: a node more than
-//! [`MAX_ROUND_LAG`] behind a count it saw takes it at its next outer step, and a
-//! pseudo-gradient more than [`MAX_ROUND_LAG`] outer steps older than the receiver's is not
-//! used.
+//! (int8, top-k or f32) piece by piece. Outer steps are counted run-wide: a node farther
+//! behind a count it saw than the run's pace bound plus [`MAX_ROUND_LAG`] takes it at its next
+//! outer step, and a pseudo-gradient older than the receiver's by more than that is not used.
 
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
@@ -123,7 +122,8 @@ pub enum Exchange {
     PseudoGradients(DeltaEncoding),
 }
 
-/// How many outer steps older than the receiver's a pseudo-gradient may be and still be used.
+/// How many outer steps older than the receiver's a pseudo-gradient may be and still be used,
+/// beyond the run's pace bound (`max_lead_steps / inner_steps`).
 pub const MAX_ROUND_LAG: u64 = 2;
 
 /// A training run, announced by its creator.

@@ -64,11 +64,19 @@ impl Attack {
         }
     }
 
+    /// Whether, with outer steps, this attack sends its outer parameters honestly and lies
+    /// only in its pseudo-gradient: negation and scaling do, so that the outer parameters pass
+    /// their checks and only the pseudo-gradient checks stand between the lie and the model.
+    pub fn honest_outer_parameters(self) -> bool {
+        matches!(self, Self::Negate | Self::Scale(_) | Self::Claim(_))
+    }
+
     /// What to send instead of `own` (this piece of our parameters); `partner` is the same
     /// piece of the partner's parameters when already received, `own_norm` and `total` the
     /// L2 norm and length of all we exchange (our parameters; with outer steps, our
-    /// pseudo-gradient followed by our outer parameters, so the attacks lie about both), encoded
-    /// as `codec` says for piece `index`.
+    /// pseudo-gradient followed by our outer parameters, which only the attacks that are not
+    /// [`Attack::honest_outer_parameters`] lie about), encoded as `codec` says for piece
+    /// `index`.
     pub fn piece(
         self,
         own: &[f32],

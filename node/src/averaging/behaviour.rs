@@ -304,13 +304,11 @@ impl Session {
     fn piece(&mut self, index: u32, codec: &PieceCodec, attack: Option<Attack>) -> Vec<u8> {
         let params = &self.snapshot.params;
         let range = codec.range(params.len(), index);
-        let data = match (attack, &self.snapshot.outer) {
-            (None | Some(Attack::Stall), Some(outer)) => outer
-                .pieces
-                .get(index as usize)
-                .cloned()
-                .unwrap_or_default(),
-            (None | Some(Attack::Stall), None) => codec.encode(index, params.len(), &params[range]),
+        // With outer steps the second half of what is exchanged is the outer parameters.
+        let outer_half = self.snapshot.outer.is_some() && range.start >= params.len() / 2;
+        let lie =
+            attack.filter(|a| *a != Attack::Stall && !(outer_half && a.honest_outer_parameters()));
+        let data = match (lie, &self.snapshot.outer) {
             (Some(attack), _) => {
                 let norm = *self.own_norm.get_or_insert_with(|| pm::l2_norm(params));
                 let partner = self
@@ -321,6 +319,12 @@ impl Session {
                     .then(|| &self.incoming.values[range.clone()]);
                 attack.piece(&params[range], partner, norm, params.len(), (codec, index))
             }
+            (None, Some(outer)) => outer
+                .pieces
+                .get(index as usize)
+                .cloned()
+                .unwrap_or_default(),
+            (None, None) => codec.encode(index, params.len(), &params[range]),
         };
         self.bytes.0 += data.len() as u64;
         data
@@ -594,6 +598,14 @@ impl Behaviour {
             j.members.remove(&peer);
             avoid(&mut j.avoided, peer);
         }
+    }
+
+    /// Connected peers known to train the run this node trains (none while it trains none).
+    pub fn run_members(&self) -> Vec<PeerId> {
+        self.joined
+            .as_ref()
+            .map(|j| j.members.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Status for `/status`.

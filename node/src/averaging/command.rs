@@ -1,6 +1,7 @@
 //! [`Command`]: what the training coordinator asks of the averaging protocol (through the
 //! network `Client`), and [`Behaviour::handle`], which answers it.
 
+use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Behaviour, PeerParams, RoundError, RunMembership, Snapshots};
@@ -25,7 +26,7 @@ pub enum Command {
     /// Open an averaging round with a random peer of the run.
     Average(oneshot::Sender<Result<PeerParams, RoundError>>),
     /// Connected peers known to train the same run.
-    RunPeers(oneshot::Sender<usize>),
+    RunPeers(oneshot::Sender<Vec<PeerId>>),
 }
 
 impl Behaviour {
@@ -41,7 +42,7 @@ impl Behaviour {
             Command::LeaveRun => self.leave(),
             Command::Average(reply) => self.average(reply),
             Command::RunPeers(reply) => {
-                let _ = reply.send(self.status().run_peers);
+                let _ = reply.send(self.run_members());
             }
         }
     }

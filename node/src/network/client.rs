@@ -455,7 +455,7 @@ impl Client {
     }
 
     /// Peers known to train this node's run.
-    pub async fn run_peers(&self) -> Result<usize> {
+    pub async fn run_peers(&self) -> Result<Vec<PeerId>> {
         self.ask(|reply| Command::Averaging(averaging::Command::RunPeers(reply)))
             .await
     }

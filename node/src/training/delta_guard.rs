@@ -1,24 +1,27 @@
 //! [`DeltaGuard`]: how much a peer's pseudo-gradient may move the outer parameters. Pure
 //! bookkeeping, no I/O. Broken pieces (a wrong length, a NaN, a bad encoding) never get here:
 //! the session refuses them as they arrive (`averaging::pieces`). What passes is finite and of
-//! the model's length, and can still poison: scaled up, negated, noise. Three rules bound it:
+//! the model's length, and can still poison: scaled up, negated, noise. Two rules bound it:
 //!
-//! 1. **Norm bound.** The *reference* norm is the larger of this node's own pseudo-gradient
-//!    norm in the exchange and the median, over peers, of each peer's latest accepted norm
-//!    (one peer, one vote; honest peers run the same `inner_steps` with the same learning
-//!    rate, so their norms are alike), once [`WARMUP`] peers were accepted, and never more than
-//!    [`MAX_REFERENCE_FACTOR`] times our own. Norms are recorded clipped (rule 3), so a peer
-//!    cannot ratchet the median up. A norm at [`REFUSE_FACTOR`] times the reference or more is
-//!    refused; at [`PENALIZE_FACTOR`] or more the peer is penalized too (no honest peer of the
-//!    run is that far off), once warm: until then our own norm may come from a short phase
-//!    (a resumed node's first).
-//! 2. **Opposition.** A pseudo-gradient whose cosine with ours is at most
+//! 1. **Opposition.** A pseudo-gradient whose cosine with ours is at most
 //!    [`MIN_COSINE`] is refused; at most [`PENALIZED_COSINE`] with a penalty: honest peers'
 //!    directions differ (by shard, by noise) but do not point straight back (the negation
 //!    attack sends exactly that).
-//! 3. **Clipping.** An accepted pseudo-gradient is scaled down to at most [`CLIP_FACTOR`] times
-//!    the reference norm (centered clipping around zero, Karimireddy et al., ICML 2021), so a
-//!    scaled-up one just inside the bound moves the model no more than an honest one.
+//! 2. **Clipping.** An accepted pseudo-gradient is scaled down to at most [`CLIP_FACTOR`] times
+//!    the *reference* norm (centered clipping around zero, Karimireddy et al., ICML 2021), so
+//!    one scaled up by any factor moves the model no more than an honest one. The reference is
+//!    the larger of this node's own pseudo-gradient norm in the exchange and the median, over
+//!    peers, of each peer's latest accepted norm (one peer, one vote), once [`WARMUP`] peers
+//!    were accepted, and never more than [`MAX_REFERENCE_FACTOR`] times our own. Norms are
+//!    recorded clipped, so a peer cannot ratchet the median up.
+//!
+//! A norm far from the reference is clipped, not refused: honest norms differ by a factor of
+//! 70 within one run (measured on the testnet, eight by-label digits hosts: a peer's first
+//! phase from the initial weights against a late phase under a decayed learning rate), and
+//! refusing them at 3x (penalizing at 6x) had honest peers banned. Only a norm at
+//! [`PENALIZE_FACTOR`] times the reference or more, once [`WARMUP`] peers were accepted, is
+//! refused with a penalty: no honest peer is that far off, and a peer that sends such things
+//! is cut off rather than used, clipped, every round.
 //!
 //! Each peer's pseudo-gradient counts once in a round's average, equally (see
 //! `training::outer`), so one peer moves a round by at most `CLIP_FACTOR / (partners + 1)` of
@@ -34,14 +37,12 @@ use p2p_models::params;
 /// Peers whose latest accepted norm is remembered (beyond: an arbitrary one is forgotten).
 pub const MAX_PEERS: usize = 1024;
 
-/// Accepted peers needed before their median counts, and before refusals cost a penalty.
+/// Accepted peers needed before their median counts, and before an extreme norm costs a
+/// penalty.
 pub const WARMUP: usize = 5;
 
-/// Norms at this multiple of the reference or beyond are refused.
-pub const REFUSE_FACTOR: f64 = 3.0;
-
-/// Norms at this multiple of the reference or beyond are refused with a penalty.
-pub const PENALIZE_FACTOR: f64 = 6.0;
+/// Norms at this multiple of the reference or beyond are refused with a penalty (once warm).
+pub const PENALIZE_FACTOR: f64 = 1000.0;
 
 /// Accepted pseudo-gradients are clipped to this multiple of the reference norm.
 pub const CLIP_FACTOR: f64 = 1.5;
@@ -92,14 +93,13 @@ impl DeltaGuard {
         let own = params::l2_norm(ours);
         let norm = params::l2_norm(theirs);
         let reference = self.reference(own);
-        let warm = self.accepted.len() >= WARMUP;
-        if norm >= REFUSE_FACTOR * reference {
+        if self.accepted.len() >= WARMUP && norm >= PENALIZE_FACTOR * reference {
             return DeltaVerdict::Refuse {
                 why: format!(
-                    "a pseudo-gradient of norm {norm:.3e}, {:.1} times the reference {reference:.3e}",
+                    "a pseudo-gradient of norm {norm:.3e}, {:.0} times the reference {reference:.3e}",
                     norm / reference
                 ),
-                penalize: warm && norm >= PENALIZE_FACTOR * reference,
+                penalize: true,
             };
         }
         if own > 0.0 && norm > 0.0 {
@@ -169,8 +169,8 @@ mod tests {
         }
     }
 
-    /// A peer re-sending pseudo-gradients just inside the bound, again and again, holds one
-    /// vote of its clipped norm: the reference, and with it the bound, does not climb.
+    /// A peer sending ever larger pseudo-gradients holds one vote of its clipped norm: the
+    /// reference, and with it what any peer's pseudo-gradient may move, does not climb.
     #[test]
     fn one_peer_cannot_ratchet_the_reference_up() {
         let mut guard = DeltaGuard::default();
@@ -179,12 +179,10 @@ mod tests {
             guard.judge(PeerId::random(), &ours, &honest(1));
         }
         let liar = PeerId::random();
-        let mut factor = 2.9f32;
-        for _ in 0..100 {
+        for i in 0..100 {
+            let factor = 1.5f32.powi(i);
             let sent: Vec<f32> = honest(1).iter().map(|v| v * factor).collect();
-            if let DeltaVerdict::Use { .. } = guard.judge(liar, &ours, &sent) {
-                factor *= 1.5;
-            }
+            guard.judge(liar, &ours, &sent);
         }
         let honest_norm = params::l2_norm(&honest(1)).max(params::l2_norm(&ours));
         let reference = guard.reference(params::l2_norm(&ours));
@@ -192,38 +190,33 @@ mod tests {
             reference <= 1.01 * honest_norm,
             "{reference} vs {honest_norm}"
         );
-        assert!(factor < 10.0, "{factor}");
     }
 
     #[test]
-    fn scaled_ones_are_clipped_or_refused_and_negated_ones_refused() {
+    fn scaled_ones_are_clipped_and_extreme_or_negated_ones_refused() {
         let mut guard = DeltaGuard::default();
         let ours = honest(0);
         for i in 1..=WARMUP {
             guard.judge(PeerId::random(), &ours, &honest(i));
         }
         let scaled = |f: f32| honest(1).iter().map(|v| v * f).collect::<Vec<f32>>();
-        // Just inside the bound: used, but clipped to 1.5 times the reference.
-        let DeltaVerdict::Use { scale } = guard.judge(PeerId::random(), &ours, &scaled(2.9)) else {
-            panic!("refused");
-        };
-        let moved = scale * params::l2_norm(&scaled(2.9));
-        assert!(
-            (moved / params::l2_norm(&ours) - 1.5).abs() < 0.1,
-            "{moved}"
-        );
-        // Beyond it: refused; far beyond: penalized.
+        // Scaled by any factor an honest peer's could differ by: used, but clipped to 1.5
+        // times the reference; far beyond: refused with a penalty.
         assert!(matches!(
-            guard.judge(PeerId::random(), &ours, &scaled(4.0)),
-            DeltaVerdict::Refuse {
-                penalize: false,
-                ..
-            }
-        ));
-        assert!(matches!(
-            guard.judge(PeerId::random(), &ours, &scaled(100.0)),
+            guard.judge(PeerId::random(), &ours, &scaled(1e4)),
             DeltaVerdict::Refuse { penalize: true, .. }
         ));
+        for factor in [2.9, 100.0] {
+            let DeltaVerdict::Use { scale } = guard.judge(PeerId::random(), &ours, &scaled(factor))
+            else {
+                panic!("refused");
+            };
+            let moved = scale * params::l2_norm(&scaled(factor));
+            assert!(
+                (moved / params::l2_norm(&ours) - 1.5).abs() < 0.1,
+                "x{factor}: {moved}"
+            );
+        }
         let negated: Vec<f32> = ours.iter().map(|v| -v).collect();
         let DeltaVerdict::Refuse { why, penalize } = guard.judge(PeerId::random(), &ours, &negated)
         else {

@@ -94,7 +94,8 @@ pub enum Start {
     Checkpoint {
         /// The file.
         path: PathBuf,
-        /// Keep its step (resume) rather than start counting local steps at 0 (join).
+        /// Keep its step (resume) rather than take the version's step, at most half the run's
+        /// (join).
         resume: bool,
     },
 }

@@ -880,13 +880,14 @@ impl State {
         self.job.snapshots.send_replace(Some(snapshot));
     }
 
-    /// Evaluates the model on the test split: with outer steps, the outer parameters (the
-    /// model checkpoints hold and peers converge on), not the local ones.
+    /// Evaluates the model on the test split: with outer steps, the outer parameters with the
+    /// rounds being gathered applied ([`OuterLoop::preview`]: the model checkpoints hold and
+    /// peers converge on), not the local ones.
     fn evaluate(&mut self) -> Result<(), TrainerError> {
         let evaluation = match &self.outer {
             Some(outer) => {
                 let local = self.job.trainer.params()?;
-                self.job.trainer.set_params(outer.outer_params())?;
+                self.job.trainer.set_params(&outer.preview()?)?;
                 let evaluation = self.job.trainer.evaluate();
                 self.job.trainer.set_params(&local)?;
                 evaluation?
@@ -997,10 +998,10 @@ impl State {
                 .filter(|_| self.job.trainer.spec().dataset.is_text())
                 .map(|e| e.bits_per_char()),
         };
-        // With outer steps the model is the outer parameters (the local ones carry this node's
-        // progress since the last outer step on top).
+        // With outer steps the model is the outer parameters with the rounds being gathered
+        // applied (the local ones carry this node's progress since the last outer step on top).
         let values = match &self.outer {
-            Some(outer) => outer.outer_params().to_vec(),
+            Some(outer) => outer.preview()?,
             None => self.job.trainer.params()?,
         };
         let bytes = checkpoint::to_bytes(self.job.trainer.layout(), &values, &meta)?;
