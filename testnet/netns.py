@@ -740,7 +740,9 @@ def scenario_speedup(net, args):
     `--hosts-list` (cores shared), train one run until every host's loss reaches L*. Text model
     by default."""
     cores = os.cpu_count() or 1
-    results = {"steps": args.steps, "workload": args.workload, "cores": cores, "runs": []}
+    results = {"steps": args.steps, "workload": args.workload, "cores": cores, "runs": [],
+               "averaging": args.averaging, "inner_steps": args.inner_steps,
+               "compression": args.compression, "set": args.set}
 
     def run(count):
         label = "alone" if count == 1 else f"{count} hosts"

@@ -219,8 +219,12 @@ def train(result, out, stem):
 def speedup(result, out, stem):
     text = result.get("workload", "text") == "text"
     metric = "validation loss" if text else "test accuracy"
+    setup = ""
+    if result.get("averaging") == "outer":
+        setup = (f"; outer steps, {result['inner_steps']} inner steps, {result['compression']}"
+                 + "".join(f", {line}" for line in result.get("set", [])))
     lines = [f"### Speed-up: time to L* = {result['target']:.4f} ({metric} of one host alone after "
-             f"{result['steps']} steps), {result['links']['summary']}", "",
+             f"{result['steps']} steps){setup}; {result['links']['summary']}", "",
              "| hosts | seconds to L* (slowest host) | speed-up | local steps to L*, all hosts together | waiting | KiB sent/step |",
              "|---|---|---|---|---|---|"]
     for r in result["runs"]:
