@@ -624,10 +624,6 @@ class Training:
             done = done and settled
         return done or not until_settled
 
-    def metric(self, name):
-        t = self.last.get(name) or {}
-        return t.get("loss") if self.text else t.get("accuracy")
-
 
 def metric_label(args):
     return "val loss" if args.workload == "text" else "accuracy"

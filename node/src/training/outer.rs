@@ -84,6 +84,14 @@ struct Gathering {
     published: Instant,
 }
 
+impl Gathering {
+    /// The mean of the pseudo-gradients gathered, equally weighted.
+    fn average(&self) -> Vec<f32> {
+        let count = f64::from(self.count);
+        self.sum.iter().map(|s| (s / count) as f32).collect()
+    }
+}
+
 /// What a boundary gives the trainer.
 pub struct Boundary {
     /// Where the next inner phase starts.
@@ -262,13 +270,11 @@ impl OuterLoop {
         let Some(g) = self.gathering.pop_front() else {
             return Ok(0);
         };
-        let count = f64::from(g.count);
         if self.applied_counts.len() == COUNTS_WINDOW {
             self.applied_counts.pop_front();
         }
         self.applied_counts.push_back(g.count);
-        let average: Vec<f32> = g.sum.iter().map(|s| (s / count) as f32).collect();
-        self.optimizer.step(&mut self.outer, &average)?;
+        self.optimizer.step(&mut self.outer, &g.average())?;
         Ok(g.count)
     }
 
@@ -364,9 +370,7 @@ impl OuterLoop {
         let mut outer = self.outer.clone();
         let mut optimizer = self.optimizer.clone();
         for g in &self.gathering {
-            let count = f64::from(g.count);
-            let average: Vec<f32> = g.sum.iter().map(|s| (s / count) as f32).collect();
-            optimizer.step(&mut outer, &average)?;
+            optimizer.step(&mut outer, &g.average())?;
         }
         Ok(outer)
     }
