@@ -701,7 +701,7 @@ def scenario_train(net, args):
         rows.append(host_row(baseline_host, training.last.get(baseline_host.name), "baseline", text))
     print_hosts(rows, args)
     result = {"hosts": n, "steps": steps, "workload": args.workload, "averaging": args.averaging,
-              "inner_steps": args.inner_steps, "compression": args.compression,
+              "inner_steps": args.inner_steps, "compression": args.compression, "set": args.set,
               "attack": args.attack, "replaced": replaced, "rows": rows,
               "curves": training.curves, "baseline": baseline_host.name if baseline_host else None,
               "final": {r["host"]: r["metric"] for r in rows}}

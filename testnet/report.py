@@ -177,7 +177,7 @@ def train(result, out, stem):
     setup = (f"{result.get('averaging', 'parameters')} averaging"
              + (f", {result['inner_steps']} inner steps, {result['compression']}"
                 if result.get("averaging") == "outer" else ""))
-    extra = ""
+    extra = "".join(f", {line}" for line in result.get("set") or [])
     if result.get("replaced"):
         extra += f"; {', '.join(result['replaced'])} killed halfway and replaced by newcomers"
     if result.get("attack"):

@@ -568,7 +568,7 @@ mod convergence {
 
     /// `nodes` trainers on the by-label shards of `spec`, all starting from the first one's
     /// initial weights, and their outer loops.
-    fn by_label_nodes(spec: &RunSpec, nodes: u32) -> (Vec<Trainer>, Vec<OuterLoop>) {
+    pub(super) fn by_label_nodes(spec: &RunSpec, nodes: u32) -> (Vec<Trainer>, Vec<OuterLoop>) {
         let mut trainers: Vec<Trainer> = (0..nodes)
             .map(|i| {
                 let data = Dataset::load(spec, None)
@@ -586,6 +586,29 @@ mod convergence {
             .map(|_| OuterLoop::new(spec, start.clone()))
             .collect();
         (trainers, loops)
+    }
+
+    /// Moves a node's outer parameters toward a peer's `theirs` (exchanged against ours,
+    /// `own`), by at most 1/2 and what is left of its weight `budget`, and its local
+    /// parameters by the same shift (as the trainer does).
+    pub(super) fn mix_outer(
+        trainer: &mut Trainer,
+        outer: &mut OuterLoop,
+        theirs: &[f32],
+        own: &[f32],
+        budget: &mut f64,
+    ) {
+        let weight = budget.min(0.5);
+        *budget -= weight;
+        let shift = outer.mix_outer(theirs, own, weight).unwrap();
+        let local: Vec<f32> = trainer
+            .params()
+            .unwrap()
+            .iter()
+            .zip(&shift)
+            .map(|(p, d)| p + d)
+            .collect();
+        trainer.set_params(&local).unwrap();
     }
 
     /// One inner phase of 10 steps on every node, then its boundary; gives what each sends.
@@ -696,19 +719,8 @@ mod convergence {
                 }
                 if average_outer {
                     for (a, b) in [(i, j), (j, i)] {
-                        // Against our own outer parameters when we sent ours.
-                        let own = outers[a].clone();
-                        let weight = budget[a].min(0.5);
-                        budget[a] -= weight;
-                        let shift = loops[a].mix_outer(&outers[b], &own, weight).unwrap();
-                        let local: Vec<f32> = trainers[a]
-                            .params()
-                            .unwrap()
-                            .iter()
-                            .zip(&shift)
-                            .map(|(p, d)| p + d)
-                            .collect();
-                        trainers[a].set_params(&local).unwrap();
+                        let (own, theirs) = (&outers[a], &outers[b]);
+                        mix_outer(&mut trainers[a], &mut loops[a], theirs, own, &mut budget[a]);
                     }
                 }
             }
@@ -773,5 +785,104 @@ mod convergence {
             late < on_time - 0.2,
             "on time {on_time}, a phase late {late}"
         );
+    }
+}
+
+#[cfg(test)]
+mod benchmark {
+    //! Outer-step settings on eight by-label digits shards, in process (no network: every
+    //! exchange arrives before the next boundary). A benchmark that prints figures, not a
+    //! test: `cargo test -p p2p-node --lib outer_settings -- --ignored --nocapture`.
+    use super::convergence::{by_label_nodes, mix_outer};
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    use crate::averaging::pieces::OUTER_PARAMS_CODEC;
+
+    /// `nodes` trainers on by-label shards, 600 local steps each in phases of `inner` steps;
+    /// each phase every node opens sessions with `partners` random peers (so it takes part in
+    /// about twice as many), swapping pseudo-gradients and outer parameters (mixed against one
+    /// weight budget of 2/3 per phase, as the trainer does). Gives each node's accuracy and
+    /// that of the mean of their outer parameters.
+    fn run(nodes: usize, inner: u64, partners: usize, extra: &str) -> (Vec<f64>, f64) {
+        let spec = RunSpec::parse(&format!(
+            "model = \"digits-mlp\"\ndataset = \"digits\"\npartition = \"by-label\"\n\
+             batch_size = 32\nlearning_rate = 0.05\nshards = {nodes}\nsteps = 600\n\
+             averaging = \"outer\"\ninner_steps = {inner}\n{extra}"
+        ))
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let peers: Vec<PeerId> = (0..nodes).map(|_| PeerId::random()).collect();
+        let (mut trainers, mut loops) = by_label_nodes(&spec, nodes as u32);
+        for _ in 0..spec.steps / inner {
+            let mut sent = Vec::new();
+            for (t, l) in trainers.iter_mut().zip(loops.iter_mut()) {
+                for _ in 0..inner {
+                    t.train_step().unwrap();
+                }
+                let b = l.boundary(&t.params().unwrap()).unwrap();
+                t.set_params(&b.params).unwrap();
+                sent.push((b.round, b.encoded.values));
+            }
+            let outers: Vec<Vec<f32>> = loops
+                .iter()
+                .map(|l| OUTER_PARAMS_CODEC.encode(&l.outer).values)
+                .collect();
+            let mut budget = vec![2.0f64 / 3.0; nodes];
+            for i in 0..nodes {
+                for _ in 0..partners {
+                    let j = (i + rng.gen_range(1..nodes)) % nodes;
+                    for (a, b) in [(i, j), (j, i)] {
+                        let (round, values) = &sent[b];
+                        let _ = loops[a].receive(peers[b], *round, values);
+                        let (own, theirs) = (&outers[a], &outers[b]);
+                        mix_outer(&mut trainers[a], &mut loops[a], theirs, own, &mut budget[a]);
+                    }
+                }
+            }
+        }
+        let finals: Vec<Vec<f32>> = loops
+            .iter_mut()
+            .map(|l| {
+                l.finish().unwrap();
+                l.outer_params().to_vec()
+            })
+            .collect();
+        let mean: Vec<f32> = (0..finals[0].len())
+            .map(|k| finals.iter().map(|f| f[k]).sum::<f32>() / nodes as f32)
+            .collect();
+        let accuracies = trainers
+            .iter_mut()
+            .zip(&finals)
+            .map(|(t, f)| {
+                t.set_params(f).unwrap();
+                t.evaluate().unwrap().accuracy
+            })
+            .collect();
+        trainers[0].set_params(&mean).unwrap();
+        (accuracies, trainers[0].evaluate().unwrap().accuracy)
+    }
+
+    #[test]
+    #[ignore = "a benchmark: prints figures"]
+    fn outer_settings_on_eight_by_label_shards() {
+        let cases: [(u64, usize, &str); 7] = [
+            (5, 1, ""),
+            (5, 2, ""),
+            (1, 1, ""),
+            (5, 1, "outer_learning_rate = 1.0\nouter_momentum = 0.0"),
+            (5, 2, "outer_learning_rate = 1.5"),
+            (5, 2, "outer_learning_rate = 2.0"),
+            (5, 1, "outer_learning_rate = 3.0"),
+        ];
+        for (inner, partners, extra) in cases {
+            let (accuracies, mean) = run(8, inner, partners, extra);
+            let min = accuracies.iter().copied().fold(1.0, f64::min);
+            let max = accuracies.iter().copied().fold(0.0, f64::max);
+            println!(
+                "inner_steps {inner}, {partners} partner(s) opened a phase, [{}]: nodes {min:.3}-{max:.3}, mean of their outer parameters {mean:.3}",
+                extra.replace('\n', ", ")
+            );
+        }
     }
 }
