@@ -611,11 +611,16 @@ mod convergence {
         trainer.set_params(&local).unwrap();
     }
 
-    /// One inner phase of 10 steps on every node, then its boundary; gives what each sends.
-    fn phase(trainers: &mut [Trainer], loops: &mut [OuterLoop]) -> Vec<(u64, Vec<f32>)> {
+    /// One inner phase of `inner` steps on every node, then its boundary; gives what each
+    /// sends.
+    pub(super) fn phase(
+        trainers: &mut [Trainer],
+        loops: &mut [OuterLoop],
+        inner: u64,
+    ) -> Vec<(u64, Vec<f32>)> {
         let mut sent = Vec::new();
         for (t, l) in trainers.iter_mut().zip(loops.iter_mut()) {
-            for _ in 0..10 {
+            for _ in 0..inner {
                 t.train_step().unwrap();
             }
             let b = l.boundary(&t.params().unwrap()).unwrap();
@@ -638,7 +643,7 @@ mod convergence {
         let (mut trainers, mut loops) = by_label_nodes(&spec, 3);
         let mut in_flight = Vec::new();
         for _ in 0..60 {
-            let sent = phase(&mut trainers, &mut loops);
+            let sent = phase(&mut trainers, &mut loops, 10);
             in_flight.push(sent);
             if in_flight.len() > delay {
                 let arrived = in_flight.remove(0);
@@ -699,7 +704,7 @@ mod convergence {
         let (mut trainers, mut loops) = by_label_nodes(&spec, nodes as u32);
         let mut queue = Vec::new();
         for _ in 0..60 {
-            let sent = phase(&mut trainers, &mut loops);
+            let sent = phase(&mut trainers, &mut loops, 10);
             let outers: Vec<Vec<f32>> = loops
                 .iter()
                 .map(|l| OUTER_PARAMS_CODEC.encode(&l.outer).values)
@@ -793,7 +798,7 @@ mod benchmark {
     //! Outer-step settings on eight by-label digits shards, in process (no network: every
     //! exchange arrives before the next boundary). A benchmark that prints figures, not a
     //! test: `cargo test -p p2p-node --lib outer_settings -- --ignored --nocapture`.
-    use super::convergence::{by_label_nodes, mix_outer};
+    use super::convergence::{by_label_nodes, mix_outer, phase};
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -815,15 +820,7 @@ mod benchmark {
         let peers: Vec<PeerId> = (0..nodes).map(|_| PeerId::random()).collect();
         let (mut trainers, mut loops) = by_label_nodes(&spec, nodes as u32);
         for _ in 0..spec.steps / inner {
-            let mut sent = Vec::new();
-            for (t, l) in trainers.iter_mut().zip(loops.iter_mut()) {
-                for _ in 0..inner {
-                    t.train_step().unwrap();
-                }
-                let b = l.boundary(&t.params().unwrap()).unwrap();
-                t.set_params(&b.params).unwrap();
-                sent.push((b.round, b.encoded.values));
-            }
+            let sent = phase(&mut trainers, &mut loops, inner);
             let outers: Vec<Vec<f32>> = loops
                 .iter()
                 .map(|l| OUTER_PARAMS_CODEC.encode(&l.outer).values)

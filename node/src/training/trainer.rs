@@ -884,10 +884,17 @@ impl State {
     /// rounds being gathered applied ([`OuterLoop::preview`]: the model checkpoints hold and
     /// peers converge on), not the local ones.
     fn evaluate(&mut self) -> Result<(), TrainerError> {
-        let evaluation = match &self.outer {
-            Some(outer) => {
+        let preview = self.outer.as_ref().map(OuterLoop::preview).transpose()?;
+        self.evaluate_model(preview.as_deref())
+    }
+
+    /// Evaluates `outer_model` (with outer steps: the outer parameters previewed by the
+    /// caller) or, without one, the local parameters; reports the evaluation.
+    fn evaluate_model(&mut self, outer_model: Option<&[f32]>) -> Result<(), TrainerError> {
+        let evaluation = match outer_model {
+            Some(values) => {
                 let local = self.job.trainer.params()?;
-                self.job.trainer.set_params(&outer.preview()?)?;
+                self.job.trainer.set_params(values)?;
                 let evaluation = self.job.trainer.evaluate();
                 self.job.trainer.set_params(&local)?;
                 evaluation?
@@ -981,11 +988,14 @@ impl State {
     }
 
     fn checkpoint(&mut self, publish: bool) -> Result<(), TrainerError> {
+        // With outer steps the model is the outer parameters with the rounds being gathered
+        // applied (the local ones carry this node's progress since the last outer step on top).
+        let preview = self.outer.as_ref().map(OuterLoop::preview).transpose()?;
         let evaluated_now = self.evaluated_at == Some((self.job.trainer.step, self.exchanges_used));
-        if publish && self.outer.is_some() && !evaluated_now {
+        if publish && preview.is_some() && !evaluated_now {
             // The published figures must describe the outer parameters as they are now (a
             // newcomer checks them against the bytes); unless they were just evaluated.
-            self.evaluate()?;
+            self.evaluate_model(preview.as_deref())?;
         }
         let meta = CheckpointMeta {
             run: self.job.run.clone(),
@@ -998,10 +1008,8 @@ impl State {
                 .filter(|_| self.job.trainer.spec().dataset.is_text())
                 .map(|e| e.bits_per_char()),
         };
-        // With outer steps the model is the outer parameters with the rounds being gathered
-        // applied (the local ones carry this node's progress since the last outer step on top).
-        let values = match &self.outer {
-            Some(outer) => outer.preview()?,
+        let values = match preview {
+            Some(values) => values,
             None => self.job.trainer.params()?,
         };
         let bytes = checkpoint::to_bytes(self.job.trainer.layout(), &values, &meta)?;
