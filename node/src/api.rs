@@ -1,5 +1,7 @@
-//! The local JSON API: `GET /healthz`, `GET /status`, `GET /peers`, `GET /models`, and
-//! `POST /publish` (a local safetensors file as the next version of a model).
+//! The local API: JSON at `GET /healthz`, `GET /status`, `GET /peers`, `GET /models`,
+//! `GET /history` and `POST /publish` (a local safetensors file as the next version of a
+//! model); Prometheus metrics at `GET /metrics` ([`crate::metrics`]); the live dashboard at
+//! `GET /` ([`crate::dashboard`]).
 //!
 //! It listens on 127.0.0.1 by default. Handlers only ask the event loop through the
 //! [`Client`]; a stopped network answers 503.
@@ -20,12 +22,13 @@ use crate::network::{Client, NetworkStatus};
 
 /// What the handlers share.
 #[derive(Clone)]
-struct ApiState {
+pub(crate) struct ApiState {
     client: Client,
     started: Instant,
     data_dir: PathBuf,
     mdns: bool,
     kad_mode: crate::config::KadMode,
+    models_dir: PathBuf,
 }
 
 /// `GET /status` body.
@@ -53,6 +56,7 @@ pub async fn serve(
         data_dir: config.data_dir.clone(),
         mdns: config.mdns,
         kad_mode: config.kad_mode,
+        models_dir: config.models_dir(),
     };
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -67,6 +71,9 @@ fn router(state: ApiState) -> Router {
         .route("/peers", get(peers))
         .route("/models", get(models))
         .route("/publish", post(publish))
+        .route("/history", get(history))
+        .route("/metrics", get(metrics))
+        .merge(crate::dashboard::routes())
         .with_state(state)
 }
 
@@ -100,6 +107,38 @@ async fn models(State(state): State<ApiState>) -> Response {
     match state.client.models().await {
         Ok(models) => Json(models).into_response(),
         Err(e) => unavailable(e),
+    }
+}
+
+async fn history(State(state): State<ApiState>) -> Response {
+    Json(state.client.history().body()).into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let (status, models) = match (state.client.status().await, state.client.models().await) {
+        (Ok(status), Ok(models)) => (status, models),
+        (Err(e), _) | (_, Err(e)) => return unavailable(e),
+    };
+    let dir = state.models_dir.clone();
+    let store_disk_bytes = tokio::task::spawn_blocking(move || crate::metrics::disk_usage(&dir))
+        .await
+        .unwrap_or(0);
+    let snapshot = crate::metrics::Snapshot {
+        status,
+        models,
+        store_disk_bytes,
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+    };
+    match crate::metrics::render(&snapshot, state.client.metrics_registry()) {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 

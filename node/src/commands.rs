@@ -460,9 +460,7 @@ mod tests {
                 last_dial_error: Some("p: Connection refused".into()),
                 ..JoinState::default()
             },
-            denied_connections: 0,
-            training: None,
-            averaging: Default::default(),
+            ..NetworkStatus::default()
         }
     }
 

@@ -38,7 +38,7 @@ use super::disk::{
 use super::download::{Ask, Download, OnDisk, Step, Waiter};
 use super::error::Error;
 use super::picker::Picker;
-use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
+use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo, TransferTotals};
 use super::store::{ImportedFile, Store, VersionClaims};
 use super::trust::{Resolution, Trust};
 use super::upload::{Decision, Uploads};
@@ -160,6 +160,8 @@ pub struct Behaviour {
     announcements: HashMap<VersionId, Announcement>,
     /// Bytes of chunks received, per version.
     downloaded: HashMap<VersionId, u64>,
+    /// Chunk traffic since start, over every version.
+    totals: TransferTotals,
     uploads: Uploads,
     /// Models followed, and since when (a name not bound yet is taken only after
     /// [`FOLLOW_SETTLE`]).
@@ -210,6 +212,7 @@ impl Behaviour {
             requests: HashMap::new(),
             announcements: HashMap::new(),
             downloaded: HashMap::new(),
+            totals: TransferTotals::default(),
             uploads: Uploads::new(&config),
             followed: HashMap::new(),
             versions_queries: HashMap::new(),
@@ -524,6 +527,11 @@ impl Behaviour {
         v.is_complete().then(|| (v.manifest.clone(), v.data_path()))
     }
 
+    /// Chunk traffic since start, over every version.
+    pub fn transfer_totals(&self) -> TransferTotals {
+        self.totals
+    }
+
     /// Every version held, for `GET /models`, newest first within each model.
     pub fn models(&self) -> Vec<ModelInfo> {
         let mut out: Vec<ModelInfo> = self
@@ -767,6 +775,8 @@ impl Behaviour {
             Ok(mut data) => {
                 self.uploads.prepare(&mut data);
                 self.uploads.sent(id, data.len() as u64);
+                self.totals.chunks_served += 1;
+                self.totals.bytes_served += data.len() as u64;
                 Response::Chunk { index, data }
             }
             Err(e) => {
@@ -1591,8 +1601,13 @@ impl Behaviour {
             d.chunk_written(index, peer, result == Ok(true), Instant::now());
         }
         match result {
-            Ok(true) => *self.downloaded.entry(id).or_default() += bytes,
+            Ok(true) => {
+                *self.downloaded.entry(id).or_default() += bytes;
+                self.totals.chunks_fetched += 1;
+                self.totals.bytes_fetched += bytes;
+            }
             Ok(false) => {
+                self.totals.bad_chunks += 1;
                 // Chunks it sent before the first was checked come here too: one penalty.
                 if !self.downloads.get(&id).is_some_and(|d| d.is_banned(&peer)) {
                     self.punish(peer, id, "sent a chunk that does not match its hash");

@@ -45,7 +45,7 @@ pub mod upload;
 pub use behaviour::{Behaviour, Event};
 pub use command::Command;
 pub use error::Error;
-pub use report::{DownloadReport, DownloadState, FetchProgress, ModelInfo};
+pub use report::{DownloadReport, DownloadState, FetchProgress, ModelInfo, TransferTotals};
 pub use upload::IN_USE_WINDOW;
 
 /// The five distribution stages of the seed design. The protocol is one; stages 1-4 are

@@ -60,6 +60,23 @@ pub struct FetchProgress {
     pub peers: usize,
 }
 
+/// Chunk traffic since the node started, over every version (`GET /status` → `transfers`,
+/// and the `p2p_node_chunks_*` / `p2p_node_*_bytes_total` metrics). Counters: they only grow,
+/// also when a version is deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TransferTotals {
+    /// Chunks sent to peers.
+    pub chunks_served: u64,
+    /// Bytes of chunks sent to peers.
+    pub bytes_served: u64,
+    /// Chunks received from peers that matched their hash.
+    pub chunks_fetched: u64,
+    /// Bytes of chunks received from peers that matched their hash.
+    pub bytes_fetched: u64,
+    /// Chunks received that did not match their hash (each one dropped, its sender penalized).
+    pub bad_chunks: u64,
+}
+
 /// One version as listed by `GET /models`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {

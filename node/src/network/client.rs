@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::address_book::Source;
 use crate::averaging::{self, AveragerStatus, PeerParams, RoundError, RunMembership, Snapshots};
+use crate::history::SharedHistory;
 use crate::models::disk::PublishFile;
 use crate::models::{self, DownloadReport, DownloadState, FetchProgress, ModelInfo};
 use crate::training::TrainingStatus;
@@ -52,7 +53,7 @@ pub enum Command {
 }
 
 /// Summary of the node's network state (`GET /status`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct NetworkStatus {
     /// This node's peer id.
     pub peer_id: String,
@@ -68,11 +69,48 @@ pub struct NetworkStatus {
     pub join: JoinState,
     /// Connections refused since start (banned peers, or peers not on the allowlist).
     pub denied_connections: u64,
+    /// Live connections by direction and path.
+    pub connections: ConnectionCounts,
+    /// Offences counted against peers since start (bad chunks, lies in averaging, ...).
+    pub penalties: u64,
+    /// Bans given since start.
+    pub bans: u64,
+    /// Peers banned now.
+    pub banned_peers: usize,
+    /// Chunk traffic since start.
+    pub transfers: crate::models::TransferTotals,
     /// Training, when this node trains (`null` otherwise).
     pub training: Option<TrainingStatus>,
     /// The averaging protocol's view (merged into `training`).
     #[serde(skip)]
     pub averaging: AveragerStatus,
+}
+
+/// Live connections by direction (who dialled) and path (`direct`, or `relayed` through a
+/// circuit relay: an address with `/p2p-circuit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConnectionCounts {
+    /// Dialled by the peer, straight to this node.
+    pub inbound_direct: usize,
+    /// Dialled by the peer through a relay.
+    pub inbound_relayed: usize,
+    /// Dialled by this node, straight to the peer.
+    pub outbound_direct: usize,
+    /// Dialled by this node through a relay.
+    pub outbound_relayed: usize,
+}
+
+impl ConnectionCounts {
+    /// Counts one connection more (`delta` = 1) or less (-1).
+    pub fn add(&mut self, inbound: bool, relayed: bool, delta: isize) {
+        let slot = match (inbound, relayed) {
+            (true, false) => &mut self.inbound_direct,
+            (true, true) => &mut self.inbound_relayed,
+            (false, false) => &mut self.outbound_direct,
+            (false, true) => &mut self.outbound_relayed,
+        };
+        *slot = slot.saturating_add_signed(delta);
+    }
 }
 
 /// The node's connections as they change: sent on a `watch` ([`Client::connectivity`]) every
@@ -158,6 +196,8 @@ pub struct PeerInfo {
     pub penalty: u32,
     /// While it is banned: Unix seconds when the ban ends.
     pub banned_until_unix: Option<u64>,
+    /// While connected: `direct` if any connection to it is direct, else `relayed`.
+    pub path: Option<&'static str>,
 }
 
 /// A download in progress ([`Client::fetch_with_progress`]).
@@ -187,6 +227,10 @@ pub struct Client {
     training: Arc<std::sync::Mutex<Option<watch::Receiver<TrainingStatus>>>>,
     /// The node's identity, to sign the runs it creates.
     key: Arc<libp2p::identity::Keypair>,
+    /// libp2p's metrics (filled by the event loop), for `GET /metrics`.
+    registry: Arc<prometheus_client::registry::Registry>,
+    /// Training points and events, for the dashboard.
+    history: SharedHistory,
 }
 
 impl Client {
@@ -202,7 +246,31 @@ impl Client {
             connectivity,
             training: Arc::default(),
             key: Arc::new(key),
+            registry: Arc::default(),
+            history: SharedHistory::default(),
         }
+    }
+
+    /// The same client, reading libp2p's metrics from `registry` and the dashboard's record
+    /// from `history` (both filled by the event loop).
+    pub fn with_observers(
+        mut self,
+        registry: Arc<prometheus_client::registry::Registry>,
+        history: SharedHistory,
+    ) -> Self {
+        self.registry = registry;
+        self.history = history;
+        self
+    }
+
+    /// libp2p's metrics registry.
+    pub fn metrics_registry(&self) -> &prometheus_client::registry::Registry {
+        &self.registry
+    }
+
+    /// Training points and events recorded so far.
+    pub fn history(&self) -> &SharedHistory {
+        &self.history
     }
 
     /// Signs `run` as its creator: this node.
@@ -235,11 +303,23 @@ impl Client {
         Ok(status)
     }
 
-    /// Shows `status` (the coordinator's watch) in [`Client::status`] from now on.
+    /// Shows `status` (the coordinator's watch) in [`Client::status`] from now on, and
+    /// records its progress in the history (a task that ends with the watch).
     pub fn watch_training(&self, status: watch::Receiver<TrainingStatus>) {
         if let Ok(mut slot) = self.training.lock() {
-            *slot = Some(status);
+            *slot = Some(status.clone());
         }
+        let (history, peer) = (self.history.clone(), self.key.public().to_peer_id());
+        let mut status = status;
+        tokio::spawn(async move {
+            let (peer, mut last) = (peer.to_string(), (0, None));
+            loop {
+                last = history.own_progress(&peer, &status.borrow_and_update(), last);
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
     }
 
     /// The latest training status, if this node trains.

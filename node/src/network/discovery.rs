@@ -309,6 +309,7 @@ impl Discovery {
                 in_routing_table: in_table.contains(peer),
                 penalty: 0,
                 banned_until_unix: None,
+                path: None,
             })
             .collect();
         infos.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));

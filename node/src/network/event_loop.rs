@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
-use libp2p::swarm::{DialError, ListenError, SwarmEvent};
+use libp2p::metrics::Recorder;
+use libp2p::swarm::{ConnectionId, DialError, ListenError, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, mdns, Multiaddr, PeerId, Swarm};
 use p2p_protocol::manifest::VersionId;
 use tokio::sync::{mpsc, oneshot};
@@ -20,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::address_book::AddressBook;
 use super::behaviour::{announce_topic, runs_topic, Behaviour, BehaviourEvent};
-use super::client::{Client, Command, NetworkStatus};
+use super::client::{Client, Command, ConnectionCounts, NetworkStatus};
 use super::discovery::{Discovery, CACHE_SAVE_SOON};
 use super::reputation::{self, Reputation, Verdict};
 use crate::averaging;
 use crate::config::NodeConfig;
+use crate::history::SharedHistory;
 use crate::models::store::Store;
 use crate::models::trust::Trust;
 use crate::models::{self, Behaviour as ModelsBehaviour};
@@ -49,6 +51,15 @@ pub struct EventLoop {
     bans_path: PathBuf,
     /// Connections refused (banned peers, peers not on the allowlist), either way.
     denied_connections: u64,
+    /// Live connections: the peer, inbound?, relayed?
+    connections: HashMap<ConnectionId, (PeerId, bool, bool)>,
+    /// Offences counted and bans given since start.
+    penalties: u64,
+    bans: u64,
+    /// libp2p's own metrics (swarm, Kademlia, gossipsub, identify, ping).
+    recorder: libp2p::metrics::Metrics,
+    /// Training points and notable events, for the dashboard.
+    history: SharedHistory,
 }
 
 impl EventLoop {
@@ -56,13 +67,16 @@ impl EventLoop {
     ///
     /// Fails (with a one-line reason) if an address cannot be listened on.
     pub fn new(key: Keypair, config: NodeConfig, book: AddressBook) -> Result<(Self, Client)> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let recorder = libp2p::metrics::Metrics::new(&mut registry);
         let store = Store::open(&config.models_dir())?;
         let trust = Trust::load(&config.trust_path(), config.trust.iter().cloned());
         let mut models = ModelsBehaviour::new(config.models.clone(), store, key.clone(), trust);
         for model in &config.follow {
             models.follow(model.clone());
         }
-        let (mut swarm, pending_listeners) = super::swarm::build(key.clone(), &config, models)?;
+        let (mut swarm, pending_listeners) =
+            super::swarm::build(key.clone(), &config, models, &mut registry)?;
         let bans_path = config.bans_path();
         let saved = reputation::load_bans(&bans_path).unwrap_or_else(|e| {
             tracing::warn!(error = %format!("{e:#}"), "ignoring the ban list");
@@ -76,7 +90,9 @@ impl EventLoop {
         let (maintenance_interval, peer_cache_save_interval) =
             (config.maintenance_interval, config.peer_cache_save_interval);
         let discovery = Discovery::new(config, book);
-        let client = Client::new(sender, discovery.connectivity(), key.clone());
+        let history = SharedHistory::default();
+        let client = Client::new(sender, discovery.connectivity(), key.clone())
+            .with_observers(std::sync::Arc::new(registry), history.clone());
         let event_loop = Self {
             swarm,
             commands,
@@ -90,6 +106,11 @@ impl EventLoop {
             reputation,
             bans_path,
             denied_connections: 0,
+            connections: HashMap::new(),
+            penalties: 0,
+            bans: 0,
+            recorder,
+            history,
         };
         Ok((event_loop, client))
     }
@@ -142,6 +163,7 @@ impl EventLoop {
                     if let Ok(peer) = info.peer_id.parse::<PeerId>() {
                         (info.penalty, info.banned_until_unix) =
                             self.reputation.standing(&peer, now);
+                        info.path = self.connection_path(&peer);
                     }
                 }
                 let _ = reply.send(infos);
@@ -183,6 +205,11 @@ impl EventLoop {
             known_peers: self.discovery.known_peers(),
             join: self.discovery.join_state(),
             denied_connections: self.denied_connections,
+            connections: self.connection_counts(),
+            penalties: self.penalties,
+            bans: self.bans,
+            banned_peers: self.reputation.bans(SystemTime::now()).len(),
+            transfers: self.swarm.behaviour().models.transfer_totals(),
             training: None, // filled in by the client from the coordinator's watch
             averaging: self.swarm.behaviour().averaging.status(),
         }
@@ -191,10 +218,45 @@ impl EventLoop {
     /// Counts an offence of `peer`, and bans it (its connections closed and refused, the
     /// ban saved) when its reputation says so.
     fn penalize(&mut self, peer: PeerId, why: &str) {
-        if let Verdict::Ban { .. } = self.reputation.penalize(peer, why, SystemTime::now()) {
+        self.penalties += 1;
+        let verdict = self.reputation.penalize(peer, why, SystemTime::now());
+        let banned = matches!(verdict, Verdict::Ban { .. });
+        self.history.event(
+            if banned { "ban" } else { "penalty" },
+            Some(peer),
+            why.to_string(),
+        );
+        if banned {
+            self.bans += 1;
             self.swarm.behaviour_mut().blocked.block_peer(peer);
             self.save_bans();
         }
+    }
+
+    /// Live connections by direction and path.
+    fn connection_counts(&self) -> ConnectionCounts {
+        let mut counts = ConnectionCounts::default();
+        for &(_, inbound, relayed) in self.connections.values() {
+            counts.add(inbound, relayed, 1);
+        }
+        counts
+    }
+
+    /// How this node reaches `peer` now: `direct` if any connection is, `relayed` if all go
+    /// through a relay, `None` if not connected.
+    fn connection_path(&self, peer: &PeerId) -> Option<&'static str> {
+        let mut relayed = self
+            .connections
+            .values()
+            .filter(|(p, ..)| p == peer)
+            .map(|&(_, _, relayed)| relayed)
+            .peekable();
+        relayed.peek()?;
+        Some(if relayed.all(|r| r) {
+            "relayed"
+        } else {
+            "direct"
+        })
     }
 
     /// Lifts the bans that are over.
@@ -238,6 +300,10 @@ impl EventLoop {
                 kademlia.stop_providing(&kad::RecordKey::new(&id.0))
             }
             models::Event::Announce(bytes) => {
+                if let Ok(a) = p2p_protocol::messages::Announcement::decode(&bytes) {
+                    let text = format!("published {} version {}", a.model, a.version);
+                    self.history.event("version", Some(a.publisher), text);
+                }
                 self.publish_gossip(announce_topic(), bytes, "version")
             }
             models::Event::Misbehaved { peer, why } => self.penalize(peer, &why),
@@ -269,6 +335,7 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.recorder.record(&event);
         match event {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             SwarmEvent::NewListenAddr {
@@ -299,19 +366,30 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
+                let relayed = endpoint
+                    .get_remote_address()
+                    .iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit));
+                self.connections
+                    .insert(connection_id, (peer_id, endpoint.is_listener(), relayed));
                 let first = num_established.get() == 1;
                 self.discovery.on_connected(peer_id, &endpoint, first);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.discovery.on_disconnected(peer_id);
+                self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    self.discovery.on_disconnected(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 error: DialError::Denied { .. },
@@ -334,6 +412,13 @@ impl EventLoop {
     }
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match &event {
+            BehaviourEvent::Identify(e) => self.recorder.record(e),
+            BehaviourEvent::Kademlia(e) => self.recorder.record(e),
+            BehaviourEvent::Gossipsub(e) => self.recorder.record(e),
+            BehaviourEvent::Ping(e) => self.recorder.record(e),
+            _ => {}
+        }
         let swarm = &mut self.swarm;
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
@@ -373,6 +458,7 @@ impl EventLoop {
                 if message.topic == runs_topic().hash() {
                     self.averaging().on_gossip(message.source, &message.data);
                 } else if let Some(a) = self.models().on_gossip(message.source, &message.data) {
+                    self.history.announced(&a);
                     // A checkpoint's publisher trains its run.
                     if let Some(t) = &a.training {
                         self.averaging().note_member(&t.run, a.publisher);

@@ -14,5 +14,5 @@ pub mod lookup;
 pub mod reputation;
 pub mod swarm;
 
-pub use client::{Client, NetworkStatus, PeerInfo};
+pub use client::{Client, ConnectionCounts, NetworkStatus, PeerInfo};
 pub use event_loop::EventLoop;

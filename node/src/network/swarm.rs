@@ -12,24 +12,28 @@ use libp2p::core::transport::{ListenerId, TransportError};
 use libp2p::identity::Keypair;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::{noise, tcp, yamux, Swarm, Transport};
+use prometheus_client::registry::Registry;
 
 use super::behaviour::Behaviour;
 use crate::config::NodeConfig;
 use crate::models::Behaviour as ModelsBehaviour;
 
-/// The swarm for `key` as configured (with the models behaviour `models`), listening on every `config.listen` address; returns it
-/// with the listeners that have not reported an address yet.
+/// The swarm for `key` as configured (with the models behaviour `models`), listening on every
+/// `config.listen` address, its transports counting bytes in `registry` (libp2p-metrics'
+/// `libp2p_bandwidth_bytes_total`); returns it with the listeners that have not reported an
+/// address yet.
 ///
 /// Fails (with a one-line reason) if an address cannot be listened on.
 pub fn build(
     key: Keypair,
     config: &NodeConfig,
     models: ModelsBehaviour,
+    registry: &mut Registry,
 ) -> Result<(Swarm<Behaviour>, HashSet<ListenerId>)> {
     let behaviour = Behaviour::new(&key, config, models)?;
     let mut swarm = match config.swarm_key {
-        Some(psk) => private(key, psk, behaviour, config)?,
-        None => public(key, behaviour, config)?,
+        Some(psk) => private(key, psk, behaviour, config, registry)?,
+        None => public(key, behaviour, config, registry)?,
     };
     let mut pending = HashSet::new();
     for addr in &config.listen {
@@ -42,7 +46,12 @@ pub fn build(
 }
 
 /// TCP and QUIC.
-fn public(key: Keypair, behaviour: Behaviour, config: &NodeConfig) -> Result<Swarm<Behaviour>> {
+fn public(
+    key: Keypair,
+    behaviour: Behaviour,
+    config: &NodeConfig,
+    registry: &mut Registry,
+) -> Result<Swarm<Behaviour>> {
     let idle_timeout = config.idle_connection_timeout;
     Ok(libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -55,6 +64,7 @@ fn public(key: Keypair, behaviour: Behaviour, config: &NodeConfig) -> Result<Swa
         .with_quic()
         .with_dns()
         .context("cannot set up DNS resolution")?
+        .with_bandwidth_metrics(registry)
         .with_behaviour(|_| behaviour)
         .map_err(|e| anyhow!("cannot set up the network behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
@@ -68,6 +78,7 @@ fn private(
     psk: PreSharedKey,
     behaviour: Behaviour,
     config: &NodeConfig,
+    registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>> {
     let idle_timeout = config.idle_connection_timeout;
     tracing::info!(fingerprint = %psk.fingerprint(), "private network: connections need the swarm key; QUIC is off");
@@ -85,6 +96,7 @@ fn private(
         .map_err(|e| anyhow!("cannot set up the private TCP transport: {e}"))?
         .with_dns()
         .context("cannot set up DNS resolution")?
+        .with_bandwidth_metrics(registry)
         .with_behaviour(|_| behaviour)
         .map_err(|e| anyhow!("cannot set up the network behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))

@@ -418,6 +418,8 @@ impl Coordinator {
                 steps_per_second,
                 averaging_time_fraction,
                 waiting_time_fraction,
+                averaging_seconds,
+                waiting_seconds,
                 outer_step,
                 compression_ratio,
             } => {
@@ -435,6 +437,8 @@ impl Coordinator {
                     s.steps_per_second = steps_per_second;
                     s.averaging_time_fraction = averaging_time_fraction;
                     s.waiting_time_fraction = waiting_time_fraction;
+                    s.averaging_seconds = averaging_seconds;
+                    s.waiting_seconds = waiting_seconds;
                     s.network_wait_fraction =
                         (averaging_time_fraction + waiting_time_fraction).min(1.0);
                     s.outer_step = outer_step;

@@ -101,6 +101,11 @@ pub struct TrainingStatus {
     /// Fraction of the trainer's wall time spent waiting on the network, 0 to 1: averaging
     /// rounds (parameter averaging) or pseudo-gradients due (outer steps), plus slower peers.
     pub network_wait_fraction: f64,
+    /// Seconds the trainer spent in averaging rounds (the partner's answer included), since
+    /// it started.
+    pub averaging_seconds: f64,
+    /// Seconds the trainer spent waiting for slower peers, since it started.
+    pub waiting_seconds: f64,
     /// Outer steps taken (with `averaging = "outer"`; else 0).
     pub outer_step: u64,
     /// Mean bytes sent to peers in exchanges per local step taken since this node started.

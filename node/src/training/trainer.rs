@@ -184,6 +184,10 @@ pub enum FromTrainer {
         averaging_time_fraction: f64,
         /// Fraction of the thread's time spent waiting for slower peers.
         waiting_time_fraction: f64,
+        /// Seconds spent in averaging rounds since the trainer started.
+        averaging_seconds: f64,
+        /// Seconds spent waiting for slower peers since the trainer started.
+        waiting_seconds: f64,
         /// Outer steps taken (0 without outer steps).
         outer_step: u64,
         /// Bytes of the last pseudo-gradient as f32 over as sent (0 without one).
@@ -431,6 +435,8 @@ impl State {
                         / self.started.elapsed().as_secs_f64().max(1e-9),
                     waiting_time_fraction: self.pace_time.as_secs_f64()
                         / self.started.elapsed().as_secs_f64().max(1e-9),
+                    averaging_seconds: self.averaging_time.as_secs_f64(),
+                    waiting_seconds: self.pace_time.as_secs_f64(),
                     outer_step: self.outer.as_ref().map_or(0, OuterLoop::round),
                     compression_ratio: self
                         .outer
