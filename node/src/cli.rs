@@ -43,6 +43,34 @@ pub enum Command {
     Train(TrainArgs),
     /// Make a new pre-shared key for a private network (see --swarm-key) and exit.
     SwarmKey(SwarmKeyArgs),
+    /// Print the configuration in force (command line > environment > config file >
+    /// defaults) as a config file.
+    Config(ConfigArgs),
+    /// Ask the node running on this data dir for its status and print it.
+    Status(QueryArgs),
+    /// Ask the node running on this data dir for its peers and print them as a table.
+    Peers(QueryArgs),
+    /// Ask the node running on this data dir for the model versions it holds.
+    Models(QueryArgs),
+}
+
+/// `p2p-node config` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Print the configuration in force as TOML (usable as a --config file).
+    #[arg(long)]
+    pub dump: bool,
+}
+
+/// Arguments of the commands that ask a running node (`status`, `peers`, `models`).
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The node's API address [default: the one it wrote to DATA_DIR/api-addr].
+    #[arg(long, value_name = "IP:PORT")]
+    pub api: Option<SocketAddr>,
 }
 
 /// `p2p-node swarm-key` arguments.
@@ -126,6 +154,12 @@ pub struct FetchArgs {
 /// Flags accepted by every subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
+    /// A config file (TOML) with a key for any of these flags, and [train] / [fetch]
+    /// sections for theirs; the command line and the environment beat it (see
+    /// `p2p-node config --dump`).
+    #[arg(long, global = true, env = "P2P_NODE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Where the identity, peer cache and models live
     /// [default: the platform data dir, e.g. ~/.local/share/p2p-node].
     #[arg(long, global = true, env = "P2P_NODE_DATA_DIR", value_name = "DIR")]

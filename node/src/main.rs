@@ -7,16 +7,20 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::error::ErrorKind;
-use clap::Parser;
+use p2p_node::cli::QueryArgs;
 use p2p_node::cli::{Cli, Command};
 use p2p_node::config::prepare_data_dir;
 use p2p_node::shutdown::ShutdownSignal;
-use p2p_node::{commands, identity, logging};
+use p2p_node::{commands, config_file, identity, logging, query};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => return usage_error(e),
+    let (cli, matches) = match config_file::parse(std::env::args_os().collect()) {
+        Ok(parsed) => parsed,
+        Err(config_file::Error::Usage(e)) => return usage_error(e),
+        Err(config_file::Error::File(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     if let Err(e) = cli.common.validate() {
         return usage_error(e);
@@ -33,7 +37,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -68,7 +72,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
     // Before anything starts: a signal from here on stops the node gracefully.
     let mut shutdown = ShutdownSignal::install();
     let config = cli.common.node_config()?;
@@ -104,6 +108,21 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Config(args) => {
+            if !args.dump {
+                anyhow::bail!("config: nothing to do; `p2p-node config --dump` prints the configuration in force");
+            }
+            let listen = config.listen.iter().map(|a| a.to_string()).collect();
+            let data_dir = vec![config.data_dir.display().to_string()];
+            print!(
+                "{}",
+                config_file::dump(&matches, &[("data_dir", data_dir), ("listen", listen)])
+            );
+            Ok(())
+        }
+        Command::Status(args) => query(&config.data_dir, &args, "/status", query::format_status),
+        Command::Peers(args) => query(&config.data_dir, &args, "/peers", query::format_peers),
+        Command::Models(args) => query(&config.data_dir, &args, "/models", query::format_models),
         Command::Train(args) => {
             if !cli.common.publish.is_empty() {
                 anyhow::bail!("--publish belongs to a running node, not to train");
@@ -111,4 +130,24 @@ async fn run(cli: Cli) -> Result<()> {
             commands::train(config, &args, &mut shutdown).await
         }
     }
+}
+
+/// Asks the node running on `data_dir` (or at `--api`) for `path` and prints the answer.
+fn query(
+    data_dir: &std::path::Path,
+    args: &QueryArgs,
+    path: &str,
+    format: fn(&serde_json::Value) -> String,
+) -> Result<()> {
+    let addr = match args.api {
+        Some(addr) => addr,
+        None => query::api_addr(data_dir)?,
+    };
+    let answer = query::get(addr, path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        println!("{}", format(&answer));
+    }
+    Ok(())
 }

@@ -1,0 +1,366 @@
+//! `p2p-node status`, `p2p-node peers` and `p2p-node models`: ask a running node's JSON API
+//! (found through the address it wrote to `DATA_DIR/api-addr`, or `--api`) and print a table
+//! (`comfy-table`), or the JSON itself with `--json`.
+//!
+//! The formatting functions are pure (JSON in, text out); [`get`] is the one that does I/O.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use comfy_table::presets::UTF8_BORDERS_ONLY;
+use comfy_table::{ContentArrangement, Table};
+use serde_json::Value;
+
+/// How long a query waits for the node.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most bytes of an answer read.
+const MAX_ANSWER_BYTES: u64 = 64 << 20;
+
+/// The API address of the node running on `data_dir`.
+pub fn api_addr(data_dir: &Path) -> Result<SocketAddr> {
+    let file = data_dir.join("api-addr");
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        anyhow!(
+            "no running node found for data dir {} (cannot read {}: {e}); start one with \
+             `p2p-node`, or give its address with --api",
+            data_dir.display(),
+            file.display()
+        )
+    })?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} does not hold an IP:PORT", file.display()))
+}
+
+/// `GET path` from the API at `addr`, as JSON.
+pub fn get(addr: SocketAddr, path: &str) -> Result<Value> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://{addr}{path}");
+    let mut response = agent.get(&url).call().map_err(|e| {
+        anyhow!("cannot reach the node's API at {addr} (is the node running?): {e}")
+    })?;
+    let status = response.status();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER_BYTES)
+        .read_to_string()
+        .with_context(|| format!("cannot read the answer of {url}"))?;
+    if !status.is_success() {
+        bail!("{url} answered {status}: {}", body.trim());
+    }
+    serde_json::from_str(&body).with_context(|| format!("{url} did not answer JSON"))
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    if !header.is_empty() {
+        t.set_header(header.iter().copied());
+    }
+    t
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.4}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+/// Bytes with a binary unit.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A peer id shortened to its start and end.
+fn short(id: &str) -> String {
+    if id.len() > 16 {
+        format!("{}…{}", &id[..8], &id[id.len() - 6..])
+    } else {
+        id.to_string()
+    }
+}
+
+/// `GET /status` as a two-column table.
+pub fn format_status(s: &Value) -> String {
+    let mut t = table(&[]);
+    let c = &s["connections"];
+    let tr = &s["transfers"];
+    let rows = [
+        ("peer id", text(&s["peer_id"])),
+        ("version", text(&s["version"])),
+        ("uptime", format!("{} s", num(s, "uptime_s"))),
+        ("data dir", text(&s["data_dir"])),
+        (
+            "listening on",
+            s["listen_addrs"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default(),
+        ),
+        (
+            "connected peers",
+            format!(
+                "{} ({} inbound, {} outbound; {} relayed)",
+                num(s, "connected_peers"),
+                num(c, "inbound_direct") + num(c, "inbound_relayed"),
+                num(c, "outbound_direct") + num(c, "outbound_relayed"),
+                num(c, "inbound_relayed") + num(c, "outbound_relayed"),
+            ),
+        ),
+        (
+            "known peers",
+            format!(
+                "{} ({} in the routing table, {} banned)",
+                num(s, "known_peers"),
+                num(s, "routing_table_peers"),
+                num(s, "banned_peers")
+            ),
+        ),
+        (
+            "chunks served",
+            format!(
+                "{} ({})",
+                num(tr, "chunks_served"),
+                human_bytes(num(tr, "bytes_served"))
+            ),
+        ),
+        (
+            "chunks fetched",
+            format!(
+                "{} ({}; {} bad)",
+                num(tr, "chunks_fetched"),
+                human_bytes(num(tr, "bytes_fetched")),
+                num(tr, "bad_chunks")
+            ),
+        ),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    let training = &s["training"];
+    if training.is_object() {
+        let rows = [
+            (
+                "training",
+                format!(
+                    "{} ({})",
+                    text(&training["model"]),
+                    text(&training["state"])
+                ),
+            ),
+            (
+                "step",
+                format!("{} / {}", num(training, "step"), num(training, "steps")),
+            ),
+            ("test loss", text(&training["loss"])),
+            ("accuracy", text(&training["accuracy"])),
+            ("bits per char", text(&training["bits_per_char"])),
+            (
+                "averaging rounds",
+                format!(
+                    "{} ({} failed)",
+                    num(training, "averaging_rounds"),
+                    num(training, "averaging_failures")
+                ),
+            ),
+            (
+                "waiting on network",
+                format!(
+                    "{:.0}%",
+                    training["network_wait_fraction"].as_f64().unwrap_or(0.0) * 100.0
+                ),
+            ),
+            ("peers in run", text(&training["run_peers"])),
+        ];
+        for (k, v) in rows {
+            t.add_row(vec![k.to_string(), v]);
+        }
+    } else {
+        t.add_row(vec!["training".to_string(), "not training".to_string()]);
+    }
+    t.to_string()
+}
+
+/// `GET /peers` as a table, connected peers first.
+pub fn format_peers(peers: &Value) -> String {
+    let mut list: Vec<&Value> = peers
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    list.sort_by_key(|p| {
+        (
+            !p["connected"].as_bool().unwrap_or(false),
+            p["peer_id"].as_str().unwrap_or("").to_string(),
+        )
+    });
+    let mut t = table(&[
+        "peer",
+        "state",
+        "path",
+        "source",
+        "last seen (unix)",
+        "penalty",
+        "address",
+    ]);
+    for p in &list {
+        let state = if !p["banned_until_unix"].is_null() {
+            "banned"
+        } else if p["connected"].as_bool().unwrap_or(false) {
+            "connected"
+        } else {
+            "known"
+        };
+        t.add_row(vec![
+            short(p["peer_id"].as_str().unwrap_or("")),
+            state.to_string(),
+            text(&p["path"]),
+            text(&p["source"]),
+            text(&p["last_seen_unix"]),
+            text(&p["penalty"]),
+            p["addrs"][0].as_str().unwrap_or("-").to_string(),
+        ]);
+    }
+    let connected = list
+        .iter()
+        .filter(|p| p["connected"].as_bool().unwrap_or(false))
+        .count();
+    format!("{t}\n{} peers known, {connected} connected", list.len())
+}
+
+/// `GET /models` as a table.
+pub fn format_models(models: &Value) -> String {
+    let list = models.as_array().cloned().unwrap_or_default();
+    let mut t = table(&[
+        "model",
+        "version",
+        "id",
+        "size",
+        "chunks",
+        "progress",
+        "peers",
+        "uploaded",
+        "downloaded",
+        "publisher",
+    ]);
+    for m in &list {
+        let id = m["id"].as_str().unwrap_or("");
+        t.add_row(vec![
+            text(&m["model"]),
+            text(&m["version"]),
+            id[..id.len().min(12)].to_string(),
+            human_bytes(num(m, "size")),
+            format!("{} / {}", num(m, "chunks_held"), num(m, "chunks")),
+            format!("{:.0}%", m["progress"].as_f64().unwrap_or(0.0) * 100.0),
+            text(&m["peers_serving"]),
+            human_bytes(num(m, "bytes_uploaded")),
+            human_bytes(num(m, "bytes_downloaded")),
+            short(m["publisher"].as_str().unwrap_or("")),
+        ]);
+    }
+    if list.is_empty() {
+        "no model versions held".to_string()
+    } else {
+        t.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn status_table_shows_connections_transfers_and_training() {
+        let s = json!({
+            "peer_id": "12D3KooWAbc", "version": "0.1.0", "uptime_s": 42, "data_dir": "/d",
+            "listen_addrs": ["/ip4/127.0.0.1/tcp/1"], "connected_peers": 3, "known_peers": 5,
+            "routing_table_peers": 4, "banned_peers": 1,
+            "connections": {"inbound_direct": 1, "inbound_relayed": 0, "outbound_direct": 1, "outbound_relayed": 1},
+            "transfers": {"chunks_served": 7, "bytes_served": 7340032, "chunks_fetched": 2, "bytes_fetched": 2048, "bad_chunks": 1},
+            "training": {"model": "digits-mlp", "state": "training", "step": 10, "steps": 600, "loss": 0.5,
+                         "accuracy": 0.9, "averaging_rounds": 4, "averaging_failures": 1, "network_wait_fraction": 0.25, "run_peers": 2}
+        });
+        let out = format_status(&s);
+        for expected in [
+            "12D3KooWAbc",
+            "3 (1 inbound, 2 outbound; 1 relayed)",
+            "5 (4 in the routing table, 1 banned)",
+            "7 (7.0 MiB)",
+            "2 (2.0 KiB; 1 bad)",
+            "10 / 600",
+            "4 (1 failed)",
+            "25%",
+            "digits-mlp (training)",
+        ] {
+            assert!(out.contains(expected), "{expected:?} in\n{out}");
+        }
+        assert!(format_status(&json!({})).contains("not training"));
+    }
+
+    #[test]
+    fn peers_table_lists_connected_first_and_counts() {
+        let peers = json!([
+            {"peer_id": "12D3KooWzzzzzzzzzzzzzzzzzz", "connected": false, "source": "cache", "addrs": [], "penalty": 0, "banned_until_unix": null, "last_seen_unix": 5, "path": null},
+            {"peer_id": "12D3KooWaaaaaaaaaaaaaaaaaa", "connected": true, "source": "bootstrap", "addrs": ["/ip4/1.2.3.4/tcp/1"], "penalty": 1, "banned_until_unix": null, "last_seen_unix": 9, "path": "direct"}
+        ]);
+        let out = format_peers(&peers);
+        let (a, z) = (out.find("12D3KooW…aaaaaa"), out.find("12D3KooW…zzzzzz"));
+        assert!(a.is_some() && z.is_some() && a < z, "{out}");
+        assert!(
+            out.contains("direct") && out.contains("/ip4/1.2.3.4/tcp/1"),
+            "{out}"
+        );
+        assert!(out.ends_with("2 peers known, 1 connected"), "{out}");
+    }
+
+    #[test]
+    fn models_table_shows_progress_and_sizes() {
+        let models = json!([{"model": "m", "version": 3, "id": "abcdef0123456789", "size": 3145728, "chunks": 4,
+            "chunks_held": 2, "progress": 0.5, "peers_serving": 2, "bytes_uploaded": 0, "bytes_downloaded": 2097152, "publisher": "12D3KooWpub"}]);
+        let out = format_models(&models);
+        for expected in ["abcdef012345", "3.0 MiB", "2 / 4", "50%", "2.0 MiB"] {
+            assert!(out.contains(expected), "{expected:?} in\n{out}");
+        }
+        assert_eq!(format_models(&json!([])), "no model versions held");
+    }
+
+    #[test]
+    fn a_missing_api_addr_file_says_no_node_runs_there() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = api_addr(dir.path()).expect_err("no node").to_string();
+        assert!(
+            err.contains("no running node") && err.contains("--api"),
+            "{err}"
+        );
+    }
+}
