@@ -111,6 +111,9 @@ pub struct TrainArgs {
     /// Exit once the local steps and final averaging rounds are done, instead of serving on.
     #[arg(long)]
     pub exit_when_done: bool,
+    /// Log lines only, no progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
     /// Seconds to look for a run (and its newest version) before giving up.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub find_timeout: u64,

@@ -252,10 +252,16 @@ pub async fn train(
             s.run_id, s.model, s.shard, s.device
         );
     }
+    let bar = !args.no_progress && std::io::stderr().is_terminal();
+    let progress = bar.then(|| tokio::spawn(show_training_progress(training.status.clone())));
     let done = tokio::select! {
         r = training.finished() => Some(r),
         () = shutdown.recv() => None,
     };
+    if let Some(task) = progress {
+        task.abort();
+        let _ = task.await;
+    }
     match done {
         Some(Ok(s)) => {
             println!(
@@ -362,6 +368,24 @@ async fn settled_answer(
     Ok(client.resolve_versions(model).await?.into_iter().next())
 }
 
+/// A progress bar on the terminal while it lives: log lines go above it, and it is cleared
+/// when dropped (also when the task drawing it is aborted).
+struct BarGuard(ProgressBar);
+
+impl BarGuard {
+    fn new(bar: ProgressBar) -> Self {
+        crate::logging::show_bar(Some(bar.clone()));
+        Self(bar)
+    }
+}
+
+impl Drop for BarGuard {
+    fn drop(&mut self) {
+        crate::logging::show_bar(None);
+        self.0.finish_and_clear();
+    }
+}
+
 /// Shows a download's progress as it arrives: an `indicatif` bar on a terminal (cleared
 /// when the download ends or fails), a log line every few seconds otherwise.
 async fn show_progress(mut progress: watch::Receiver<FetchProgress>, id: VersionId, bar: bool) {
@@ -375,16 +399,7 @@ async fn show_progress(mut progress: watch::Receiver<FetchProgress>, id: Version
         );
         pb
     });
-    // Dropping the bar (when the task is aborted) does not clear it: this guard does.
-    struct Clear(Option<ProgressBar>);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            if let Some(pb) = &self.0 {
-                pb.finish_and_clear();
-            }
-        }
-    }
-    let _clear = Clear(pb.clone());
+    let _clear = pb.clone().map(BarGuard::new);
     let mut last_log = Instant::now();
     // Bytes held (resumed or copied) when the manifest became known, and when: the rate is
     // of what arrived since.
@@ -410,6 +425,41 @@ async fn show_progress(mut progress: watch::Receiver<FetchProgress>, id: Version
                 rate_mib_s = format!("{:.1}", rate / (1024.0 * 1024.0)), peers = p.peers,
                 "downloading"
             );
+        }
+    }
+}
+
+/// On a terminal, training progress as an `indicatif` bar (steps, then the last evaluation,
+/// averaging rounds and the share of time waiting on the network), cleared when training
+/// ends; evaluations are also logged as lines, as without a terminal.
+async fn show_training_progress(mut status: watch::Receiver<crate::training::TrainingStatus>) {
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let _clear = BarGuard::new(pb.clone());
+    loop {
+        {
+            let s = status.borrow_and_update();
+            pb.set_length(s.steps);
+            pb.set_position(s.step);
+            let figure = match (s.bits_per_char, s.accuracy) {
+                (Some(b), _) => format!("bits/char {b:.3}"),
+                (None, Some(a)) => format!("accuracy {a:.3}"),
+                (None, None) => String::new(),
+            };
+            pb.set_message(format!(
+                "{:.0}/s | loss {} {figure} | {} rounds, waiting {:.0}% | {}",
+                s.steps_per_second,
+                s.loss.map_or("-".to_string(), |l| format!("{l:.3}")),
+                s.averaging_rounds,
+                s.network_wait_fraction * 100.0,
+                s.state.as_str(),
+            ));
+        }
+        if status.changed().await.is_err() {
+            break;
         }
     }
 }

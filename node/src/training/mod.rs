@@ -39,6 +39,18 @@ pub enum TrainingState {
     Failed,
 }
 
+impl TrainingState {
+    /// The name `GET /status` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WaitingForPeers => "waiting for peers",
+            Self::Training => "training",
+            Self::Finished => "finished",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// Training as `GET /status` reports it (`training`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TrainingStatus {
