@@ -213,6 +213,25 @@ pub fn format_status(s: &Value) -> String {
 
 /// `GET /peers` as a table, connected peers first.
 pub fn format_peers(peers: &Value) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format_peers_at(peers, now)
+}
+
+/// How long ago `unix` was, at `now`.
+fn ago(unix: u64, now: u64) -> String {
+    match now.saturating_sub(unix) {
+        _ if unix == 0 => "never".to_string(),
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    }
+}
+
+/// [`format_peers`] at Unix time `now` (seconds).
+pub fn format_peers_at(peers: &Value, now: u64) -> String {
     let mut list: Vec<&Value> = peers
         .as_array()
         .map(|a| a.iter().collect())
@@ -228,7 +247,7 @@ pub fn format_peers(peers: &Value) -> String {
         "state",
         "path",
         "source",
-        "last seen (unix)",
+        "last seen",
         "penalty",
         "address",
     ]);
@@ -245,7 +264,11 @@ pub fn format_peers(peers: &Value) -> String {
             state.to_string(),
             text(&p["path"]),
             text(&p["source"]),
-            text(&p["last_seen_unix"]),
+            if state == "connected" {
+                "now".to_string()
+            } else {
+                ago(num(p, "last_seen_unix"), now)
+            },
             text(&p["penalty"]),
             p["addrs"][0].as_str().unwrap_or("-").to_string(),
         ]);
@@ -333,7 +356,7 @@ mod tests {
             {"peer_id": "12D3KooWzzzzzzzzzzzzzzzzzz", "connected": false, "source": "cache", "addrs": [], "penalty": 0, "banned_until_unix": null, "last_seen_unix": 5, "path": null},
             {"peer_id": "12D3KooWaaaaaaaaaaaaaaaaaa", "connected": true, "source": "bootstrap", "addrs": ["/ip4/1.2.3.4/tcp/1"], "penalty": 1, "banned_until_unix": null, "last_seen_unix": 9, "path": "direct"}
         ]);
-        let out = format_peers(&peers);
+        let out = format_peers_at(&peers, 65);
         let (a, z) = (out.find("12D3KooW…aaaaaa"), out.find("12D3KooW…zzzzzz"));
         assert!(a.is_some() && z.is_some() && a < z, "{out}");
         assert!(

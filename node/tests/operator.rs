@@ -212,6 +212,22 @@ async fn metrics_parse_as_prometheus_text_and_move_during_a_fetch_and_a_training
         .then_some(s)
     })
     .await;
+    // The Grafana dashboard draws families this node serves (bits per character: text runs).
+    let grafana = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/grafana/p2p-node.json"),
+    )
+    .unwrap();
+    let referenced: std::collections::BTreeSet<&str> = grafana
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("p2p_node_") || t.starts_with("libp2p_"))
+        .collect();
+    assert!(referenced.len() >= 20, "{referenced:?}");
+    for name in referenced {
+        assert!(
+            later.value(name, &[]).is_some() || name == "p2p_node_training_bits_per_char",
+            "the Grafana dashboard uses {name}, which the node does not serve"
+        );
+    }
     let step = &later.0["p2p_node_training_step"];
     assert!(
         step.iter().all(|(labels, _)| labels
@@ -249,6 +265,10 @@ fn browse(browser: &Path, profile: &Path, url: &str, args: &[&str]) -> String {
             "--disable-gpu",
             "--disable-dev-shm-usage",
             "--no-first-run",
+            "--disable-quic",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
             "--hide-scrollbars",
             "--window-size=1400,1100",
         ])
