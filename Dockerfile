@@ -4,11 +4,12 @@
 #
 #   docker build -t p2p-node .
 #   docker run -d --name p2p-node -v p2p-node:/data \
-#     -p 4001:4001/tcp -p 4001:4001/udp -p 127.0.0.1:9090:9090 p2p-node
+#     -p 4001:4001/tcp -p 4001:4001/udp -p 127.0.0.1:4002:4002 p2p-node
 #   docker exec p2p-node p2p-node status
 #
-# Extra flags go after the image name (they replace CMD), e.g. `--bootstrap /ip4/.../p2p/...`;
-# or mount a config file and pass `--config /etc/p2p-node/config.toml`.
+# Ports, API address and mDNS come from /etc/p2p-node/config.toml (contrib/docker-config.toml),
+# so flags after the image name (e.g. `--bootstrap /ip4/.../p2p/...`) keep them; mount another
+# file over it to change them.
 
 FROM rust:1.89-bookworm AS build
 WORKDIR /src
@@ -26,14 +27,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/p2p-node /usr/local/bin/p2p-node
 COPY --from=build --chown=65532:65532 /data /data
-ENV P2P_NODE_DATA_DIR=/data
+COPY contrib/docker-config.toml /etc/p2p-node/config.toml
+ENV P2P_NODE_DATA_DIR=/data P2P_NODE_CONFIG=/etc/p2p-node/config.toml
 VOLUME ["/data"]
-# Peers: TCP and QUIC on 4001. API, metrics and dashboard: 9090 (publish it on loopback).
-EXPOSE 4001/tcp 4001/udp 9090/tcp
+# Peers: TCP and QUIC on 4001. API, metrics and dashboard: 4002 (publish it on loopback).
+EXPOSE 4001/tcp 4001/udp 4002/tcp
 USER nonroot
 ENTRYPOINT ["/usr/local/bin/p2p-node"]
-# Inside the container the API listens on all of the container's interfaces so that a port
-# can be published; `-p 127.0.0.1:9090:9090` keeps it on the host's loopback.
-CMD ["run", "--no-mdns", "--listen", "/ip4/0.0.0.0/tcp/4001", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--api-addr", "0.0.0.0:9090"]
+CMD ["run"]
+# Asks the node at the address it wrote to /data/api-addr, whatever the flags.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s \
-  CMD ["/usr/local/bin/p2p-node", "status", "--json", "--api", "127.0.0.1:9090"]
+  CMD ["/usr/local/bin/p2p-node", "status", "--json"]

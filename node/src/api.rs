@@ -74,7 +74,77 @@ fn router(state: ApiState) -> Router {
         .route("/history", get(history))
         .route("/metrics", get(metrics))
         .merge(crate::dashboard::routes())
+        .layer(axum::middleware::from_fn(only_local_host_names))
         .with_state(state)
+}
+
+/// Refuses requests whose `Host` is a name other than `localhost` (403): a web page on
+/// another site can make a browser send requests to this port, and with DNS rebinding read
+/// the answers and `POST /publish`, but only under its own host name. Addresses (`127.0.0.1`,
+/// `[::1]`, a LAN address) and `localhost` pass; so do clients that send no `Host`.
+async fn only_local_host_names(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .map(|h| h.to_str().unwrap_or("?"));
+    match host {
+        Some(host) if !host_allowed(host) => (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({
+                "error": "Host not allowed: use the node's address (e.g. 127.0.0.1) or localhost"
+            })),
+        )
+            .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether a `Host` header value (with or without a port) is an IP address or `localhost`.
+fn host_allowed(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_addresses_and_localhost_are_allowed_hosts() {
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:4002",
+            "[::1]:80",
+            "[::1]",
+            "localhost",
+            "LOCALHOST:9",
+            "192.168.1.7:4002",
+        ] {
+            assert!(host_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:4002",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example",
+            "",
+            "?",
+        ] {
+            assert!(!host_allowed(bad), "{bad}");
+        }
+    }
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 
 pub use crate::config::{parse_multiaddr, BootstrapAddr};
@@ -58,7 +58,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {
     /// Print the configuration in force as TOML (usable as a --config file).
-    #[arg(long)]
+    #[arg(long, required = true)]
     pub dump: bool,
 }
 
@@ -106,20 +106,20 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
     pub device: DeviceChoice,
     /// Train without averaging with peers (for comparison).
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub no_averaging: bool,
     /// Exit once the local steps and final averaging rounds are done, instead of serving on.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub exit_when_done: bool,
     /// Log lines only, no progress bar, even on a terminal.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub no_progress: bool,
     /// Seconds to look for a run (and its newest version) before giving up.
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub find_timeout: u64,
     /// With --create: start a new run even though this data dir trains another one (which is
     /// then abandoned by this node).
-    #[arg(long, requires = "create")]
+    #[arg(long, requires = "create", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub new_run: bool,
     /// Checkpoint versions of the run's model kept on disk: the newest N, plus any a peer is
     /// still fetching; older ones are deleted.
@@ -144,10 +144,10 @@ pub struct FetchArgs {
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
     /// Keep running as a full node (serving the version) after the download.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub seed: bool,
     /// Log progress lines instead of drawing a progress bar, even on a terminal.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub no_progress: bool,
     /// Give up after this many seconds without finishing.
     #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
@@ -182,8 +182,9 @@ pub struct CommonArgs {
     #[arg(long, global = true, value_name = "IP:PORT")]
     pub api_addr: Option<SocketAddr>,
 
-    /// Do not look for peers on the local network with mDNS.
-    #[arg(long, global = true)]
+    /// Do not look for peers on the local network with mDNS (`--no-mdns=false` turns off
+    /// a `no_mdns = true` of the config file).
+    #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub no_mdns: bool,
 
     /// Kademlia mode: `server` answers DHT queries (for reachable nodes), `client` only asks.
@@ -260,7 +261,7 @@ impl CommonArgs {
                 if bound.insert(name, peer).is_some_and(|other| other != peer) {
                     return Err(clap::Error::raw(
                         clap::error::ErrorKind::ArgumentConflict,
-                        format!("error: --trust binds '{name}' to two publishers; give one\n"),
+                        format!("--trust binds '{name}' to two publishers; give one\n"),
                     ));
                 }
             }

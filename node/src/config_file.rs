@@ -14,6 +14,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, CommandFactory};
 
@@ -38,24 +39,40 @@ pub struct ConfigFileError {
     pub message: String,
 }
 
+/// The command line with the config file applied.
+#[derive(Debug)]
+pub struct Applied {
+    /// The arguments, the file's flags added where the command line and the environment
+    /// give none.
+    pub args: Vec<OsString>,
+    /// The file and its contents, when there is one.
+    pub file: Option<(PathBuf, toml::Table)>,
+}
+
 /// `args` (the program name first) with the config file's values added as flags where the
 /// command line and the environment give none; unchanged without a config file.
 ///
-/// Errors: the clap error of `args` themselves (bad usage), or a [`ConfigFileError`] for a
-/// file that cannot be read, is not TOML, has an unknown key or a value of the wrong shape.
-/// A value that is the right shape but invalid (a bad multiaddr) is caught when the result
-/// is parsed; [`parse`] names the file then.
-pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, Error> {
-    let command = Cli::command();
-    let matches = command.clone().try_get_matches_from(&args)?;
+/// Every key is checked, also those of a section whose subcommand does not run: an unknown
+/// key, a value of the wrong shape or a value its flag refuses is a [`ConfigFileError`].
+/// Errors of `args` themselves are clap's (bad usage).
+pub fn apply(args: Vec<OsString>) -> Result<Applied, Error> {
+    let matches = match relaxed().try_get_matches_from(&args) {
+        Ok(m) => m,
+        // A required flag may come from the file: find --config anyway.
+        Err(e) if e.kind() == ErrorKind::MissingRequiredArgument => {
+            relaxed().ignore_errors(true).try_get_matches_from(&args)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let Some(path) = matches.get_one::<PathBuf>(CONFIG_FLAG).cloned() else {
-        return Ok(args);
+        return Ok(Applied { args, file: None });
     };
     let table = read(&path)?;
     let fail = |message: String| ConfigFileError {
         path: path.clone(),
         message,
     };
+    let command = Cli::command();
     let active = matches.subcommand();
     let mut extra: Vec<OsString> = Vec::new();
     for (key, value) in &table {
@@ -68,16 +85,21 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, Error> {
             let sub = command
                 .find_subcommand(section)
                 .expect("sections are subcommands");
+            let mut flags = Vec::new();
             for (key, value) in section_table {
                 let arg = find_arg(sub, key, false)
                     .ok_or_else(|| fail(format!("unknown key '{key}' in [{section}]")))?;
-                let flags =
+                let these =
                     to_flags(arg, value).map_err(|m| fail(format!("{section}.{key}: {m}")))?;
-                if let Some((name, sub_matches)) = active {
-                    if name == *section && !set_outside_file(sub_matches, arg) {
-                        extra.extend(flags);
-                    }
+                let given =
+                    active.is_some_and(|(name, m)| name == *section && set_outside_file(m, arg));
+                if !given {
+                    flags.extend(these);
                 }
+            }
+            check_values(section, &flags).map_err(|m| fail(format!("[{section}] {m}")))?;
+            if active.is_some_and(|(name, _)| name == *section) {
+                extra.extend(flags);
             }
             continue;
         }
@@ -89,32 +111,75 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, Error> {
             extra.extend(flags);
         }
     }
+    // Flags go before a `--`, after which everything is a positional value.
     let mut args = args;
-    args.extend(extra);
-    Ok(args)
+    let at = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    args.splice(at..at, extra);
+    Ok(Applied {
+        args,
+        file: Some((path, table)),
+    })
+}
+
+/// The command with no argument required, to find `--config` (and to check a section's
+/// values) before the file supplies what the command line lacks.
+fn relaxed() -> clap::Command {
+    let mut command = Cli::command();
+    for name in SECTIONS {
+        command = command.mut_subcommand(name, |sub| sub.mut_args(|a| a.required(false)));
+    }
+    command
+}
+
+/// Checks a section's flags the way its subcommand parses them (values, ranges, names);
+/// arguments only the command line gives (a fetch's target) are not asked for.
+fn check_values(section: &str, flags: &[OsString]) -> Result<(), String> {
+    let mut args: Vec<OsString> = vec!["p2p-node".into(), section.into()];
+    args.extend(flags.iter().cloned());
+    match relaxed().try_get_matches_from(args) {
+        Err(e) if e.kind() != ErrorKind::MissingRequiredArgument => Err(first_line(&e)),
+        _ => Ok(()),
+    }
 }
 
 /// Parses the command line with the config file applied (see [`apply`]); returns the
-/// arguments and the matches they came from (for [`dump`]).
-pub fn parse(args: Vec<OsString>) -> Result<(Cli, ArgMatches), Error> {
+/// arguments, the matches they came from and the file (for [`dump`]).
+pub fn parse(args: Vec<OsString>) -> Result<Parsed, Error> {
     use clap::FromArgMatches;
-    let with_file = apply(args.clone())?;
-    let file_added = with_file.len() > args.len();
-    let matches = Cli::command().try_get_matches_from(&with_file);
-    let matches = match matches {
+    let applied = apply(args.clone())?;
+    let matches = match Cli::command().try_get_matches_from(&applied.args) {
         Ok(m) => m,
-        Err(e) if file_added => {
-            let path = config_path(&args).unwrap_or_default();
-            return Err(ConfigFileError {
-                path,
-                message: first_line(&e),
-            }
-            .into());
+        Err(e) => {
+            // The command line alone may be at fault: then it is a usage error.
+            let alone = Cli::command().try_get_matches_from(&args);
+            return Err(match (alone, &applied.file) {
+                (Err(own), _) if own.kind() != ErrorKind::MissingRequiredArgument => own.into(),
+                (_, Some((path, _))) => ConfigFileError {
+                    path: path.clone(),
+                    message: first_line(&e),
+                }
+                .into(),
+                (_, None) => e.into(),
+            });
         }
-        Err(e) => return Err(e.into()),
     };
     let cli = Cli::from_arg_matches(&matches)?;
-    Ok((cli, matches))
+    Ok(Parsed {
+        cli,
+        matches,
+        file: applied.file,
+    })
+}
+
+/// What [`parse`] gives.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The arguments.
+    pub cli: Cli,
+    /// The matches they came from.
+    pub matches: ArgMatches,
+    /// The config file and its contents, when there is one.
+    pub file: Option<(PathBuf, toml::Table)>,
 }
 
 /// Either kind of failure.
@@ -128,11 +193,6 @@ pub enum Error {
     File(#[from] ConfigFileError),
 }
 
-fn config_path(args: &[OsString]) -> Option<PathBuf> {
-    let matches = Cli::command().try_get_matches_from(args).ok()?;
-    matches.get_one::<PathBuf>(CONFIG_FLAG).cloned()
-}
-
 fn first_line(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
     rendered
@@ -143,20 +203,30 @@ fn first_line(e: &clap::Error) -> String {
         .to_string()
 }
 
-/// Reads and parses the file, at most [`MAX_CONFIG_BYTES`].
+/// Reads and parses the file: a regular file of at most [`MAX_CONFIG_BYTES`].
 fn read(path: &Path) -> Result<toml::Table, ConfigFileError> {
+    use std::io::Read;
     let fail = |message: String| ConfigFileError {
         path: path.to_path_buf(),
         message,
     };
-    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
-    if meta.len() > MAX_CONFIG_BYTES {
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail("is not a regular file".to_string()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read it: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
         return Err(fail(format!(
-            "{} bytes; a config file is at most {MAX_CONFIG_BYTES}",
-            meta.len()
+            "larger than {MAX_CONFIG_BYTES} bytes, the most a config file may have"
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|_| fail("is not UTF-8 text".to_string()))?;
     text.parse::<toml::Table>()
         .map_err(|e| fail(e.to_string().replace('\n', " ").trim().to_string()))
 }
@@ -185,13 +255,25 @@ fn set_outside_file(matches: &ArgMatches, arg: &Arg) -> bool {
     )
 }
 
+/// Whether `arg` is a switch (`--no-mdns`, `--no-mdns=false`).
+fn is_switch(arg: &Arg) -> bool {
+    matches!(arg.get_action(), ArgAction::SetTrue)
+        || (arg.get_num_args().is_some_and(|n| n.min_values() == 0)
+            && arg.get_default_values().iter().any(|v| v == "false"))
+}
+
 /// The command-line flags for `value` of `arg`.
 fn to_flags(arg: &Arg, value: &toml::Value) -> Result<Vec<OsString>, String> {
     let long = arg.get_long().expect("keys are long flags");
+    if is_switch(arg) {
+        return match value {
+            toml::Value::Boolean(true) => Ok(vec![format!("--{long}").into()]),
+            // Off is the default: nothing to add.
+            toml::Value::Boolean(false) => Ok(vec![]),
+            _ => Err("must be true or false".into()),
+        };
+    }
     match (arg.get_action(), value) {
-        (ArgAction::SetTrue, toml::Value::Boolean(true)) => Ok(vec![format!("--{long}").into()]),
-        (ArgAction::SetTrue, toml::Value::Boolean(false)) => Ok(vec![]),
-        (ArgAction::SetTrue, _) => Err("must be true or false".into()),
         (ArgAction::Append, toml::Value::Array(items)) => items
             .iter()
             .map(|item| scalar(item).map(|v| format!("--{long}={v}").into()))
@@ -213,10 +295,14 @@ fn scalar(value: &toml::Value) -> Result<String, String> {
 }
 
 /// The effective configuration as a config file: every key with the value in force (command
-/// line > environment > config file > default), unset ones commented out.
-/// `resolved` overrides the shown value of keys whose default is computed at run time
-/// (`data_dir`, `listen`).
-pub fn dump(matches: &ArgMatches, resolved: &[(&str, Vec<String>)]) -> String {
+/// line > environment > config file > default), unset ones commented out; `file` is the
+/// config file in force (its sections give the subcommands' values). `resolved` overrides
+/// the shown value of keys whose default is computed at run time (`data_dir`, `listen`).
+pub fn dump(
+    matches: &ArgMatches,
+    file: Option<&toml::Table>,
+    resolved: &[(&str, Vec<String>)],
+) -> String {
     let command = Cli::command();
     let mut out = String::from(
         "# p2p-node configuration in force (command line > environment > config file > \
@@ -240,27 +326,29 @@ pub fn dump(matches: &ArgMatches, resolved: &[(&str, Vec<String>)]) -> String {
             .find_subcommand(section)
             .expect("sections are subcommands");
         out.push_str(&format!("\n[{section}]\n"));
+        let table = file
+            .and_then(|t| t.get(section))
+            .and_then(toml::Value::as_table);
         for arg in sub.get_arguments() {
             if find_arg(sub, arg.get_id().as_str(), false).is_none() {
                 continue;
             }
-            let values = file_section_value(matches, section, arg).unwrap_or_else(|| {
-                arg.get_default_values()
-                    .iter()
-                    .map(|v| v.to_string_lossy().into_owned())
-                    .collect()
-            });
+            let values = table
+                .and_then(|t| section_value(t, arg))
+                .unwrap_or_else(|| {
+                    arg.get_default_values()
+                        .iter()
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .collect()
+                });
             out.push_str(&line(arg, &values));
         }
     }
     out
 }
 
-/// A section's value from the config file in force, if it sets `arg`.
-fn file_section_value(matches: &ArgMatches, section: &str, arg: &Arg) -> Option<Vec<String>> {
-    let path = matches.get_one::<PathBuf>(CONFIG_FLAG)?;
-    let table = read(path).ok()?;
-    let section = table.get(section)?.as_table()?;
+/// A section's value for `arg`, if it sets it.
+fn section_value(section: &toml::Table, arg: &Arg) -> Option<Vec<String>> {
     let value = section
         .iter()
         .find(|(k, _)| k.replace('-', "_") == arg.get_id().as_str())?
@@ -281,11 +369,11 @@ fn raw_values(matches: &ArgMatches, id: &str) -> Vec<String> {
 /// One `key = value` line.
 fn line(arg: &Arg, values: &[String]) -> String {
     let id = arg.get_id().as_str();
+    if is_switch(arg) {
+        let on = values.first().is_some_and(|v| v == "true");
+        return format!("{id} = {on}\n");
+    }
     match arg.get_action() {
-        ArgAction::SetTrue => {
-            let on = values.first().is_some_and(|v| v == "true");
-            format!("{id} = {on}\n")
-        }
         ArgAction::Append => {
             let items: Vec<String> = values.iter().map(|v| toml_scalar(v)).collect();
             format!("{id} = [{}]\n", items.join(", "))
@@ -297,9 +385,16 @@ fn line(arg: &Arg, values: &[String]) -> String {
     }
 }
 
-/// A value as TOML: a number where it reads as one, else a string.
+/// A value as TOML: a number where TOML writes that number back as the same text (so that
+/// reading the dump gives the same flag value: `007`, `+7` and `1.50` stay strings), else a
+/// string.
 fn toml_scalar(v: &str) -> String {
-    if v.parse::<i64>().is_ok() || (v.contains('.') && v.parse::<f64>().is_ok_and(f64::is_finite)) {
+    let as_integer = v.parse::<i64>().ok().filter(|i| i.to_string() == v);
+    let as_float = v
+        .parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite() && v.contains('.') && f.to_string() == v);
+    if as_integer.is_some() || as_float.is_some() {
         v.to_string()
     } else {
         toml::Value::String(v.to_string()).to_string()
@@ -321,7 +416,7 @@ mod tests {
     }
 
     fn cli(list: &[&str]) -> Result<Cli, Error> {
-        parse(args(list)).map(|(cli, _)| cli)
+        parse(args(list)).map(|p| p.cli)
     }
 
     #[test]
@@ -440,10 +535,9 @@ mod tests {
             "no_mdns = true\nmax_upload_rate = 2.5\nstage = \"host-assisted\"\n\
              [fetch]\ntimeout = 60\n",
         );
-        let matches = Cli::command()
-            .try_get_matches_from(apply(args(&["p2p-node", "--config", &file, "id"])).expect("ok"))
-            .expect("parses");
-        let dumped = dump(&matches, &[("data_dir", vec!["/d".into()])]);
+        let parsed = parse(args(&["p2p-node", "--config", &file, "id"])).expect("parses");
+        let table = parsed.file.as_ref().map(|(_, t)| t);
+        let dumped = dump(&parsed.matches, table, &[("data_dir", vec!["/d".into()])]);
         assert!(dumped.contains("no_mdns = true\n"), "{dumped}");
         assert!(dumped.contains("max_upload_rate = 2.5\n"), "{dumped}");
         assert!(dumped.contains("stage = \"host-assisted\"\n"), "{dumped}");
@@ -461,5 +555,98 @@ mod tests {
             panic!("fetch");
         };
         assert_eq!(fetch.timeout, 60);
+    }
+
+    #[test]
+    fn required_flags_may_come_from_the_file_and_a_double_dash_ends_flags() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = write(&dir, "log_format = \"json\"\n[fetch]\nout = \"/tmp/x\"\n");
+        let parsed = cli(&["p2p-node", "--config", &file, "fetch", "m"]).expect("out from file");
+        let Some(crate::cli::Command::Fetch(fetch)) = parsed.command else {
+            panic!("fetch");
+        };
+        assert_eq!(fetch.out, PathBuf::from("/tmp/x"));
+        let parsed = cli(&["p2p-node", "--config", &file, "fetch", "--", "-model-"])
+            .expect("flags go before --");
+        let Some(crate::cli::Command::Fetch(fetch)) = parsed.command else {
+            panic!("fetch");
+        };
+        assert_eq!(fetch.target, "-model-");
+        let file = write(&dir, "[train]\ncreate = \"spec.toml\"\n");
+        let parsed = cli(&["p2p-node", "--config", &file, "train", "--new-run"])
+            .expect("--create from the file");
+        let Some(crate::cli::Command::Train(train)) = parsed.command else {
+            panic!("train");
+        };
+        assert!(train.new_run && train.create.is_some());
+    }
+
+    #[test]
+    fn a_section_of_another_subcommand_is_checked_too() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = write(&dir, "[fetch]\ntimeout = -5\n");
+        let message = cli(&["p2p-node", "--config", &file, "id"])
+            .expect_err("bad timeout")
+            .to_string();
+        assert!(
+            message.contains("[fetch]") && message.contains("-5"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn only_a_regular_file_is_read() {
+        for special in ["/dev/zero", "/dev/null", "/"] {
+            let message = cli(&["p2p-node", "--config", special, "id"])
+                .expect_err(special)
+                .to_string();
+            assert!(message.contains("not a regular file"), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_turns_off_a_switch_the_file_turns_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = write(&dir, "no_mdns = true\n[train]\nno_averaging = true\n");
+        let parsed =
+            cli(&["p2p-node", "--config", &file, "train", "--no-mdns=false"]).expect("parses");
+        assert!(!parsed.common.no_mdns);
+        let Some(crate::cli::Command::Train(train)) = parsed.command else {
+            panic!("train");
+        };
+        assert!(
+            train.no_averaging,
+            "the file's switch holds where not overridden"
+        );
+        // A bare switch still works, and does not eat the next argument.
+        let parsed = cli(&["p2p-node", "--no-mdns", "id"]).expect("parses");
+        assert!(parsed.common.no_mdns);
+    }
+
+    #[test]
+    fn values_that_look_like_numbers_survive_the_dump() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for value in ["007", "+7", "1.50", "5.", "12", "2.5", "true"] {
+            // A model name has no '+'.
+            let model = value.replace('+', "p");
+            let parsed = parse(args(&[
+                "p2p-node",
+                "--data-dir",
+                value,
+                "--model",
+                &model,
+                "id",
+            ]))
+            .expect("parses");
+            let dumped = dump(&parsed.matches, None, &[]);
+            let file = write(&dir, &dumped);
+            let again = cli(&["p2p-node", "--config", &file, "id"]).expect(value);
+            assert_eq!(
+                again.common.data_dir,
+                Some(PathBuf::from(value)),
+                "{dumped}"
+            );
+            assert_eq!(again.common.model, Some(model), "{dumped}");
+        }
     }
 }

@@ -14,7 +14,7 @@ use p2p_node::shutdown::ShutdownSignal;
 use p2p_node::{commands, config_file, identity, logging, query};
 
 fn main() -> ExitCode {
-    let (cli, matches) = match config_file::parse(std::env::args_os().collect()) {
+    let parsed = match config_file::parse(std::env::args_os().collect()) {
         Ok(parsed) => parsed,
         Err(config_file::Error::Usage(e)) => return usage_error(e),
         Err(config_file::Error::File(e)) => {
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cli = parsed.cli;
     if let Err(e) = cli.common.validate() {
         return usage_error(e);
     }
@@ -37,7 +38,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, matches)) {
+    let file = parsed.file.map(|(_, table)| table);
+    match runtime.block_on(run(cli, parsed.matches, file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -72,7 +74,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
+async fn run(cli: Cli, matches: clap::ArgMatches, file: Option<toml::Table>) -> Result<()> {
     // Before anything starts: a signal from here on stops the node gracefully.
     let mut shutdown = ShutdownSignal::install();
     let config = cli.common.node_config()?;
@@ -108,21 +110,22 @@ async fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
             );
             Ok(())
         }
-        Command::Config(args) => {
-            if !args.dump {
-                anyhow::bail!("config: nothing to do; `p2p-node config --dump` prints the configuration in force");
-            }
+        Command::Config(_) => {
             let listen = config.listen.iter().map(|a| a.to_string()).collect();
             let data_dir = vec![config.data_dir.display().to_string()];
             print!(
                 "{}",
-                config_file::dump(&matches, &[("data_dir", data_dir), ("listen", listen)])
+                config_file::dump(
+                    &matches,
+                    file.as_ref(),
+                    &[("data_dir", data_dir), ("listen", listen)]
+                )
             );
             Ok(())
         }
-        Command::Status(args) => query(&config.data_dir, &args, "/status", query::format_status),
-        Command::Peers(args) => query(&config.data_dir, &args, "/peers", query::format_peers),
-        Command::Models(args) => query(&config.data_dir, &args, "/models", query::format_models),
+        Command::Status(args) => query(&config, &args, "/status", query::format_status),
+        Command::Peers(args) => query(&config, &args, "/peers", query::format_peers),
+        Command::Models(args) => query(&config, &args, "/models", query::format_models),
         Command::Train(args) => {
             if !cli.common.publish.is_empty() {
                 anyhow::bail!("--publish belongs to a running node, not to train");
@@ -132,16 +135,17 @@ async fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
     }
 }
 
-/// Asks the node running on `data_dir` (or at `--api`) for `path` and prints the answer.
+/// Asks the node running on the data dir (or at `--api`, or at the configured API address)
+/// for `path` and prints the answer.
 fn query(
-    data_dir: &std::path::Path,
+    config: &p2p_node::config::NodeConfig,
     args: &QueryArgs,
     path: &str,
     format: fn(&serde_json::Value) -> String,
 ) -> Result<()> {
     let addr = match args.api {
         Some(addr) => addr,
-        None => query::api_addr(data_dir)?,
+        None => query::find_api(&config.data_dir, config.api_addr)?,
     };
     let answer = query::get(addr, path)?;
     if args.json {

@@ -329,6 +329,16 @@ fn training_families(r: &mut Registry, t: &crate::training::TrainingStatus) {
             gauge(sub, name, help, None, v);
         }
     }
+    let state = Family::<Labels, GaugeF>::default();
+    for name in ["waiting for peers", "training", "finished", "failed"] {
+        let on = if t.state.as_str() == name { 1.0 } else { 0.0 };
+        state.get_or_create(&labels(&[("state", name)])).set(on);
+    }
+    sub.register(
+        "training_state",
+        "1 for the state training is in (waiting for peers, training, finished, failed)",
+        state,
+    );
     if let Some(a) = t.accuracy.filter(|a| a.is_finite()) {
         gauge(
             sub,

@@ -19,13 +19,22 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of an answer read.
 const MAX_ANSWER_BYTES: u64 = 64 << 20;
 
+/// The API address to ask: the one the node running on `data_dir` wrote there, else
+/// `configured` (`--api-addr` or the config file's `api_addr`) when it names a port.
+pub fn find_api(data_dir: &Path, configured: Option<SocketAddr>) -> Result<SocketAddr> {
+    match api_addr(data_dir) {
+        Ok(addr) => Ok(addr),
+        Err(e) => configured.filter(|a| a.port() != 0).ok_or(e),
+    }
+}
+
 /// The API address of the node running on `data_dir`.
 pub fn api_addr(data_dir: &Path) -> Result<SocketAddr> {
     let file = data_dir.join("api-addr");
     let text = std::fs::read_to_string(&file).map_err(|e| {
         anyhow!(
             "no running node found for data dir {} (cannot read {}: {e}); start one with \
-             `p2p-node`, or give its address with --api",
+             `p2p-node`, or give its address with --api or --api-addr",
             data_dir.display(),
             file.display()
         )
@@ -54,7 +63,12 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<Value> {
         .read_to_string()
         .with_context(|| format!("cannot read the answer of {url}"))?;
     if !status.is_success() {
-        bail!("{url} answered {status}: {}", body.trim());
+        let body: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut shown: String = body.chars().take(300).collect();
+        if shown.len() < body.len() {
+            shown.push('…');
+        }
+        bail!("{url} answered {status}: {shown}");
     }
     serde_json::from_str(&body).with_context(|| format!("{url} did not answer JSON"))
 }
@@ -101,12 +115,26 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// A peer id shortened to its start and end.
+/// A peer id shortened to its start and end (by characters: the answer may come from
+/// anything listening on that port).
 fn short(id: &str) -> String {
-    if id.len() > 16 {
-        format!("{}…{}", &id[..8], &id[id.len() - 6..])
+    let chars: Vec<char> = id.chars().collect();
+    if chars.len() > 16 {
+        let head: String = chars[..8].iter().collect();
+        let tail: String = chars[chars.len() - 6..].iter().collect();
+        format!("{head}…{tail}")
     } else {
         id.to_string()
+    }
+}
+
+/// Seconds as the largest two units (`3 h 12 min`).
+pub fn duration(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min {} s", s / 60, s % 60),
+        s if s < 86_400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        s => format!("{} days {} h", s / 86_400, s % 86_400 / 3600),
     }
 }
 
@@ -118,7 +146,7 @@ pub fn format_status(s: &Value) -> String {
     let rows = [
         ("peer id", text(&s["peer_id"])),
         ("version", text(&s["version"])),
-        ("uptime", format!("{} s", num(s, "uptime_s"))),
+        ("uptime", duration(num(s, "uptime_s"))),
         ("data dir", text(&s["data_dir"])),
         (
             "listening on",
@@ -300,7 +328,7 @@ pub fn format_models(models: &Value) -> String {
         t.add_row(vec![
             text(&m["model"]),
             text(&m["version"]),
-            id[..id.len().min(12)].to_string(),
+            id.chars().take(12).collect(),
             human_bytes(num(m, "size")),
             format!("{} / {}", num(m, "chunks_held"), num(m, "chunks")),
             format!("{:.0}%", m["progress"].as_f64().unwrap_or(0.0) * 100.0),
@@ -384,6 +412,32 @@ mod tests {
         assert!(
             err.contains("no running node") && err.contains("--api"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn answers_from_something_else_do_not_panic() {
+        let weird = json!([{"id": "aéééééééééééééééé", "peer_id": "ééééééééééééééééééé", "publisher": "é"}]);
+        assert!(format_models(&weird).contains("aééééééééééé"));
+        assert!(format_peers(&weird).contains("éééééééé…éééééé"));
+        assert!(format_status(&json!({"uptime_s": "x", "connections": 3})).contains("not training"));
+    }
+
+    #[test]
+    fn the_configured_address_is_the_fallback_when_it_names_a_port() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let configured: SocketAddr = "127.0.0.1:4002".parse().expect("addr");
+        assert_eq!(
+            find_api(dir.path(), Some(configured)).expect("configured"),
+            configured
+        );
+        let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        assert!(find_api(dir.path(), Some(any_port)).is_err());
+        std::fs::write(dir.path().join("api-addr"), "127.0.0.1:5555\n").expect("write");
+        assert_eq!(
+            find_api(dir.path(), Some(configured)).expect("file").port(),
+            5555,
+            "the running node's own file comes first"
         );
     }
 }

@@ -92,6 +92,24 @@ impl Scrape {
     }
 }
 
+/// The status code of `GET path` sent with `Host: host`.
+fn status_with_host(api: SocketAddr, path: &str, host: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(api).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Families every node serves from the start.
 const ALWAYS: [&str; 17] = [
     "p2p_node_build_info",
@@ -114,8 +132,9 @@ const ALWAYS: [&str; 17] = [
 ];
 
 /// Families a training node adds.
-const TRAINING: [&str; 10] = [
+const TRAINING: [&str; 11] = [
     "p2p_node_training_step",
+    "p2p_node_training_state",
     "p2p_node_training_samples_seen",
     "p2p_node_training_loss",
     "p2p_node_training_accuracy_ratio",
@@ -132,6 +151,9 @@ async fn metrics_parse_as_prometheus_text_and_move_during_a_fetch_and_a_training
     let nodes = start_nodes(2).await;
     wait_fully_discovered("two nodes", &[&nodes[0], &nodes[1]]).await;
     let api = |i: usize| nodes[i].handle.api_addr.expect("API on");
+    // DNS rebinding: a request under a foreign host name is refused, an address is not.
+    assert_eq!(status_with_host(api(1), "/metrics", "evil.example:80"), 403);
+    assert_eq!(status_with_host(api(1), "/metrics", "localhost"), 200);
     let before = Scrape::take(api(1));
     for name in ALWAYS {
         assert!(before.value(name, &[]).is_some(), "{name} is served");

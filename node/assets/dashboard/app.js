@@ -17,6 +17,12 @@ function bytes(n) {
   const i = Math.min(units.length - 1, Math.floor(Math.log(n) / Math.log(1024)));
   return (n / Math.pow(1024, i)).toFixed(i ? 1 : 0) + " " + units[i];
 }
+function duration(s) {
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.floor(s / 60) + " min";
+  if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+  return Math.floor(s / 86400) + " days";
+}
 function ago(unix) {
   if (!unix) return "never";
   const s = Math.max(0, Date.now() / 1000 - unix);
@@ -43,7 +49,7 @@ function renderSummary(status) {
   const direct = (c.inbound_direct || 0) + (c.outbound_direct || 0);
   const relayed = (c.inbound_relayed || 0) + (c.outbound_relayed || 0);
   $("summary").textContent =
-    `peer ${short(status.peer_id)} \u00b7 v${status.version} \u00b7 up ${Math.round(status.uptime_s / 60)} min \u00b7 ` +
+    `peer ${short(status.peer_id)} \u00b7 v${status.version} \u00b7 up ${duration(status.uptime_s)} \u00b7 ` +
     `${status.connected_peers} connected (${direct} direct, ${relayed} relayed; ` +
     `${(c.inbound_direct || 0) + (c.inbound_relayed || 0)} in, ${(c.outbound_direct || 0) + (c.outbound_relayed || 0)} out) \u00b7 ` +
     `${status.known_peers} known \u00b7 ${status.routing_table_peers} in routing table` +
@@ -118,11 +124,12 @@ function renderCharts(history) {
   const points = history.points || [];
   for (const [id, field, ownField] of [["loss-chart", "loss", "batch_loss"], ["accuracy-chart", "accuracy", null]]) {
     const byPeer = seriesByPeer(points, field);
+    const modelOf = new Map(points.map((p) => [p.peer, p.model]));
     const tables = [], labels = [];
     const peers = [...byPeer.keys()].sort((a, b) => (a === selfId ? -1 : b === selfId ? 1 : a.localeCompare(b)));
     for (const peer of peers) {
       tables.push(byPeer.get(peer));
-      labels.push(peer === selfId ? "this node (test)" : "peer " + short(peer));
+      labels.push(peer === selfId ? "this node (test)" : `peer ${short(peer)} (${modelOf.get(peer)})`);
     }
     if (ownField) {
       const own = seriesByPeer(points.filter((p) => p.own), ownField).get(selfId);
