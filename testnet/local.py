@@ -96,7 +96,9 @@ def start_node(binary, node_dir, bootstrap, command=()):
     data = node_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
     (data / "api-addr").unlink(missing_ok=True)
-    args = [str(binary), *command, "--data-dir", str(data), "--no-mdns",
+    # --kad-mode server: loopback is not reachable from other machines, so `auto` would make
+    # every node a DHT client.
+    args = [str(binary), *command, "--data-dir", str(data), "--no-mdns", "--kad-mode", "server",
             "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1",
             "--api-addr", "127.0.0.1:0"]
     for b in bootstrap:

@@ -220,7 +220,9 @@ class Host:
         data.mkdir(parents=True, exist_ok=True)
         (data / "api-addr").unlink(missing_ok=True)
         port = "0" if self.net.loopback else "4001"
-        cmd = [str(self.net.args.bin), *args, "--data-dir", str(data), "--no-mdns",
+        # Every host of these scenarios is public: DHT servers from the start, as measured
+        # before AutoNAT (`auto` waits for its first confirmation).
+        cmd = [str(self.net.args.bin), *args, "--data-dir", str(data), "--no-mdns", "--kad-mode", "server",
                "--listen", f"/ip4/{self.ip}/tcp/{port}",
                "--listen", f"/ip4/{self.ip}/udp/{port}/quic-v1",
                "--api-addr", f"{self.ip}:{0 if self.net.loopback else 7000}"]

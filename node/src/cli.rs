@@ -187,8 +187,9 @@ pub struct CommonArgs {
     #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub no_mdns: bool,
 
-    /// Kademlia mode: `server` answers DHT queries (for reachable nodes), `client` only asks.
-    #[arg(long, global = true, default_value = "server",
+    /// Kademlia mode: `server` answers DHT queries (for reachable nodes), `client` only asks,
+    /// `auto` is a client until AutoNAT confirms the node is reachable, a server after.
+    #[arg(long, global = true, default_value = "auto",
           value_parser = PossibleValuesParser::new(KadMode::NAMES).map(|s| s.parse::<KadMode>().unwrap_or_default()))]
     pub kad_mode: KadMode,
 

@@ -69,7 +69,7 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             api_addr: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
             mdns: true,
-            kad_mode: KadMode::Server,
+            kad_mode: KadMode::Auto,
             kad_bootstrap_interval: Duration::from_secs(60),
             maintenance_interval: Duration::from_secs(15),
             peer_cache_save_interval: Duration::from_secs(10),
@@ -88,7 +88,9 @@ impl NodeConfig {
     }
 
     /// A loopback-only configuration for tests and local testnets: listens on 127.0.0.1 (TCP
-    /// and QUIC, OS-chosen ports), no mDNS, and short maintenance intervals.
+    /// and QUIC, OS-chosen ports), no mDNS, Kademlia in server mode (a loopback node is not
+    /// reachable from other machines, so `auto` would make it a client), and short
+    /// maintenance intervals.
     pub fn loopback(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen: vec![
@@ -98,6 +100,7 @@ impl NodeConfig {
                     .expect("static multiaddr"),
             ],
             mdns: false,
+            kad_mode: KadMode::Server,
             kad_bootstrap_interval: Duration::from_secs(2),
             maintenance_interval: Duration::from_secs(2),
             peer_cache_save_interval: Duration::from_secs(1),
@@ -182,8 +185,11 @@ pub fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KadMode {
-    /// Answer DHT queries: other nodes put this node into their routing tables.
+    /// Follow reachability: a client until AutoNAT confirms a (non-loopback) external
+    /// address, a server while one is confirmed.
     #[default]
+    Auto,
+    /// Answer DHT queries: other nodes put this node into their routing tables.
     Server,
     /// Only issue queries (for nodes others cannot dial).
     Client,
@@ -191,7 +197,7 @@ pub enum KadMode {
 
 impl KadMode {
     /// The names `FromStr` accepts.
-    pub const NAMES: [&'static str; 2] = ["server", "client"];
+    pub const NAMES: [&'static str; 3] = ["auto", "server", "client"];
 }
 
 impl std::str::FromStr for KadMode {
@@ -201,7 +207,7 @@ impl std::str::FromStr for KadMode {
         crate::names::parse(
             "Kademlia mode",
             &Self::NAMES,
-            &[Self::Server, Self::Client],
+            &[Self::Auto, Self::Server, Self::Client],
             s,
         )
     }

@@ -144,6 +144,41 @@ pub fn node_registry(s: &Snapshot) -> Registry {
         status.penalties as f64,
     );
     counter(&mut r, "peer_bans", "Bans given", None, status.bans as f64);
+    let reachability = Family::<Labels, GaugeF>::default();
+    for state in ["public", "private", "unknown"] {
+        let on = if status.reachability.as_str() == state {
+            1.0
+        } else {
+            0.0
+        };
+        reachability
+            .get_or_create(&labels(&[("state", state)]))
+            .set(on);
+    }
+    r.register(
+        "reachability",
+        "1 for what AutoNAT says of this node: public (dialable), private or unknown",
+        reachability,
+    );
+    gauge(
+        &mut r,
+        "kademlia_server",
+        "1 while Kademlia answers DHT queries (server mode), 0 as a client",
+        None,
+        if status.kademlia_server { 1.0 } else { 0.0 },
+    );
+    let probes = Family::<Labels, CounterF>::default();
+    probes
+        .get_or_create(&labels(&[("result", "ok")]))
+        .inc_by(status.autonat_probes_ok as f64);
+    probes
+        .get_or_create(&labels(&[("result", "failed")]))
+        .inc_by(status.autonat_probes_failed as f64);
+    r.register(
+        "autonat_probes",
+        "AutoNAT probes of this node's addresses, by result",
+        probes,
+    );
 
     // The swarm: chunks moved, over every version.
     let t = status.transfers;

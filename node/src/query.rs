@@ -166,6 +166,23 @@ pub fn format_status(s: &Value) -> String {
             ),
         ),
         (
+            "reachability",
+            format!(
+                "{} (Kademlia {}){}",
+                text(&s["reachability"]),
+                if s["kademlia_server"].as_bool().unwrap_or(false) {
+                    "server"
+                } else {
+                    "client"
+                },
+                s["external_addrs"]
+                    .as_array()
+                    .filter(|a| !a.is_empty())
+                    .map(|a| format!("\n{}", a.iter().map(text).collect::<Vec<_>>().join("\n")))
+                    .unwrap_or_default()
+            ),
+        ),
+        (
             "known peers",
             format!(
                 "{} ({} in the routing table, {} banned)",

@@ -7,85 +7,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::process::{Running, Stream, BIN};
-
-/// Two namespaces joined by a veth pair; deleted (with their links) on drop.
-struct TwoHosts {
-    names: [String; 2],
-    addrs: [String; 2],
-}
-
-impl TwoHosts {
-    fn create() -> Result<Self, String> {
-        let id = std::process::id();
-        let names = [format!("p2pt{id}a"), format!("p2pt{id}b")];
-        // A /24 per test run, inside the namespaces only.
-        let subnet = format!("10.213.{}", id % 250);
-        let hosts = Self {
-            names: names.clone(),
-            addrs: [format!("{subnet}.1"), format!("{subnet}.2")],
-        };
-        ip(&["netns", "add", &names[0]])?;
-        ip(&["netns", "add", &names[1]])?;
-        ip(&[
-            "link", "add", "v0", "netns", &names[0], "type", "veth", "peer", "name", "v1", "netns",
-            &names[1],
-        ])?;
-        for (i, ns) in names.iter().enumerate() {
-            let dev = format!("v{i}");
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{}/24", hosts.addrs[i]),
-                "dev",
-                &dev,
-            ])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "link", "set", &dev, "up"])?;
-        }
-        Ok(hosts)
-    }
-
-    fn node(&self, i: usize, data_dir: &std::path::Path) -> Running {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.names[i], BIN])
-            .args(["--data-dir", data_dir.to_str().unwrap()])
-            .args(["--listen", &format!("/ip4/{}/tcp/0", self.addrs[i])])
-            .args(["--api-addr", "127.0.0.1:0"]) // mDNS stays on: no --no-mdns here
-            .env("RUST_LOG", "p2p_node=debug")
-            .env_remove("P2P_NODE_DATA_DIR");
-        Running::spawn(&mut cmd)
-    }
-}
-
-impl Drop for TwoHosts {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            let _ = ip(&["netns", "del", ns]); // deleting a namespace deletes its veth end too
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
+use common::netns::TwoHosts;
+use common::process::{Running, Stream};
 
 #[test]
 fn two_nodes_without_bootstrap_find_each_other_by_mdns() {
@@ -97,8 +22,8 @@ fn two_nodes_without_bootstrap_find_each_other_by_mdns() {
         }
     };
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = hosts.node(0, dir_a.path());
-    let mut b = hosts.node(1, dir_b.path());
+    let mut a = hosts.node(0, dir_a.path(), &[]);
+    let mut b = hosts.node(1, dir_b.path(), &[]);
     let timeout = Duration::from_secs(60);
     let id_of = |n: &mut Running| {
         n.wait_line(Stream::Stdout, timeout, |l| l.starts_with("peer id: "))[9..].to_string()

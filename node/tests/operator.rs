@@ -111,8 +111,11 @@ fn status_with_host(api: SocketAddr, path: &str, host: &str) -> u16 {
 }
 
 /// Families every node serves from the start.
-const ALWAYS: [&str; 17] = [
+const ALWAYS: [&str; 20] = [
     "p2p_node_build_info",
+    "p2p_node_reachability",
+    "p2p_node_kademlia_server",
+    "p2p_node_autonat_probes_total",
     "p2p_node_uptime_seconds",
     "p2p_node_connections",
     "p2p_node_peers_connected",

@@ -52,7 +52,8 @@ function renderSummary(status) {
     `peer ${short(status.peer_id)} \u00b7 v${status.version} \u00b7 up ${duration(status.uptime_s)} \u00b7 ` +
     `${status.connected_peers} connected (${direct} direct, ${relayed} relayed; ` +
     `${(c.inbound_direct || 0) + (c.inbound_relayed || 0)} in, ${(c.outbound_direct || 0) + (c.outbound_relayed || 0)} out) \u00b7 ` +
-    `${status.known_peers} known \u00b7 ${status.routing_table_peers} in routing table` +
+    `${status.known_peers} known \u00b7 ${status.routing_table_peers} in routing table \u00b7 ` +
+    `${status.reachability} (DHT ${status.kademlia_server ? "server" : "client"})` +
     (status.banned_peers ? ` \u00b7 ${status.banned_peers} banned` : "");
 }
 

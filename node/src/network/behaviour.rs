@@ -8,7 +8,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, connection_limits, gossipsub, identify, kad, mdns, ping, StreamProtocol,
+    allow_block_list, autonat, connection_limits, gossipsub, identify, kad, mdns, ping,
+    StreamProtocol,
 };
 use p2p_protocol as proto;
 use p2p_protocol::training;
@@ -33,6 +34,11 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     /// Liveness and round-trip time of each connection.
     pub ping: ping::Behaviour,
+    /// AutoNAT v2, asking side: has peers dial this node's candidate addresses back, and
+    /// confirms those that work as external addresses.
+    pub autonat_client: autonat::v2::client::Behaviour,
+    /// AutoNAT v2, answering side: dials back the addresses peers ask about.
+    pub autonat_server: autonat::v2::server::Behaviour,
     /// Signed announcements on [`proto::ANNOUNCE_TOPIC`].
     pub gossipsub: gossipsub::Behaviour,
     /// Local-network discovery; off with `--no-mdns`.
@@ -62,8 +68,9 @@ impl Behaviour {
                 .with_max_pending_outgoing(Some(64))
                 .with_max_established(Some(config.max_connections))
                 .with_max_established_incoming(Some(config.max_connections * 3 / 4))
-                // Two, not one: simultaneous dials (and TCP plus QUIC) are normal.
-                .with_max_established_per_peer(Some(2)),
+                // Four, not one: simultaneous dials (and TCP plus QUIC) are normal, and an
+                // AutoNAT dial-back opens one more to a peer already connected.
+                .with_max_established_per_peer(Some(4)),
         );
 
         let mut kad_config = kad::Config::new(StreamProtocol::new(proto::KADEMLIA_PROTOCOL));
@@ -74,9 +81,10 @@ impl Behaviour {
             .set_replication_factor(NonZeroUsize::new(20).expect("non-zero"));
         let mut kademlia =
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // `auto` starts as a client: the event loop makes it a server once reachable.
         kademlia.set_mode(Some(match config.kad_mode {
             KadMode::Server => kad::Mode::Server,
-            KadMode::Client => kad::Mode::Client,
+            KadMode::Client | KadMode::Auto => kad::Mode::Client,
         }));
 
         let identify = identify::Behaviour::new(
@@ -122,6 +130,8 @@ impl Behaviour {
             kademlia,
             identify,
             ping,
+            autonat_client: autonat::v2::client::Behaviour::default(),
+            autonat_server: autonat::v2::server::Behaviour::default(),
             gossipsub,
             mdns: mdns.into(),
             models,

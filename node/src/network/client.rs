@@ -79,6 +79,16 @@ pub struct NetworkStatus {
     pub banned_peers: usize,
     /// Chunk traffic since start.
     pub transfers: crate::models::TransferTotals,
+    /// Whether peers can dial this node (`public` / `private` / `unknown`).
+    pub reachability: super::reachability::Reachability,
+    /// External addresses confirmed by AutoNAT dial-backs.
+    pub external_addrs: Vec<String>,
+    /// Whether Kademlia answers DHT queries now (with `--kad-mode auto`: while public).
+    pub kademlia_server: bool,
+    /// AutoNAT probes of this node's addresses that succeeded since start.
+    pub autonat_probes_ok: u64,
+    /// AutoNAT probes that failed since start.
+    pub autonat_probes_failed: u64,
     /// Training, when this node trains (`null` otherwise).
     pub training: Option<TrainingStatus>,
     /// The averaging protocol's view (merged into `training`).

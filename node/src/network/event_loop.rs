@@ -14,7 +14,7 @@ use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::metrics::Recorder;
 use libp2p::swarm::{ConnectionId, DialError, ListenError, SwarmEvent};
-use libp2p::{gossipsub, identify, kad, mdns, Multiaddr, PeerId, Swarm};
+use libp2p::{autonat, gossipsub, identify, kad, mdns, Multiaddr, PeerId, Swarm};
 use p2p_protocol::manifest::VersionId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -23,9 +23,10 @@ use super::address_book::AddressBook;
 use super::behaviour::{announce_topic, runs_topic, Behaviour, BehaviourEvent};
 use super::client::{Client, Command, ConnectionCounts, NetworkStatus};
 use super::discovery::{Discovery, CACHE_SAVE_SOON};
+use super::reachability::{Reachability, Tracker};
 use super::reputation::{self, Reputation, Verdict};
 use crate::averaging;
-use crate::config::NodeConfig;
+use crate::config::{KadMode, NodeConfig};
 use crate::history::SharedHistory;
 use crate::models::store::Store;
 use crate::models::trust::Trust;
@@ -60,6 +61,10 @@ pub struct EventLoop {
     recorder: libp2p::metrics::Metrics,
     /// Training points and notable events, for the dashboard.
     history: SharedHistory,
+    /// Whether peers can dial this node.
+    reachability: Tracker,
+    /// The Kademlia mode asked for (`auto` follows `reachability`).
+    kad_mode: KadMode,
 }
 
 impl EventLoop {
@@ -89,6 +94,7 @@ impl EventLoop {
         let (sender, commands) = mpsc::channel(COMMAND_QUEUE);
         let (maintenance_interval, peer_cache_save_interval) =
             (config.maintenance_interval, config.peer_cache_save_interval);
+        let kad_mode = config.kad_mode;
         let discovery = Discovery::new(config, book);
         let history = SharedHistory::default();
         let client = Client::new(sender, discovery.connectivity(), key.clone())
@@ -111,6 +117,8 @@ impl EventLoop {
             bans: 0,
             recorder,
             history,
+            reachability: Tracker::default(),
+            kad_mode,
         };
         Ok((event_loop, client))
     }
@@ -210,6 +218,15 @@ impl EventLoop {
             bans: self.bans,
             banned_peers: self.reputation.bans(SystemTime::now()).len(),
             transfers: self.swarm.behaviour().models.transfer_totals(),
+            reachability: self.reachability.state(),
+            external_addrs: self
+                .reachability
+                .confirmed()
+                .map(|a| a.to_string())
+                .collect(),
+            kademlia_server: self.kademlia_server(),
+            autonat_probes_ok: self.reachability.probes_ok,
+            autonat_probes_failed: self.reachability.probes_failed,
             training: None, // filled in by the client from the coordinator's watch
             averaging: self.swarm.behaviour().averaging.status(),
         }
@@ -230,6 +247,54 @@ impl EventLoop {
             self.bans += 1;
             self.swarm.behaviour_mut().blocked.block_peer(peer);
             self.save_bans();
+        }
+    }
+
+    /// Whether Kademlia answers queries now.
+    fn kademlia_server(&self) -> bool {
+        match self.kad_mode {
+            KadMode::Server => true,
+            KadMode::Client => false,
+            KadMode::Auto => self.reachability.state() == Reachability::Public,
+        }
+    }
+
+    /// Applies a reachability input: logs a change, and with `--kad-mode auto` makes Kademlia
+    /// a server while the node is public and a client otherwise.
+    fn on_reachability(&mut self, change: impl FnOnce(&mut Tracker)) {
+        let before = self.reachability.state();
+        change(&mut self.reachability);
+        let now = self.reachability.state();
+        if now == before {
+            return;
+        }
+        let external: Vec<String> = self
+            .reachability
+            .confirmed()
+            .map(|a| a.to_string())
+            .collect();
+        let kademlia_server = match self.kad_mode {
+            KadMode::Auto => now == Reachability::Public,
+            mode => mode == KadMode::Server,
+        };
+        tracing::info!(
+            reachability = now.as_str(),
+            kademlia_server,
+            ?external,
+            "reachability changed"
+        );
+        self.history.event(
+            "reachability",
+            None,
+            format!("{} -> {}", before.as_str(), now.as_str()),
+        );
+        if self.kad_mode == KadMode::Auto {
+            let mode = if now == Reachability::Public {
+                kad::Mode::Server
+            } else {
+                kad::Mode::Client
+            };
+            self.swarm.behaviour_mut().kademlia.set_mode(Some(mode));
         }
     }
 
@@ -343,11 +408,21 @@ impl EventLoop {
                 address,
             } => {
                 tracing::info!(%address, "listening");
-                self.listen_addrs.push(address);
+                self.listen_addrs.push(address.clone());
+                self.on_reachability(|r| r.listening(address, true));
                 self.listener_reported(listener_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+                self.on_reachability(|r| r.listening(address, false));
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                self.on_reachability(|r| r.external(address, true));
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address expired");
+                self.on_reachability(|r| r.external(address, false));
             }
             SwarmEvent::ListenerClosed {
                 listener_id,
@@ -464,6 +539,20 @@ impl EventLoop {
                         self.averaging().note_member(&t.run, a.publisher);
                     }
                 }
+            }
+            BehaviourEvent::AutonatClient(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result,
+                ..
+            }) => {
+                match &result {
+                    Ok(()) => tracing::debug!(%tested_addr, %server, "AutoNAT: reachable"),
+                    Err(e) => {
+                        tracing::debug!(%tested_addr, %server, error = %e, "AutoNAT: not reachable")
+                    }
+                }
+                self.on_reachability(|r| r.probe(result.is_ok()));
             }
             BehaviourEvent::Models(event) => self.on_models_event(event),
             BehaviourEvent::Averaging(averaging::Event::Misbehaved { peer, why }) => {

@@ -11,6 +11,7 @@ pub mod closed;
 pub mod discovery;
 pub mod event_loop;
 pub mod lookup;
+pub mod reachability;
 pub mod reputation;
 pub mod swarm;
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod netns;
 pub mod process;
 pub mod training;
 

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_p2p-node");
 
 /// Flags that keep a node on loopback: no mDNS, TCP and API on 127.0.0.1 with OS-chosen ports.
-pub const LOOPBACK: [&str; 5] = [
+pub const LOOPBACK: [&str; 7] = [
     "--no-mdns",
+    // Loopback is not reachable from other machines: `auto` would make nodes DHT clients.
+    "--kad-mode",
+    "server",
     "--listen",
     "/ip4/127.0.0.1/tcp/0",
     "--api-addr",

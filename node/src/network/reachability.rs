@@ -1,0 +1,155 @@
+//! Whether this node can be dialled from outside: the external addresses the swarm confirmed
+//! (through AutoNAT v2 dial-backs), AutoNAT's failed probes, and the listen addresses.
+//!
+//! Pure logic; the event loop feeds it and applies the result (Kademlia's mode, `/status`).
+//! A loopback address never makes a node public: nobody on another machine can dial it.
+
+use std::collections::BTreeSet;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
+use serde::Serialize;
+
+/// Failed AutoNAT probes, with no address confirmed, after which a node counts as private.
+pub const PRIVATE_AFTER_FAILURES: u32 = 3;
+
+/// What the node knows of its reachability (`GET /status` → `reachability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    /// Not known yet: no address confirmed, and not enough probes failed.
+    #[default]
+    Unknown,
+    /// A non-loopback external address is confirmed: peers can dial this node.
+    Public,
+    /// Peers cannot dial this node: it listens on loopback only, or AutoNAT's probes of its
+    /// addresses failed.
+    Private,
+}
+
+impl Reachability {
+    /// The name `/status` and the metrics show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Public => "public",
+            Self::Private => "private",
+        }
+    }
+}
+
+/// The inputs, and the verdict.
+#[derive(Debug, Clone, Default)]
+pub struct Tracker {
+    confirmed: BTreeSet<Multiaddr>,
+    listen: BTreeSet<Multiaddr>,
+    failures_since_success: u32,
+    /// Probes of candidate addresses that succeeded, and that failed, since start.
+    pub probes_ok: u64,
+    /// See `probes_ok`.
+    pub probes_failed: u64,
+}
+
+/// Whether `addr` is on a loopback IP.
+pub fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+impl Tracker {
+    /// The swarm confirmed (`true`) or withdrew an external address.
+    pub fn external(&mut self, addr: Multiaddr, confirmed: bool) {
+        if confirmed {
+            self.confirmed.insert(addr);
+        } else {
+            self.confirmed.remove(&addr);
+        }
+    }
+
+    /// The node listens on `addr` (`true`) or stopped.
+    pub fn listening(&mut self, addr: Multiaddr, on: bool) {
+        if on {
+            self.listen.insert(addr);
+        } else {
+            self.listen.remove(&addr);
+        }
+    }
+
+    /// An AutoNAT probe of one of this node's addresses succeeded or failed.
+    pub fn probe(&mut self, ok: bool) {
+        if ok {
+            self.probes_ok += 1;
+            self.failures_since_success = 0;
+        } else {
+            self.probes_failed += 1;
+            self.failures_since_success = self.failures_since_success.saturating_add(1);
+        }
+    }
+
+    /// Confirmed external addresses, loopback ones included.
+    pub fn confirmed(&self) -> impl Iterator<Item = &Multiaddr> {
+        self.confirmed.iter()
+    }
+
+    /// The verdict.
+    pub fn state(&self) -> Reachability {
+        if self.confirmed.iter().any(|a| !is_loopback(a)) {
+            Reachability::Public
+        } else if (!self.listen.is_empty() && self.listen.iter().all(is_loopback))
+            || self.failures_since_success >= PRIVATE_AFTER_FAILURES
+        {
+            Reachability::Private
+        } else {
+            Reachability::Unknown
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().expect("multiaddr")
+    }
+
+    #[test]
+    fn loopback_only_listeners_are_private_even_when_confirmed() {
+        let mut t = Tracker::default();
+        assert_eq!(t.state(), Reachability::Unknown);
+        t.listening(addr("/ip4/127.0.0.1/tcp/4001"), true);
+        assert_eq!(t.state(), Reachability::Private);
+        t.external(addr("/ip4/127.0.0.1/tcp/4001"), true);
+        assert_eq!(t.state(), Reachability::Private);
+    }
+
+    #[test]
+    fn a_confirmed_address_makes_public_and_losing_it_does_not_stay_public() {
+        let mut t = Tracker::default();
+        t.listening(addr("/ip4/0.0.0.0/tcp/4001"), true);
+        t.listening(addr("/ip4/10.0.0.2/tcp/4001"), true);
+        assert_eq!(t.state(), Reachability::Unknown);
+        t.external(addr("/ip4/203.0.113.9/tcp/4001"), true);
+        assert_eq!(t.state(), Reachability::Public);
+        t.external(addr("/ip4/203.0.113.9/tcp/4001"), false);
+        assert_eq!(t.state(), Reachability::Unknown);
+    }
+
+    #[test]
+    fn failed_probes_make_private_until_one_succeeds() {
+        let mut t = Tracker::default();
+        t.listening(addr("/ip4/192.168.1.5/tcp/4001"), true);
+        for _ in 0..PRIVATE_AFTER_FAILURES - 1 {
+            t.probe(false);
+        }
+        assert_eq!(t.state(), Reachability::Unknown);
+        t.probe(false);
+        assert_eq!(t.state(), Reachability::Private);
+        t.probe(true);
+        assert_eq!(t.state(), Reachability::Unknown);
+        assert_eq!((t.probes_ok, t.probes_failed), (1, 3));
+    }
+}
