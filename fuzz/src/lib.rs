@@ -362,7 +362,7 @@ fn cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
 
 fn check_response(r: Response) -> bool {
     match r {
-        Response::Versions { versions } => versions
+        Response::Versions { versions, .. } => versions
             .iter()
             .all(|a| p2p_protocol::manifest::validate_model_name(&a.model).is_ok()),
         Response::Have { bitfield, .. } => bitfield.is_well_formed(),
@@ -408,6 +408,7 @@ fn responses() -> Vec<Response> {
         },
         Response::Versions {
             versions: vec![announcement()],
+            addrs: vec![],
         },
         Response::NotFound,
         Response::Busy,

@@ -331,3 +331,42 @@ async fn coordinated_fetchers_take_their_portion_from_the_publisher_and_swap_the
         "each fetcher served its portion to the other: {fetcher_uploads:?}"
     );
 }
+
+/// A version published while no peer was connected ("no peers to announce to yet") is
+/// announced when peers join the announcements topic, so the rest of the network learns it
+/// without asking the publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_published_before_any_peer_is_announced_when_peers_join() {
+    common::init_logs();
+    let publisher = common::start_node(vec![]).await;
+    let files = tempfile::tempdir().unwrap();
+    let (path, _) = common::model_file(files.path(), "early.safetensors", 1, 3);
+    let published = publisher
+        .handle
+        .client
+        .publish(&path, "early")
+        .await
+        .unwrap();
+    let hub = common::start_node(vec![publisher.bootstrap_addr()]).await;
+    let publisher_id = publisher.peer_id().to_string();
+    common::wait_for(
+        "the hub to hear the announcement",
+        common::CONVERGE_TIMEOUT,
+        || async {
+            hub.handle
+                .client
+                .history()
+                .body()
+                .events
+                .iter()
+                .any(|e| {
+                    e.kind == "version"
+                        && e.peer.as_deref() == Some(publisher_id.as_str())
+                        && e.text
+                            .starts_with(&format!("early version {}", published.version))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}

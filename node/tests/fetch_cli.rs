@@ -424,3 +424,45 @@ fn a_full_disk_is_reported_not_written_as_a_corrupt_file() {
     );
     assert!(!out.exists(), "no output file from a failed download");
 }
+
+/// A publisher in Kademlia client mode is in nobody's routing table, and its announcement
+/// went out before its first connection: the fetcher still learns the version (the publisher
+/// announces it again when the hub joins the topic), and where to reach the publisher (the
+/// hub's `Versions` answer carries its addresses), and fetches it.
+#[test]
+fn a_version_held_only_by_a_dht_client_publisher_can_be_fetched() {
+    let (hub_dir, pub_dir, fetch_dir, files) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (file, bytes) = common::model_file(files.path(), "cm.safetensors", 3, 11);
+    let mut hub = Running::start(&args(&["--data-dir", hub_dir.path().to_str().unwrap()]));
+    let join = hub.join_addr();
+    // LOOPBACK asks for server mode: this one is a client.
+    let mut publisher = Running::start(&[
+        "--data-dir",
+        pub_dir.path().to_str().unwrap(),
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api-addr",
+        "127.0.0.1:0",
+        "--kad-mode",
+        "client",
+        "--bootstrap",
+        &join,
+        "--publish",
+        file.to_str().unwrap(),
+        "--model",
+        "cm",
+    ]);
+    publisher.wait_line(Stream::Stdout, QUICK, |l| l.starts_with("published "));
+    let out = files.path().join("fetched.safetensors");
+    let (code, stdout, stderr) = fetch("cm", &out, "60", fetch_dir.path(), &join);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    assert_eq!(publisher.terminate(QUICK).0, 0);
+    assert_eq!(hub.terminate(QUICK).0, 0);
+}

@@ -33,6 +33,23 @@ pub const MAX_VERSIONS_LISTED: usize = 64;
 /// one publisher's many (or highly numbered) versions cannot push the others out.
 pub const MAX_VERSIONS_PER_PUBLISHER: usize = 8;
 
+/// Most publishers whose addresses a [`Response::Versions`] gives.
+pub const MAX_ADDRESS_HINT_PEERS: usize = 16;
+
+/// Most addresses given per publisher in a [`Response::Versions`].
+pub const MAX_ADDRESS_HINTS_PER_PEER: usize = 8;
+
+/// Where the answering peer reaches a publisher it lists: a hint for peers that cannot find
+/// it otherwise (a publisher in Kademlia client mode is in nobody's routing table). Unsigned
+/// and untrusted: a dial checks the peer id in its handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressHint {
+    /// The publisher.
+    pub peer: PeerId,
+    /// Its addresses as the answering peer knows them.
+    pub addrs: Vec<libp2p::Multiaddr>,
+}
+
 /// What one peer asks another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -92,6 +109,10 @@ pub enum Response {
     Versions {
         /// The announcements.
         versions: Vec<Announcement>,
+        /// Addresses of the listed versions' publishers (at most [`MAX_ADDRESS_HINT_PEERS`],
+        /// [`MAX_ADDRESS_HINTS_PER_PEER`] each); absent from older peers' answers.
+        #[serde(default)]
+        addrs: Vec<AddressHint>,
     },
     /// The peer does not hold what was asked (or does not serve it under its settings).
     NotFound,
@@ -274,6 +295,46 @@ mod tests {
             json["publisher"],
             honest.publisher.to_base58(),
             "base58 in JSON"
+        );
+    }
+
+    /// A `Versions` answer of an older peer (no address hints) still decodes, and hints
+    /// round-trip.
+    #[test]
+    fn versions_answers_decode_with_and_without_address_hints() {
+        #[derive(Serialize)]
+        enum OldResponse {
+            Versions { versions: Vec<Announcement> },
+        }
+        let a = signed(&Keypair::generate_ed25519(), "m", 1);
+        let mut old = Vec::new();
+        ciborium::into_writer(
+            &OldResponse::Versions {
+                versions: vec![a.clone()],
+            },
+            &mut old,
+        )
+        .unwrap();
+        let decoded: Response = crate::codec::decode(&old, "response").unwrap();
+        assert_eq!(
+            decoded,
+            Response::Versions {
+                versions: vec![a.clone()],
+                addrs: vec![]
+            }
+        );
+        let with = Response::Versions {
+            versions: vec![a.clone()],
+            addrs: vec![AddressHint {
+                peer: a.publisher,
+                addrs: vec!["/ip4/192.0.2.7/tcp/4001".parse().unwrap()],
+            }],
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&with, &mut bytes).unwrap();
+        assert_eq!(
+            crate::codec::decode::<Response>(&bytes, "response").unwrap(),
+            with
         );
     }
 }

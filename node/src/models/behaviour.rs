@@ -21,7 +21,8 @@ use p2p_protocol::bitfield::Bitfield;
 use p2p_protocol::codec::CborCodec;
 use p2p_protocol::manifest::{Manifest, VersionId};
 use p2p_protocol::messages::{
-    Announcement, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MAX_VERSIONS_LISTED,
+    AddressHint, Announcement, Request, Response, MAX_ADDRESS_HINTS_PER_PEER,
+    MAX_ADDRESS_HINT_PEERS, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MAX_VERSIONS_LISTED,
     MAX_VERSIONS_PER_PUBLISHER, MODELS_PROTOCOL,
 };
 use p2p_protocol::training::TrainingMeta;
@@ -58,6 +59,15 @@ const FOLLOW_SETTLE: Duration = Duration::from_secs(10);
 /// How often downloads are driven and availability refreshed.
 const TICK: Duration = Duration::from_millis(200);
 
+/// While serving, this node's newest versions are announced again this often, so that peers
+/// that were not connected (or not subscribed) when they were published learn them, and can
+/// answer others' `Versions` requests for them.
+pub const REANNOUNCE_EVERY: Duration = Duration::from_secs(300);
+
+/// When peers join the announcements topic, the newest versions are announced again at most
+/// this often (a burst of joins makes one announcement).
+pub const REANNOUNCE_MIN_GAP: Duration = Duration::from_secs(10);
+
 /// Streams of the protocol open at once on one connection.
 const MAX_CONCURRENT_STREAMS: usize = 512;
 
@@ -78,6 +88,14 @@ pub enum Event {
         peer: PeerId,
         /// What it did.
         why: String,
+    },
+    /// A peer said where a publisher it listed can be reached: dial hints (checked by the
+    /// handshake when dialled).
+    PeerAddresses {
+        /// The publisher.
+        peer: PeerId,
+        /// Its addresses.
+        addrs: Vec<libp2p::Multiaddr>,
     },
 }
 
@@ -162,6 +180,8 @@ pub struct Behaviour {
     downloaded: HashMap<VersionId, u64>,
     /// Chunk traffic since start, over every version.
     totals: TransferTotals,
+    /// Listen addresses connected peers reported (identify), for address hints.
+    peer_addrs: HashMap<PeerId, Vec<libp2p::Multiaddr>>,
     uploads: Uploads,
     /// Models followed, and since when (a name not bound yet is taken only after
     /// [`FOLLOW_SETTLE`]).
@@ -172,6 +192,12 @@ pub struct Behaviour {
     write_done: mpsc::UnboundedSender<DiskEvent>,
     chunk_writer: ChunkWriter,
     last_follow_poll: Option<Instant>,
+    /// When this node's newest versions were last announced again (`None`: not yet).
+    last_reannounce: Option<Instant>,
+    /// Whether a peer joined the announcements topic since then, within the gap.
+    reannounce_pending: bool,
+    /// When the behaviour was made.
+    started: Instant,
     rng: StdRng,
 }
 
@@ -213,6 +239,7 @@ impl Behaviour {
             announcements: HashMap::new(),
             downloaded: HashMap::new(),
             totals: TransferTotals::default(),
+            peer_addrs: HashMap::new(),
             uploads: Uploads::new(&config),
             followed: HashMap::new(),
             versions_queries: HashMap::new(),
@@ -221,6 +248,9 @@ impl Behaviour {
             chunk_writer: ChunkWriter::start(write_done.clone()),
             write_done,
             last_follow_poll: None,
+            last_reannounce: None,
+            reannounce_pending: false,
+            started: Instant::now(),
             rng: StdRng::from_entropy(),
             config,
         };
@@ -617,6 +647,14 @@ impl Behaviour {
 
     /// Periodic work: durability, provider lookups, availability refresh, scheduling.
     pub fn tick(&mut self) {
+        // A peer joined the topic less than the gap after the last announcement: its turn
+        // comes once the gap has passed.
+        let since = self.last_reannounce.unwrap_or(self.started).elapsed();
+        if (self.reannounce_pending && since >= REANNOUNCE_MIN_GAP)
+            || (since >= REANNOUNCE_EVERY && !self.connected.is_empty())
+        {
+            self.reannounce();
+        }
         if self.last_sync.elapsed() >= Duration::from_secs(1) {
             self.last_sync = Instant::now();
             for id in self.store.unsynced() {
@@ -753,9 +791,11 @@ impl Behaviour {
                     },
                 }
             }
-            Request::Versions { model, publisher } => Response::Versions {
-                versions: self.listed_versions(&model, publisher),
-            },
+            Request::Versions { model, publisher } => {
+                let versions = self.listed_versions(&model, publisher);
+                let addrs = self.address_hints(&versions, peer);
+                Response::Versions { versions, addrs }
+            }
         };
         if self.inner.send_response(channel, response).is_err() {
             tracing::debug!(%peer, "requester went away before the answer was sent");
@@ -835,7 +875,8 @@ impl Behaviour {
             (Purpose::Chunk(id, index), Response::Chunk { index: got, data }) => {
                 self.on_chunk(peer, id, index, got, data)
             }
-            (Purpose::Versions(qid, asked), Response::Versions { versions }) => {
+            (Purpose::Versions(qid, asked), Response::Versions { versions, addrs }) => {
+                self.take_address_hints(&versions, addrs);
                 // Only the model asked about (a late answer too); oldest first, so that a
                 // parent is known before its child is checked.
                 let mut versions: Vec<Announcement> = versions
@@ -1708,6 +1749,91 @@ impl Behaviour {
             .push_back(Event::Announce(announcement.encode()));
     }
 
+    /// A connected peer's listen addresses (from identify), kept while it is connected and
+    /// given as hints to peers that ask for the versions it published.
+    pub fn note_peer_addresses(&mut self, peer: PeerId, addrs: Vec<libp2p::Multiaddr>) {
+        if self.connected.contains(&peer) {
+            let addrs = addrs.into_iter().take(MAX_ADDRESS_HINTS_PER_PEER).collect();
+            self.peer_addrs.insert(peer, addrs);
+        }
+    }
+
+    /// Addresses of the publishers of `versions` this node knows, for `asker`.
+    fn address_hints(&self, versions: &[Announcement], asker: PeerId) -> Vec<AddressHint> {
+        let mut hints: Vec<AddressHint> = Vec::new();
+        for a in versions {
+            let peer = a.publisher;
+            if peer == asker || peer == self.local_peer || hints.iter().any(|h| h.peer == peer) {
+                continue;
+            }
+            if let Some(addrs) = self.peer_addrs.get(&peer).filter(|a| !a.is_empty()) {
+                hints.push(AddressHint {
+                    peer,
+                    addrs: addrs.clone(),
+                });
+            }
+            if hints.len() == MAX_ADDRESS_HINT_PEERS {
+                break;
+            }
+        }
+        hints
+    }
+
+    /// Passes on the address hints of a `Versions` answer, for publishers it lists only.
+    fn take_address_hints(&mut self, versions: &[Announcement], hints: Vec<AddressHint>) {
+        for hint in hints.into_iter().take(MAX_ADDRESS_HINT_PEERS) {
+            let listed = versions.iter().any(|a| a.publisher == hint.peer);
+            if !listed || hint.peer == self.local_peer || self.connected.contains(&hint.peer) {
+                continue;
+            }
+            let addrs: Vec<libp2p::Multiaddr> = hint
+                .addrs
+                .into_iter()
+                .take(MAX_ADDRESS_HINTS_PER_PEER)
+                .collect();
+            tracing::debug!(peer = %hint.peer, ?addrs, "address hints for a publisher");
+            self.events.push_back(Event::PeerAddresses {
+                peer: hint.peer,
+                addrs,
+            });
+        }
+    }
+
+    /// A peer joined the announcements topic: announces this node's newest versions again,
+    /// now, or once [`REANNOUNCE_MIN_GAP`] has passed since the last time.
+    pub fn on_topic_joined(&mut self) {
+        if self
+            .last_reannounce
+            .is_none_or(|t| t.elapsed() >= REANNOUNCE_MIN_GAP)
+        {
+            self.reannounce();
+        } else {
+            self.reannounce_pending = true;
+        }
+    }
+
+    /// Announces again the newest complete version of each model this node published.
+    fn reannounce(&mut self) {
+        self.last_reannounce = Some(Instant::now());
+        self.reannounce_pending = false;
+        let mut newest: HashMap<&str, &Manifest> = HashMap::new();
+        for (_, v) in self.store.iter() {
+            if !v.published || !v.is_complete() {
+                continue;
+            }
+            let m = &v.manifest;
+            let slot = newest.entry(m.model.as_str()).or_insert(m);
+            if m.version > slot.version {
+                *slot = m;
+            }
+        }
+        let announcements: Vec<Announcement> = newest.values().map(|m| m.announcement()).collect();
+        for a in &announcements {
+            tracing::debug!(model = %a.model, version = a.version, "announcing again");
+            self.announce(a);
+        }
+    }
+
     /// Asks for a provider record of `id` to be put in the DHT.
     fn start_providing(&mut self, id: &VersionId) {
         self.events.push_back(Event::Provide(*id));
@@ -1729,6 +1855,7 @@ impl WrapsRequestResponse for Behaviour {
 
     fn on_peer_disconnected(&mut self, peer: PeerId) {
         self.connected.remove(&peer);
+        self.peer_addrs.remove(&peer);
         self.peer_gone(peer);
     }
 

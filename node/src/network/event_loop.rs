@@ -372,6 +372,18 @@ impl EventLoop {
                 self.publish_gossip(announce_topic(), bytes, "version")
             }
             models::Event::Misbehaved { peer, why } => self.penalize(peer, &why),
+            models::Event::PeerAddresses { peer, addrs } => {
+                if self
+                    .reputation
+                    .standing(&peer, SystemTime::now())
+                    .1
+                    .is_none()
+                {
+                    for addr in addrs {
+                        self.swarm.add_peer_address(peer, addr);
+                    }
+                }
+            }
         }
     }
 
@@ -497,6 +509,10 @@ impl EventLoop {
         let swarm = &mut self.swarm;
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                swarm
+                    .behaviour_mut()
+                    .models
+                    .note_peer_addresses(peer_id, info.listen_addrs.clone());
                 self.discovery.on_identify(swarm, peer_id, info)
             }
             BehaviourEvent::Kademlia(kad::Event::RoutingUpdated {
@@ -528,6 +544,11 @@ impl EventLoop {
                 if let Some(version) = version {
                     self.models().on_providers(version, providers);
                 }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+                if topic == announce_topic().hash() =>
+            {
+                self.models().on_topic_joined()
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 if message.topic == runs_topic().hash() {
