@@ -273,10 +273,7 @@ impl EventLoop {
             .confirmed()
             .map(|a| a.to_string())
             .collect();
-        let kademlia_server = match self.kad_mode {
-            KadMode::Auto => now == Reachability::Public,
-            mode => mode == KadMode::Server,
-        };
+        let kademlia_server = self.kademlia_server();
         tracing::info!(
             reachability = now.as_str(),
             kademlia_server,
@@ -289,7 +286,7 @@ impl EventLoop {
             format!("{} -> {}", before.as_str(), now.as_str()),
         );
         if self.kad_mode == KadMode::Auto {
-            let mode = if now == Reachability::Public {
+            let mode = if kademlia_server {
                 kad::Mode::Server
             } else {
                 kad::Mode::Client
