@@ -203,29 +203,18 @@ fn first_line(e: &clap::Error) -> String {
         .to_string()
 }
 
-/// Reads and parses the file: a regular file of at most [`MAX_CONFIG_BYTES`].
+/// Reads and parses the file: a regular file of at most [`MAX_CONFIG_BYTES`]
+/// ([`crate::fsutil::read_bounded`]).
 fn read(path: &Path) -> Result<toml::Table, ConfigFileError> {
-    use std::io::Read;
     let fail = |message: String| ConfigFileError {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| fail(format!("cannot read it: {e}")))?;
-    if !meta.is_file() {
-        return Err(fail("is not a regular file".to_string()));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_CONFIG_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| fail(format!("cannot read it: {e}")))?;
-    if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(fail(format!(
-            "larger than {MAX_CONFIG_BYTES} bytes, the most a config file may have"
-        )));
-    }
+    let bytes = match crate::fsutil::read_bounded(path, MAX_CONFIG_BYTES) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Err(fail("cannot read it: no such file".to_string())),
+        Err(e) => return Err(fail(format!("{e:#}"))),
+    };
     let text = String::from_utf8(bytes).map_err(|_| fail("is not UTF-8 text".to_string()))?;
     text.parse::<toml::Table>()
         .map_err(|e| fail(e.to_string().replace('\n', " ").trim().to_string()))

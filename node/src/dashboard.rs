@@ -12,37 +12,47 @@ use axum::Router;
 
 use crate::api::ApiState;
 
-const INDEX_HTML: &str = include_str!("../assets/dashboard/index.html");
-const APP_JS: &str = include_str!("../assets/dashboard/app.js");
-const APP_CSS: &str = include_str!("../assets/dashboard/app.css");
-const UPLOT_JS: &str = include_str!("../assets/vendor/uplot/uPlot.iife.min.js");
-const UPLOT_CSS: &str = include_str!("../assets/vendor/uplot/uPlot.min.css");
-const UPLOT_LICENSE: &str = include_str!("../assets/vendor/uplot/LICENSE");
+/// Each file: its path, content type and bytes.
+const FILES: [(&str, &str, &str); 6] = [
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../assets/dashboard/index.html"),
+    ),
+    (
+        "/assets/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/dashboard/app.js"),
+    ),
+    (
+        "/assets/app.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/dashboard/app.css"),
+    ),
+    (
+        "/assets/uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/vendor/uplot/uPlot.iife.min.js"),
+    ),
+    (
+        "/assets/uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/vendor/uplot/uPlot.min.css"),
+    ),
+    (
+        "/assets/uPlot.LICENSE",
+        "text/plain; charset=utf-8",
+        include_str!("../assets/vendor/uplot/LICENSE"),
+    ),
+];
 
 /// The dashboard's routes: the page and its assets.
 pub(crate) fn routes() -> Router<ApiState> {
-    Router::new()
-        .route("/", get(|| file("text/html; charset=utf-8", INDEX_HTML)))
-        .route(
-            "/assets/app.js",
-            get(|| file("text/javascript; charset=utf-8", APP_JS)),
-        )
-        .route(
-            "/assets/app.css",
-            get(|| file("text/css; charset=utf-8", APP_CSS)),
-        )
-        .route(
-            "/assets/uPlot.iife.min.js",
-            get(|| file("text/javascript; charset=utf-8", UPLOT_JS)),
-        )
-        .route(
-            "/assets/uPlot.min.css",
-            get(|| file("text/css; charset=utf-8", UPLOT_CSS)),
-        )
-        .route(
-            "/assets/uPlot.LICENSE",
-            get(|| file("text/plain; charset=utf-8", UPLOT_LICENSE)),
-        )
+    FILES
+        .iter()
+        .fold(Router::new(), |router, &(path, content_type, body)| {
+            router.route(path, get(move || file(content_type, body)))
+        })
 }
 
 async fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {

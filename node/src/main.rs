@@ -145,7 +145,7 @@ fn query(
 ) -> Result<()> {
     let addr = match args.api {
         Some(addr) => addr,
-        None => query::find_api(&config.data_dir, config.api_addr)?,
+        None => query::find_api(&config.api_addr_path(), config.api_addr)?,
     };
     let answer = query::get(addr, path)?;
     if args.json {

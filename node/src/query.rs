@@ -19,27 +19,29 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of an answer read.
 const MAX_ANSWER_BYTES: u64 = 64 << 20;
 
-/// The API address to ask: the one the node running on `data_dir` wrote there, else
-/// `configured` (`--api-addr` or the config file's `api_addr`) when it names a port.
-pub fn find_api(data_dir: &Path, configured: Option<SocketAddr>) -> Result<SocketAddr> {
-    match api_addr(data_dir) {
+/// The API address to ask: the one the node running on a data dir wrote to `file`
+/// ([`crate::config::NodeConfig::api_addr_path`]), else `configured` (`--api-addr` or the
+/// config file's `api_addr`) when it names a port.
+pub fn find_api(file: &Path, configured: Option<SocketAddr>) -> Result<SocketAddr> {
+    match api_addr(file) {
         Ok(addr) => Ok(addr),
         Err(e) => configured.filter(|a| a.port() != 0).ok_or(e),
     }
 }
 
-/// The API address of the node running on `data_dir`.
-pub fn api_addr(data_dir: &Path) -> Result<SocketAddr> {
-    let file = data_dir.join("api-addr");
-    let text = std::fs::read_to_string(&file).map_err(|e| {
+/// The API address a running node wrote to `file` (at most 256 bytes read).
+pub fn api_addr(file: &Path) -> Result<SocketAddr> {
+    let absent = || {
         anyhow!(
-            "no running node found for data dir {} (cannot read {}: {e}); start one with \
-             `p2p-node`, or give its address with --api or --api-addr",
-            data_dir.display(),
+            "no running node found for data dir {} (no {}); start one with `p2p-node`, or \
+             give its address with --api or --api-addr",
+            file.parent().unwrap_or(file).display(),
             file.display()
         )
-    })?;
-    text.trim()
+    };
+    let bytes = crate::fsutil::read_bounded(file, 256)?.ok_or_else(absent)?;
+    String::from_utf8_lossy(&bytes)
+        .trim()
         .parse()
         .with_context(|| format!("{} does not hold an IP:PORT", file.display()))
 }
@@ -425,7 +427,9 @@ mod tests {
     #[test]
     fn a_missing_api_addr_file_says_no_node_runs_there() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let err = api_addr(dir.path()).expect_err("no node").to_string();
+        let err = api_addr(&dir.path().join("api-addr"))
+            .expect_err("no node")
+            .to_string();
         assert!(
             err.contains("no running node") && err.contains("--api"),
             "{err}"
@@ -445,14 +449,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let configured: SocketAddr = "127.0.0.1:4002".parse().expect("addr");
         assert_eq!(
-            find_api(dir.path(), Some(configured)).expect("configured"),
+            find_api(&dir.path().join("api-addr"), Some(configured)).expect("configured"),
             configured
         );
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        assert!(find_api(dir.path(), Some(any_port)).is_err());
+        assert!(find_api(&dir.path().join("api-addr"), Some(any_port)).is_err());
         std::fs::write(dir.path().join("api-addr"), "127.0.0.1:5555\n").expect("write");
         assert_eq!(
-            find_api(dir.path(), Some(configured)).expect("file").port(),
+            find_api(&dir.path().join("api-addr"), Some(configured))
+                .expect("file")
+                .port(),
             5555,
             "the running node's own file comes first"
         );

@@ -111,15 +111,14 @@ pub struct ConnectionCounts {
 }
 
 impl ConnectionCounts {
-    /// Counts one connection more (`delta` = 1) or less (-1).
-    pub fn add(&mut self, inbound: bool, relayed: bool, delta: isize) {
-        let slot = match (inbound, relayed) {
+    /// Counts one connection more.
+    pub fn count(&mut self, inbound: bool, relayed: bool) {
+        *match (inbound, relayed) {
             (true, false) => &mut self.inbound_direct,
             (true, true) => &mut self.inbound_relayed,
             (false, false) => &mut self.outbound_direct,
             (false, true) => &mut self.outbound_relayed,
-        };
-        *slot = slot.saturating_add_signed(delta);
+        } += 1;
     }
 }
 

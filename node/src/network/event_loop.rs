@@ -61,8 +61,9 @@ pub struct EventLoop {
     recorder: libp2p::metrics::Metrics,
     /// Training points and notable events, for the dashboard.
     history: SharedHistory,
-    /// Whether peers can dial this node.
+    /// Whether peers can dial this node: the inputs, and the verdict last applied.
     reachability: Tracker,
+    reachability_now: Reachability,
     /// The Kademlia mode asked for (`auto` follows `reachability`).
     kad_mode: KadMode,
 }
@@ -118,6 +119,7 @@ impl EventLoop {
             recorder,
             history,
             reachability: Tracker::default(),
+            reachability_now: Reachability::Unknown,
             kad_mode,
         };
         Ok((event_loop, client))
@@ -218,7 +220,7 @@ impl EventLoop {
             bans: self.bans,
             banned_peers: self.reputation.bans(SystemTime::now()).len(),
             transfers: self.swarm.behaviour().models.transfer_totals(),
-            reachability: self.reachability.state(),
+            reachability: self.reachability_now,
             external_addrs: self
                 .reachability
                 .confirmed()
@@ -255,16 +257,17 @@ impl EventLoop {
         match self.kad_mode {
             KadMode::Server => true,
             KadMode::Client => false,
-            KadMode::Auto => self.reachability.state() == Reachability::Public,
+            KadMode::Auto => self.reachability_now == Reachability::Public,
         }
     }
 
-    /// Applies a reachability input: logs a change, and with `--kad-mode auto` makes Kademlia
-    /// a server while the node is public and a client otherwise.
+    /// Applies a reachability input (`change`, after any change of the listen addresses):
+    /// logs a change of the verdict, and with `--kad-mode auto` makes Kademlia a server while
+    /// the node is public and a client otherwise.
     fn on_reachability(&mut self, change: impl FnOnce(&mut Tracker)) {
-        let before = self.reachability.state();
         change(&mut self.reachability);
-        let now = self.reachability.state();
+        let now = self.reachability.state(&self.listen_addrs);
+        let before = std::mem::replace(&mut self.reachability_now, now);
         if now == before {
             return;
         }
@@ -299,7 +302,7 @@ impl EventLoop {
     fn connection_counts(&self) -> ConnectionCounts {
         let mut counts = ConnectionCounts::default();
         for &(_, inbound, relayed) in self.connections.values() {
-            counts.add(inbound, relayed, 1);
+            counts.count(inbound, relayed);
         }
         counts
     }
@@ -417,13 +420,13 @@ impl EventLoop {
                 address,
             } => {
                 tracing::info!(%address, "listening");
-                self.listen_addrs.push(address.clone());
-                self.on_reachability(|r| r.listening(address, true));
+                self.listen_addrs.push(address);
+                self.on_reachability(|_| {});
                 self.listener_reported(listener_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
-                self.on_reachability(|r| r.listening(address, false));
+                self.on_reachability(|_| {});
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
@@ -442,6 +445,7 @@ impl EventLoop {
                     tracing::warn!(?addresses, %error, "listener closed");
                 }
                 self.listen_addrs.retain(|a| !addresses.contains(a));
+                self.on_reachability(|_| {});
                 self.listener_reported(listener_id);
             }
             SwarmEvent::ListenerError { listener_id, error } => {

@@ -1,5 +1,6 @@
 //! Whether this node can be dialled from outside: the external addresses the swarm confirmed
-//! (through AutoNAT v2 dial-backs), AutoNAT's failed probes, and the listen addresses.
+//! (through AutoNAT v2 dial-backs), AutoNAT's failed probes, and the listen addresses (the
+//! event loop's, passed in).
 //!
 //! Pure logic; the event loop feeds it and applies the result (Kademlia's mode, `/status`).
 //! A loopback address never makes a node public: nobody on another machine can dial it.
@@ -42,7 +43,6 @@ impl Reachability {
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
     confirmed: BTreeSet<Multiaddr>,
-    listen: BTreeSet<Multiaddr>,
     failures_since_success: u32,
     /// Probes of candidate addresses that succeeded, and that failed, since start.
     pub probes_ok: u64,
@@ -69,15 +69,6 @@ impl Tracker {
         }
     }
 
-    /// The node listens on `addr` (`true`) or stopped.
-    pub fn listening(&mut self, addr: Multiaddr, on: bool) {
-        if on {
-            self.listen.insert(addr);
-        } else {
-            self.listen.remove(&addr);
-        }
-    }
-
     /// An AutoNAT probe of one of this node's addresses succeeded or failed.
     pub fn probe(&mut self, ok: bool) {
         if ok {
@@ -94,11 +85,11 @@ impl Tracker {
         self.confirmed.iter()
     }
 
-    /// The verdict.
-    pub fn state(&self) -> Reachability {
+    /// The verdict, for a node listening on `listen`.
+    pub fn state(&self, listen: &[Multiaddr]) -> Reachability {
         if self.confirmed.iter().any(|a| !is_loopback(a)) {
             Reachability::Public
-        } else if (!self.listen.is_empty() && self.listen.iter().all(is_loopback))
+        } else if (!listen.is_empty() && listen.iter().all(is_loopback))
             || self.failures_since_success >= PRIVATE_AFTER_FAILURES
         {
             Reachability::Private
@@ -119,37 +110,39 @@ mod tests {
     #[test]
     fn loopback_only_listeners_are_private_even_when_confirmed() {
         let mut t = Tracker::default();
-        assert_eq!(t.state(), Reachability::Unknown);
-        t.listening(addr("/ip4/127.0.0.1/tcp/4001"), true);
-        assert_eq!(t.state(), Reachability::Private);
+        assert_eq!(t.state(&[]), Reachability::Unknown);
+        let listen = [addr("/ip4/127.0.0.1/tcp/4001")];
+        assert_eq!(t.state(&listen), Reachability::Private);
         t.external(addr("/ip4/127.0.0.1/tcp/4001"), true);
-        assert_eq!(t.state(), Reachability::Private);
+        assert_eq!(t.state(&listen), Reachability::Private);
     }
 
     #[test]
     fn a_confirmed_address_makes_public_and_losing_it_does_not_stay_public() {
         let mut t = Tracker::default();
-        t.listening(addr("/ip4/0.0.0.0/tcp/4001"), true);
-        t.listening(addr("/ip4/10.0.0.2/tcp/4001"), true);
-        assert_eq!(t.state(), Reachability::Unknown);
+        let listen = [
+            addr("/ip4/0.0.0.0/tcp/4001"),
+            addr("/ip4/10.0.0.2/tcp/4001"),
+        ];
+        assert_eq!(t.state(&listen), Reachability::Unknown);
         t.external(addr("/ip4/203.0.113.9/tcp/4001"), true);
-        assert_eq!(t.state(), Reachability::Public);
+        assert_eq!(t.state(&listen), Reachability::Public);
         t.external(addr("/ip4/203.0.113.9/tcp/4001"), false);
-        assert_eq!(t.state(), Reachability::Unknown);
+        assert_eq!(t.state(&listen), Reachability::Unknown);
     }
 
     #[test]
     fn failed_probes_make_private_until_one_succeeds() {
         let mut t = Tracker::default();
-        t.listening(addr("/ip4/192.168.1.5/tcp/4001"), true);
+        let listen = [addr("/ip4/192.168.1.5/tcp/4001")];
         for _ in 0..PRIVATE_AFTER_FAILURES - 1 {
             t.probe(false);
         }
-        assert_eq!(t.state(), Reachability::Unknown);
+        assert_eq!(t.state(&listen), Reachability::Unknown);
         t.probe(false);
-        assert_eq!(t.state(), Reachability::Private);
+        assert_eq!(t.state(&listen), Reachability::Private);
         t.probe(true);
-        assert_eq!(t.state(), Reachability::Unknown);
+        assert_eq!(t.state(&listen), Reachability::Unknown);
         assert_eq!((t.probes_ok, t.probes_failed), (1, 3));
     }
 }
