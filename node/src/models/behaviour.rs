@@ -876,7 +876,6 @@ impl Behaviour {
                 self.on_chunk(peer, id, index, got, data)
             }
             (Purpose::Versions(qid, asked), Response::Versions { versions, addrs }) => {
-                self.take_address_hints(&versions, addrs);
                 // Only the model asked about (a late answer too); oldest first, so that a
                 // parent is known before its child is checked.
                 let mut versions: Vec<Announcement> = versions
@@ -885,8 +884,11 @@ impl Behaviour {
                     .filter(|a| a.model == asked)
                     .collect();
                 versions.sort_by_key(|a| a.version);
+                // Publishers of listed versions that verified: hints are taken for them only.
+                let mut verified: Vec<PeerId> = Vec::new();
                 for a in versions {
                     if self.announcements.get(&a.id) == Some(&a) {
+                        verified.push(a.publisher);
                         continue; // known and verified already
                     }
                     if let Err(e) = a.verify() {
@@ -895,10 +897,13 @@ impl Behaviour {
                             peer,
                             why: format!("listed a version that does not verify: {e}"),
                         });
+                        verified.clear();
                         break;
                     }
+                    verified.push(a.publisher);
                     self.learn_announcement(a);
                 }
+                self.take_address_hints(&verified, addrs);
                 self.answered_versions_query(qid);
             }
             (Purpose::Versions(qid, _), _) => self.answered_versions_query(qid),
@@ -1779,10 +1784,12 @@ impl Behaviour {
         hints
     }
 
-    /// Passes on the address hints of a `Versions` answer, for publishers it lists only.
-    fn take_address_hints(&mut self, versions: &[Announcement], hints: Vec<AddressHint>) {
+    /// Passes on the address hints of a `Versions` answer, for `publishers` only (those of
+    /// the versions of the asked model that verified), and only IP addresses that can be
+    /// dialled (no unspecified address, name or relay circuit).
+    fn take_address_hints(&mut self, publishers: &[PeerId], hints: Vec<AddressHint>) {
         for hint in hints.into_iter().take(MAX_ADDRESS_HINT_PEERS) {
-            let listed = versions.iter().any(|a| a.publisher == hint.peer);
+            let listed = publishers.contains(&hint.peer);
             if !listed || hint.peer == self.local_peer || self.connected.contains(&hint.peer) {
                 continue;
             }
@@ -1790,7 +1797,11 @@ impl Behaviour {
                 .addrs
                 .into_iter()
                 .take(MAX_ADDRESS_HINTS_PER_PEER)
+                .filter(dialable_hint)
                 .collect();
+            if addrs.is_empty() {
+                continue;
+            }
             tracing::debug!(peer = %hint.peer, ?addrs, "address hints for a publisher");
             self.events.push_back(Event::PeerAddresses {
                 peer: hint.peer,
@@ -1838,6 +1849,18 @@ impl Behaviour {
     fn start_providing(&mut self, id: &VersionId) {
         self.events.push_back(Event::Provide(*id));
     }
+}
+
+/// Whether an address hint is worth dialling: it starts with an IP that is not unspecified,
+/// and goes through no relay (names would make this node resolve what a peer chose).
+fn dialable_hint(addr: &libp2p::Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    let direct_ip = match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => !ip.is_unspecified() && !ip.is_broadcast(),
+        Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
+        _ => false,
+    };
+    direct_ip && !addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 impl WrapsRequestResponse for Behaviour {
@@ -1901,3 +1924,27 @@ impl WrapsRequestResponse for Behaviour {
 }
 
 crate::impl_wire_behaviour!(Behaviour);
+
+#[cfg(test)]
+mod hint_tests {
+    use super::dialable_hint;
+
+    #[test]
+    fn only_direct_ip_addresses_are_taken_as_hints() {
+        for ok in [
+            "/ip4/192.0.2.7/tcp/4001",
+            "/ip4/127.0.0.1/udp/4001/quic-v1",
+            "/ip6/2001:db8::1/tcp/4001",
+        ] {
+            assert!(dialable_hint(&ok.parse().expect("multiaddr")), "{ok}");
+        }
+        for bad in [
+            "/ip4/0.0.0.0/tcp/4001",
+            "/ip6/::/tcp/4001",
+            "/dns4/example.com/tcp/4001",
+            "/ip4/192.0.2.7/tcp/4001/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit",
+        ] {
+            assert!(!dialable_hint(&bad.parse().expect("multiaddr")), "{bad}");
+        }
+    }
+}

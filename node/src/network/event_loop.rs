@@ -289,12 +289,18 @@ impl EventLoop {
             format!("{} -> {}", before.as_str(), now.as_str()),
         );
         if self.kad_mode == KadMode::Auto {
-            let mode = if kademlia_server {
-                kad::Mode::Server
+            let kademlia = &mut self.swarm.behaviour_mut().kademlia;
+            if kademlia_server {
+                kademlia.set_mode(Some(kad::Mode::Server));
+                // Peers met while this node was a client did not add it to their routing
+                // tables: a bootstrap query now makes them (and it learns theirs) at once,
+                // not at the next periodic bootstrap.
+                if let Err(e) = kademlia.bootstrap() {
+                    tracing::debug!(error = %e, "no Kademlia bootstrap: no known peer");
+                }
             } else {
-                kad::Mode::Client
-            };
-            self.swarm.behaviour_mut().kademlia.set_mode(Some(mode));
+                kademlia.set_mode(Some(kad::Mode::Client));
+            }
         }
     }
 
