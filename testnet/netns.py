@@ -9,6 +9,7 @@ by veth pairs to a bridge, its upload and download shaped with `tc`, running one
                            [--inner-steps 50] [--compression int8|top-k|f32] [--set 'FIELD = V']
                            [--churn 2] [--attack negate --attack scale=2.9] [--no-baseline]
     testnet/netns.py speedup [--steps 300] [--hosts-list 2,4,8] [--target-from RESULT]
+    testnet/netns.py nat [--pairs full-cone:full-cone,symmetric:symmetric] [--size 8]
     testnet/netns.py up [--hosts 8]                  # hosts and idle nodes until Ctrl-C
 
 Scenarios print a summary table and write `result.json` into `--out` (default
@@ -43,6 +44,7 @@ import urllib.request
 from pathlib import Path
 
 from local import DEMO_SPEC, wait_for  # the demo's run spec and polling, shared
+import nat
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BIN = ROOT / "target" / "release" / "p2p-node"
@@ -146,10 +148,11 @@ class Network:
         return host
 
     def close(self):
-        for h in self.hosts:
+        nat_hosts = getattr(self, "nat_hosts", [])
+        for h in [*self.hosts, *nat_hosts]:
             h.kill()
         if not self.loopback:
-            for h in self.hosts:
+            for h in [*self.hosts, *nat_hosts]:
                 h.remove()
             if self.created_bridge:
                 sh("ip", "link", "del", self.bridge, check=False)
@@ -839,7 +842,12 @@ def scenario_up(net, args):
     raise RuntimeError("a node exited on its own")
 
 
-SCENARIOS = {"distribute": scenario_distribute, "churn": scenario_churn,
+def scenario_nat(net, args):
+    """Pairs of hosts behind home routers (see testnet/nat.py)."""
+    return nat.scenario_nat(net, args, (sh, Host, safetensors_file, file_digest, log))
+
+
+SCENARIOS = {"nat": scenario_nat, "distribute": scenario_distribute, "churn": scenario_churn,
              "bootstrap-loss": scenario_bootstrap_loss, "train": scenario_train,
              "speedup": scenario_speedup, "up": scenario_up}
 
@@ -880,6 +888,9 @@ def main():
                         help="speedup: host counts compared with one host alone")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per phase (default 600; 3600 with the text model)")
+    parser.add_argument("--pairs", default=None,
+                        help="nat: comma-separated PUBLISHER:FOLLOWER router kinds (full-cone, "
+                             "port-restricted, symmetric); default: " + ",".join(nat.DEFAULT_PAIRS))
     parser.add_argument("--bin", type=Path, default=DEFAULT_BIN)
     parser.add_argument("--out", type=Path, help="results dir (default testnet/run/netns/...)")
     parser.add_argument("--loopback", action="store_true", help="no namespaces: processes on 127.0.0.1")

@@ -193,6 +193,12 @@ pub struct CommonArgs {
           value_parser = PossibleValuesParser::new(KadMode::NAMES).map(|s| s.parse::<KadMode>().unwrap_or_default()))]
     pub kad_mode: KadMode,
 
+    /// Do not relay circuits for peers behind NAT, even while this node is publicly
+    /// reachable (`--no-relay-server=false` turns off a `no_relay_server = true` of the config
+    /// file). Limits of the relay: see the README.
+    #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
+    pub no_relay_server: bool,
+
     /// Publish a safetensors file as the next version of a model (repeatable): the running
     /// node imports it, announces it and serves it.
     #[arg(long, global = true, value_name = "FILE")]
@@ -286,6 +292,7 @@ impl CommonArgs {
         }
         config.mdns = !self.no_mdns;
         config.kad_mode = self.kad_mode;
+        config.relay_server = !self.no_relay_server;
         config.models.stage = self.stage;
         if let Some(portion) = self.portion {
             config.models.portion = Some((portion.index, portion.count));

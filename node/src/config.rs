@@ -27,6 +27,9 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Kademlia server or client mode.
     pub kad_mode: KadMode,
+    /// Whether this node relays circuits for private peers while it is publicly reachable
+    /// (circuit-relay v2 server; limits in [`crate::network::relays`]).
+    pub relay_server: bool,
     /// How often the node refreshes its routing table with a Kademlia bootstrap query.
     pub kad_bootstrap_interval: Duration,
     /// How often the node checks that it has enough peers, and dials known ones if not.
@@ -70,6 +73,7 @@ impl NodeConfig {
             api_addr: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
             mdns: true,
             kad_mode: KadMode::Auto,
+            relay_server: true,
             kad_bootstrap_interval: Duration::from_secs(60),
             maintenance_interval: Duration::from_secs(15),
             peer_cache_save_interval: Duration::from_secs(10),

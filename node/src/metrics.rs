@@ -180,6 +180,68 @@ pub fn node_registry(s: &Snapshot) -> Registry {
         probes,
     );
 
+    // Relays and hole punching.
+    let relay = &status.relay;
+    gauge(
+        &mut r,
+        "relay_serving",
+        "1 while this node relays circuits for private peers (public, relay server on)",
+        None,
+        if relay.serving { 1.0 } else { 0.0 },
+    );
+    gauge(
+        &mut r,
+        "relay_reservations",
+        "Relays holding a reservation for this node",
+        None,
+        relay.reservations.len() as f64,
+    );
+    let served = Family::<Labels, CounterF>::default();
+    for (what, n) in [
+        ("reservations_accepted", relay.served.reservations_accepted),
+        ("requests_denied", relay.served.requests_denied),
+        ("circuits", relay.served.circuits),
+    ] {
+        served
+            .get_or_create(&labels(&[("what", what)]))
+            .inc_by(n as f64);
+    }
+    r.register(
+        "relay_served",
+        "Relay-server work for others: reservations accepted, requests denied, circuits opened",
+        served,
+    );
+    let punch = &relay.hole_punch;
+    counter(
+        &mut r,
+        "hole_punch_attempts",
+        "DCUtR hole punches, succeeded or not",
+        None,
+        punch.attempts as f64,
+    );
+    for (name, help, label, counts) in [
+        (
+            "hole_punch_succeeded",
+            "Hole punches that gave a direct connection, by transport",
+            "transport",
+            &punch.succeeded,
+        ),
+        (
+            "hole_punch_failed",
+            "Hole punches given up, by reason",
+            "reason",
+            &punch.failed,
+        ),
+    ] {
+        let family = Family::<Labels, CounterF>::default();
+        for (key, n) in counts {
+            family
+                .get_or_create(&labels(&[(label, key)]))
+                .inc_by(*n as f64);
+        }
+        r.register(name, help, family);
+    }
+
     // The swarm: chunks moved, over every version.
     let t = status.transfers;
     let chunk_counters = [

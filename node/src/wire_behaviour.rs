@@ -6,11 +6,52 @@
 //! `poll` runs the timers, hands the wrapped behaviour's events to the logic, then yields the
 //! logic's events. The pattern follows rust-libp2p's own protocols that wrap request-response
 //! (e.g. `libp2p-rendezvous`'s client).
+//!
+//! **Direct connections only.** Our protocols carry bulk data (chunks, averaging pieces), which
+//! must never cross a circuit relay: a relay is a volunteer's bandwidth, and circuit-relay v2
+//! caps each circuit (128 KiB, 2 minutes by default) anyway. So a relayed connection gets a
+//! [`dummy`](libp2p::swarm::dummy) handler (the remote's streams for our protocols are refused
+//! on it), its events never reach the wrapped behaviour, and a peer reachable only through a
+//! relay counts as not connected; it becomes connected when hole punching (DCUtR) or a dial
+//! gives a direct connection. [`DirectConnections`] keeps the count.
 
+use std::collections::{HashMap, HashSet};
 use std::task::Context;
 
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Codec};
-use libp2p::PeerId;
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, PeerId};
+
+/// Whether a connection on `addr` (the dialled address, or the local address of an inbound
+/// connection) goes through a circuit relay.
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// The direct (not relayed) connections to each peer.
+#[derive(Debug, Default)]
+pub struct DirectConnections(HashMap<PeerId, HashSet<ConnectionId>>);
+
+impl DirectConnections {
+    /// Notes a new direct connection; `true` if it is the peer's first.
+    pub fn opened(&mut self, peer: PeerId, connection: ConnectionId) -> bool {
+        let set = self.0.entry(peer).or_default();
+        set.insert(connection) && set.len() == 1
+    }
+
+    /// Notes a closed connection; `true` if it was the peer's last direct one.
+    pub fn closed(&mut self, peer: PeerId, connection: ConnectionId) -> bool {
+        let Some(set) = self.0.get_mut(&peer) else {
+            return false;
+        };
+        let last = set.remove(&connection) && set.is_empty();
+        if set.is_empty() {
+            self.0.remove(&peer);
+        }
+        last
+    }
+}
 
 /// A protocol's logic around the request-response behaviour it wraps.
 pub trait WrapsRequestResponse {
@@ -21,9 +62,11 @@ pub trait WrapsRequestResponse {
 
     /// The wrapped behaviour.
     fn inner(&mut self) -> &mut request_response::Behaviour<Self::Codec>;
-    /// The first connection to `peer` came up.
+    /// The direct connections the macro counts for this behaviour.
+    fn direct_connections(&mut self) -> &mut DirectConnections;
+    /// The first direct connection to `peer` came up.
     fn on_peer_connected(&mut self, peer: PeerId);
-    /// The last connection to `peer` closed.
+    /// The last direct connection to `peer` closed.
     fn on_peer_disconnected(&mut self, peer: PeerId);
     /// An event of the wrapped behaviour.
     fn on_inner_event(
@@ -43,10 +86,34 @@ pub trait WrapsRequestResponse {
 #[macro_export]
 macro_rules! impl_wire_behaviour {
     ($ty:ty) => {
+        impl $ty {
+            /// Fails the requests to `peer` that wait for a connection to be sent on (the
+            /// wrapped behaviour queues them while the peer has no direct connection), as a
+            /// failed dial: call it when `peer` stays reachable through relays only (hole
+            /// punching failed), so they fail now instead of waiting for ever.
+            pub fn fail_requests_awaiting_connection(&mut self, peer: libp2p::PeerId) {
+                use libp2p::swarm::{
+                    ConnectionId, DialError, DialFailure, FromSwarm, NetworkBehaviour,
+                };
+                use $crate::wire_behaviour::WrapsRequestResponse;
+                let error = DialError::Aborted;
+                self.inner()
+                    .on_swarm_event(FromSwarm::DialFailure(DialFailure {
+                        peer_id: Some(peer),
+                        error: &error,
+                        // Not a real connection: request-response reports it with the failures.
+                        connection_id: ConnectionId::new_unchecked(usize::MAX),
+                    }));
+            }
+        }
+
         impl libp2p::swarm::NetworkBehaviour for $ty {
-            type ConnectionHandler = <libp2p::request_response::Behaviour<
-                <$ty as $crate::wire_behaviour::WrapsRequestResponse>::Codec,
-            > as libp2p::swarm::NetworkBehaviour>::ConnectionHandler;
+            type ConnectionHandler = either::Either<
+                <libp2p::request_response::Behaviour<
+                    <$ty as $crate::wire_behaviour::WrapsRequestResponse>::Codec,
+                > as libp2p::swarm::NetworkBehaviour>::ConnectionHandler,
+                libp2p::swarm::dummy::ConnectionHandler,
+            >;
             type ToSwarm = <$ty as $crate::wire_behaviour::WrapsRequestResponse>::Event;
 
             fn handle_pending_inbound_connection(
@@ -71,13 +138,19 @@ macro_rules! impl_wire_behaviour {
                 remote_addr: &libp2p::Multiaddr,
             ) -> std::result::Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied>
             {
-                use $crate::wire_behaviour::WrapsRequestResponse;
-                self.inner().handle_established_inbound_connection(
-                    connection_id,
-                    peer,
-                    local_addr,
-                    remote_addr,
-                )
+                use either::Either;
+                use $crate::wire_behaviour::{is_relayed, WrapsRequestResponse};
+                if is_relayed(local_addr) {
+                    return Ok(Either::Right(libp2p::swarm::dummy::ConnectionHandler));
+                }
+                self.inner()
+                    .handle_established_inbound_connection(
+                        connection_id,
+                        peer,
+                        local_addr,
+                        remote_addr,
+                    )
+                    .map(Either::Left)
             }
 
             fn handle_pending_outbound_connection(
@@ -105,26 +178,38 @@ macro_rules! impl_wire_behaviour {
                 port_use: libp2p::core::transport::PortUse,
             ) -> std::result::Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied>
             {
-                use $crate::wire_behaviour::WrapsRequestResponse;
-                self.inner().handle_established_outbound_connection(
-                    connection_id,
-                    peer,
-                    addr,
-                    role_override,
-                    port_use,
-                )
+                use either::Either;
+                use $crate::wire_behaviour::{is_relayed, WrapsRequestResponse};
+                if is_relayed(addr) {
+                    return Ok(Either::Right(libp2p::swarm::dummy::ConnectionHandler));
+                }
+                self.inner()
+                    .handle_established_outbound_connection(
+                        connection_id,
+                        peer,
+                        addr,
+                        role_override,
+                        port_use,
+                    )
+                    .map(Either::Left)
             }
 
             fn on_swarm_event(&mut self, event: libp2p::swarm::FromSwarm<'_>) {
+                use libp2p::swarm::FromSwarm;
                 use $crate::wire_behaviour::WrapsRequestResponse;
                 match &event {
-                    libp2p::swarm::FromSwarm::ConnectionEstablished(e)
-                        if e.other_established == 0 =>
+                    // Relayed connections have dummy handlers: the wrapped behaviour never
+                    // hears of them.
+                    FromSwarm::ConnectionEstablished(e) if e.endpoint.is_relayed() => return,
+                    FromSwarm::ConnectionClosed(e) if e.endpoint.is_relayed() => return,
+                    FromSwarm::AddressChange(e) if e.old.is_relayed() => return,
+                    FromSwarm::ConnectionEstablished(e)
+                        if self.direct_connections().opened(e.peer_id, e.connection_id) =>
                     {
                         self.on_peer_connected(e.peer_id)
                     }
-                    libp2p::swarm::FromSwarm::ConnectionClosed(e)
-                        if e.remaining_established == 0 =>
+                    FromSwarm::ConnectionClosed(e)
+                        if self.direct_connections().closed(e.peer_id, e.connection_id) =>
                     {
                         self.on_peer_disconnected(e.peer_id)
                     }
@@ -139,9 +224,15 @@ macro_rules! impl_wire_behaviour {
                 connection_id: libp2p::swarm::ConnectionId,
                 event: libp2p::swarm::THandlerOutEvent<Self>,
             ) {
+                use either::Either;
                 use $crate::wire_behaviour::WrapsRequestResponse;
-                self.inner()
-                    .on_connection_handler_event(peer, connection_id, event);
+                match event {
+                    Either::Left(event) => {
+                        self.inner()
+                            .on_connection_handler_event(peer, connection_id, event)
+                    }
+                    Either::Right(never) => match never {},
+                }
             }
 
             fn poll(
@@ -164,9 +255,13 @@ macro_rules! impl_wire_behaviour {
                         // Dials and handler notifications pass through unchanged; the wrapped
                         // behaviour's own events were handled in the arm above.
                         Poll::Ready(other) => {
-                            return Poll::Ready(other.map_out(|_| {
-                                unreachable!("request-response events are handled above")
-                            }))
+                            return Poll::Ready(
+                                other
+                                    .map_out(|_| {
+                                        unreachable!("request-response events are handled above")
+                                    })
+                                    .map_in(either::Either::Left),
+                            )
                         }
                         Poll::Pending => return Poll::Pending,
                     }
@@ -174,4 +269,45 @@ macro_rules! impl_wire_behaviour {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circuit_addresses_are_relayed_and_direct_ones_are_not() {
+        let relayed: Multiaddr = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit"
+            .parse()
+            .expect("multiaddr");
+        assert!(is_relayed(&relayed));
+        assert!(!is_relayed(
+            &"/ip4/198.51.100.1/udp/4001/quic-v1"
+                .parse()
+                .expect("multiaddr")
+        ));
+    }
+
+    #[test]
+    fn the_first_and_last_direct_connection_of_a_peer_are_reported_once() {
+        let mut direct = DirectConnections::default();
+        let peer = PeerId::random();
+        let (a, b) = (
+            ConnectionId::new_unchecked(1),
+            ConnectionId::new_unchecked(2),
+        );
+        assert!(direct.opened(peer, a));
+        assert!(!direct.opened(peer, b));
+        assert!(
+            !direct.opened(peer, a),
+            "a repeated event is not a new first"
+        );
+        assert!(!direct.closed(peer, a));
+        assert!(
+            !direct.closed(PeerId::random(), b),
+            "an unknown peer was never connected"
+        );
+        assert!(direct.closed(peer, b));
+        assert!(!direct.closed(peer, b), "closing twice reports once");
+    }
 }

@@ -111,8 +111,12 @@ fn status_with_host(api: SocketAddr, path: &str, host: &str) -> u16 {
 }
 
 /// Families every node serves from the start.
-const ALWAYS: [&str; 20] = [
+const ALWAYS: [&str; 24] = [
     "p2p_node_build_info",
+    "p2p_node_relay_serving",
+    "p2p_node_relay_reservations",
+    "p2p_node_relay_served_total",
+    "p2p_node_hole_punch_attempts_total",
     "p2p_node_reachability",
     "p2p_node_kademlia_server",
     "p2p_node_autonat_probes_total",

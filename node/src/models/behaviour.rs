@@ -44,7 +44,7 @@ use super::store::{ImportedFile, Store, VersionClaims};
 use super::trust::{Resolution, Trust};
 use super::upload::{Decision, Uploads};
 use super::{ModelsConfig, Stage};
-use crate::wire_behaviour::WrapsRequestResponse;
+use crate::wire_behaviour::{DirectConnections, WrapsRequestResponse};
 
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
@@ -152,8 +152,10 @@ struct VersionsQuery {
 /// The models protocol of one node: serving, downloading, following.
 pub struct Behaviour {
     inner: request_response::Behaviour<CborCodec<Request, Response>>,
-    /// Peers with at least one connection.
+    /// Peers with at least one direct connection (relayed ones do not carry this protocol).
     connected: HashSet<PeerId>,
+    /// The direct connections behind `connected`.
+    direct: DirectConnections,
     events: VecDeque<Event>,
     tick: tokio::time::Interval,
     disk_events: mpsc::UnboundedReceiver<DiskEvent>,
@@ -223,6 +225,7 @@ impl Behaviour {
         let mut behaviour = Self {
             inner,
             connected: HashSet::new(),
+            direct: DirectConnections::default(),
             events: VecDeque::new(),
             tick,
             disk_events,
@@ -1786,7 +1789,7 @@ impl Behaviour {
 
     /// Passes on the address hints of a `Versions` answer, for `publishers` only (those of
     /// the versions of the asked model that verified), and only IP addresses that can be
-    /// dialled (no unspecified address, name or relay circuit).
+    /// dialled (no unspecified address or name; through one relay at most).
     fn take_address_hints(&mut self, publishers: &[PeerId], hints: Vec<AddressHint>) {
         for hint in hints.into_iter().take(MAX_ADDRESS_HINT_PEERS) {
             let listed = publishers.contains(&hint.peer);
@@ -1851,8 +1854,10 @@ impl Behaviour {
     }
 }
 
-/// Whether an address hint is worth dialling: it starts with an IP that is not unspecified,
-/// and goes through no relay (names would make this node resolve what a peer chose).
+/// Whether an address hint is worth dialling: it starts with an IP that is not unspecified
+/// (names would make this node resolve what a peer chose), and goes through at most one
+/// relay (a private publisher's relayed address, over which hole punching gives a direct
+/// connection; our protocols never run on the relayed one).
 fn dialable_hint(addr: &libp2p::Multiaddr) -> bool {
     use libp2p::multiaddr::Protocol;
     let direct_ip = match addr.iter().next() {
@@ -1860,7 +1865,12 @@ fn dialable_hint(addr: &libp2p::Multiaddr) -> bool {
         Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
         _ => false,
     };
-    direct_ip && !addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+    direct_ip
+        && addr
+            .iter()
+            .filter(|p| matches!(p, Protocol::P2pCircuit))
+            .count()
+            <= 1
 }
 
 impl WrapsRequestResponse for Behaviour {
@@ -1869,6 +1879,10 @@ impl WrapsRequestResponse for Behaviour {
 
     fn inner(&mut self) -> &mut request_response::Behaviour<Self::Codec> {
         &mut self.inner
+    }
+
+    fn direct_connections(&mut self) -> &mut DirectConnections {
+        &mut self.direct
     }
 
     fn on_peer_connected(&mut self, peer: PeerId) {
@@ -1930,11 +1944,12 @@ mod hint_tests {
     use super::dialable_hint;
 
     #[test]
-    fn only_direct_ip_addresses_are_taken_as_hints() {
+    fn only_ip_addresses_through_at_most_one_relay_are_taken_as_hints() {
         for ok in [
             "/ip4/192.0.2.7/tcp/4001",
             "/ip4/127.0.0.1/udp/4001/quic-v1",
             "/ip6/2001:db8::1/tcp/4001",
+            "/ip4/192.0.2.7/tcp/4001/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit",
         ] {
             assert!(dialable_hint(&ok.parse().expect("multiaddr")), "{ok}");
         }
@@ -1942,7 +1957,7 @@ mod hint_tests {
             "/ip4/0.0.0.0/tcp/4001",
             "/ip6/::/tcp/4001",
             "/dns4/example.com/tcp/4001",
-            "/ip4/192.0.2.7/tcp/4001/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit",
+            "/ip4/192.0.2.7/tcp/4001/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit",
         ] {
             assert!(!dialable_hint(&bad.parse().expect("multiaddr")), "{bad}");
         }

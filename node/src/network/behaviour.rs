@@ -8,8 +8,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, autonat, connection_limits, gossipsub, identify, kad, mdns, ping,
-    StreamProtocol,
+    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, ping,
+    relay, StreamProtocol,
 };
 use p2p_protocol as proto;
 use p2p_protocol::training;
@@ -39,6 +39,14 @@ pub struct Behaviour {
     pub autonat_client: autonat::v2::client::Behaviour,
     /// AutoNAT v2, answering side: dials back the addresses peers ask about.
     pub autonat_server: autonat::v2::server::Behaviour,
+    /// Circuit relay v2, client side: reservations on relays while this node is private,
+    /// and relayed connections both ways.
+    pub relay_client: relay::client::Behaviour,
+    /// Circuit relay v2, server side (off with `--no-relay-server`): relays for private
+    /// peers while this node is public (limits: [`super::relays`]).
+    pub relay_server: Toggle<relay::Behaviour>,
+    /// Direct Connection Upgrade through Relay: hole punching over relayed connections.
+    pub dcutr: dcutr::Behaviour,
     /// Signed announcements on [`proto::ANNOUNCE_TOPIC`].
     pub gossipsub: gossipsub::Behaviour,
     /// Local-network discovery; off with `--no-mdns`.
@@ -50,8 +58,14 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
-    /// Builds the behaviours for `key` as configured, around the models behaviour `models`.
-    pub fn new(key: &Keypair, config: &NodeConfig, models: ModelsBehaviour) -> Result<Self> {
+    /// Builds the behaviours for `key` as configured, around the models behaviour `models`
+    /// and the relay client the swarm builder made with its transport.
+    pub fn new(
+        key: &Keypair,
+        config: &NodeConfig,
+        models: ModelsBehaviour,
+        relay_client: relay::client::Behaviour,
+    ) -> Result<Self> {
         let peer_id = key.public().to_peer_id();
 
         let allowed = (!config.allow_peers.is_empty()).then(|| {
@@ -132,6 +146,17 @@ impl Behaviour {
             ping,
             autonat_client: autonat::v2::client::Behaviour::default(),
             autonat_server: autonat::v2::server::Behaviour::default(),
+            relay_client,
+            relay_server: config
+                .relay_server
+                .then(|| {
+                    let mut server = relay::Behaviour::new(peer_id, super::relays::server_config());
+                    // The event loop turns it on while AutoNAT confirms the node public.
+                    server.set_status(Some(relay::Status::Disable));
+                    server
+                })
+                .into(),
+            dcutr: dcutr::Behaviour::new(peer_id),
             gossipsub,
             mdns: mdns.into(),
             models,

@@ -89,6 +89,8 @@ pub struct NetworkStatus {
     pub autonat_probes_ok: u64,
     /// AutoNAT probes that failed since start.
     pub autonat_probes_failed: u64,
+    /// Relays: this node's reservations, its relay server, hole punching.
+    pub relay: super::relays::RelayStatus,
     /// Training, when this node trains (`null` otherwise).
     pub training: Option<TrainingStatus>,
     /// The averaging protocol's view (merged into `training`).

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -14,7 +14,7 @@ use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::metrics::Recorder;
 use libp2p::swarm::{ConnectionId, DialError, ListenError, SwarmEvent};
-use libp2p::{autonat, gossipsub, identify, kad, mdns, Multiaddr, PeerId, Swarm};
+use libp2p::{autonat, dcutr, gossipsub, identify, kad, mdns, relay, Multiaddr, PeerId, Swarm};
 use p2p_protocol::manifest::VersionId;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,7 @@ use super::behaviour::{announce_topic, runs_topic, Behaviour, BehaviourEvent};
 use super::client::{Client, Command, ConnectionCounts, NetworkStatus};
 use super::discovery::{Discovery, CACHE_SAVE_SOON};
 use super::reachability::{Reachability, Tracker};
+use super::relays::{self, Relays};
 use super::reputation::{self, Reputation, Verdict};
 use crate::averaging;
 use crate::config::{KadMode, NodeConfig};
@@ -52,8 +53,8 @@ pub struct EventLoop {
     bans_path: PathBuf,
     /// Connections refused (banned peers, peers not on the allowlist), either way.
     denied_connections: u64,
-    /// Live connections: the peer, inbound?, relayed?
-    connections: HashMap<ConnectionId, (PeerId, bool, bool)>,
+    /// Live connections.
+    connections: HashMap<ConnectionId, Connection>,
     /// Offences counted and bans given since start.
     penalties: u64,
     bans: u64,
@@ -66,7 +67,28 @@ pub struct EventLoop {
     reachability_now: Reachability,
     /// The Kademlia mode asked for (`auto` follows `reachability`).
     kad_mode: KadMode,
+    /// Relay reservations, relay server and hole-punch counts.
+    relays: Relays,
+    /// Whether the relay server may run (no `--no-relay-server`), and whether it does now.
+    relay_server_allowed: bool,
+    relay_serving: bool,
+    started: Instant,
 }
+
+/// A live connection.
+#[derive(Debug, Clone)]
+struct Connection {
+    peer: PeerId,
+    inbound: bool,
+    relayed: bool,
+    /// The address dialled (outbound) or the remote's (inbound).
+    remote: Multiaddr,
+    since: Instant,
+}
+
+/// A peer reachable only through relays this long (hole punching failed or never started)
+/// has its queued requests failed, so that downloads turn to other holders.
+const RELAYED_ONLY_GRACE: Duration = Duration::from_secs(30);
 
 impl EventLoop {
     /// Builds the swarm, starts listening and returns the loop with a client for it.
@@ -96,6 +118,7 @@ impl EventLoop {
         let (maintenance_interval, peer_cache_save_interval) =
             (config.maintenance_interval, config.peer_cache_save_interval);
         let kad_mode = config.kad_mode;
+        let relay_server_allowed = config.relay_server;
         let discovery = Discovery::new(config, book);
         let history = SharedHistory::default();
         let client = Client::new(sender, discovery.connectivity(), key.clone())
@@ -121,6 +144,10 @@ impl EventLoop {
             reachability: Tracker::default(),
             reachability_now: Reachability::Unknown,
             kad_mode,
+            relays: Relays::default(),
+            relay_server_allowed,
+            relay_serving: false,
+            started: Instant::now(),
         };
         Ok((event_loop, client))
     }
@@ -145,6 +172,8 @@ impl EventLoop {
                 _ = maintenance.tick() => {
                     self.expire_bans();
                     self.discovery.maintain(&mut self.swarm);
+                    self.update_relays();
+                    self.give_up_on_relayed_only_peers();
                 }
                 _ = save.tick() => self.discovery.save_cache_if_due(),
             }
@@ -229,6 +258,7 @@ impl EventLoop {
             kademlia_server: self.kademlia_server(),
             autonat_probes_ok: self.reachability.probes_ok,
             autonat_probes_failed: self.reachability.probes_failed,
+            relay: self.relays.status(self.relay_serving),
             training: None, // filled in by the client from the coordinator's watch
             averaging: self.swarm.behaviour().averaging.status(),
         }
@@ -271,6 +301,7 @@ impl EventLoop {
         if now == before {
             return;
         }
+        self.update_relays();
         let external: Vec<String> = self
             .reachability
             .confirmed()
@@ -307,8 +338,8 @@ impl EventLoop {
     /// Live connections by direction and path.
     fn connection_counts(&self) -> ConnectionCounts {
         let mut counts = ConnectionCounts::default();
-        for &(_, inbound, relayed) in self.connections.values() {
-            counts.count(inbound, relayed);
+        for c in self.connections.values() {
+            counts.count(c.inbound, c.relayed);
         }
         counts
     }
@@ -319,8 +350,8 @@ impl EventLoop {
         let mut relayed = self
             .connections
             .values()
-            .filter(|(p, ..)| p == peer)
-            .map(|&(_, _, relayed)| relayed)
+            .filter(|c| c.peer == *peer)
+            .map(|c| c.relayed)
             .peekable();
         relayed.peek()?;
         Some(if relayed.all(|r| r) {
@@ -328,6 +359,66 @@ impl EventLoop {
         } else {
             "direct"
         })
+    }
+
+    /// Applies what reachability means for relays: a private node reserves slots on relays
+    /// (and gives them up once public), and a public one relays for others unless
+    /// `--no-relay-server`.
+    fn update_relays(&mut self) {
+        let serving = self.relay_server_allowed && self.reachability_now == Reachability::Public;
+        if serving != self.relay_serving {
+            self.relay_serving = serving;
+            if let Some(server) = self.swarm.behaviour_mut().relay_server.as_mut() {
+                server.set_status(Some(if serving {
+                    relay::Status::Enable
+                } else {
+                    relay::Status::Disable
+                }));
+            }
+            tracing::info!(serving, "relay server");
+        }
+        let wanted = Relays::wants_reservations(self.reachability_now, self.started.elapsed());
+        for listener in self.relays.to_release(wanted) {
+            self.swarm.remove_listener(listener);
+        }
+        for (relay_peer, addr) in self.relays.to_reserve(wanted, Instant::now()) {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(listener) => {
+                    tracing::info!(relay = %relay_peer, %addr, "asking a relay for a reservation");
+                    self.relays.reserving(listener, relay_peer);
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "cannot listen through a relay"),
+            }
+        }
+    }
+
+    /// Whether any connection to `peer` is direct.
+    fn has_direct_connection(&self, peer: &PeerId) -> bool {
+        self.connections
+            .values()
+            .any(|c| c.peer == *peer && !c.relayed)
+    }
+
+    /// Peers reachable through relays only for [`RELAYED_ONLY_GRACE`]: their queued requests
+    /// fail, so downloads turn to other holders.
+    fn give_up_on_relayed_only_peers(&mut self) {
+        let mut relayed_since: HashMap<PeerId, Instant> = HashMap::new();
+        for c in self.connections.values().filter(|c| c.relayed) {
+            let at = relayed_since.entry(c.peer).or_insert(c.since);
+            *at = (*at).min(c.since);
+        }
+        for (peer, since) in relayed_since {
+            if since.elapsed() >= RELAYED_ONLY_GRACE && !self.has_direct_connection(&peer) {
+                self.fail_requests_awaiting(peer);
+            }
+        }
+    }
+
+    /// Fails the requests to `peer` queued until a direct connection comes.
+    fn fail_requests_awaiting(&mut self, peer: PeerId) {
+        let behaviour = self.swarm.behaviour_mut();
+        behaviour.models.fail_requests_awaiting_connection(peer);
+        behaviour.averaging.fail_requests_awaiting_connection(peer);
     }
 
     /// Lifts the bans that are over.
@@ -447,7 +538,14 @@ impl EventLoop {
                 addresses,
                 reason,
             } => {
-                if let Err(error) = reason {
+                if let Some(relay_peer) = self.relays.closed(listener_id, Instant::now()) {
+                    match &reason {
+                        Ok(()) => tracing::info!(relay = %relay_peer, "relay reservation given up"),
+                        Err(error) => {
+                            tracing::warn!(relay = %relay_peer, %error, "relay reservation failed or ended; another relay will be asked")
+                        }
+                    }
+                } else if let Err(error) = reason {
                     tracing::warn!(?addresses, %error, "listener closed");
                 }
                 self.listen_addrs.retain(|a| !addresses.contains(a));
@@ -465,12 +563,19 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
-                let relayed = endpoint
-                    .get_remote_address()
-                    .iter()
-                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit));
-                self.connections
-                    .insert(connection_id, (peer_id, endpoint.is_listener(), relayed));
+                self.connections.insert(
+                    connection_id,
+                    Connection {
+                        peer: peer_id,
+                        inbound: endpoint.is_listener(),
+                        relayed: endpoint.is_relayed(),
+                        remote: endpoint.get_remote_address().clone(),
+                        since: Instant::now(),
+                    },
+                );
+                if endpoint.is_relayed() {
+                    tracing::info!(peer = %peer_id, inbound = endpoint.is_listener(), "relayed connection: control messages only until hole punching gives a direct one");
+                }
                 let first = num_established.get() == 1;
                 self.discovery.on_connected(peer_id, &endpoint, first);
             }
@@ -480,9 +585,13 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
-                self.connections.remove(&connection_id);
+                let closed = self.connections.remove(&connection_id);
                 if num_established == 0 {
                     self.discovery.on_disconnected(peer_id);
+                    self.relays.candidate(peer_id, None, false);
+                }
+                if closed.is_some_and(|c| c.relayed) && !self.has_direct_connection(&peer_id) {
+                    self.fail_requests_awaiting(peer_id);
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -515,7 +624,19 @@ impl EventLoop {
         }
         let swarm = &mut self.swarm;
         match event {
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                connection_id,
+                info,
+            }) => {
+                // A relay is reached at the address this node dialled it on (a direct one).
+                let dialled = self
+                    .connections
+                    .get(&connection_id)
+                    .filter(|c| !c.inbound && !c.relayed)
+                    .map(|c| c.remote.clone());
+                let speaks_hop = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+                self.relays.candidate(peer_id, dialled, speaks_hop);
                 swarm
                     .behaviour_mut()
                     .models
@@ -582,6 +703,56 @@ impl EventLoop {
                 }
                 self.on_reachability(|r| r.probe(result.is_ok()));
             }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                limit,
+            }) => {
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, limit_seconds = ?limit.as_ref().and_then(|l| l.duration()).map(|d| d.as_secs()), limit_bytes = ?limit.as_ref().and_then(|l| l.data_in_bytes()), "relay reservation accepted: reachable through the relay");
+                    self.history.event(
+                        "relay",
+                        Some(relay_peer_id),
+                        "reservation accepted".to_string(),
+                    );
+                }
+                self.relays.accepted(relay_peer_id);
+            }
+            BehaviourEvent::RelayServer(event) => {
+                tracing::debug!(?event, "relay server");
+                self.relays.on_server_event(&event);
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(connection) => {
+                    let transport = self
+                        .connections
+                        .get(&connection)
+                        .map_or("other", |c| relays::transport_of(&c.remote));
+                    tracing::info!(peer = %remote_peer_id, transport, "hole punched: direct connection");
+                    self.relays.hole_punched(Ok(transport));
+                    self.history.event(
+                        "hole-punch",
+                        Some(remote_peer_id),
+                        format!("direct over {transport}"),
+                    );
+                }
+                Err(e) => {
+                    let reason = relays::hole_punch_failure_reason(&e.to_string());
+                    self.relays.hole_punched(Err(reason));
+                    tracing::warn!(peer = %remote_peer_id, error = %e, "hole punching failed: this peer stays reachable through a relay only, which carries no chunks or averaging; they come from other holders");
+                    self.history.event(
+                        "hole-punch",
+                        Some(remote_peer_id),
+                        format!("failed: {reason}"),
+                    );
+                    if !self.has_direct_connection(&remote_peer_id) {
+                        self.fail_requests_awaiting(remote_peer_id);
+                    }
+                }
+            },
             BehaviourEvent::Models(event) => self.on_models_event(event),
             BehaviourEvent::Averaging(averaging::Event::Misbehaved { peer, why }) => {
                 self.penalize(peer, &why)

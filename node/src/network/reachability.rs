@@ -11,8 +11,11 @@ use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use serde::Serialize;
 
-/// Failed AutoNAT probes, with no address confirmed, after which a node counts as private.
-pub const PRIVATE_AFTER_FAILURES: u32 = 3;
+/// Failed AutoNAT probes, with none succeeding since, after which a node with no address
+/// confirmed counts as private. One: libp2p's AutoNAT v2 client tests each candidate address
+/// once, and a node behind NAT often has a single candidate (its router's mapping of its
+/// port); a later success, or a confirmed address, makes it public again.
+pub const PRIVATE_AFTER_FAILURES: u32 = 1;
 
 /// What the node knows of its reachability (`GET /status` → `reachability`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -87,7 +90,13 @@ impl Tracker {
 
     /// The verdict, for a node listening on `listen`.
     pub fn state(&self, listen: &[Multiaddr]) -> Reachability {
-        if self.confirmed.iter().any(|a| !is_loopback(a)) {
+        // A relayed address (confirmed by the relay client when a relay accepts a
+        // reservation) makes a node reachable through the relay, not dialable.
+        if self
+            .confirmed
+            .iter()
+            .any(|a| !is_loopback(a) && !crate::wire_behaviour::is_relayed(a))
+        {
             Reachability::Public
         } else if (!listen.is_empty() && listen.iter().all(is_loopback))
             || self.failures_since_success >= PRIVATE_AFTER_FAILURES
@@ -129,20 +138,31 @@ mod tests {
         assert_eq!(t.state(&listen), Reachability::Public);
         t.external(addr("/ip4/203.0.113.9/tcp/4001"), false);
         assert_eq!(t.state(&listen), Reachability::Unknown);
+        t.external(
+            addr("/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit"),
+            true,
+        );
+        assert_eq!(
+            t.state(&listen),
+            Reachability::Unknown,
+            "a relayed address is not dialable"
+        );
     }
 
     #[test]
     fn failed_probes_make_private_until_one_succeeds() {
         let mut t = Tracker::default();
         let listen = [addr("/ip4/192.168.1.5/tcp/4001")];
-        for _ in 0..PRIVATE_AFTER_FAILURES - 1 {
+        assert_eq!(t.state(&listen), Reachability::Unknown);
+        for _ in 0..PRIVATE_AFTER_FAILURES {
             t.probe(false);
         }
-        assert_eq!(t.state(&listen), Reachability::Unknown);
-        t.probe(false);
         assert_eq!(t.state(&listen), Reachability::Private);
         t.probe(true);
         assert_eq!(t.state(&listen), Reachability::Unknown);
-        assert_eq!((t.probes_ok, t.probes_failed), (1, 3));
+        assert_eq!(
+            (t.probes_ok, t.probes_failed),
+            (1, u64::from(PRIVATE_AFTER_FAILURES))
+        );
     }
 }

@@ -30,10 +30,9 @@ pub fn build(
     models: ModelsBehaviour,
     registry: &mut Registry,
 ) -> Result<(Swarm<Behaviour>, HashSet<ListenerId>)> {
-    let behaviour = Behaviour::new(&key, config, models)?;
     let mut swarm = match config.swarm_key {
-        Some(psk) => private(key, psk, behaviour, config, registry)?,
-        None => public(key, behaviour, config, registry)?,
+        Some(psk) => private(key, psk, models, config, registry)?,
+        None => public(key, models, config, registry)?,
     };
     let mut pending = HashSet::new();
     for addr in &config.listen {
@@ -45,10 +44,22 @@ pub fn build(
     Ok((swarm, pending))
 }
 
-/// TCP and QUIC.
+/// The behaviour, built by the swarm builder around the relay client it made.
+fn behaviour(
+    config: &NodeConfig,
+    models: ModelsBehaviour,
+) -> impl FnOnce(
+    &Keypair,
+    libp2p::relay::client::Behaviour,
+) -> std::result::Result<Behaviour, Box<dyn std::error::Error + Send + Sync>>
+       + '_ {
+    move |key, relay_client| Ok(Behaviour::new(key, config, models, relay_client)?)
+}
+
+/// TCP and QUIC, and circuits through relays.
 fn public(
     key: Keypair,
-    behaviour: Behaviour,
+    models: ModelsBehaviour,
     config: &NodeConfig,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>> {
@@ -64,19 +75,22 @@ fn public(
         .with_quic()
         .with_dns()
         .context("cannot set up DNS resolution")?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .context("cannot set up the relay client")?
         .with_bandwidth_metrics(registry)
-        .with_behaviour(|_| behaviour)
+        .with_behaviour(behaviour(config, models))
         .map_err(|e| anyhow!("cannot set up the network behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build())
 }
 
 /// TCP only, each connection encrypted with `psk` before Noise: a peer without the key fails
-/// the handshake and never reaches any protocol.
+/// the handshake and never reaches any protocol. Circuits through relays run over such
+/// connections, so they too need the key to reach the relay.
 fn private(
     key: Keypair,
     psk: PreSharedKey,
-    behaviour: Behaviour,
+    models: ModelsBehaviour,
     config: &NodeConfig,
     registry: &mut Registry,
 ) -> Result<Swarm<Behaviour>> {
@@ -96,8 +110,10 @@ fn private(
         .map_err(|e| anyhow!("cannot set up the private TCP transport: {e}"))?
         .with_dns()
         .context("cannot set up DNS resolution")?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .context("cannot set up the relay client")?
         .with_bandwidth_metrics(registry)
-        .with_behaviour(|_| behaviour)
+        .with_behaviour(behaviour(config, models))
         .map_err(|e| anyhow!("cannot set up the network behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build())
