@@ -1,6 +1,6 @@
 //! NAT traversal end to end, in network namespaces: a public hub (bootstrap, AutoNAT server,
 //! circuit relay) and two hosts behind two different port-restricted home routers (Linux
-//! MASQUERADE, replies only). The publisher finds itself private, reserves a slot on the
+//! MASQUERADE, replies only). The publisher finds itself not public, reserves a slot on the
 //! relay; the follower reaches it through the relay, DCUtR punches a hole, and the version
 //! moves over the direct connection only. The topology and the measurements are the testnet's
 //! `nat` scenario (`testnet/nat.py`), run here with this build's binary. Without root,
@@ -49,10 +49,13 @@ fn two_hosts_behind_different_nats_hole_punch_and_fetch_directly() {
     let result: serde_json::Value = serde_json::from_str(&result).unwrap();
     let pair = &result["pairs"][0];
     assert_eq!(result["hub_reachability"], "public", "{result:#}");
-    assert_eq!(
-        pair["publisher_reachability"], "private",
+    // AutoNAT's one test of its candidate address may not have run yet (the node then
+    // reserves relays after a 30 s grace): private or unknown, never public.
+    assert_ne!(
+        pair["publisher_reachability"], "public",
         "AutoNAT: {pair:#}"
     );
+    assert_ne!(pair["follower_reachability"], "public", "AutoNAT: {pair:#}");
     assert_eq!(pair["path"], "direct", "hole punching: {pair:#}");
     assert_eq!(pair["complete"], true, "{pair:#}");
     assert_eq!(pair["identical"], true, "{pair:#}");
