@@ -285,8 +285,8 @@ def scenario_nat(net, args, tools):
         hosts.append((pub, fol, peer_id_of(net, pub)))
     hub = net.add_host()
     join = hub.start([]).join_addr()
-    # A second public peer: AutoNAT needs another public node to confirm the hub reachable
-    # (private peers' dial-backs cannot be told from a firewall's), and the hub then relays.
+    # A second public peer (another relay; both run `--kad-mode server`, which declares them
+    # reachable, so they relay at once).
     net.add_host().start([], bootstrap=join).join_addr()
     wait_for("the hub to be confirmed public", 120,
              lambda: (hub.get("/status") or {}).get("reachability") == "public", 0.5)

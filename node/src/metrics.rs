@@ -219,25 +219,30 @@ pub fn node_registry(s: &Snapshot) -> Registry {
         None,
         punch.attempts as f64,
     );
-    for (name, help, label, counts) in [
+    // Every known label value is served from the start (at 0), so that rates and
+    // dashboards have a series before the first punch.
+    for (name, help, label, keys, counts) in [
         (
             "hole_punch_succeeded",
             "Hole punches that gave a direct connection, by transport",
             "transport",
+            crate::network::relays::HOLE_PUNCH_TRANSPORTS,
             &punch.succeeded,
         ),
         (
             "hole_punch_failed",
             "Hole punches given up, by reason",
             "reason",
+            crate::network::relays::HOLE_PUNCH_FAILURE_REASONS,
             &punch.failed,
         ),
     ] {
         let family = Family::<Labels, CounterF>::default();
-        for (key, n) in counts {
+        for key in keys {
+            let n = counts.get(*key).copied().unwrap_or(0);
             family
                 .get_or_create(&labels(&[(label, key)]))
-                .inc_by(*n as f64);
+                .inc_by(n as f64);
         }
         r.register(name, help, family);
     }

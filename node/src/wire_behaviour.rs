@@ -40,6 +40,11 @@ impl DirectConnections {
         set.insert(connection) && set.len() == 1
     }
 
+    /// The direct connections to `peer` now.
+    pub fn count(&self, peer: &PeerId) -> usize {
+        self.0.get(peer).map_or(0, HashSet::len)
+    }
+
     /// Notes a closed connection; `true` if it was the peer's last direct one.
     pub fn closed(&mut self, peer: PeerId, connection: ConnectionId) -> bool {
         let Some(set) = self.0.get_mut(&peer) else {
@@ -208,10 +213,21 @@ macro_rules! impl_wire_behaviour {
                     {
                         self.on_peer_connected(e.peer_id)
                     }
-                    FromSwarm::ConnectionClosed(e)
-                        if self.direct_connections().closed(e.peer_id, e.connection_id) =>
-                    {
-                        self.on_peer_disconnected(e.peer_id)
+                    FromSwarm::ConnectionClosed(e) => {
+                        let last = self.direct_connections().closed(e.peer_id, e.connection_id);
+                        // The wrapped behaviour checks `remaining_established` against the
+                        // connections it knows: count the direct ones only.
+                        let remaining = self.direct_connections().count(&e.peer_id);
+                        self.inner().on_swarm_event(FromSwarm::ConnectionClosed(
+                            libp2p::swarm::ConnectionClosed {
+                                remaining_established: remaining,
+                                ..*e
+                            },
+                        ));
+                        if last {
+                            self.on_peer_disconnected(e.peer_id)
+                        }
+                        return;
                     }
                     _ => {}
                 }
@@ -307,7 +323,9 @@ mod tests {
             !direct.closed(PeerId::random(), b),
             "an unknown peer was never connected"
         );
+        assert_eq!(direct.count(&peer), 1);
         assert!(direct.closed(peer, b));
         assert!(!direct.closed(peer, b), "closing twice reports once");
+        assert_eq!(direct.count(&peer), 0);
     }
 }

@@ -44,7 +44,7 @@ pub struct Behaviour {
     pub relay_client: relay::client::Behaviour,
     /// Circuit relay v2, server side (off with `--no-relay-server`): relays for private
     /// peers while this node is public (limits: [`super::relays`]).
-    pub relay_server: Toggle<relay::Behaviour>,
+    pub relay_server: Toggle<super::relay_server::RelayServer>,
     /// Direct Connection Upgrade through Relay: hole punching over relayed connections.
     pub dcutr: dcutr::Behaviour,
     /// Signed announcements on [`proto::ANNOUNCE_TOPIC`].
@@ -104,7 +104,12 @@ impl Behaviour {
         let identify = identify::Behaviour::new(
             identify::Config::new(proto::IDENTIFY_PROTOCOL_VERSION.to_string(), key.public())
                 .with_agent_version(format!("p2p-node/{}", env!("CARGO_PKG_VERSION")))
-                .with_push_listen_addr_updates(true),
+                .with_push_listen_addr_updates(true)
+                // Only external addresses are advertised: those AutoNAT or a relay confirmed,
+                // and those the event loop declares (loopback ones, and every listen address
+                // with `--kad-mode server`). A listen address behind NAT would only send peers
+                // to dial what they cannot reach.
+                .with_hide_listen_addrs(true),
         );
 
         let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15)));
@@ -153,7 +158,7 @@ impl Behaviour {
                     let mut server = relay::Behaviour::new(peer_id, super::relays::server_config());
                     // The event loop turns it on while AutoNAT confirms the node public.
                     server.set_status(Some(relay::Status::Disable));
-                    server
+                    super::relay_server::RelayServer::new(server)
                 })
                 .into(),
             dcutr: dcutr::Behaviour::new(peer_id),

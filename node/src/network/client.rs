@@ -81,7 +81,8 @@ pub struct NetworkStatus {
     pub transfers: crate::models::TransferTotals,
     /// Whether peers can dial this node (`public` / `private` / `unknown`).
     pub reachability: super::reachability::Reachability,
-    /// External addresses confirmed by AutoNAT dial-backs.
+    /// The addresses this node advertises: confirmed by AutoNAT dial-backs, by relays (its
+    /// relayed addresses) or declared by the node itself (loopback, `--kad-mode server`).
     pub external_addrs: Vec<String>,
     /// Whether Kademlia answers DHT queries now (with `--kad-mode auto`: while public).
     pub kademlia_server: bool,

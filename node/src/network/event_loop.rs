@@ -251,8 +251,8 @@ impl EventLoop {
             transfers: self.swarm.behaviour().models.transfer_totals(),
             reachability: self.reachability_now,
             external_addrs: self
-                .reachability
-                .confirmed()
+                .swarm
+                .external_addresses()
                 .map(|a| a.to_string())
                 .collect(),
             kademlia_server: self.kademlia_server(),
@@ -392,6 +392,27 @@ impl EventLoop {
         }
     }
 
+    /// A listen address came (`true`) or went: this node declares it external itself
+    /// (identify advertises external addresses only) if it is a loopback address (it reaches
+    /// this machine only, where it is right: a local testnet), or any direct one with
+    /// `--kad-mode server` (the operator says the node is reachable: it counts as public, and
+    /// AutoNAT does not test declared addresses). Others wait for AutoNAT; relayed ones are
+    /// confirmed by the relay client. Then the reachability verdict is updated.
+    fn declare_external(&mut self, address: Multiaddr, added: bool) {
+        let declared = !crate::wire_behaviour::is_relayed(&address)
+            && (super::reachability::is_loopback(&address) || self.kad_mode == KadMode::Server);
+        if !declared {
+            self.on_reachability(|_| {});
+            return;
+        }
+        if added {
+            self.swarm.add_external_address(address.clone());
+        } else {
+            self.swarm.remove_external_address(&address);
+        }
+        self.on_reachability(|r| r.external(address, added));
+    }
+
     /// Whether any connection to `peer` is direct.
     fn has_direct_connection(&self, peer: &PeerId) -> bool {
         self.connections
@@ -517,13 +538,13 @@ impl EventLoop {
                 address,
             } => {
                 tracing::info!(%address, "listening");
-                self.listen_addrs.push(address);
-                self.on_reachability(|_| {});
+                self.listen_addrs.push(address.clone());
+                self.declare_external(address, true);
                 self.listener_reported(listener_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
-                self.on_reachability(|_| {});
+                self.declare_external(address, false);
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
@@ -549,7 +570,9 @@ impl EventLoop {
                     tracing::warn!(?addresses, %error, "listener closed");
                 }
                 self.listen_addrs.retain(|a| !addresses.contains(a));
-                self.on_reachability(|_| {});
+                for address in addresses {
+                    self.declare_external(address, false);
+                }
                 self.listener_reported(listener_id);
             }
             SwarmEvent::ListenerError { listener_id, error } => {
@@ -609,7 +632,15 @@ impl EventLoop {
                 peer_id: Some(peer),
                 error,
                 ..
-            } => self.discovery.on_dial_failed(peer, &error),
+            } => {
+                if self.swarm.is_connected(&peer) {
+                    // An extra connection failed (a hole punch's dial, one of simultaneous
+                    // dials): the peer is still reachable.
+                    tracing::debug!(%peer, error = %super::swarm::one_line(&error), "a dial to a connected peer failed");
+                } else {
+                    self.discovery.on_dial_failed(peer, &error)
+                }
+            }
             _ => {}
         }
     }
@@ -701,7 +732,11 @@ impl EventLoop {
                         tracing::debug!(%tested_addr, %server, error = %e, "AutoNAT: not reachable")
                     }
                 }
-                self.on_reachability(|r| r.probe(result.is_ok()));
+                // A relayed address answers through its relay: it says nothing of whether
+                // this node can be dialled directly.
+                if !crate::wire_behaviour::is_relayed(&tested_addr) {
+                    self.on_reachability(|r| r.probe(result.is_ok()));
+                }
             }
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,

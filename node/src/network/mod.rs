@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod event_loop;
 pub mod lookup;
 pub mod reachability;
+pub mod relay_server;
 pub mod relays;
 pub mod reputation;
 pub mod swarm;

@@ -116,6 +116,16 @@ pub fn circuit_listen_addr(relay: PeerId, addr: &Multiaddr) -> Multiaddr {
     circuit
 }
 
+/// The transports [`transport_of`] names.
+pub const HOLE_PUNCH_TRANSPORTS: &[&str] = &["tcp", "quic", "other"];
+/// The reasons [`hole_punch_failure_reason`] names.
+pub const HOLE_PUNCH_FAILURE_REASONS: &[&str] = &[
+    "attempts_exceeded",
+    "inbound_stream",
+    "outbound_stream",
+    "other",
+];
+
 /// The reason class of a DCUtR failure, from its message (libp2p keeps the kind private).
 pub fn hole_punch_failure_reason(message: &str) -> &'static str {
     if message.contains("Giving up") {

@@ -1,9 +1,11 @@
-//! Building the libp2p [`Swarm`]: TCP (Noise + yamux) and QUIC v1 transports, DNS, the
+//! Building the libp2p [`Swarm`]: TCP (Noise + yamux, [`TCP_TIMEOUT`]) and QUIC v1
+//! transports, circuits through relays, DNS, the
 //! node's [`Behaviour`], and the listeners. In a private network (a swarm key) every TCP
 //! connection is first wrapped in the pre-shared key's encryption (libp2p `pnet`), and QUIC,
 //! which cannot carry it, is off.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use libp2p::core::muxing::StreamMuxerBox;
@@ -17,6 +19,14 @@ use prometheus_client::registry::Registry;
 use super::behaviour::Behaviour;
 use crate::config::NodeConfig;
 use crate::models::Behaviour as ModelsBehaviour;
+
+/// How long a TCP connection may take from the first packet to a secured, multiplexed
+/// connection, either way. Without it a dial to a host behind a router that drops unsolicited
+/// packets (what home routers do) waits for the kernel's SYN retries, about 2 minutes: an
+/// AutoNAT v2 server's dial-back would then outlive the server's own 10-second window, the
+/// client would never hear "not reachable" and its verdict would stay `unknown`. QUIC has its
+/// own handshake timeout (5 s in libp2p's default).
+pub const TCP_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// The swarm for `key` as configured (with the models behaviour `models`), listening on every
 /// `config.listen` address, its transports counting bytes in `registry` (libp2p-metrics'
@@ -66,13 +76,20 @@ fn public(
     let idle_timeout = config.idle_connection_timeout;
     Ok(libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .context("cannot set up the TCP transport")?
         .with_quic()
+        .with_other_transport(
+            |key| -> std::result::Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(
+                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default())
+                        .timeout(TCP_TIMEOUT)
+                        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))),
+                )
+            },
+        )
+        .map_err(|e| anyhow!("cannot set up the TCP transport: {e}"))?
         .with_dns()
         .context("cannot set up DNS resolution")?
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -105,6 +122,7 @@ fn private(
                 .upgrade(Version::V1Lazy)
                 .authenticate(noise)
                 .multiplex(yamux::Config::default())
+                .timeout(TCP_TIMEOUT)
                 .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
         })
         .map_err(|e| anyhow!("cannot set up the private TCP transport: {e}"))?
