@@ -407,6 +407,16 @@ impl EventLoop {
         }
         if added {
             self.swarm.add_external_address(address.clone());
+            // DCUtR offers its peers the address candidates identify reports, and identify
+            // does not report addresses already external: tell DCUtR of a declared one, or a
+            // private peer that this node reaches through a relay gets no address to dial.
+            use libp2p::swarm::{behaviour::NewExternalAddrCandidate, FromSwarm, NetworkBehaviour};
+            self.swarm
+                .behaviour_mut()
+                .dcutr
+                .on_swarm_event(FromSwarm::NewExternalAddrCandidate(
+                    NewExternalAddrCandidate { addr: &address },
+                ));
         } else {
             self.swarm.remove_external_address(&address);
         }
