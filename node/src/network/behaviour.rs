@@ -14,6 +14,7 @@ use libp2p::{
 use p2p_protocol as proto;
 use p2p_protocol::training;
 
+use super::direct_only::DirectOnly;
 use crate::averaging;
 use crate::config::{KadMode, NodeConfig};
 use crate::models::Behaviour as ModelsBehaviour;
@@ -36,15 +37,15 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
     /// AutoNAT v2, asking side: has peers dial this node's candidate addresses back, and
     /// confirms those that work as external addresses.
-    pub autonat_client: autonat::v2::client::Behaviour,
+    pub autonat_client: DirectOnly<autonat::v2::client::Behaviour>,
     /// AutoNAT v2, answering side: dials back the addresses peers ask about.
-    pub autonat_server: autonat::v2::server::Behaviour,
+    pub autonat_server: DirectOnly<autonat::v2::server::Behaviour>,
     /// Circuit relay v2, client side: reservations on relays while this node is private,
     /// and relayed connections both ways.
     pub relay_client: relay::client::Behaviour,
     /// Circuit relay v2, server side (off with `--no-relay-server`): relays for private
     /// peers while this node is public (limits: [`super::relays`]).
-    pub relay_server: Toggle<super::relay_server::RelayServer>,
+    pub relay_server: Toggle<DirectOnly<relay::Behaviour>>,
     /// Direct Connection Upgrade through Relay: hole punching over relayed connections.
     pub dcutr: dcutr::Behaviour,
     /// Signed announcements on [`proto::ANNOUNCE_TOPIC`].
@@ -149,8 +150,8 @@ impl Behaviour {
             kademlia,
             identify,
             ping,
-            autonat_client: autonat::v2::client::Behaviour::default(),
-            autonat_server: autonat::v2::server::Behaviour::default(),
+            autonat_client: DirectOnly(autonat::v2::client::Behaviour::default()),
+            autonat_server: DirectOnly(autonat::v2::server::Behaviour::default()),
             relay_client,
             relay_server: config
                 .relay_server
@@ -158,7 +159,7 @@ impl Behaviour {
                     let mut server = relay::Behaviour::new(peer_id, super::relays::server_config());
                     // The event loop turns it on while AutoNAT confirms the node public.
                     server.set_status(Some(relay::Status::Disable));
-                    super::relay_server::RelayServer::new(server)
+                    DirectOnly(server)
                 })
                 .into(),
             dcutr: dcutr::Behaviour::new(peer_id),

@@ -69,6 +69,8 @@ pub struct EventLoop {
     kad_mode: KadMode,
     /// Relay reservations, relay server and hole-punch counts.
     relays: Relays,
+    /// Listen addresses this node declared external itself (see `redeclare_external`).
+    declared: HashSet<Multiaddr>,
     /// Whether the relay server may run (no `--no-relay-server`), and whether it does now.
     relay_server_allowed: bool,
     relay_serving: bool,
@@ -89,6 +91,9 @@ struct Connection {
 /// A peer reachable only through relays this long (hole punching failed or never started)
 /// has its queued requests failed, so that downloads turn to other holders.
 const RELAYED_ONLY_GRACE: Duration = Duration::from_secs(30);
+
+/// Relayed listen addresses kept at most (each relay's answer lists its addresses).
+const MAX_RELAYED_LISTEN_ADDRS: usize = 16;
 
 impl EventLoop {
     /// Builds the swarm, starts listening and returns the loop with a client for it.
@@ -145,6 +150,7 @@ impl EventLoop {
             reachability_now: Reachability::Unknown,
             kad_mode,
             relays: Relays::default(),
+            declared: HashSet::new(),
             relay_server_allowed,
             relay_serving: false,
             started: Instant::now(),
@@ -369,7 +375,7 @@ impl EventLoop {
         if serving != self.relay_serving {
             self.relay_serving = serving;
             if let Some(server) = self.swarm.behaviour_mut().relay_server.as_mut() {
-                server.set_status(Some(if serving {
+                server.0.set_status(Some(if serving {
                     relay::Status::Enable
                 } else {
                     relay::Status::Disable
@@ -378,10 +384,15 @@ impl EventLoop {
             tracing::info!(serving, "relay server");
         }
         let wanted = Relays::wants_reservations(self.reachability_now, self.started.elapsed());
-        for listener in self.relays.to_release(wanted) {
-            self.swarm.remove_listener(listener);
+        for relay_peer in self.relays.release(wanted) {
+            // Disconnecting drops the reservation with its connection (see Relays::release).
+            tracing::info!(relay = %relay_peer, "public now: giving up the relay reservation");
+            let _ = self.swarm.disconnect_peer_id(relay_peer);
         }
-        for (relay_peer, addr) in self.relays.to_reserve(wanted, Instant::now()) {
+        let reserve = self
+            .relays
+            .to_reserve(wanted, Instant::now(), &mut rand::thread_rng());
+        for (relay_peer, addr) in reserve {
             match self.swarm.listen_on(addr.clone()) {
                 Ok(listener) => {
                     tracing::info!(relay = %relay_peer, %addr, "asking a relay for a reservation");
@@ -392,35 +403,50 @@ impl EventLoop {
         }
     }
 
-    /// A listen address came (`true`) or went: this node declares it external itself
-    /// (identify advertises external addresses only) if it is a loopback address (it reaches
-    /// this machine only, where it is right: a local testnet), or any direct one with
-    /// `--kad-mode server` (the operator says the node is reachable: it counts as public, and
-    /// AutoNAT does not test declared addresses). Others wait for AutoNAT; relayed ones are
-    /// confirmed by the relay client. Then the reachability verdict is updated.
-    fn declare_external(&mut self, address: Multiaddr, added: bool) {
-        let declared = !crate::wire_behaviour::is_relayed(&address)
-            && (super::reachability::is_loopback(&address) || self.kad_mode == KadMode::Server);
-        if !declared {
-            self.on_reachability(|_| {});
-            return;
+    /// After a change of the listen addresses: the addresses this node declares external
+    /// itself (identify advertises external addresses only) are its loopback ones while it
+    /// listens on loopback only (a local testnet: they reach this machine only, where they
+    /// are right), else every direct non-loopback one with `--kad-mode server` (the operator
+    /// says the node is reachable: it counts as public, and AutoNAT does not test declared
+    /// addresses), else none (AutoNAT confirms them; relays confirm relayed ones). Then the
+    /// reachability verdict is updated.
+    fn redeclare_external(&mut self) {
+        use super::reachability::is_loopback;
+        use crate::wire_behaviour::is_relayed;
+        use libp2p::swarm::{behaviour::NewExternalAddrCandidate, FromSwarm, NetworkBehaviour};
+        let direct = self.listen_addrs.iter().filter(|a| !is_relayed(a));
+        let all_loopback =
+            self.listen_addrs.iter().any(|a| !is_relayed(a)) && direct.clone().all(is_loopback);
+        let wanted: HashSet<Multiaddr> = direct
+            .filter(|a| all_loopback || (self.kad_mode == KadMode::Server && !is_loopback(a)))
+            .cloned()
+            .collect();
+        let gone: Vec<Multiaddr> = self.declared.difference(&wanted).cloned().collect();
+        let new: Vec<Multiaddr> = wanted.difference(&self.declared).cloned().collect();
+        for address in &gone {
+            self.swarm.remove_external_address(address);
         }
-        if added {
+        for address in &new {
             self.swarm.add_external_address(address.clone());
             // DCUtR offers its peers the address candidates identify reports, and identify
             // does not report addresses already external: tell DCUtR of a declared one, or a
             // private peer that this node reaches through a relay gets no address to dial.
-            use libp2p::swarm::{behaviour::NewExternalAddrCandidate, FromSwarm, NetworkBehaviour};
             self.swarm
                 .behaviour_mut()
                 .dcutr
                 .on_swarm_event(FromSwarm::NewExternalAddrCandidate(
-                    NewExternalAddrCandidate { addr: &address },
+                    NewExternalAddrCandidate { addr: address },
                 ));
-        } else {
-            self.swarm.remove_external_address(&address);
         }
-        self.on_reachability(|r| r.external(address, added));
+        self.declared = wanted;
+        self.on_reachability(|r| {
+            for address in gone {
+                r.external(address, false);
+            }
+            for address in new {
+                r.external(address, true);
+            }
+        });
     }
 
     /// Whether any connection to `peer` is direct.
@@ -547,14 +573,26 @@ impl EventLoop {
                 listener_id,
                 address,
             } => {
-                tracing::info!(%address, "listening");
-                self.listen_addrs.push(address.clone());
-                self.declare_external(address, true);
+                // A relay's reservation answer lists its addresses, and every renewal reports
+                // them again: keep each once, and a bounded number through relays.
+                let relayed = crate::wire_behaviour::is_relayed(&address);
+                let relayed_held = self
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| crate::wire_behaviour::is_relayed(a))
+                    .count();
+                if !self.listen_addrs.contains(&address)
+                    && (!relayed || relayed_held < MAX_RELAYED_LISTEN_ADDRS)
+                {
+                    tracing::info!(%address, "listening");
+                    self.listen_addrs.push(address);
+                    self.redeclare_external();
+                }
                 self.listener_reported(listener_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
-                self.declare_external(address, false);
+                self.redeclare_external();
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 tracing::info!(%address, "external address confirmed");
@@ -571,7 +609,7 @@ impl EventLoop {
             } => {
                 if let Some(relay_peer) = self.relays.closed(listener_id, Instant::now()) {
                     match &reason {
-                        Ok(()) => tracing::info!(relay = %relay_peer, "relay reservation given up"),
+                        Ok(()) => tracing::info!(relay = %relay_peer, "relay reservation ended"),
                         Err(error) => {
                             tracing::warn!(relay = %relay_peer, %error, "relay reservation failed or ended; another relay will be asked")
                         }
@@ -580,9 +618,7 @@ impl EventLoop {
                     tracing::warn!(?addresses, %error, "listener closed");
                 }
                 self.listen_addrs.retain(|a| !addresses.contains(a));
-                for address in addresses {
-                    self.declare_external(address, false);
-                }
+                self.redeclare_external();
                 self.listener_reported(listener_id);
             }
             SwarmEvent::ListenerError { listener_id, error } => {
@@ -621,7 +657,7 @@ impl EventLoop {
                 let closed = self.connections.remove(&connection_id);
                 if num_established == 0 {
                     self.discovery.on_disconnected(peer_id);
-                    self.relays.candidate(peer_id, None, false);
+                    self.relays.forget(&peer_id);
                 }
                 if closed.is_some_and(|c| c.relayed) && !self.has_direct_connection(&peer_id) {
                     self.fail_requests_awaiting(peer_id);

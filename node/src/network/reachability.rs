@@ -1,6 +1,7 @@
-//! Whether this node can be dialled from outside: the external addresses the swarm confirmed
-//! (through AutoNAT v2 dial-backs), AutoNAT's failed probes, and the listen addresses (the
-//! event loop's, passed in).
+//! Whether this node can be dialled from outside: its external addresses (confirmed through
+//! AutoNAT v2 dial-backs, or declared by the event loop with `--kad-mode server`; relayed ones
+//! never count), AutoNAT's failed probes, and the listen addresses (the event loop's, passed
+//! in; relayed ones aside).
 //!
 //! Pure logic; the event loop feeds it and applies the result (Kademlia's mode, `/status`).
 //! A loopback address never makes a node public: nobody on another machine can dial it.
@@ -98,7 +99,11 @@ impl Tracker {
             .any(|a| !is_loopback(a) && !crate::wire_behaviour::is_relayed(a))
         {
             Reachability::Public
-        } else if (!listen.is_empty() && listen.iter().all(is_loopback))
+        } else if (listen.iter().any(|a| !crate::wire_behaviour::is_relayed(a))
+            && listen
+                .iter()
+                .filter(|a| !crate::wire_behaviour::is_relayed(a))
+                .all(is_loopback))
             || self.failures_since_success >= PRIVATE_AFTER_FAILURES
         {
             Reachability::Private

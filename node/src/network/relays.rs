@@ -12,10 +12,11 @@
 //!
 //! **Relay server limits** ([`server_config`], libp2p's defaults, which go-libp2p shares):
 //! at most 128 reservations in total and 4 per peer, each for 1 hour; at most 16 circuits in
-//! total and 4 per peer, each closed after 2 minutes or 128 KiB relayed in each direction;
-//! reservations limited to 30 per peer per 2 minutes and 60 per IP per minute, new circuits
-//! the same. A node relays only while AutoNAT confirms it publicly reachable, and never with
-//! `--no-relay-server`.
+//! total and 4 per peer, each closed after 2 minutes or 128 KiB relayed (both directions
+//! together); new reservations and new circuits rate-limited by token buckets of 30 per peer
+//! (one back every 2 minutes) and 60 per IP (one back every minute). A node relays only while
+//! it is public (AutoNAT confirmed an address, or `--kad-mode server` declares it reachable),
+//! and never with `--no-relay-server`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -67,12 +68,15 @@ struct Reservation {
 /// DCUtR hole punches: attempts, successes by transport, failures by reason.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct HolePunchCounts {
-    /// Successes plus failures.
+    /// Successes plus reported failures.
     pub attempts: u64,
     /// Direct connections made, by transport (`tcp`, `quic`, `other`).
     pub succeeded: BTreeMap<String, u64>,
     /// Attempts given up, by reason (`attempts_exceeded`, `inbound_stream`,
-    /// `outbound_stream`).
+    /// `outbound_stream`, `other`). Counted where libp2p's DCUtR reports them: on the side
+    /// that coordinates the punch (the one that received the relayed connection), and
+    /// protocol errors on either side; the other side's dials fail silently (its waiting
+    /// requests fail after 30 s relayed-only).
     pub failed: BTreeMap<String, u64>,
 }
 
@@ -81,7 +85,8 @@ pub struct HolePunchCounts {
 pub struct RelayServed {
     /// Reservations accepted (renewals included).
     pub reservations_accepted: u64,
-    /// Reservations and circuits refused (limits reached, or not relaying now).
+    /// Reservations and circuits refused (limits reached). While the node does not relay,
+    /// the hop protocol itself is refused and nothing is counted.
     pub requests_denied: u64,
     /// Circuits opened between two peers.
     pub circuits: u64,
@@ -151,21 +156,22 @@ pub fn transport_of(addr: &Multiaddr) -> &'static str {
 }
 
 impl Relays {
-    /// `peer`, connected at `addr`, speaks the hop protocol (`true`) or not (`false`, or it
-    /// disconnected).
+    /// Identify told whether `peer` speaks the hop protocol; `addr`: the address this node
+    /// dialled it on (`None` for an identify over an inbound or relayed connection, which
+    /// keeps what is known).
     pub fn candidate(&mut self, peer: PeerId, addr: Option<Multiaddr>, speaks_hop: bool) {
-        match addr {
-            Some(addr) if speaks_hop => {
-                if self.candidates.len() < MAX_RELAY_CANDIDATES
-                    || self.candidates.contains_key(&peer)
-                {
-                    self.candidates.insert(peer, addr);
-                }
-            }
-            _ => {
-                self.candidates.remove(&peer);
+        if !speaks_hop {
+            self.candidates.remove(&peer);
+        } else if let Some(addr) = addr {
+            if self.candidates.len() < MAX_RELAY_CANDIDATES || self.candidates.contains_key(&peer) {
+                self.candidates.insert(peer, addr);
             }
         }
+    }
+
+    /// `peer` disconnected: no longer a candidate.
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.candidates.remove(peer);
     }
 
     /// Whether the node should hold reservations, given its reachability and how long it
@@ -178,22 +184,28 @@ impl Relays {
         }
     }
 
-    /// The relays to reserve on now (with the circuit address to listen on): candidates not
-    /// reserved on, not failed recently, up to [`WANTED_RESERVATIONS`] reservations in all.
-    pub fn to_reserve(&self, wanted: bool, now: Instant) -> Vec<(PeerId, Multiaddr)> {
+    /// The relays to reserve on now (with the circuit address to listen on), chosen at
+    /// random (so that no peer id, ground low, becomes everyone's relay) among candidates not
+    /// reserved on and not failed recently, up to [`WANTED_RESERVATIONS`] reservations in all.
+    pub fn to_reserve(
+        &mut self,
+        wanted: bool,
+        now: Instant,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<(PeerId, Multiaddr)> {
+        use rand::seq::IteratorRandom;
+        self.failed
+            .retain(|_, at| now.duration_since(*at) < RELAY_RETRY_AFTER);
         if !wanted {
             return Vec::new();
         }
         let missing = WANTED_RESERVATIONS.saturating_sub(self.reservations.len());
+        let reserved: Vec<PeerId> = self.reservations.values().map(|r| r.relay).collect();
         self.candidates
             .iter()
-            .filter(|(peer, _)| !self.reservations.values().any(|r| r.relay == **peer))
-            .filter(|(peer, _)| {
-                self.failed
-                    .get(peer)
-                    .is_none_or(|at| now.duration_since(*at) >= RELAY_RETRY_AFTER)
-            })
-            .take(missing)
+            .filter(|(peer, _)| !reserved.contains(peer) && !self.failed.contains_key(peer))
+            .choose_multiple(rng, missing)
+            .into_iter()
             .map(|(peer, addr)| (*peer, circuit_listen_addr(*peer, addr)))
             .collect()
     }
@@ -227,19 +239,18 @@ impl Relays {
         Some(r.relay)
     }
 
-    /// The circuit listeners to close when reservations are no longer wanted (the node
-    /// became public).
-    pub fn to_release(&self, wanted: bool) -> Vec<ListenerId> {
+    /// When reservations are no longer wanted (the node became public): forgets them and
+    /// returns their relays, which the event loop disconnects from. Closing the circuit
+    /// listeners instead would be unsafe: libp2p-relay 0.22 panics when a relay answers a
+    /// reservation request whose listener is gone.
+    pub fn release(&mut self, wanted: bool) -> Vec<PeerId> {
         if wanted {
-            Vec::new()
-        } else {
-            self.reservations.keys().copied().collect()
+            return Vec::new();
         }
-    }
-
-    /// Whether `listener` is a circuit listener.
-    pub fn is_circuit_listener(&self, listener: ListenerId) -> bool {
-        self.reservations.contains_key(&listener)
+        let mut relays: Vec<PeerId> = self.reservations.drain().map(|(_, r)| r.relay).collect();
+        relays.sort();
+        relays.dedup();
+        relays
     }
 
     /// Counts a hole punch: `Ok(transport)` of the direct connection, or `Err(reason)`.
@@ -286,6 +297,8 @@ impl Relays {
 
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng;
+
     use super::*;
 
     fn addr(s: &str) -> Multiaddr {
@@ -310,55 +323,62 @@ mod tests {
     }
 
     #[test]
+    fn relays_are_chosen_at_random_not_by_lowest_peer_id() {
+        let mut relays = Relays::default();
+        for i in 0..20 {
+            let a = addr(&format!("/ip4/198.51.100.{i}/tcp/1"));
+            relays.candidate(PeerId::random(), Some(a), true);
+        }
+        let lowest: Vec<PeerId> = relays.candidates.keys().take(2).copied().collect();
+        let rng = &mut rand::rngs::StdRng::seed_from_u64(1);
+        let picks: Vec<Vec<PeerId>> = (0..8)
+            .map(|_| {
+                let chosen = relays.to_reserve(true, Instant::now(), rng);
+                let mut p: Vec<PeerId> = chosen.into_iter().map(|(p, _)| p).collect();
+                p.sort();
+                p
+            })
+            .collect();
+        assert!(picks.iter().all(|p| p.len() == 2));
+        assert!(picks.iter().any(|p| *p != lowest), "{picks:?}");
+    }
+
+    #[test]
     fn a_private_node_reserves_on_two_relays_and_retries_a_failed_one_later() {
         let mut relays = Relays::default();
+        let rng = &mut rand::rngs::StdRng::seed_from_u64(7);
         let now = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         relays.candidate(a, Some(addr("/ip4/198.51.100.1/tcp/1")), true);
         relays.candidate(b, Some(addr("/ip4/198.51.100.2/tcp/1")), true);
         relays.candidate(c, Some(addr("/ip4/198.51.100.3/tcp/1")), false);
-        assert!(
-            relays.to_reserve(false, now).is_empty(),
-            "public nodes reserve nothing"
-        );
-        let chosen = relays.to_reserve(true, now);
+        let public = relays.to_reserve(false, now, rng);
+        assert!(public.is_empty(), "public nodes reserve nothing");
+        let chosen = relays.to_reserve(true, now, rng);
         assert_eq!(chosen.len(), 2);
-        assert!(
-            chosen.iter().all(|(p, _)| *p != c),
-            "c does not speak the hop protocol"
-        );
+        let not_c = chosen.iter().all(|(p, _)| *p != c);
+        assert!(not_c, "c does not speak the hop protocol");
         let (l1, l2) = (ListenerId::next(), ListenerId::next());
         relays.reserving(l1, chosen[0].0);
         relays.reserving(l2, chosen[1].0);
-        assert!(relays.to_reserve(true, now).is_empty(), "two are enough");
-        relays.accepted(chosen[0].0);
-        assert_eq!(
-            relays.status(false).reservations,
-            vec![chosen[0].0.to_string()]
+        assert!(
+            relays.to_reserve(true, now, rng).is_empty(),
+            "two are enough"
         );
+        relays.accepted(chosen[0].0);
+        let held = vec![chosen[0].0.to_string()];
+        assert_eq!(relays.status(false).reservations, held);
         assert_eq!(relays.status(false).reservations_pending, 1);
         assert_eq!(relays.closed(l2, now), Some(chosen[1].0));
-        assert!(
-            relays.to_reserve(true, now).is_empty(),
-            "the failed relay waits"
-        );
+        let waiting = relays.to_reserve(true, now, rng);
+        assert!(waiting.is_empty(), "the failed relay waits");
         let later = now + RELAY_RETRY_AFTER;
-        assert_eq!(
-            relays.to_reserve(true, later),
-            vec![(
-                chosen[1].0,
-                circuit_listen_addr(
-                    chosen[1].0,
-                    &addr(if chosen[1].0 == a {
-                        "/ip4/198.51.100.1/tcp/1"
-                    } else {
-                        "/ip4/198.51.100.2/tcp/1"
-                    })
-                )
-            )]
-        );
-        assert_eq!(relays.to_release(false), vec![l1]);
-        assert!(relays.to_release(true).is_empty());
+        assert_eq!(relays.to_reserve(true, later, rng), vec![chosen[1].clone()]);
+        assert!(relays.release(true).is_empty());
+        assert_eq!(relays.release(false), vec![chosen[0].0]);
+        let closed = relays.closed(l1, later);
+        assert_eq!(closed, None, "a released reservation is not a failure");
+        assert!(relays.status(false).reservations.is_empty());
     }
 
     #[test]
@@ -400,16 +420,21 @@ mod tests {
     fn candidates_are_bounded_and_forgotten() {
         let mut relays = Relays::default();
         for i in 0..MAX_RELAY_CANDIDATES + 10 {
-            relays.candidate(
-                PeerId::random(),
-                Some(addr(&format!("/ip4/198.51.100.1/tcp/{i}"))),
-                true,
-            );
+            let a = addr(&format!("/ip4/198.51.100.1/tcp/{i}"));
+            relays.candidate(PeerId::random(), Some(a), true);
         }
         assert_eq!(relays.status(false).candidates, MAX_RELAY_CANDIDATES);
-        let p = PeerId::random();
-        relays.candidate(p, Some(addr("/ip4/198.51.100.9/tcp/1")), true);
-        relays.candidate(p, None, false);
-        assert_eq!(relays.status(false).candidates, MAX_RELAY_CANDIDATES);
+        let known = *relays.candidates.keys().next().expect("one");
+        relays.candidate(known, None, true);
+        let kept = relays.candidates.contains_key(&known);
+        assert!(kept, "an identify over an inbound connection keeps it");
+        relays.candidate(known, None, false);
+        assert!(
+            !relays.candidates.contains_key(&known),
+            "no hop protocol: gone"
+        );
+        let other = *relays.candidates.keys().next().expect("one");
+        relays.forget(&other);
+        assert_eq!(relays.status(false).candidates, MAX_RELAY_CANDIDATES - 2);
     }
 }

@@ -1,41 +1,37 @@
-//! The circuit-relay v2 server, kept off relayed connections.
+//! A behaviour that runs on direct connections only: relayed connections get a `dummy`
+//! handler (the protocol's streams are refused on them) and their opening and closing never
+//! reach the wrapped behaviour.
 //!
-//! libp2p-relay 0.22's server gives relayed connections a `dummy` handler (it relays only
-//! over direct ones) but still records them, and when its status changes
-//! (`set_status`) it sends the new status to every recorded connection; the `Either`
-//! handler of a relayed one then hits `unreachable!` and the node panics. A peer that reaches
-//! a public node through a relay, before that node's reachability changes, could so crash it.
-//! [`RelayServer`] passes the server every swarm event except the opening and closing of
-//! relayed connections, so it never records them.
+//! Used for two libp2p behaviours whose work has no business on a relay:
+//! - the **circuit-relay server**: libp2p-relay 0.22 gives relayed connections a dummy handler
+//!   itself but still records them, and when its status changes (`set_status`) it sends the
+//!   new status to every recorded connection; the `Either` handler of a relayed one then hits
+//!   `unreachable!` and the node panics. A peer that reaches a public node through a relay
+//!   before that node's reachability changes could so crash it.
+//! - **AutoNAT v2**, both sides: over a relay the server sees the client at `/p2p/ID`, never
+//!   the address under test, so it demands 30–100 KB of padding (its amplification guard),
+//!   which would eat a circuit's 128 KiB; and a dial-back result says nothing of the relayed
+//!   path anyway.
 
 use std::task::{Context, Poll};
 
+use either::Either;
 use libp2p::core::transport::PortUse;
 use libp2p::core::Endpoint;
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    dummy, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm,
 };
-use libp2p::{relay, Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId};
 
-/// [`relay::Behaviour`] that never hears of relayed connections (see the module).
-pub struct RelayServer(relay::Behaviour);
+use crate::wire_behaviour::is_relayed;
 
-impl RelayServer {
-    /// Wraps `server`.
-    pub fn new(server: relay::Behaviour) -> Self {
-        Self(server)
-    }
+/// `B` on direct connections only (see the module).
+pub struct DirectOnly<B>(pub B);
 
-    /// See [`relay::Behaviour::set_status`].
-    pub fn set_status(&mut self, status: Option<relay::Status>) {
-        self.0.set_status(status)
-    }
-}
-
-impl NetworkBehaviour for RelayServer {
-    type ConnectionHandler = <relay::Behaviour as NetworkBehaviour>::ConnectionHandler;
-    type ToSwarm = relay::Event;
+impl<B: NetworkBehaviour> NetworkBehaviour for DirectOnly<B> {
+    type ConnectionHandler = Either<THandler<B>, dummy::ConnectionHandler>;
+    type ToSwarm = B::ToSwarm;
 
     fn handle_pending_inbound_connection(
         &mut self,
@@ -54,8 +50,12 @@ impl NetworkBehaviour for RelayServer {
         local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        if is_relayed(local_addr) {
+            return Ok(Either::Right(dummy::ConnectionHandler));
+        }
         self.0
             .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
+            .map(Either::Left)
     }
 
     fn handle_pending_outbound_connection(
@@ -81,19 +81,25 @@ impl NetworkBehaviour for RelayServer {
         role_override: Endpoint,
         port_use: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.0.handle_established_outbound_connection(
-            connection_id,
-            peer,
-            addr,
-            role_override,
-            port_use,
-        )
+        if is_relayed(addr) {
+            return Ok(Either::Right(dummy::ConnectionHandler));
+        }
+        self.0
+            .handle_established_outbound_connection(
+                connection_id,
+                peer,
+                addr,
+                role_override,
+                port_use,
+            )
+            .map(Either::Left)
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
         match &event {
             FromSwarm::ConnectionEstablished(e) if e.endpoint.is_relayed() => {}
             FromSwarm::ConnectionClosed(e) if e.endpoint.is_relayed() => {}
+            FromSwarm::AddressChange(e) if e.old.is_relayed() => {}
             _ => self.0.on_swarm_event(event),
         }
     }
@@ -104,15 +110,19 @@ impl NetworkBehaviour for RelayServer {
         connection_id: ConnectionId,
         event: THandlerOutEvent<Self>,
     ) {
-        self.0
-            .on_connection_handler_event(peer, connection_id, event)
+        match event {
+            Either::Left(event) => self
+                .0
+                .on_connection_handler_event(peer, connection_id, event),
+            Either::Right(never) => match never {},
+        }
     }
 
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.0.poll(cx)
+        self.0.poll(cx).map(|action| action.map_in(Either::Left))
     }
 }
 
@@ -124,9 +134,16 @@ mod tests {
     use libp2p::swarm::behaviour::ConnectionEstablished;
     use libp2p::swarm::NotifyHandler;
 
+    use libp2p::relay;
+
     use super::*;
 
-    fn established(server: &mut RelayServer, peer: PeerId, id: usize, endpoint: &ConnectedPoint) {
+    fn established(
+        server: &mut DirectOnly<relay::Behaviour>,
+        peer: PeerId,
+        id: usize,
+        endpoint: &ConnectedPoint,
+    ) {
         server.on_swarm_event(FromSwarm::ConnectionEstablished(ConnectionEstablished {
             peer_id: peer,
             connection_id: ConnectionId::new_unchecked(id),
@@ -139,10 +156,10 @@ mod tests {
     /// Without the wrapper, libp2p-relay 0.22 notifies the relayed connection too, whose
     /// dummy handler panics on it.
     #[test]
-    fn a_status_change_is_sent_to_direct_connections_only() {
+    fn a_relay_server_status_change_is_sent_to_direct_connections_only() {
         let local = PeerId::random();
-        let mut server = RelayServer::new(relay::Behaviour::new(local, relay::Config::default()));
-        server.set_status(Some(relay::Status::Disable));
+        let mut server = DirectOnly(relay::Behaviour::new(local, relay::Config::default()));
+        server.0.set_status(Some(relay::Status::Disable));
         let (direct_peer, relayed_peer) = (PeerId::random(), PeerId::random());
         let direct = ConnectedPoint::Listener {
             local_addr: "/ip4/10.0.0.1/tcp/4001".parse().expect("multiaddr"),
@@ -159,7 +176,7 @@ mod tests {
         };
         established(&mut server, direct_peer, 1, &direct);
         established(&mut server, relayed_peer, 2, &relayed);
-        server.set_status(Some(relay::Status::Enable));
+        server.0.set_status(Some(relay::Status::Enable));
         let mut cx = Context::from_waker(Waker::noop());
         let mut notified = Vec::new();
         while let Poll::Ready(action) = server.poll(&mut cx) {
