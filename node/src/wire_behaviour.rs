@@ -7,56 +7,16 @@
 //! logic's events. The pattern follows rust-libp2p's own protocols that wrap request-response
 //! (e.g. `libp2p-rendezvous`'s client).
 //!
-//! **Direct connections only.** Our protocols carry bulk data (chunks, averaging pieces), which
-//! must never cross a circuit relay: a relay is a volunteer's bandwidth, and circuit-relay v2
-//! caps each circuit (128 KiB, 2 minutes by default) anyway. So a relayed connection gets a
-//! [`dummy`](libp2p::swarm::dummy) handler (the remote's streams for our protocols are refused
-//! on it), its events never reach the wrapped behaviour, and a peer reachable only through a
-//! relay counts as not connected; it becomes connected when hole punching (DCUtR) or a dial
-//! gives a direct connection. [`DirectConnections`] keeps the count.
+//! Our protocols carry bulk data (chunks, averaging pieces) and run on direct connections
+//! only: the node wraps these behaviours in [`DirectOnly`](crate::network::direct_only), so
+//! "connected" here means "has a direct connection", and requests to a peer reachable only
+//! through a relay wait in the wrapped behaviour's queue until hole punching gives one (or
+//! `fail_requests_awaiting_connection`, which the macro adds, ends the wait).
 
-use std::collections::{HashMap, HashSet};
 use std::task::Context;
 
-use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, Codec};
-use libp2p::swarm::ConnectionId;
-use libp2p::{Multiaddr, PeerId};
-
-/// Whether a connection on `addr` (the dialled address, or the local address of an inbound
-/// connection) goes through a circuit relay.
-pub fn is_relayed(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| p == Protocol::P2pCircuit)
-}
-
-/// The direct (not relayed) connections to each peer.
-#[derive(Debug, Default)]
-pub struct DirectConnections(HashMap<PeerId, HashSet<ConnectionId>>);
-
-impl DirectConnections {
-    /// Notes a new direct connection; `true` if it is the peer's first.
-    pub fn opened(&mut self, peer: PeerId, connection: ConnectionId) -> bool {
-        let set = self.0.entry(peer).or_default();
-        set.insert(connection) && set.len() == 1
-    }
-
-    /// The direct connections to `peer` now.
-    pub fn count(&self, peer: &PeerId) -> usize {
-        self.0.get(peer).map_or(0, HashSet::len)
-    }
-
-    /// Notes a closed connection; `true` if it was the peer's last direct one.
-    pub fn closed(&mut self, peer: PeerId, connection: ConnectionId) -> bool {
-        let Some(set) = self.0.get_mut(&peer) else {
-            return false;
-        };
-        let last = set.remove(&connection) && set.is_empty();
-        if set.is_empty() {
-            self.0.remove(&peer);
-        }
-        last
-    }
-}
+use libp2p::PeerId;
 
 /// A protocol's logic around the request-response behaviour it wraps.
 pub trait WrapsRequestResponse {
@@ -67,11 +27,9 @@ pub trait WrapsRequestResponse {
 
     /// The wrapped behaviour.
     fn inner(&mut self) -> &mut request_response::Behaviour<Self::Codec>;
-    /// The direct connections the macro counts for this behaviour.
-    fn direct_connections(&mut self) -> &mut DirectConnections;
-    /// The first direct connection to `peer` came up.
+    /// The first (direct) connection to `peer` came up.
     fn on_peer_connected(&mut self, peer: PeerId);
-    /// The last direct connection to `peer` closed.
+    /// The last (direct) connection to `peer` closed.
     fn on_peer_disconnected(&mut self, peer: PeerId);
     /// An event of the wrapped behaviour.
     fn on_inner_event(
@@ -113,12 +71,9 @@ macro_rules! impl_wire_behaviour {
         }
 
         impl libp2p::swarm::NetworkBehaviour for $ty {
-            type ConnectionHandler = either::Either<
-                <libp2p::request_response::Behaviour<
-                    <$ty as $crate::wire_behaviour::WrapsRequestResponse>::Codec,
-                > as libp2p::swarm::NetworkBehaviour>::ConnectionHandler,
-                libp2p::swarm::dummy::ConnectionHandler,
-            >;
+            type ConnectionHandler = <libp2p::request_response::Behaviour<
+                <$ty as $crate::wire_behaviour::WrapsRequestResponse>::Codec,
+            > as libp2p::swarm::NetworkBehaviour>::ConnectionHandler;
             type ToSwarm = <$ty as $crate::wire_behaviour::WrapsRequestResponse>::Event;
 
             fn handle_pending_inbound_connection(
@@ -143,19 +98,13 @@ macro_rules! impl_wire_behaviour {
                 remote_addr: &libp2p::Multiaddr,
             ) -> std::result::Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied>
             {
-                use either::Either;
-                use $crate::wire_behaviour::{is_relayed, WrapsRequestResponse};
-                if is_relayed(local_addr) {
-                    return Ok(Either::Right(libp2p::swarm::dummy::ConnectionHandler));
-                }
-                self.inner()
-                    .handle_established_inbound_connection(
-                        connection_id,
-                        peer,
-                        local_addr,
-                        remote_addr,
-                    )
-                    .map(Either::Left)
+                use $crate::wire_behaviour::WrapsRequestResponse;
+                self.inner().handle_established_inbound_connection(
+                    connection_id,
+                    peer,
+                    local_addr,
+                    remote_addr,
+                )
             }
 
             fn handle_pending_outbound_connection(
@@ -183,51 +132,28 @@ macro_rules! impl_wire_behaviour {
                 port_use: libp2p::core::transport::PortUse,
             ) -> std::result::Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied>
             {
-                use either::Either;
-                use $crate::wire_behaviour::{is_relayed, WrapsRequestResponse};
-                if is_relayed(addr) {
-                    return Ok(Either::Right(libp2p::swarm::dummy::ConnectionHandler));
-                }
-                self.inner()
-                    .handle_established_outbound_connection(
-                        connection_id,
-                        peer,
-                        addr,
-                        role_override,
-                        port_use,
-                    )
-                    .map(Either::Left)
+                use $crate::wire_behaviour::WrapsRequestResponse;
+                self.inner().handle_established_outbound_connection(
+                    connection_id,
+                    peer,
+                    addr,
+                    role_override,
+                    port_use,
+                )
             }
 
             fn on_swarm_event(&mut self, event: libp2p::swarm::FromSwarm<'_>) {
-                use libp2p::swarm::FromSwarm;
                 use $crate::wire_behaviour::WrapsRequestResponse;
                 match &event {
-                    // Relayed connections have dummy handlers: the wrapped behaviour never
-                    // hears of them.
-                    FromSwarm::ConnectionEstablished(e) if e.endpoint.is_relayed() => return,
-                    FromSwarm::ConnectionClosed(e) if e.endpoint.is_relayed() => return,
-                    FromSwarm::AddressChange(e) if e.old.is_relayed() => return,
-                    FromSwarm::ConnectionEstablished(e)
-                        if self.direct_connections().opened(e.peer_id, e.connection_id) =>
+                    libp2p::swarm::FromSwarm::ConnectionEstablished(e)
+                        if e.other_established == 0 =>
                     {
                         self.on_peer_connected(e.peer_id)
                     }
-                    FromSwarm::ConnectionClosed(e) => {
-                        let last = self.direct_connections().closed(e.peer_id, e.connection_id);
-                        // The wrapped behaviour checks `remaining_established` against the
-                        // connections it knows: count the direct ones only.
-                        let remaining = self.direct_connections().count(&e.peer_id);
-                        self.inner().on_swarm_event(FromSwarm::ConnectionClosed(
-                            libp2p::swarm::ConnectionClosed {
-                                remaining_established: remaining,
-                                ..*e
-                            },
-                        ));
-                        if last {
-                            self.on_peer_disconnected(e.peer_id)
-                        }
-                        return;
+                    libp2p::swarm::FromSwarm::ConnectionClosed(e)
+                        if e.remaining_established == 0 =>
+                    {
+                        self.on_peer_disconnected(e.peer_id)
                     }
                     _ => {}
                 }
@@ -240,15 +166,9 @@ macro_rules! impl_wire_behaviour {
                 connection_id: libp2p::swarm::ConnectionId,
                 event: libp2p::swarm::THandlerOutEvent<Self>,
             ) {
-                use either::Either;
                 use $crate::wire_behaviour::WrapsRequestResponse;
-                match event {
-                    Either::Left(event) => {
-                        self.inner()
-                            .on_connection_handler_event(peer, connection_id, event)
-                    }
-                    Either::Right(never) => match never {},
-                }
+                self.inner()
+                    .on_connection_handler_event(peer, connection_id, event);
             }
 
             fn poll(
@@ -271,13 +191,9 @@ macro_rules! impl_wire_behaviour {
                         // Dials and handler notifications pass through unchanged; the wrapped
                         // behaviour's own events were handled in the arm above.
                         Poll::Ready(other) => {
-                            return Poll::Ready(
-                                other
-                                    .map_out(|_| {
-                                        unreachable!("request-response events are handled above")
-                                    })
-                                    .map_in(either::Either::Left),
-                            )
+                            return Poll::Ready(other.map_out(|_| {
+                                unreachable!("request-response events are handled above")
+                            }))
                         }
                         Poll::Pending => return Poll::Pending,
                     }
@@ -285,47 +201,4 @@ macro_rules! impl_wire_behaviour {
             }
         }
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn circuit_addresses_are_relayed_and_direct_ones_are_not() {
-        let relayed: Multiaddr = "/ip4/198.51.100.1/tcp/4001/p2p/12D3KooWHFrmLWTTDD4NodngtRMEVYgxrsDHNK2KjVgXM12L6eGt/p2p-circuit"
-            .parse()
-            .expect("multiaddr");
-        assert!(is_relayed(&relayed));
-        assert!(!is_relayed(
-            &"/ip4/198.51.100.1/udp/4001/quic-v1"
-                .parse()
-                .expect("multiaddr")
-        ));
-    }
-
-    #[test]
-    fn the_first_and_last_direct_connection_of_a_peer_are_reported_once() {
-        let mut direct = DirectConnections::default();
-        let peer = PeerId::random();
-        let (a, b) = (
-            ConnectionId::new_unchecked(1),
-            ConnectionId::new_unchecked(2),
-        );
-        assert!(direct.opened(peer, a));
-        assert!(!direct.opened(peer, b));
-        assert!(
-            !direct.opened(peer, a),
-            "a repeated event is not a new first"
-        );
-        assert!(!direct.closed(peer, a));
-        assert!(
-            !direct.closed(PeerId::random(), b),
-            "an unknown peer was never connected"
-        );
-        assert_eq!(direct.count(&peer), 1);
-        assert!(direct.closed(peer, b));
-        assert!(!direct.closed(peer, b), "closing twice reports once");
-        assert_eq!(direct.count(&peer), 0);
-    }
 }

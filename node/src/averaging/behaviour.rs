@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use super::attack::Attack;
 use super::pieces::{Incoming, PieceCodec, PieceError};
-use crate::wire_behaviour::{DirectConnections, WrapsRequestResponse};
+use crate::wire_behaviour::WrapsRequestResponse;
 
 /// Peers tried by one averaging round before it gives up.
 const MAX_ATTEMPTS: usize = 3;
@@ -423,8 +423,6 @@ pub struct Behaviour {
     inner: request_response::Behaviour<CborCodec<TrainRequest, TrainResponse>>,
     /// Peers with at least one direct connection (relayed ones do not carry this protocol).
     connected: HashSet<PeerId>,
-    /// The direct connections behind `connected`.
-    direct: DirectConnections,
     events: VecDeque<Event>,
     tick: tokio::time::Interval,
     local_peer: PeerId,
@@ -468,7 +466,6 @@ impl Behaviour {
         Self {
             inner,
             connected: HashSet::new(),
-            direct: DirectConnections::default(),
             events: VecDeque::new(),
             tick,
             local_peer,
@@ -1231,10 +1228,6 @@ impl WrapsRequestResponse for Behaviour {
 
     fn inner(&mut self) -> &mut request_response::Behaviour<Self::Codec> {
         &mut self.inner
-    }
-
-    fn direct_connections(&mut self) -> &mut DirectConnections {
-        &mut self.direct
     }
 
     fn on_peer_connected(&mut self, peer: PeerId) {

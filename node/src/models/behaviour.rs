@@ -44,7 +44,7 @@ use super::store::{ImportedFile, Store, VersionClaims};
 use super::trust::{Resolution, Trust};
 use super::upload::{Decision, Uploads};
 use super::{ModelsConfig, Stage};
-use crate::wire_behaviour::{DirectConnections, WrapsRequestResponse};
+use crate::wire_behaviour::WrapsRequestResponse;
 
 /// How often a follower asks its peers for versions of the models it follows (in case it
 /// missed an announcement).
@@ -154,8 +154,6 @@ pub struct Behaviour {
     inner: request_response::Behaviour<CborCodec<Request, Response>>,
     /// Peers with at least one direct connection (relayed ones do not carry this protocol).
     connected: HashSet<PeerId>,
-    /// The direct connections behind `connected`.
-    direct: DirectConnections,
     events: VecDeque<Event>,
     tick: tokio::time::Interval,
     disk_events: mpsc::UnboundedReceiver<DiskEvent>,
@@ -225,7 +223,6 @@ impl Behaviour {
         let mut behaviour = Self {
             inner,
             connected: HashSet::new(),
-            direct: DirectConnections::default(),
             events: VecDeque::new(),
             tick,
             disk_events,
@@ -1879,10 +1876,6 @@ impl WrapsRequestResponse for Behaviour {
 
     fn inner(&mut self) -> &mut request_response::Behaviour<Self::Codec> {
         &mut self.inner
-    }
-
-    fn direct_connections(&mut self) -> &mut DirectConnections {
-        &mut self.direct
     }
 
     fn on_peer_connected(&mut self, peer: PeerId) {

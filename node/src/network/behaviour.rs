@@ -52,10 +52,11 @@ pub struct Behaviour {
     pub gossipsub: gossipsub::Behaviour,
     /// Local-network discovery; off with `--no-mdns`.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
-    /// The models protocol: manifests, bitfields and chunks, served and downloaded.
-    pub models: ModelsBehaviour,
-    /// Training: gossip averaging sessions and run discovery.
-    pub averaging: averaging::Behaviour,
+    /// The models protocol: manifests, bitfields and chunks, served and downloaded (direct
+    /// connections only: no bulk over relays).
+    pub models: DirectOnly<ModelsBehaviour>,
+    /// Training: gossip averaging sessions and run discovery (direct connections only).
+    pub averaging: DirectOnly<averaging::Behaviour>,
 }
 
 impl Behaviour {
@@ -150,8 +151,8 @@ impl Behaviour {
             kademlia,
             identify,
             ping,
-            autonat_client: DirectOnly(autonat::v2::client::Behaviour::default()),
-            autonat_server: DirectOnly(autonat::v2::server::Behaviour::default()),
+            autonat_client: DirectOnly::new(autonat::v2::client::Behaviour::default()),
+            autonat_server: DirectOnly::new(autonat::v2::server::Behaviour::default()),
             relay_client,
             relay_server: config
                 .relay_server
@@ -159,14 +160,14 @@ impl Behaviour {
                     let mut server = relay::Behaviour::new(peer_id, super::relays::server_config());
                     // The event loop turns it on while AutoNAT confirms the node public.
                     server.set_status(Some(relay::Status::Disable));
-                    DirectOnly(server)
+                    DirectOnly::new(server)
                 })
                 .into(),
             dcutr: dcutr::Behaviour::new(peer_id),
             gossipsub,
             mdns: mdns.into(),
-            models,
-            averaging: averaging::Behaviour::new(peer_id),
+            models: DirectOnly::new(models),
+            averaging: DirectOnly::new(averaging::Behaviour::new(peer_id)),
         })
     }
 }

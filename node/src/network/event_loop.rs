@@ -375,7 +375,7 @@ impl EventLoop {
         if serving != self.relay_serving {
             self.relay_serving = serving;
             if let Some(server) = self.swarm.behaviour_mut().relay_server.as_mut() {
-                server.0.set_status(Some(if serving {
+                server.set_status(Some(if serving {
                     relay::Status::Enable
                 } else {
                     relay::Status::Disable
@@ -412,7 +412,7 @@ impl EventLoop {
     /// reachability verdict is updated.
     fn redeclare_external(&mut self) {
         use super::reachability::is_loopback;
-        use crate::wire_behaviour::is_relayed;
+        use crate::network::direct_only::is_relayed;
         use libp2p::swarm::{behaviour::NewExternalAddrCandidate, FromSwarm, NetworkBehaviour};
         let direct = self.listen_addrs.iter().filter(|a| !is_relayed(a));
         let all_loopback =
@@ -575,11 +575,11 @@ impl EventLoop {
             } => {
                 // A relay's reservation answer lists its addresses, and every renewal reports
                 // them again: keep each once, and a bounded number through relays.
-                let relayed = crate::wire_behaviour::is_relayed(&address);
+                let relayed = crate::network::direct_only::is_relayed(&address);
                 let relayed_held = self
                     .listen_addrs
                     .iter()
-                    .filter(|a| crate::wire_behaviour::is_relayed(a))
+                    .filter(|a| crate::network::direct_only::is_relayed(a))
                     .count();
                 if !self.listen_addrs.contains(&address)
                     && (!relayed || relayed_held < MAX_RELAYED_LISTEN_ADDRS)
@@ -780,7 +780,7 @@ impl EventLoop {
                 }
                 // A relayed address answers through its relay: it says nothing of whether
                 // this node can be dialled directly.
-                if !crate::wire_behaviour::is_relayed(&tested_addr) {
+                if !crate::network::direct_only::is_relayed(&tested_addr) {
                     self.on_reachability(|r| r.probe(result.is_ok()));
                 }
             }

@@ -96,13 +96,15 @@ impl Tracker {
         if self
             .confirmed
             .iter()
-            .any(|a| !is_loopback(a) && !crate::wire_behaviour::is_relayed(a))
+            .any(|a| !is_loopback(a) && !crate::network::direct_only::is_relayed(a))
         {
             Reachability::Public
-        } else if (listen.iter().any(|a| !crate::wire_behaviour::is_relayed(a))
+        } else if (listen
+            .iter()
+            .any(|a| !crate::network::direct_only::is_relayed(a))
             && listen
                 .iter()
-                .filter(|a| !crate::wire_behaviour::is_relayed(a))
+                .filter(|a| !crate::network::direct_only::is_relayed(a))
                 .all(is_loopback))
             || self.failures_since_success >= PRIVATE_AFTER_FAILURES
         {

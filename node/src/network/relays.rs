@@ -319,7 +319,7 @@ mod tests {
                 "/ip4/198.51.100.1/tcp/4001/p2p/{relay}/p2p-circuit"
             ))
         );
-        assert!(crate::wire_behaviour::is_relayed(&circuit));
+        assert!(crate::network::direct_only::is_relayed(&circuit));
     }
 
     #[test]
