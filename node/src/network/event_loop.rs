@@ -71,8 +71,7 @@ pub struct EventLoop {
     relays: Relays,
     /// Listen addresses this node declared external itself (see `redeclare_external`).
     declared: HashSet<Multiaddr>,
-    /// Whether the relay server may run (no `--no-relay-server`), and whether it does now.
-    relay_server_allowed: bool,
+    /// Whether the relay server relays now (it exists without `--no-relay-server`).
     relay_serving: bool,
     started: Instant,
 }
@@ -123,7 +122,6 @@ impl EventLoop {
         let (maintenance_interval, peer_cache_save_interval) =
             (config.maintenance_interval, config.peer_cache_save_interval);
         let kad_mode = config.kad_mode;
-        let relay_server_allowed = config.relay_server;
         let discovery = Discovery::new(config, book);
         let history = SharedHistory::default();
         let client = Client::new(sender, discovery.connectivity(), key.clone())
@@ -151,7 +149,6 @@ impl EventLoop {
             kad_mode,
             relays: Relays::default(),
             declared: HashSet::new(),
-            relay_server_allowed,
             relay_serving: false,
             started: Instant::now(),
         };
@@ -371,7 +368,8 @@ impl EventLoop {
     /// (and gives them up once public), and a public one relays for others unless
     /// `--no-relay-server`.
     fn update_relays(&mut self) {
-        let serving = self.relay_server_allowed && self.reachability_now == Reachability::Public;
+        let serving = self.swarm.behaviour().relay_server.is_enabled()
+            && self.reachability_now == Reachability::Public;
         if serving != self.relay_serving {
             self.relay_serving = serving;
             if let Some(server) = self.swarm.behaviour_mut().relay_server.as_mut() {
@@ -411,7 +409,7 @@ impl EventLoop {
     /// addresses), else none (AutoNAT confirms them; relays confirm relayed ones). Then the
     /// reachability verdict is updated.
     fn redeclare_external(&mut self) {
-        use super::reachability::is_loopback;
+        use super::discovery::is_loopback;
         use crate::network::direct_only::is_relayed;
         use libp2p::swarm::{behaviour::NewExternalAddrCandidate, FromSwarm, NetworkBehaviour};
         let direct = self.listen_addrs.iter().filter(|a| !is_relayed(a));

@@ -8,9 +8,10 @@
 
 use std::collections::BTreeSet;
 
-use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use serde::Serialize;
+
+use super::discovery::is_loopback;
 
 /// Failed AutoNAT probes, with none succeeding since, after which a node with no address
 /// confirmed counts as private. One: libp2p's AutoNAT v2 client tests each candidate address
@@ -52,15 +53,6 @@ pub struct Tracker {
     pub probes_ok: u64,
     /// See `probes_ok`.
     pub probes_failed: u64,
-}
-
-/// Whether `addr` is on a loopback IP.
-pub fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
 }
 
 impl Tracker {
