@@ -85,6 +85,30 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// `/status` → `relay` in one cell: the relay server's state, this node's reservations, and
+/// hole punches.
+fn relay_row(r: &Value) -> String {
+    let server = if r["server_enabled"].as_bool() == Some(false) {
+        "server off (--no-relay-server)"
+    } else if r["serving"].as_bool().unwrap_or(false) {
+        "relaying for others"
+    } else {
+        "not relaying (not public)"
+    };
+    let sum = |v: &Value| {
+        v.as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>())
+    };
+    let hp = &r["hole_punch"];
+    format!(
+        "{server}; {} reservations held\nhole punches: {} ({} direct, {} failed)",
+        r["reservations"].as_array().map_or(0, Vec::len),
+        num(hp, "attempts"),
+        sum(&hp["succeeded"]),
+        sum(&hp["failed"]),
+    )
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".to_string(),
@@ -170,20 +194,27 @@ pub fn format_status(s: &Value) -> String {
         (
             "reachability",
             format!(
-                "{} (Kademlia {}){}",
+                "{} (Kademlia {})",
                 text(&s["reachability"]),
                 if s["kademlia_server"].as_bool().unwrap_or(false) {
                     "server"
                 } else {
                     "client"
                 },
-                s["external_addrs"]
-                    .as_array()
-                    .filter(|a| !a.is_empty())
-                    .map(|a| format!("\n{}", a.iter().map(text).collect::<Vec<_>>().join("\n")))
-                    .unwrap_or_default()
             ),
         ),
+        ("external addresses", {
+            let list = s["external_addrs"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default();
+            if list.is_empty() {
+                "none yet".to_string()
+            } else {
+                list
+            }
+        }),
+        ("relay", relay_row(&s["relay"])),
         (
             "known peers",
             format!(
@@ -375,6 +406,9 @@ mod tests {
             "peer_id": "12D3KooWAbc", "version": "0.1.0", "uptime_s": 42, "data_dir": "/d",
             "listen_addrs": ["/ip4/127.0.0.1/tcp/1"], "connected_peers": 3, "known_peers": 5,
             "routing_table_peers": 4, "banned_peers": 1,
+            "reachability": "private", "kademlia_server": false, "external_addrs": [],
+            "relay": {"server_enabled": true, "serving": false, "reservations": ["12D3KooWr1", "12D3KooWr2"],
+                      "hole_punch": {"attempts": 3, "succeeded": {"tcp": 1, "quic": 1}, "failed": {"attempts_exceeded": 1}}},
             "connections": {"inbound_direct": 1, "inbound_relayed": 0, "outbound_direct": 1, "outbound_relayed": 1},
             "transfers": {"chunks_served": 7, "bytes_served": 7340032, "chunks_fetched": 2, "bytes_fetched": 2048, "bad_chunks": 1},
             "training": {"model": "digits-mlp", "state": "training", "step": 10, "steps": 600, "loss": 0.5,
@@ -391,6 +425,10 @@ mod tests {
             "4 (1 failed)",
             "25%",
             "digits-mlp (training)",
+            "private (Kademlia client)",
+            "none yet",
+            "not relaying (not public); 2 reservations held",
+            "hole punches: 3 (2 direct, 1 failed)",
         ] {
             assert!(out.contains(expected), "{expected:?} in\n{out}");
         }

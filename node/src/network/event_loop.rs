@@ -261,7 +261,10 @@ impl EventLoop {
             kademlia_server: self.kademlia_server(),
             autonat_probes_ok: self.reachability.probes_ok,
             autonat_probes_failed: self.reachability.probes_failed,
-            relay: self.relays.status(self.relay_serving),
+            relay: self.relays.status(
+                self.swarm.behaviour().relay_server.is_enabled(),
+                self.relay_serving,
+            ),
             training: None, // filled in by the client from the coordinator's watch
             averaging: self.swarm.behaviour().averaging.status(),
         }

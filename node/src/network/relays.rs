@@ -95,7 +95,9 @@ pub struct RelayServed {
 /// `GET /status` → `relay`.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct RelayStatus {
-    /// Whether this node relays for others now (public, and no `--no-relay-server`).
+    /// Whether the relay server is switched on (`false` with `--no-relay-server`).
+    pub server_enabled: bool,
+    /// Whether this node relays for others now (public, and the server switched on).
     pub serving: bool,
     /// Relays holding a reservation for this node.
     pub reservations: Vec<String>,
@@ -275,8 +277,9 @@ impl Relays {
         }
     }
 
-    /// The `/status` view; `serving`: whether the relay server is on now.
-    pub fn status(&self, serving: bool) -> RelayStatus {
+    /// The `/status` view; `server_enabled`: no `--no-relay-server`; `serving`: whether the
+    /// relay server relays now.
+    pub fn status(&self, server_enabled: bool, serving: bool) -> RelayStatus {
         let mut reservations: Vec<String> = self
             .reservations
             .values()
@@ -285,6 +288,7 @@ impl Relays {
             .collect();
         reservations.sort();
         RelayStatus {
+            server_enabled,
             serving,
             reservations,
             reservations_pending: self.reservations.values().filter(|r| !r.accepted).count(),
@@ -367,8 +371,8 @@ mod tests {
         );
         relays.accepted(chosen[0].0);
         let held = vec![chosen[0].0.to_string()];
-        assert_eq!(relays.status(false).reservations, held);
-        assert_eq!(relays.status(false).reservations_pending, 1);
+        assert_eq!(relays.status(true, false).reservations, held);
+        assert_eq!(relays.status(true, false).reservations_pending, 1);
         assert_eq!(relays.closed(l2, now), Some(chosen[1].0));
         let waiting = relays.to_reserve(true, now, rng);
         assert!(waiting.is_empty(), "the failed relay waits");
@@ -378,7 +382,7 @@ mod tests {
         assert_eq!(relays.release(false), vec![chosen[0].0]);
         let closed = relays.closed(l1, later);
         assert_eq!(closed, None, "a released reservation is not a failure");
-        assert!(relays.status(false).reservations.is_empty());
+        assert!(relays.status(true, false).reservations.is_empty());
     }
 
     #[test]
@@ -423,7 +427,7 @@ mod tests {
             let a = addr(&format!("/ip4/198.51.100.1/tcp/{i}"));
             relays.candidate(PeerId::random(), Some(a), true);
         }
-        assert_eq!(relays.status(false).candidates, MAX_RELAY_CANDIDATES);
+        assert_eq!(relays.status(true, false).candidates, MAX_RELAY_CANDIDATES);
         let known = *relays.candidates.keys().next().expect("one");
         relays.candidate(known, None, true);
         let kept = relays.candidates.contains_key(&known);
@@ -435,6 +439,9 @@ mod tests {
         );
         let other = *relays.candidates.keys().next().expect("one");
         relays.forget(&other);
-        assert_eq!(relays.status(false).candidates, MAX_RELAY_CANDIDATES - 2);
+        assert_eq!(
+            relays.status(true, false).candidates,
+            MAX_RELAY_CANDIDATES - 2
+        );
     }
 }
