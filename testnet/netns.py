@@ -31,6 +31,7 @@ error. Traffic stays on the bridge and namespaces it created. Standard library o
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -99,8 +100,26 @@ class Network:
         self.link = dict(up=args.up or p.get("up", 100.0), down=args.down or p.get("down", 100.0),
                          delay=args.delay if args.delay is not None else p.get("delay", 0.0),
                          loss=args.loss if args.loss is not None else p.get("loss", 0.0))
+        # `--slow-fetchers UP/DOWN` (distribute): every second fetcher (hosts 3, 5, ...) gets
+        # this link.
+        self.slow = None
+        if args.slow_fetchers:
+            if args.scenario != "distribute":
+                raise ValueError("--slow-fetchers applies to the distribute scenario only")
+            up, _, down = args.slow_fetchers.partition("/")
+            try:
+                self.slow = dict(self.link, up=float(up), down=float(down))
+            except ValueError:
+                raise ValueError(f"--slow-fetchers '{args.slow_fetchers}': expected UP/DOWN in Mbit/s, e.g. 20/50")
+            if not all(math.isfinite(self.slow[k]) and self.slow[k] > 0 for k in ("up", "down")):
+                raise ValueError("--slow-fetchers rates must be positive numbers")
         if not self.loopback:
             self.setup_bridge()
+
+    def link_of(self, index):
+        """The link of host `index` (1 is the publisher in `distribute`), as shaped."""
+        slow = self.slow and (self.shaping or self.netem) and index >= 3 and index % 2 == 1
+        return self.slow if slow else self.link
 
     def setup_bridge(self):
         if os.geteuid() != 0:
@@ -164,8 +183,11 @@ class Network:
             f"{l['up']:g} Mbit/s up, {l['down']:g} Mbit/s down"
             + (f", {l['delay']:g} ms, {l['loss']:g}% loss" if self.netem
                else " (latency and loss not emulated: no netem)"))
+        slow = self.slow if self.shaping or self.netem else None
+        if slow:
+            shaped += f"; every second fetcher {slow['up']:g} up / {slow['down']:g} down"
         return {"profile": self.args.profile, **l, "netem": self.netem, "shaped": self.shaping or self.netem,
-                "loopback": self.loopback,
+                "loopback": self.loopback, "slow_fetchers": slow,
                 "summary": shaped}
 
 
@@ -210,7 +232,7 @@ class Host:
         sh("ip", "-n", self.ns, "link", "set", "eth0", "up")
         sh("ip", "-n", self.ns, "link", "set", "lo", "up")
         sh("ip", "link", "set", outer, "master", net.bridge, "up")
-        l = net.link
+        l = net.link_of(index)
         if net.shaping or net.netem:
             tc_shape(["ip", "netns", "exec", self.ns], "eth0", l["up"], l["delay"] / 2, l["loss"], net.netem)
             tc_shape([], outer, l["down"], l["delay"] / 2, 0.0, net.netem)
@@ -321,10 +343,14 @@ def safetensors_file(path, size_mib, seed):
     return path
 
 
-def lower_bound(size_bytes, fetchers, link):
-    """The fluid-model lower bound: T_min = max(S/u_pub, S/d_min, N*S/(u_pub + sum u_i))."""
-    up, down = link["up"] * 1e6 / 8, link["down"] * 1e6 / 8
-    return max(size_bytes / up, size_bytes / down, fetchers * size_bytes / (up + fetchers * up))
+def lower_bound(size_bytes, publisher, fetchers):
+    """The fluid-model lower bound: T_min = max(S/u_pub, S/d_min, N*S/(u_pub + sum u_i)), with
+    `publisher` and each of `fetchers` a link dict (Mbit/s)."""
+    rate = lambda mbit: mbit * 1e6 / 8
+    u_pub = rate(publisher["up"])
+    d_min = min(rate(f["down"]) for f in fetchers)
+    total_up = u_pub + sum(rate(f["up"]) for f in fetchers)
+    return max(size_bytes / u_pub, size_bytes / d_min, len(fetchers) * size_bytes / total_up)
 
 
 def version_of(host, model):
@@ -405,7 +431,7 @@ def scenario_distribute(net, args):
     hosts = [net.add_host() for _ in range(args.hosts)]
     file = safetensors_file(net.out / "model.safetensors", args.size, seed=1)
     size = file.stat().st_size
-    t_min = lower_bound(size, args.hosts - 1, net.link)
+    t_min = lower_bound(size, net.link_of(1), [net.link_of(i) for i in range(2, args.hosts + 1)])
     runs = []
     print(f"{args.hosts} hosts, {args.size} MiB, links: {net.describe()['summary']}; "
           f"lower bound T_min = {t_min:.2f} s" + ("" if not net.loopback else " (not meaningful on loopback)"))
@@ -861,6 +887,8 @@ def main():
     parser.add_argument("--down", type=float, help="custom download, Mbit/s")
     parser.add_argument("--delay", type=float, help="custom one-way latency, ms")
     parser.add_argument("--loss", type=float, help="custom loss, percent")
+    parser.add_argument("--slow-fetchers", metavar="UP/DOWN",
+                        help="distribute: every second fetcher gets this link (Mbit/s), e.g. 20/50")
     parser.add_argument("--size", type=int, default=64, help="MiB to distribute (default 64)")
     parser.add_argument("--chunk-kib", type=int, default=1024, help="distribute: chunk size of the version")
     parser.add_argument("--stages", default="all", help="distribute: comma-separated stages, or all")

@@ -7,7 +7,10 @@
 //!    the same minimal transfer that also writes each message into a file, since a fetch
 //!    must store what it receives (on VMs that return free memory to the host, every new
 //!    page-cache page costs a host fault, which the pure transfer never pays).
-//! 2. Eight local nodes receiving one 64 MiB version from one publisher: time until the last
+//! 2. The whole `p2p-node fetch --out` process (start, join, resolve, download, write the file,
+//!    exit) pulling 1 GiB from one publisher on loopback, against the minimal request-response
+//!    transfer of the same 1 GiB measured in the same run (`-- whole`).
+//! 3. Eight local nodes receiving one 64 MiB version from one publisher: time until the last
 //!    node holds it, and how many copies the publisher uploaded.
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -142,6 +145,49 @@ async fn single_fetch_throughput(mib: usize) -> f64 {
     bytes.len() as f64 / MIB as f64 / started.elapsed().as_secs_f64()
 }
 
+/// MiB/s of a whole `p2p-node fetch <id> --out <file>` process pulling a `mib` MiB version
+/// from one publisher, timed from the process's start to its exit; the file is checked.
+async fn whole_process_fetch(mib: usize) -> f64 {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, 3);
+    let publisher = common::start_node(vec![]).await;
+    let a = publisher
+        .handle
+        .client
+        .publish(&path, "bench")
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let out = files.path().join("out.safetensors");
+    let started = Instant::now();
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+        .arg("fetch")
+        .arg(a.id.to_hex())
+        .arg("--out")
+        .arg(&out)
+        .arg("--bootstrap")
+        .arg(publisher.bootstrap_addr().to_string())
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--no-progress",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(status.success(), "p2p-node fetch failed: {status}");
+    assert!(
+        std::fs::read(&out).unwrap() == bytes,
+        "the fetched file differs"
+    );
+    bytes.len() as f64 / MIB as f64 / seconds
+}
+
 /// Seconds until 7 fetchers hold a `mib` MiB version, and the publisher's upload in copies.
 async fn swarm_of_eight(mib: usize) -> (f64, f64) {
     let files = tempfile::tempdir().unwrap();
@@ -178,7 +224,7 @@ async fn swarm_of_eight(mib: usize) -> (f64, f64) {
 }
 
 fn main() {
-    // `-- single` or `-- swarm` runs one case only.
+    // `-- single`, `-- whole` or `-- swarm` runs one case only.
     let only: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -206,6 +252,23 @@ fn main() {
                 best(&ours) / best(&raw),
                 best(&raw_disk),
                 best(&ours) / best(&raw_disk),
+            );
+        }
+        if wants("whole") {
+            let depth = ModelsConfig::default().max_requests_per_peer as u32;
+            let mib = 1024;
+            let _ = raw_throughput(64, depth, false).await;
+            let (mut raw, mut ours) = (Vec::new(), Vec::new());
+            for _ in 0..2 {
+                raw.push(raw_throughput(mib as u32, depth, false).await);
+                ours.push(whole_process_fetch(mib).await);
+            }
+            let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+            println!(
+                "whole fetch process, loopback, {mib} MiB (start, join, download, --out, exit): p2p-node fetch {:.0} MiB/s; raw request-response {:.0} MiB/s; ratio {:.2}; runs: ours {ours:.0?}, raw {raw:.0?}",
+                best(&ours),
+                best(&raw),
+                best(&ours) / best(&raw),
             );
         }
         if wants("swarm") {

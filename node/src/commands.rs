@@ -102,7 +102,8 @@ async fn fetch_with(client: &Client, args: &FetchArgs, deadline: Instant) -> Res
     };
     let bar = !args.no_progress && std::io::stderr().is_terminal();
     let report = download(client, id, deadline, args.timeout, bar).await?;
-    client.export(id, &args.out).await?;
+    // A one-shot fetch moves the file out of the store; a seeding node keeps serving it.
+    client.export(id, &args.out, args.seed).await?;
     println!(
         "fetched {} version {} ({} bytes, id {}) to {}: {} chunks downloaded from {} peers, {} copied locally, {} already held, in {:.1} s",
         report.model,

@@ -28,7 +28,7 @@ async fn fetch(node: &TestNode, id: VersionId) -> DownloadReport {
 /// Exports `id` from `node` and checks the bytes.
 async fn assert_holds(node: &TestNode, id: VersionId, expected: &[u8]) {
     let out = node.dir.path().join("exported.safetensors");
-    node.handle.client.export(id, &out).await.unwrap();
+    node.handle.client.export(id, &out, true).await.unwrap();
     let got = std::fs::read(&out).unwrap();
     assert!(
         got == expected,
@@ -164,6 +164,45 @@ async fn fetchers_finish_after_the_publisher_leaves() {
     for node in &rest {
         assert_holds(node, id, &bytes).await;
     }
+}
+
+/// A one-shot export (not kept) moves the store's data file to the output: the bytes are
+/// right, the store no longer lists the version and holds no second copy; a kept export
+/// copies and the version stays served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_not_kept_moves_the_file_out_of_the_store() {
+    let files = tempfile::tempdir().unwrap();
+    let (path, bytes) = model_file(files.path(), "m.safetensors", 4, 7);
+    let publisher = start_node(vec![]).await;
+    let id = publisher
+        .handle
+        .client
+        .publish(&path, "export-test")
+        .await
+        .unwrap()
+        .id;
+    let fetcher = start_node(vec![publisher.bootstrap_addr()]).await;
+    fetch(&fetcher, id).await;
+    assert_holds(&fetcher, id, &bytes).await; // kept: a copy
+    info(&fetcher, id).await;
+    let store_dir = fetcher.dir.path().join("models").join(id.to_hex());
+    assert!(
+        store_dir.join("data").exists(),
+        "the store holds the version"
+    );
+    let out = files.path().join("moved.safetensors");
+    fetcher.handle.client.export(id, &out, false).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == bytes, "moved file differs");
+    let hex = id.to_hex();
+    let listed = fetcher.handle.client.models().await.unwrap();
+    assert!(
+        listed.iter().all(|m| m.id != hex),
+        "the store still lists a version it gave away"
+    );
+    assert!(
+        !store_dir.exists(),
+        "the version's directory is left behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

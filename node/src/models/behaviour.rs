@@ -42,7 +42,7 @@ use super::picker::Picker;
 use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo, TransferTotals};
 use super::store::{ImportedFile, Store, VersionClaims};
 use super::trust::{Resolution, Trust};
-use super::upload::{Decision, Uploads};
+use super::upload::{Decision, Holding, Uploads};
 use super::{ModelsConfig, Stage};
 use crate::wire_behaviour::WrapsRequestResponse;
 
@@ -133,6 +133,13 @@ enum Purpose {
     Versions(u64, String),
 }
 
+/// A chunk request waiting for an upload slot.
+struct QueuedChunk {
+    id: VersionId,
+    index: u32,
+    channel: ResponseChannel<Response>,
+}
+
 #[derive(Debug)]
 struct Pending {
     peer: PeerId,
@@ -175,6 +182,8 @@ pub struct Behaviour {
     refused: HashSet<VersionId>,
     downloads: HashMap<VersionId, Download>,
     requests: HashMap<OutboundRequestId, Pending>,
+    /// Chunk requests waiting for an upload slot (see `Decision::Queue`).
+    queued: HashMap<InboundRequestId, QueuedChunk>,
     announcements: HashMap<VersionId, Announcement>,
     /// Bytes of chunks received, per version.
     downloaded: HashMap<VersionId, u64>,
@@ -236,6 +245,7 @@ impl Behaviour {
             refused: HashSet::new(),
             downloads: HashMap::new(),
             requests: HashMap::new(),
+            queued: HashMap::new(),
             announcements: HashMap::new(),
             downloaded: HashMap::new(),
             totals: TransferTotals::default(),
@@ -451,16 +461,22 @@ impl Behaviour {
         let _ = request.reply.send(result);
     }
 
-    /// Writes the complete version `id` to `out` off the event loop, verifying every chunk
-    /// again; `reply` gets the outcome.
+    /// Writes the complete version `id` (every chunk verified on arrival) to `out` off the
+    /// event loop; without `keep`, the store's data file moves there where it can (same file
+    /// system) and the version is dropped: a one-shot fetch leaves no second copy behind.
+    /// `reply` gets the outcome.
     pub fn export(
         &mut self,
         id: VersionId,
         out: PathBuf,
+        keep: bool,
         reply: oneshot::Sender<Result<(), Error>>,
     ) {
         match self.complete_version(&id) {
-            Some((manifest, data)) => disk::spawn_export(manifest, data, out, reply),
+            Some((manifest, data)) => {
+                let done = self.write_done.clone();
+                disk::spawn_export(id, manifest, data, out, !keep, reply, done);
+            }
             None => {
                 let _ = reply.send(Err(Error::NotHeld(id)));
             }
@@ -773,16 +789,25 @@ impl Behaviour {
             },
             Request::Chunk { id, index } => {
                 let now = Instant::now();
-                match self
-                    .uploads
-                    .decide(peer, &id, self.store.get(&id), index, now)
-                {
+                match self.uploads.decide(
+                    peer,
+                    &id,
+                    self.store.get(&id).map(Holding::of),
+                    index,
+                    now,
+                ) {
                     Decision::NotFound => Response::NotFound,
                     Decision::Busy => Response::Busy,
+                    Decision::Queue => {
+                        self.uploads.enqueue(request_id, peer);
+                        self.queued
+                            .insert(request_id, QueuedChunk { id, index, channel });
+                        return;
+                    }
                     Decision::Serve => match self.store.chunk_read(&id, index) {
                         Some(read) => {
                             // Read off the event loop; answered when the bytes are there.
-                            self.uploads.reserve(id, index, request_id);
+                            self.uploads.reserve(id, index, request_id, peer);
                             let done = self.write_done.clone();
                             disk::spawn_read(read, (id, index), request_id, channel, done);
                             return;
@@ -826,13 +851,40 @@ impl Behaviour {
         };
         if self.inner.send_response(channel, response).is_err() {
             // No ResponseSent will come: free the slot here.
-            self.uploads.finished(request);
+            self.slot_freed(request);
         }
     }
 
     /// A response finished sending (or failed); frees its upload slot if it was a chunk.
     pub fn on_upload_done(&mut self, request_id: InboundRequestId) {
-        self.uploads.finished(request_id);
+        self.slot_freed(request_id);
+    }
+
+    /// The answer to `request` is sent, failed or dropped: its upload slot (if it held one)
+    /// goes to the chunk request that waited longest, read off the event loop as usual.
+    fn slot_freed(&mut self, request: InboundRequestId) {
+        self.queued.remove(&request);
+        let mut next = self.uploads.finished(request);
+        while let Some((waiting, peer)) = next {
+            let read = self
+                .queued
+                .remove(&waiting)
+                .map(|q| (self.store.chunk_read(&q.id, q.index), q));
+            match read {
+                Some((Some(read), q)) => {
+                    self.uploads.reserve(q.id, q.index, waiting, peer);
+                    let done = self.write_done.clone();
+                    disk::spawn_read(read, (q.id, q.index), waiting, q.channel, done);
+                    return;
+                }
+                Some((None, q)) => {
+                    // Deleted while it waited.
+                    let _ = self.inner.send_response(q.channel, Response::NotFound);
+                }
+                None => {}
+            }
+            next = self.uploads.finished(waiting);
+        }
     }
 
     /// A response to one of our requests.
@@ -861,12 +913,7 @@ impl Behaviour {
             ) => {
                 if publisher {
                     if let Some(d) = self.downloads.get_mut(&id) {
-                        d.publisher.get_or_insert(peer);
-                        if self.config.stage == Stage::Swarm {
-                            if let Some(p) = d.picker_mut() {
-                                p.set_last_resort(peer);
-                            }
-                        }
+                        d.on_publisher(peer, self.config.stage == Stage::Swarm);
                     }
                 }
                 self.on_have(peer, id, Some(bitfield));
@@ -912,17 +959,14 @@ impl Behaviour {
                 self.on_have(peer, id, None);
             }
             (Purpose::Chunk(id, index), Response::NotFound) => {
-                if let Some(p) = self.picker_mut(&id) {
-                    p.peer_lacks(&peer, index);
+                if let Some(d) = self.downloads.get_mut(&id) {
+                    d.chunk_not_found(&peer, index);
                 }
                 self.drive(&id);
             }
             (Purpose::Chunk(id, index), Response::Busy) => {
-                // Back off from this peer until its next availability refresh.
-                if let Some(p) = self.picker_mut(&id) {
-                    p.request_failed(&peer, index);
-                    let len = p.have().len();
-                    p.set_availability(peer, Bitfield::new(len));
+                if let Some(d) = self.downloads.get_mut(&id) {
+                    d.chunk_busy(peer, index);
                 }
             }
             (Purpose::Chunk(id, _), _) => {
@@ -1420,7 +1464,8 @@ impl Behaviour {
                 v.have.clone(),
                 self.config.max_requests_per_peer,
                 self.config.endgame_copies,
-            );
+            )
+            .with_max_in_flight(self.config.max_requests_in_flight);
             d.start(picker, resumed, copied);
         }
         // The versions this one superseded gave what they share: their files can go now.
@@ -1603,6 +1648,16 @@ impl Behaviour {
             DiskEvent::ChunkRead(read) => self.on_chunk_read(*read),
             DiskEvent::ManifestDecoded(decoded) => self.on_manifest_decoded(*decoded),
             DiskEvent::Imported(imported) => self.on_imported(*imported),
+            DiskEvent::Exported { id, result, reply } => {
+                if result == Ok(true) {
+                    self.forget_version(
+                        &id,
+                        "moved out of the store by an export",
+                        Forget::Refused,
+                    );
+                }
+                let _ = reply.send(result.map(|_| ()));
+            }
             DiskEvent::Synced { id, result } => {
                 self.store.sync_finished(&id, result.is_ok());
                 if let Err(e) = result {

@@ -59,12 +59,15 @@ pub enum Command {
     },
     /// Versions held (`GET /models`).
     Models(oneshot::Sender<Vec<ModelInfo>>),
-    /// Write a complete version to a file (off the event loop), verifying it again.
+    /// Write a complete version to a file (off the event loop).
     Export {
         /// The version.
         id: VersionId,
         /// The file to write.
         out: PathBuf,
+        /// Keep serving the version from the store (else the store's data file moves to
+        /// `out` where it can, and the version is dropped).
+        keep: bool,
         /// Done, or why not.
         reply: oneshot::Sender<Result<(), Error>>,
     },
@@ -112,7 +115,12 @@ impl Behaviour {
             Command::Models(reply) => {
                 let _ = reply.send(self.models());
             }
-            Command::Export { id, out, reply } => self.export(id, out, reply),
+            Command::Export {
+                id,
+                out,
+                keep,
+                reply,
+            } => self.export(id, out, keep, reply),
             Command::DownloadState { id, reply } => {
                 let _ = reply.send(self.download_state(&id));
             }

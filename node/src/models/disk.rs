@@ -93,6 +93,16 @@ pub enum DiskEvent {
     ManifestDecoded(Box<DecodedManifest>),
     /// A file to publish was imported (or failed to be).
     Imported(Box<Imported>),
+    /// A complete version was written to a file (`Ok(true)`: the store's data file was moved
+    /// there, so the store drops the version), or failed to be.
+    Exported {
+        /// The version.
+        id: VersionId,
+        /// Whether the store's data file was moved, or why the export failed.
+        result: Result<bool, Error>,
+        /// Who waits for the outcome.
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     /// A version's written chunks were made durable (or failed to be).
     Synced {
         /// The version.
@@ -246,18 +256,22 @@ pub(super) fn spawn_import(
     });
 }
 
-/// Writes the complete version described by `manifest`, stored at `data`, to `out` on a
-/// blocking thread, verifying every chunk again; `reply` gets the outcome.
+/// Writes the complete version `id` described by `manifest`, stored at `data`, to `out` on a
+/// blocking thread (see [`store::export_file`]; `take`: move it out of the store); the
+/// outcome comes back through `done` as [`DiskEvent::Exported`], for `reply`.
 pub(super) fn spawn_export(
+    id: VersionId,
     manifest: Manifest,
     data: PathBuf,
     out: PathBuf,
+    take: bool,
     reply: oneshot::Sender<Result<(), Error>>,
+    done: mpsc::UnboundedSender<DiskEvent>,
 ) {
     tokio::task::spawn_blocking(move || {
-        let result =
-            store::export_file(&manifest, &data, &out).map_err(|e| Error::Export(format!("{e:#}")));
-        let _ = reply.send(result);
+        let result = store::export_file(&manifest, &data, &out, take)
+            .map_err(|e| Error::Export(format!("{e:#}")));
+        let _ = done.send(DiskEvent::Exported { id, result, reply });
     });
 }
 

@@ -194,7 +194,8 @@ impl Download {
         }
     }
 
-    /// `peer` holds `bitfield` of the version (`None`: it did not say, or not sensibly).
+    /// `peer` holds `bitfield` of the version (`None`: it did not say, or not sensibly; then
+    /// it is not asked for chunks until it does).
     /// `portion` is stage 4's `(index, count)`: from the publisher, only chunks
     /// `i % count == index` are taken.
     pub(super) fn on_have(
@@ -204,16 +205,19 @@ impl Download {
         portion: Option<(u32, u32)>,
     ) {
         self.have_pending.remove(&peer);
-        if self.banned.contains(&peer) {
-            return;
+        if self.banned.contains(&peer) || !self.candidates.contains(&peer) {
+            return; // dropped, or gone while the answer was on its way
         }
         let Some(picker) = self.picker.as_mut() else {
             return;
         };
         let len = picker.have().len();
-        let mut bits = bitfield
-            .filter(|b| b.is_well_formed() && b.len() == len)
-            .unwrap_or_else(|| Bitfield::new(len));
+        let Some(mut bits) = bitfield.filter(|b| b.is_well_formed() && b.len() == len) else {
+            // Not in this version's swarm (or no sensible answer): not counted among the
+            // peers the requests are spread over.
+            picker.forget_availability(&peer);
+            return;
+        };
         if bits.count() > 0 {
             self.holders.insert(peer);
         }
@@ -227,6 +231,33 @@ impl Download {
             }
         }
         picker.set_availability(peer, bits);
+    }
+
+    /// `peer` said it published the version; in the swarm stage (`last_resort`) it is asked
+    /// for a chunk only when no other holder has a free slot.
+    pub(super) fn on_publisher(&mut self, peer: PeerId, last_resort: bool) {
+        self.publisher.get_or_insert(peer);
+        if let (true, Some(p)) = (last_resort, self.picker.as_mut()) {
+            p.set_last_resort(peer);
+        }
+    }
+
+    /// `peer` answered "not found" for chunk `index`: it is not asked for it again until its
+    /// next availability says it holds it.
+    pub(super) fn chunk_not_found(&mut self, peer: &PeerId, index: u32) {
+        if let Some(p) = self.picker.as_mut() {
+            p.peer_lacks(peer, index);
+        }
+    }
+
+    /// `peer` answered "busy" for chunk `index`: the chunk goes back, and the peer is not asked
+    /// for anything until its next availability refresh.
+    pub(super) fn chunk_busy(&mut self, peer: PeerId, index: u32) {
+        if let Some(p) = self.picker.as_mut() {
+            p.request_failed(&peer, index);
+            let len = p.have().len();
+            p.set_availability(peer, Bitfield::new(len));
+        }
     }
 
     /// Whether chunk `index` is held or on its way to the disk.
@@ -609,11 +640,42 @@ mod tests {
         );
     }
 
+    /// Peers outside the version's swarm ("not found" for the version) do not count among
+    /// those the requests in flight are spread over, and a late answer of a peer that is gone
+    /// does not bring it back.
+    #[test]
+    fn peers_without_the_version_do_not_narrow_the_pipeline_to_the_holder() {
+        let t0 = Instant::now();
+        let p = peers(5);
+        let mut d = Download::new(Some(p[0]), t0);
+        p.iter().for_each(|p| {
+            d.add_candidate(*p);
+        });
+        d.start(
+            Picker::new(Bitfield::new(16), 4, 1).with_max_in_flight(4),
+            0,
+            0,
+        );
+        d.on_have(p[0], Some(Bitfield::full(16)), None);
+        for other in &p[1..] {
+            d.on_have(*other, None, None);
+        }
+        d.peer_gone(&p[4]);
+        d.on_have(p[4], Some(Bitfield::new(16)), None);
+        let chunk = |a: &Ask| matches!(a, Ask::Chunk(_));
+        assert_eq!(
+            asks(&poll(&mut d, t0, OnDisk::default()), chunk),
+            vec![p[0]; 4],
+            "the only holder gets the whole pipeline"
+        );
+    }
+
     #[test]
     fn in_the_coordinated_stage_only_the_own_portion_is_taken_from_the_publisher() {
         let t0 = Instant::now();
         let p = peers(1);
         let mut d = Download::new(Some(p[0]), t0);
+        d.add_candidate(p[0]);
         d.start(Picker::new(Bitfield::new(6), 8, 1), 0, 0);
         let mut all = Bitfield::new(6);
         (0..6).for_each(|i| all.set(i));

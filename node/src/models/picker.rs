@@ -6,6 +6,9 @@
 //!   holders leave and peers do not all ask for the same chunk.
 //! * **Per-peer cap**: at most `max_per_peer` requests in flight to one peer; among peers that
 //!   have a chunk, the least loaded is asked (random among equals).
+//! * **Total cap**: at most `max_in_flight` requests in flight in all, so a fetcher's download
+//!   link carries a few chunks at a time and each one arrives early enough to be passed on
+//!   (dozens at once make every chunk late; see `testnet/RESULTS.md`).
 //! * **Endgame**: once every missing chunk is in flight, a chunk may be asked of up to
 //!   `endgame_copies` peers at once; the first answer wins and the others are cancelled.
 //! * **Last resort**: peers marked so (the publisher) are asked only when no other holder of
@@ -31,7 +34,10 @@ pub struct Picker<P> {
     in_flight: HashMap<u32, Vec<P>>,
     /// Requests in flight per peer.
     load: HashMap<P, usize>,
+    /// Requests in flight in all (the sum of `load`).
+    total: usize,
     max_per_peer: usize,
+    max_in_flight: usize,
     endgame_copies: usize,
     /// Peers asked only when no other holder has a free slot.
     last_resort: HashSet<P>,
@@ -46,10 +52,18 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
             availability: HashMap::new(),
             in_flight: HashMap::new(),
             load: HashMap::new(),
+            total: 0,
             max_per_peer: max_per_peer.max(1),
+            max_in_flight: usize::MAX,
             endgame_copies: endgame_copies.max(1),
             last_resort: HashSet::new(),
         }
+    }
+
+    /// At most `max` requests in flight in all (at least 1; unlimited by default).
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max.max(1);
+        self
     }
 
     /// Chunks held.
@@ -69,7 +83,7 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
 
     /// Requests in flight in total.
     pub fn requests_in_flight(&self) -> usize {
-        self.load.values().sum()
+        self.total
     }
 
     /// Peers whose availability is known.
@@ -87,6 +101,14 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
         }
         bitfield.ones().for_each(|i| self.holders[i as usize] += 1);
         self.availability.insert(peer, bitfield);
+    }
+
+    /// Forgets what `peer` holds (it does not serve the version, or did not answer), keeping
+    /// its requests in flight; it is asked for nothing until its availability is set again.
+    pub fn forget_availability(&mut self, peer: &P) {
+        if let Some(old) = self.availability.remove(peer) {
+            old.ones().for_each(|i| self.holders[i as usize] -= 1);
+        }
     }
 
     /// `peer` said it does not hold chunk `index` after all (it answered "not found").
@@ -118,7 +140,9 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
         for i in &chunks {
             self.release(peer, *i);
         }
-        self.load.remove(peer);
+        if let Some(n) = self.load.remove(peer) {
+            self.total -= n;
+        }
         chunks
     }
 
@@ -181,6 +205,9 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
             flying.sort_unstable();
             flying.shuffle(rng);
             for index in flying {
+                if self.total >= self.max_in_flight {
+                    break;
+                }
                 let asked = self.in_flight.get(&index).cloned().unwrap_or_default();
                 if asked.len() >= self.endgame_copies {
                     continue;
@@ -201,18 +228,35 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
     }
 
     fn any_free_slot(&self) -> bool {
-        self.availability
-            .keys()
-            .any(|p| self.load(p) < self.max_per_peer)
+        self.total < self.max_in_flight
+            && self
+                .availability
+                .keys()
+                .any(|p| self.load(p) < self.per_peer_cap())
+    }
+
+    /// Requests allowed in flight to one peer now: the total budget spread over the peers in
+    /// the version's swarm (those whose availability is known, holding chunks or not yet), so
+    /// one peer alone gets the whole pipeline and many peers one request each, which sends
+    /// each request to a different uploader; at most `max_per_peer`. Peers outside the swarm
+    /// (they answered "not found" for the version) do not count.
+    fn per_peer_cap(&self) -> usize {
+        if self.max_in_flight == usize::MAX {
+            return self.max_per_peer;
+        }
+        self.max_in_flight
+            .div_ceil(self.availability.len().max(1))
+            .clamp(1, self.max_per_peer)
     }
 
     fn least_loaded_holder(&self, index: u32, exclude: &[P], rng: &mut impl Rng) -> Option<P> {
+        let cap = self.per_peer_cap();
         let mut holders: Vec<&P> = self
             .availability
             .iter()
             .filter(|(p, bits)| bits.get(index) && !exclude.contains(p))
             .map(|(p, _)| p)
-            .filter(|p| self.load(p) < self.max_per_peer)
+            .filter(|p| self.load(p) < cap)
             .collect();
         holders.sort(); // HashMap order is not stable; sort first so the shuffle alone decides
         holders.shuffle(rng);
@@ -230,6 +274,7 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
 
     fn assign(&mut self, peer: P, index: u32) {
         *self.load.entry(peer.clone()).or_insert(0) += 1;
+        self.total += 1;
         self.in_flight.entry(index).or_default().push(peer);
     }
 
@@ -249,7 +294,10 @@ impl<P: Clone + Eq + Hash + Ord> Picker<P> {
 
     fn decrement_load(&mut self, peer: &P) {
         if let Some(n) = self.load.get_mut(peer) {
-            *n = n.saturating_sub(1);
+            if *n > 0 {
+                *n -= 1;
+                self.total -= 1;
+            }
         }
     }
 }
@@ -324,6 +372,35 @@ mod tests {
         assert!(again.iter().all(|(p, _)| *p == 2));
     }
 
+    #[test]
+    fn the_total_cap_spreads_requests_over_the_peers() {
+        let mut picker = Picker::new(Bitfield::new(16), 4, 1).with_max_in_flight(4);
+        for p in 0..4u8 {
+            picker.set_availability(p, bits(16, 0..16));
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        let first = picker.next_requests(&mut rng);
+        assert_eq!(first.len(), 4, "4 in all");
+        let mut peers: Vec<u8> = first.iter().map(|(p, _)| *p).collect();
+        peers.sort_unstable();
+        assert_eq!(peers, vec![0, 1, 2, 3], "one request to each peer");
+        assert!(
+            picker.next_requests(&mut rng).is_empty(),
+            "the budget is spent"
+        );
+        picker.chunk_received(&first[0].0, first[0].1);
+        assert_eq!(picker.next_requests(&mut rng).len(), 1);
+    }
+
+    #[test]
+    fn one_peer_alone_gets_the_whole_pipeline() {
+        let mut picker = Picker::new(Bitfield::new(16), 4, 1).with_max_in_flight(4);
+        picker.set_availability(7u8, bits(16, 0..16));
+        let mut rng = StdRng::seed_from_u64(2);
+        assert_eq!(picker.next_requests(&mut rng).len(), 4);
+        assert_eq!(picker.load(&7), 4);
+    }
+
     /// Drives a picker to completion with peers that answer in a random order, some failing.
     fn simulate(
         chunks: u32,
@@ -333,7 +410,8 @@ mod tests {
         seed: u64,
     ) -> Result<(), TestCaseError> {
         let have = bits(chunks, (0..chunks).filter(|i| held[*i as usize]));
-        let mut picker = Picker::new(have.clone(), cap, 2);
+        let total = 1 + (seed % 6) as usize;
+        let mut picker = Picker::new(have.clone(), cap, 2).with_max_in_flight(total);
         let mut union = have.clone();
         for (p, avail) in peers.iter().enumerate() {
             let b = bits(chunks, (0..chunks).filter(|i| avail[*i as usize]));
@@ -346,8 +424,9 @@ mod tests {
             let rarest_free = (0..chunks)
                 .filter(|i| !picker.have().get(*i) && !flying.iter().any(|(_, c)| c == i))
                 .filter(|i| {
-                    (0..peers.len() as u32)
-                        .any(|p| peers[p as usize][*i as usize] && picker.load(&p) < cap)
+                    (0..peers.len() as u32).any(|p| {
+                        peers[p as usize][*i as usize] && picker.load(&p) < picker.per_peer_cap()
+                    })
                 })
                 .map(|i| picker.holders[i as usize])
                 .min();
@@ -367,6 +446,8 @@ mod tests {
             for p in 0..peers.len() as u32 {
                 prop_assert!(picker.load(&p) <= cap, "per-peer cap exceeded");
             }
+            prop_assert!(picker.requests_in_flight() <= total, "total cap exceeded");
+            prop_assert_eq!(picker.requests_in_flight(), flying.len());
             if flying.is_empty() {
                 break;
             }

@@ -818,15 +818,25 @@ fn reserve(file: &File, size: u64) -> std::io::Result<()> {
     }
 }
 
-/// Writes the data file of a complete version to `out` (atomically), verifying every chunk
-/// against `manifest` on the way. Runs on a blocking thread; one chunk in memory at a time.
-pub fn export_file(manifest: &Manifest, data_path: &Path, out: &Path) -> Result<()> {
-    let source =
-        File::open(data_path).with_context(|| format!("cannot open {}", data_path.display()))?;
+/// Writes the data file of a complete version to `out` (atomically). Every chunk was verified
+/// against `manifest` when it arrived and is marked verified only once on disk, so the file is
+/// not hashed again. With `take`, the store's data file itself is renamed to `out` (nothing is
+/// copied or written; the caller then drops the version from the store, whose directory is
+/// left without its data file until then, so the store and `out` never share a file); where
+/// that is impossible (another file system), and without `take`, the kernel copies it
+/// (`copy_file_range`, which shares extents instead where the file system can) into a
+/// temporary file in `out`'s directory, synced, then renamed. Returns whether the data file
+/// was taken. Runs on a blocking thread.
+pub fn export_file(manifest: &Manifest, data_path: &Path, out: &Path, take: bool) -> Result<bool> {
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    if take && fs::rename(data_path, out).is_ok() {
+        // The new name survives a crash too.
+        File::open(dir).and_then(|d| d.sync_all()).ok();
+        return Ok(true);
+    }
     let tmp = dir.join(format!(
         ".{}.part-{}",
         out.file_name()
@@ -835,26 +845,27 @@ pub fn export_file(manifest: &Manifest, data_path: &Path, out: &Path) -> Result<
         std::process::id()
     ));
     let result = (|| -> Result<()> {
-        let file =
+        let mut source = File::open(data_path)
+            .with_context(|| format!("cannot open {}", data_path.display()))?;
+        let mut file =
             File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut buffer = Vec::new();
-        for i in 0..manifest.chunk_count() {
-            let range = manifest.chunk_range(i);
-            buffer.resize((range.end - range.start) as usize, 0);
-            source.read_exact_at(&mut buffer, range.start)?;
-            if !manifest.verify_chunk(i, &buffer) {
-                bail!("chunk {i} is corrupt on disk");
-            }
-            file.write_all_at(&buffer, range.start)
-                .with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
+        let copied = std::io::copy(&mut source, &mut file)
+            .with_context(|| format!("cannot write {} (disk full?)", tmp.display()))?;
+        if copied != manifest.total_size {
+            bail!(
+                "the stored data file has {copied} bytes, the manifest says {}",
+                manifest.total_size
+            );
         }
         file.sync_all()?;
-        fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))
+        fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+        File::open(dir).and_then(|d| d.sync_all()).ok();
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    result.map(|()| false)
 }
 
 /// Loads one version directory, re-hashing chunks not marked verified.

@@ -1,13 +1,16 @@
 //! Serving rules of the models protocol, in one place and free of I/O: which versions a node
 //! serves in each [`Stage`], its upload slots, the upload rate cap, initial seeding, and which
-//! versions peers are using (so pruning spares them).
+//! versions peers are using (so pruning spares them). The node and the swarm simulator
+//! ([`super::sim`]) both run these rules.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::time::Duration;
 
 use libp2p::request_response::InboundRequestId;
 use libp2p::PeerId;
-use p2p_protocol::manifest::VersionId;
+use p2p_protocol::bitfield::Bitfield;
+use p2p_protocol::manifest::{chunk_range, VersionId};
 use tokio::time::Instant;
 
 use super::store::StoredVersion;
@@ -34,16 +37,50 @@ pub(super) enum Decision {
     /// "Busy": every upload slot is taken or the rate cap is reached; the fetcher backs off
     /// from this peer until its next availability refresh.
     Busy,
+    /// Every slot is taken but the queue has room: the request waits (see
+    /// [`Uploads::enqueue`]) and is served as soon as a slot frees, so the link does not
+    /// idle for the round trip of a request sent again.
+    Queue,
 }
 
-/// The uploads of one node.
+/// What a node holds of one version, as far as the serving rules need to know.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Holding<'a> {
+    /// This node published the version.
+    pub published: bool,
+    /// Chunks held and verified.
+    pub have: &'a Bitfield,
+    /// The version's chunk size, bytes.
+    pub chunk_size: u32,
+    /// The version's size, bytes.
+    pub total_size: u64,
+}
+
+impl<'a> Holding<'a> {
+    /// What `v` holds.
+    pub(super) fn of(v: &'a StoredVersion) -> Self {
+        Self {
+            published: v.published,
+            have: &v.have,
+            chunk_size: v.manifest.chunk_size,
+            total_size: v.manifest.total_size,
+        }
+    }
+}
+
+/// The uploads of one node; `R` names a request being answered (libp2p's inbound request
+/// id in the node, a plain number in the simulator).
 #[derive(Debug)]
-pub(super) struct Uploads {
+pub(super) struct Uploads<R = InboundRequestId> {
     stage: Stage,
     slots: usize,
     corrupt: bool,
-    /// Chunk responses being sent (each holds a slot until sent or failed).
-    in_flight: HashSet<InboundRequestId>,
+    /// Chunk responses being sent, and to whom (each holds a slot until sent or failed).
+    in_flight: HashMap<R, PeerId>,
+    /// Requests waiting for a slot, oldest first, and their requesters.
+    queue: VecDeque<(R, PeerId)>,
+    /// Most requests waiting (0: none wait, "busy" at once).
+    queue_len: usize,
     limiter: Option<RateLimiter>,
     /// Per published version, how often each chunk was uploaded (for initial seeding).
     seeded: HashMap<VersionId, Vec<u32>>,
@@ -55,14 +92,20 @@ pub(super) struct Uploads {
     uploaded: HashMap<VersionId, u64>,
 }
 
-impl Uploads {
+impl<R: Eq + Hash> Uploads<R> {
     /// The rules `config` sets.
     pub(super) fn new(config: &ModelsConfig) -> Self {
         Self {
             stage: config.stage,
             slots: config.upload_slots(),
             corrupt: config.corrupt_uploads,
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
+            queue: VecDeque::new(),
+            queue_len: if config.max_upload_rate.is_some() {
+                0 // a rate-capped uploader answers "busy" instead
+            } else {
+                config.upload_queue
+            },
             limiter: config
                 .max_upload_rate
                 .map(|rate| RateLimiter::new(rate, u64::from(config.chunk_size))),
@@ -88,6 +131,11 @@ impl Uploads {
         self.serves(v.published, v.is_complete())
     }
 
+    /// Whether what `h` holds is served in this stage.
+    fn serves_holding(&self, h: &Holding<'_>) -> bool {
+        self.serves(h.published, h.have.is_complete())
+    }
+
     /// A peer asked about `id` (its availability or a chunk) at `now`.
     pub(super) fn note_asked(&mut self, id: VersionId, now: Instant) {
         self.last_asked.insert(id, now);
@@ -105,20 +153,25 @@ impl Uploads {
         &mut self,
         peer: PeerId,
         id: &VersionId,
-        v: Option<&StoredVersion>,
+        v: Option<Holding<'_>>,
         index: u32,
         now: Instant,
     ) -> Decision {
-        let Some(v) = v.filter(|v| self.serves_version(v) && v.have.get(index)) else {
+        let Some(v) = v.filter(|v| self.serves_holding(v) && v.have.get(index)) else {
             return Decision::NotFound;
         };
-        if self.seeding_declines(id, v, index) && self.first_decline(peer, *id, index, now) {
+        if self.seeding_declines(id, &v, index) && self.first_decline(peer, *id, index, now) {
             return Decision::NotFound;
         }
         if self.in_flight.len() >= self.slots {
-            return Decision::Busy;
+            let waiting = self.queue.iter().any(|(_, p)| *p == peer);
+            return if self.queue.len() < self.queue_len && !waiting {
+                Decision::Queue
+            } else {
+                Decision::Busy
+            };
         }
-        let r = v.manifest.chunk_range(index);
+        let r = chunk_range(v.total_size, v.chunk_size, index);
         if let Some(limiter) = self.limiter.as_mut() {
             if !limiter.try_take(r.end - r.start) {
                 return Decision::Busy;
@@ -130,14 +183,14 @@ impl Uploads {
     /// Initial seeding, in the swarm stage: the publisher of a version sends no chunk a second
     /// time while another chunk has been sent fewer times, so that its upload goes to new
     /// pieces and fetchers get repeats from each other (BitTorrent's super-seeding).
-    fn seeding_declines(&mut self, id: &VersionId, v: &StoredVersion, index: u32) -> bool {
+    fn seeding_declines(&mut self, id: &VersionId, v: &Holding<'_>, index: u32) -> bool {
         if self.stage != Stage::Swarm || !v.published {
             return false;
         }
         let counts = self
             .seeded
             .entry(*id)
-            .or_insert_with(|| vec![0; v.manifest.chunk_count() as usize]);
+            .or_insert_with(|| vec![0; v.have.len() as usize]);
         let min = counts.iter().copied().min().unwrap_or(0);
         counts.get(index as usize).is_some_and(|c| *c > min)
     }
@@ -175,9 +228,9 @@ impl Uploads {
     /// Chunk `index` of `id` is to be served as the answer to `request` (after
     /// [`Decision::Serve`]): it holds an upload slot from now (while it is read and sent)
     /// until [`Uploads::finished`], and counts for initial seeding.
-    pub(super) fn reserve(&mut self, id: VersionId, index: u32, request: InboundRequestId) {
+    pub(super) fn reserve(&mut self, id: VersionId, index: u32, request: R, peer: PeerId) {
         self.count_seeded(id, index);
-        self.in_flight.insert(request);
+        self.in_flight.insert(request, peer);
     }
 
     /// Chunk `index` of `id` goes out once more (initial seeding's count).
@@ -196,9 +249,22 @@ impl Uploads {
         *self.uploaded.entry(id).or_default() += bytes;
     }
 
-    /// A response finished sending (or failed): its slot, if it held one, is free.
-    pub(super) fn finished(&mut self, request: InboundRequestId) {
+    /// `peer`'s request waits for a slot (after [`Decision::Queue`]).
+    pub(super) fn enqueue(&mut self, request: R, peer: PeerId) {
+        self.queue.push_back((request, peer));
+    }
+
+    /// A response finished sending (or failed, or a waiting request was dropped): its slot,
+    /// if it held one, is free. Returns the waiting request that now takes a free slot, if
+    /// any: the caller serves it (and calls [`Uploads::reserve`] for it).
+    pub(super) fn finished(&mut self, request: R) -> Option<(R, PeerId)> {
         self.in_flight.remove(&request);
+        self.queue.retain(|(r, _)| *r != request);
+        if self.in_flight.len() < self.slots {
+            self.queue.pop_front()
+        } else {
+            None
+        }
     }
 
     /// Bytes of chunks of `id` sent to peers.
@@ -252,10 +318,10 @@ mod tests {
     #[test]
     fn a_declined_chunk_is_served_when_the_same_peer_asks_again() {
         let (_dir, store, id) = published();
-        let mut uploads = Uploads::new(&ModelsConfig::default());
+        let mut uploads: Uploads = Uploads::new(&ModelsConfig::default());
         let (a, b) = (PeerId::random(), PeerId::random());
         let now = Instant::now();
-        let v = store.get(&id);
+        let v = store.get(&id).map(Holding::of);
         assert_eq!(uploads.decide(a, &id, v, 0, now), Decision::Serve);
         uploads.count_seeded(id, 0);
         assert_eq!(
@@ -273,10 +339,62 @@ mod tests {
         assert_eq!(uploads.decide(a, &id, v, 0, later), Decision::NotFound);
     }
 
+    /// With a queue, a request beyond the slots waits (one per peer, as many as the queue
+    /// holds) and takes the first slot that frees; without one it is answered "busy".
+    #[test]
+    fn a_queued_request_takes_the_next_free_slot() {
+        let (_dir, store, id) = published();
+        let config = ModelsConfig {
+            max_uploads: 1,
+            upload_queue: 1,
+            ..ModelsConfig::default()
+        };
+        let mut uploads: Uploads<u32> = Uploads::new(&config);
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let now = Instant::now();
+        let v = store.get(&id).map(Holding::of);
+        assert_eq!(uploads.decide(a, &id, v, 0, now), Decision::Serve);
+        uploads.reserve(id, 0, 1, a);
+        assert_eq!(uploads.decide(b, &id, v, 1, now), Decision::Queue);
+        uploads.enqueue(2, b);
+        assert_eq!(
+            uploads.decide(b, &id, v, 2, now),
+            Decision::Busy,
+            "one per peer"
+        );
+        assert_eq!(
+            uploads.decide(c, &id, v, 3, now),
+            Decision::Busy,
+            "queue full"
+        );
+        assert_eq!(
+            uploads.finished(1),
+            Some((2, b)),
+            "the waiting request goes next"
+        );
+        uploads.reserve(id, 1, 2, b);
+        assert_eq!(uploads.finished(2), None);
+        let mut unqueued: Uploads<u32> = Uploads::new(&ModelsConfig {
+            max_uploads: 1,
+            ..ModelsConfig::default()
+        });
+        uploads = Uploads::new(&config);
+        uploads.reserve(id, 0, 1, a);
+        uploads.enqueue(2, b);
+        assert_eq!(
+            uploads.finished(2),
+            None,
+            "a dropped waiting request leaves the queue"
+        );
+        assert_eq!(uploads.finished(1), None);
+        unqueued.reserve(id, 0, 1, a);
+        assert_eq!(unqueued.decide(b, &id, v, 1, now), Decision::Busy);
+    }
+
     #[test]
     fn stages_serve_what_the_seed_design_says() {
         let rules = |stage| {
-            let u = Uploads::new(&ModelsConfig {
+            let u: Uploads = Uploads::new(&ModelsConfig {
                 stage,
                 ..ModelsConfig::default()
             });

@@ -552,11 +552,20 @@ impl Client {
             .await
     }
 
-    /// Writes the complete version `id` to `out`, verifying every chunk again.
-    pub async fn export(&self, id: VersionId, out: &Path) -> Result<()> {
+    /// Writes the complete version `id` to `out` (atomically). With `keep`, the store keeps
+    /// its copy and goes on serving it; without, the store's data file moves to `out` where it
+    /// can (same file system) and the version is dropped from the store, so nothing is copied.
+    pub async fn export(&self, id: VersionId, out: &Path, keep: bool) -> Result<()> {
         let out = out.to_path_buf();
-        self.ask(|reply| Command::Models(models::Command::Export { id, out, reply }))
-            .await?
-            .map_err(|e| anyhow!(e))
+        self.ask(|reply| {
+            Command::Models(models::Command::Export {
+                id,
+                out,
+                keep,
+                reply,
+            })
+        })
+        .await?
+        .map_err(|e| anyhow!(e))
     }
 }

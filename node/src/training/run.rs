@@ -523,7 +523,7 @@ async fn start_version(
                 .await?;
             continue;
         }
-        client.export(candidate.id, &path).await?;
+        client.export(candidate.id, &path, true).await?;
         let (spec, data, file) = (prepared.0.clone(), prepared.1.clone(), path.clone());
         let checked = tokio::task::spawn_blocking(move || {
             check_start(&spec, &data, &file, &claimed, announced, initial_loss)
