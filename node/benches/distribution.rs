@@ -26,6 +26,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, StreamProtocol, Swarm};
 use p2p_node::models::ModelsConfig;
 use p2p_protocol::codec::CborCodec;
+use p2p_protocol::manifest::VersionId;
 use serde_bytes::ByteBuf;
 
 const MIB: usize = 1 << 20;
@@ -127,42 +128,45 @@ async fn raw_throughput(total_mib: u32, depth: u32, to_disk: bool) -> f64 {
     f64::from(total_mib) / started.elapsed().as_secs_f64()
 }
 
-/// MiB/s of one node fetching a `mib` MiB version from one publisher.
-async fn single_fetch_throughput(mib: usize) -> f64 {
+/// A publisher holding a fresh `mib` MiB version (from `seed`): the temp dir holding its
+/// file, the file's bytes, the node and the version's id.
+async fn publisher_of(
+    mib: usize,
+    seed: u64,
+) -> (tempfile::TempDir, Vec<u8>, common::TestNode, VersionId) {
     let files = tempfile::tempdir().unwrap();
-    let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, 1);
+    let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, seed);
     let publisher = common::start_node(vec![]).await;
-    let a = publisher
+    let id = publisher
         .handle
         .client
         .publish(&path, "bench")
         .await
-        .unwrap();
+        .unwrap()
+        .id;
+    (files, bytes, publisher, id)
+}
+
+/// MiB/s of one node fetching a `mib` MiB version from one publisher.
+async fn single_fetch_throughput(mib: usize) -> f64 {
+    let (_files, bytes, publisher, id) = publisher_of(mib, 1).await;
     let fetcher = common::start_node(vec![publisher.bootstrap_addr()]).await;
     common::wait_fully_discovered("2 nodes", &[&publisher, &fetcher]).await;
     let started = Instant::now();
-    fetcher.handle.client.fetch(a.id).await.unwrap();
+    fetcher.handle.client.fetch(id).await.unwrap();
     bytes.len() as f64 / MIB as f64 / started.elapsed().as_secs_f64()
 }
 
 /// MiB/s of a whole `p2p-node fetch <id> --out <file>` process pulling a `mib` MiB version
 /// from one publisher, timed from the process's start to its exit; the file is checked.
 async fn whole_process_fetch(mib: usize) -> f64 {
-    let files = tempfile::tempdir().unwrap();
-    let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, 3);
-    let publisher = common::start_node(vec![]).await;
-    let a = publisher
-        .handle
-        .client
-        .publish(&path, "bench")
-        .await
-        .unwrap();
+    let (files, bytes, publisher, id) = publisher_of(mib, 3).await;
     let data = tempfile::tempdir().unwrap();
     let out = files.path().join("out.safetensors");
     let started = Instant::now();
     let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_p2p-node"))
         .arg("fetch")
-        .arg(a.id.to_hex())
+        .arg(id.to_hex())
         .arg("--out")
         .arg(&out)
         .arg("--bootstrap")
@@ -190,15 +194,7 @@ async fn whole_process_fetch(mib: usize) -> f64 {
 
 /// Seconds until 7 fetchers hold a `mib` MiB version, and the publisher's upload in copies.
 async fn swarm_of_eight(mib: usize) -> (f64, f64) {
-    let files = tempfile::tempdir().unwrap();
-    let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, 2);
-    let publisher = common::start_node(vec![]).await;
-    let a = publisher
-        .handle
-        .client
-        .publish(&path, "bench")
-        .await
-        .unwrap();
+    let (_files, bytes, publisher, id) = publisher_of(mib, 2).await;
     let mut fetchers = Vec::new();
     for _ in 0..7 {
         fetchers.push(common::start_node(vec![publisher.bootstrap_addr()]).await);
@@ -207,9 +203,9 @@ async fn swarm_of_eight(mib: usize) -> (f64, f64) {
     all.push(&publisher);
     common::wait_fully_discovered("8 nodes", &all).await;
     let started = Instant::now();
-    futures::future::join_all(fetchers.iter().map(|n| n.handle.client.fetch(a.id))).await;
+    futures::future::join_all(fetchers.iter().map(|n| n.handle.client.fetch(id))).await;
     let seconds = started.elapsed().as_secs_f64();
-    let hex = a.id.to_hex();
+    let hex = id.to_hex();
     let uploaded = publisher
         .handle
         .client
