@@ -17,7 +17,7 @@ use p2p_node::models::ModelsConfig;
 #[derive(Debug, Parser)]
 #[command(name = "swarm-sim", version)]
 struct Args {
-    /// Fetchers (the publisher comes on top), 1 to 100000.
+    /// Fetchers (the publisher comes on top), 1 to 100000 (above 2000, set --peers).
     #[arg(long, default_value_t = 8)]
     fetchers: usize,
     /// Size of the version, MiB.
@@ -26,7 +26,7 @@ struct Args {
     /// Chunk size, KiB.
     #[arg(long, default_value_t = 1024)]
     chunk_kib: u32,
-    /// The publisher's link: UP/DOWN Mbit/s, optionally @LATENCY ms one way.
+    /// The publisher's link: UP/DOWN Mbit/s, optionally @LATENCY ms one way (0 to 10000).
     #[arg(long, default_value = "100/100@0.5", value_parser = parse_class)]
     publisher: LinkClass,
     /// A fetchers' link class, as for --publisher; repeat it for a mix (fetcher i gets class
@@ -54,8 +54,8 @@ struct Args {
     /// Seed of the first run; run k uses seed + k.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Runs (different seeds).
-    #[arg(long, default_value_t = 1)]
+    /// Runs (different seeds), 1 to 1000.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     runs: u64,
     /// Chunk requests in flight to one peer.
     #[arg(long, default_value_t = 4)]
@@ -81,8 +81,9 @@ struct Args {
 }
 
 fn parse_class(s: &str) -> Result<LinkClass, String> {
-    let bad =
-        || format!("'{s}': expected UP/DOWN Mbit/s with an optional @LATENCY ms, e.g. 20/50@10");
+    let bad = || {
+        format!("'{s}': expected UP/DOWN Mbit/s with an optional @LATENCY ms (0 to 10000), e.g. 20/50@10")
+    };
     let (rates, latency) = s.split_once('@').unwrap_or((s, "0"));
     let (up, down) = rates.split_once('/').ok_or_else(bad)?;
     let num = |x: &str| {
@@ -136,17 +137,28 @@ fn config(args: &Args, seed: u64) -> SimConfig {
     }
 }
 
+/// `x` with `decimals` and a unit, or "-" where there is no figure (nobody finished).
+fn figure(x: f64, decimals: usize, unit: &str) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}{unit}")
+    } else {
+        "-".to_string()
+    }
+}
+
 fn print_row(seed: u64, r: &SimReport, wall: f64) {
     let median = r.times.get(r.times.len() / 2).copied().unwrap_or(f64::NAN);
     let slowest = r.times.last().copied().unwrap_or(f64::NAN);
     println!(
-        "{seed:>5} {:>8} {median:>8.2}s {slowest:>8.2}s {:>8.2}s {:>7.2} {:>8.2} {:>9.2} {:>8.2}s {:>7.0}% {:>7.0}% {:>7} {:>6.1}%  {:>6} {wall:>7.1}s",
+        "{seed:>5} {:>8} {:>9} {:>9} {:>8.2}s {:>7} {:>8} {:>9.2} {:>9} {:>7.0}% {:>7.0}% {:>7} {:>6.1}%  {:>6} {wall:>7.1}s",
         r.times.len(),
+        figure(median, 2, "s"),
+        figure(slowest, 2, "s"),
         r.t_min,
-        r.median_ratio,
-        r.slowest_ratio,
+        figure(r.median_ratio, 2, ""),
+        figure(r.slowest_ratio, 2, ""),
         r.publisher_copies,
-        r.first_copy,
+        figure(r.first_copy, 2, "s"),
         100.0 * r.publisher_utilization,
         100.0 * r.fetcher_utilization,
         r.left,
@@ -157,6 +169,10 @@ fn print_row(seed: u64, r: &SimReport, wall: f64) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = sim::validate(&config(&args, args.seed)) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     if !args.json {
         println!(
             "{} fetchers, {} MiB in {} KiB chunks, publisher {:.0}/{:.0} Mbit/s, {} link class(es), peers {}",
@@ -179,6 +195,12 @@ fn main() -> ExitCode {
         match sim::run(&config(&args, seed)) {
             Ok(report) => {
                 let wall = started.elapsed().as_secs_f64();
+                if report.cut_off {
+                    eprintln!(
+                        "note: seed {seed} stopped at the simulation's limit (50 x T_min + 600 s simulated, or 2e9 events) with {} fetcher(s) unfinished",
+                        report.unfinished
+                    );
+                }
                 if args.json {
                     match serde_json::to_string(&report) {
                         Ok(line) => println!("{line}"),

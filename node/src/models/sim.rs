@@ -44,21 +44,25 @@ const TICK: Duration = Duration::from_millis(200);
 /// Most fetchers a simulation takes.
 pub const MAX_FETCHERS: usize = 100_000;
 
-/// Most chunks a simulated version may have.
-pub const MAX_CHUNKS: u64 = 1 << 20;
+/// Most chunks a simulated version may have (the picker's work per step grows with them).
+pub const MAX_CHUNKS: u64 = 16_384;
 
 /// Most fetchers a full mesh (`peers` 0) may have: its availability polling grows with the
 /// square of the fetchers.
 pub const MAX_FULL_MESH: usize = 2_000;
 
 /// Most bytes the availability bitfields of all fetchers may take together.
-const MAX_BITFIELD_BYTES: u128 = 4 << 30;
+const MAX_BITFIELD_BYTES: u128 = 1 << 30;
 
 /// Most events one simulation processes.
 const MAX_EVENTS: u64 = 2_000_000_000;
 
 /// Slowest link rate, bytes/s, and slowest hashing rate.
 const MIN_RATE: f64 = 1_000.0;
+
+/// Fastest link rate, bytes/s (1 Tbit/s), and fastest hashing rate: the clock counts
+/// nanoseconds.
+const MAX_RATE: f64 = 125e9;
 
 /// One kind of host link.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -153,9 +157,12 @@ pub struct SimReport {
     pub left: usize,
     /// Completion times of the fetchers that stayed, ascending.
     pub times: Vec<f64>,
-    /// Fetchers that stayed but did not complete before the simulated time ran out.
+    /// Fetchers that stayed but did not complete before the simulation stopped.
     pub unfinished: usize,
-    /// The fluid lower bound, seconds.
+    /// The simulation stopped at its limit (50 x T_min + 600 s of simulated time, or 2e9
+    /// events) before every fetcher that stayed completed.
+    pub cut_off: bool,
+    /// The fluid lower bound of the fetchers that stayed, seconds.
     pub t_min: f64,
     /// Median completion time over `t_min`.
     pub median_ratio: f64,
@@ -202,7 +209,8 @@ pub fn run(config: &SimConfig) -> Result<SimReport, SimError> {
     Ok(sim.report())
 }
 
-fn validate(c: &SimConfig) -> Result<(), SimError> {
+/// Checks `c` as [`run`] does, without running it.
+pub fn validate(c: &SimConfig) -> Result<(), SimError> {
     let invalid = |s: &str| Err(SimError::Invalid(s.to_string()));
     if c.fetchers == 0 || c.fetchers > MAX_FETCHERS {
         return invalid(&format!("fetchers must be 1 to {MAX_FETCHERS}"));
@@ -216,19 +224,19 @@ fn validate(c: &SimConfig) -> Result<(), SimError> {
     if c.classes.is_empty() {
         return invalid("at least one link class");
     }
-    let rate_ok = |l: &LinkClass| {
-        l.up.is_finite() && l.down.is_finite() && l.up >= MIN_RATE && l.down >= MIN_RATE
-    };
+    let in_range = |r: f64| (MIN_RATE..=MAX_RATE).contains(&r);
+    let rate_ok = |l: &LinkClass| in_range(l.up) && in_range(l.down);
     if !rate_ok(&c.publisher) || !c.classes.iter().all(rate_ok) {
-        return invalid("link rates must be finite and at least 8 kbit/s");
+        return invalid("link rates must be from 8 kbit/s to 1 Tbit/s");
     }
-    let goodput_ok = c.goodput >= 0.01 && c.goodput <= 1.0;
-    let churn_ok = c.churn >= 0.0 && c.churn < 1.0;
-    if !goodput_ok || !churn_ok {
-        return invalid("goodput must be in [0.01, 1] and churn in [0, 1)");
+    if !(c.goodput >= 0.01 && c.goodput <= 1.0) {
+        return invalid("goodput must be from 0.01 to 1");
     }
-    if !(c.verify_rate.is_finite() && c.verify_rate >= MIN_RATE) {
-        return invalid("verify rate must be finite and at least 1 kB/s");
+    if !(c.churn >= 0.0 && c.churn < 1.0) {
+        return invalid("churn must be from 0 up to (not including) 1");
+    }
+    if !in_range(c.verify_rate) {
+        return invalid("the verify rate must be from 1 kB/s to 125 GB/s");
     }
     if c.models.have_refresh < Duration::from_millis(1) {
         return invalid("the availability refresh must be at least 1 ms");
@@ -394,6 +402,8 @@ struct Sim<'a> {
     left: usize,
     /// Fetchers neither finished nor gone.
     remaining: usize,
+    /// Stopped at the time or event limit.
+    cut_off: bool,
     /// Chunk requests in flight by (requester, uploader, chunk), to cancel endgame losers.
     chunk_requests: HashMap<(Host, Host, u32), RequestId>,
 }
@@ -460,6 +470,7 @@ impl<'a> Sim<'a> {
             events: 0,
             left: 0,
             remaining: config.fetchers,
+            cut_off: false,
             chunk_requests: HashMap::new(),
         };
         let spread = nanos(config.start_spread);
@@ -517,6 +528,7 @@ impl<'a> Sim<'a> {
         let limit = seconds(self.t_min() * 50.0 + 600.0);
         while let Some(Reverse(s)) = self.queue.pop() {
             if s.at > limit || self.events >= MAX_EVENTS {
+                self.cut_off = true;
                 break;
             }
             self.now = s.at;
@@ -1010,23 +1022,22 @@ impl<'a> Sim<'a> {
     }
 
     fn report(&self) -> SimReport {
-        let t_min = self.t_min();
+        // The bound of the fetchers that stayed (those that left are not timed).
+        let stayed: Vec<&HostState> = self.hosts[1..].iter().filter(|h| h.alive).collect();
+        let ups: Vec<f64> = stayed.iter().map(|h| h.link.up).collect();
+        let downs: Vec<f64> = stayed.iter().map(|h| h.link.down).collect();
+        let t_min = fluid_bound(self.config.size, self.hosts[0].link.up, &ups, &downs);
         let mut times: Vec<f64> = self.hosts[1..]
             .iter()
             .filter(|h| h.alive)
             .filter_map(|h| Some((h.finished? - h.started?) as f64 / 1e9))
             .collect();
         times.sort_by(f64::total_cmp);
-        let stayed = self.hosts[1..].iter().filter(|h| h.alive).count();
+        let stayed = stayed.len();
         let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
         let slowest = times.last().copied().unwrap_or(f64::NAN);
         let g = self.config.goodput;
-        let end = self.hosts[1..]
-            .iter()
-            .filter_map(|h| h.finished)
-            .max()
-            .unwrap_or(self.now) as f64
-            / 1e9;
+        let end = (self.now as f64 / 1e9).max(1e-9);
         let fetcher_up: f64 = self.hosts[1..].iter().map(|h| h.link.up).sum();
         SimReport {
             first_copy: self.first_copy.map_or(f64::NAN, |t| t as f64 / 1e9),
@@ -1035,6 +1046,7 @@ impl<'a> Sim<'a> {
             fetchers: self.config.fetchers,
             left: self.left,
             unfinished: stayed - times.len(),
+            cut_off: self.cut_off,
             t_min,
             median_ratio: median / t_min,
             slowest_ratio: slowest / t_min,
@@ -1140,6 +1152,9 @@ mod tests {
         assert_eq!(report.left, 3);
         assert_eq!(report.times.len(), 7, "{report:?}");
         assert_eq!(report.unfinished, 0);
+        assert!(!report.cut_off);
+        assert!(report.publisher_utilization <= 1.0 + 1e-9, "{report:?}");
+        assert!(report.fetcher_utilization <= 1.0 + 1e-9, "{report:?}");
     }
 
     #[test]
