@@ -807,7 +807,7 @@ impl Behaviour {
                     Decision::Serve => match self.store.chunk_read(&id, index) {
                         Some(read) => {
                             // Read off the event loop; answered when the bytes are there.
-                            self.uploads.reserve(id, index, request_id, peer);
+                            self.uploads.reserve(id, index, request_id);
                             let done = self.write_done.clone();
                             disk::spawn_read(read, (id, index), request_id, channel, done);
                             return;
@@ -865,14 +865,14 @@ impl Behaviour {
     fn slot_freed(&mut self, request: InboundRequestId) {
         self.queued.remove(&request);
         let mut next = self.uploads.finished(request);
-        while let Some((waiting, peer)) = next {
+        while let Some(waiting) = next {
             let read = self
                 .queued
                 .remove(&waiting)
                 .map(|q| (self.store.chunk_read(&q.id, q.index), q));
             match read {
                 Some((Some(read), q)) => {
-                    self.uploads.reserve(q.id, q.index, waiting, peer);
+                    self.uploads.reserve(q.id, q.index, waiting);
                     let done = self.write_done.clone();
                     disk::spawn_read(read, (q.id, q.index), waiting, q.channel, done);
                     return;

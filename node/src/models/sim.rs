@@ -692,7 +692,7 @@ impl<'a> Sim<'a> {
                     .decide(requester, &id, Some(holding), index, now)
                 {
                     Decision::Serve => {
-                        host.uploads.reserve(id, index, r, requester);
+                        host.uploads.reserve(id, index, r);
                         let range = chunk_range(size, chunk_size, index);
                         self.start_flow(to, from, r, (range.end - range.start) as f64);
                         return;
@@ -894,14 +894,14 @@ impl<'a> Sim<'a> {
     /// for its slot.
     fn slot_freed(&mut self, host: Host, request: RequestId) {
         let mut next = self.hosts[host].uploads.finished(request);
-        while let Some((r, peer)) = next {
+        while let Some(r) = next {
             let waiting = self.requests.get(&r).map(|q| (q.from, q.ask));
             match waiting {
                 Some((from, Ask::Chunk(index)))
                     if self.hosts[from].alive && self.hosts[host].alive =>
                 {
                     let id = self.id;
-                    self.hosts[host].uploads.reserve(id, index, r, peer);
+                    self.hosts[host].uploads.reserve(id, index, r);
                     let range = chunk_range(self.config.size, self.config.models.chunk_size, index);
                     self.start_flow(host, from, r, (range.end - range.start) as f64);
                     return;

@@ -3,7 +3,7 @@
 //! versions peers are using (so pruning spares them). The node and the swarm simulator
 //! ([`super::sim`]) both run these rules.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::time::Duration;
 
@@ -75,8 +75,8 @@ pub(super) struct Uploads<R = InboundRequestId> {
     stage: Stage,
     slots: usize,
     corrupt: bool,
-    /// Chunk responses being sent, and to whom (each holds a slot until sent or failed).
-    in_flight: HashMap<R, PeerId>,
+    /// Chunk responses being sent (each holds a slot until sent or failed).
+    in_flight: HashSet<R>,
     /// Requests waiting for a slot, oldest first, and their requesters.
     queue: VecDeque<(R, PeerId)>,
     /// Most requests waiting (0: none wait, "busy" at once).
@@ -99,7 +99,7 @@ impl<R: Eq + Hash> Uploads<R> {
             stage: config.stage,
             slots: config.upload_slots(),
             corrupt: config.corrupt_uploads,
-            in_flight: HashMap::new(),
+            in_flight: HashSet::new(),
             queue: VecDeque::new(),
             queue_len: if config.max_upload_rate.is_some() {
                 0 // a rate-capped uploader answers "busy" instead
@@ -228,9 +228,9 @@ impl<R: Eq + Hash> Uploads<R> {
     /// Chunk `index` of `id` is to be served as the answer to `request` (after
     /// [`Decision::Serve`]): it holds an upload slot from now (while it is read and sent)
     /// until [`Uploads::finished`], and counts for initial seeding.
-    pub(super) fn reserve(&mut self, id: VersionId, index: u32, request: R, peer: PeerId) {
+    pub(super) fn reserve(&mut self, id: VersionId, index: u32, request: R) {
         self.count_seeded(id, index);
-        self.in_flight.insert(request, peer);
+        self.in_flight.insert(request);
     }
 
     /// Chunk `index` of `id` goes out once more (initial seeding's count).
@@ -257,11 +257,11 @@ impl<R: Eq + Hash> Uploads<R> {
     /// A response finished sending (or failed, or a waiting request was dropped): its slot,
     /// if it held one, is free. Returns the waiting request that now takes a free slot, if
     /// any: the caller serves it (and calls [`Uploads::reserve`] for it).
-    pub(super) fn finished(&mut self, request: R) -> Option<(R, PeerId)> {
+    pub(super) fn finished(&mut self, request: R) -> Option<R> {
         self.in_flight.remove(&request);
         self.queue.retain(|(r, _)| *r != request);
         if self.in_flight.len() < self.slots {
-            self.queue.pop_front()
+            self.queue.pop_front().map(|(r, _)| r)
         } else {
             None
         }
@@ -354,7 +354,7 @@ mod tests {
         let now = Instant::now();
         let v = store.get(&id).map(Holding::of);
         assert_eq!(uploads.decide(a, &id, v, 0, now), Decision::Serve);
-        uploads.reserve(id, 0, 1, a);
+        uploads.reserve(id, 0, 1);
         assert_eq!(uploads.decide(b, &id, v, 1, now), Decision::Queue);
         uploads.enqueue(2, b);
         assert_eq!(
@@ -369,17 +369,17 @@ mod tests {
         );
         assert_eq!(
             uploads.finished(1),
-            Some((2, b)),
+            Some(2),
             "the waiting request goes next"
         );
-        uploads.reserve(id, 1, 2, b);
+        uploads.reserve(id, 1, 2);
         assert_eq!(uploads.finished(2), None);
         let mut unqueued: Uploads<u32> = Uploads::new(&ModelsConfig {
             max_uploads: 1,
             ..ModelsConfig::default()
         });
         uploads = Uploads::new(&config);
-        uploads.reserve(id, 0, 1, a);
+        uploads.reserve(id, 0, 1);
         uploads.enqueue(2, b);
         assert_eq!(
             uploads.finished(2),
@@ -387,7 +387,7 @@ mod tests {
             "a dropped waiting request leaves the queue"
         );
         assert_eq!(uploads.finished(1), None);
-        unqueued.reserve(id, 0, 1, a);
+        unqueued.reserve(id, 0, 1);
         assert_eq!(unqueued.decide(b, &id, v, 1, now), Decision::Busy);
     }
 
