@@ -104,8 +104,8 @@ class Network:
         # this link.
         self.slow = None
         if args.slow_fetchers:
-            if args.scenario != "distribute":
-                raise ValueError("--slow-fetchers applies to the distribute scenario only")
+            if args.scenario not in ("distribute", "bittorrent"):
+                raise ValueError("--slow-fetchers applies to the distribute and bittorrent scenarios only")
             up, _, down = args.slow_fetchers.partition("/")
             try:
                 self.slow = dict(self.link, up=float(up), down=float(down))
@@ -215,6 +215,7 @@ class Host:
         self.dir = net.out / self.name
         self.proc = None
         self.log_file = None
+        self.others = []  # other processes run in this host (`run`)
         self.cpus = None  # `taskset -c` list the node is pinned to (None: not pinned)
         if net.loopback:
             self.ip = "127.0.0.1"
@@ -264,6 +265,25 @@ class Host:
         self.started = time.monotonic()
         return self
 
+    def run(self, cmd, log_name):
+        """Starts another program (`cmd`) in this host, logging to `log_name` in its dir."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.ns:
+            cmd = ["ip", "netns", "exec", self.ns, *cmd]
+        with open(self.dir / log_name, "ab") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.others.append(proc)
+        return proc
+
+    def tx_bytes(self):
+        """Bytes this host has sent on its link (0 on loopback)."""
+        if not self.ns:
+            return 0
+        out = subprocess.run(["ip", "netns", "exec", self.ns, "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
+                             capture_output=True, text=True)
+        return int(out.stdout.strip() or 0)
+
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
@@ -299,6 +319,14 @@ class Host:
         return wait_for(f"{self.name}'s join address", 60, find)
 
     def kill(self, sig=signal.SIGKILL):
+        for proc in self.others:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        self.others = []
         if self.alive():
             try:
                 os.killpg(self.proc.pid, sig)
@@ -444,6 +472,77 @@ def scenario_distribute(net, args):
         print(f"{stage:<14} {r['median']:>7.2f}s {r['slowest']:>7.2f}s {r['median'] / t_min:>12.2f} "
               f"{r['slowest'] / t_min:>13.2f} {r['publisher_copies']:>16.2f}", flush=True)
     return {"hosts": args.hosts, "size_mib": args.size, "size_bytes": size, "t_min": t_min, "runs": runs}
+
+
+def scenario_bittorrent(net, args):
+    """The `distribute` workload moved by a real BitTorrent swarm on the same links, for
+    comparison: opentracker and a seeding aria2 on host 1, aria2 on the others (256 KiB pieces,
+    no DHT or local discovery, peer exchange on, every host keeps seeding once done). Times run
+    from the moment the fetchers' aria2 processes start."""
+    missing = [b for b in ("aria2c", "opentracker", "mktorrent") if not shutil.which(b)]
+    if missing:
+        raise ValueError(f"bittorrent needs {', '.join(missing)} (Debian packages aria2, opentracker, mktorrent)")
+    if net.loopback:
+        raise ValueError("bittorrent needs network namespaces (one address per host)")
+    hosts = [net.add_host() for _ in range(args.hosts)]
+    seed = hosts[0]
+    seed.dir.mkdir(parents=True, exist_ok=True)
+    file = safetensors_file(seed.dir / "model.safetensors", args.size, seed=1)
+    size = file.stat().st_size
+    t_min = lower_bound(size, net.link_of(1), [net.link_of(i) for i in range(2, args.hosts + 1)])
+    print(f"{args.hosts} hosts, {args.size} MiB, links: {net.describe()['summary']}; "
+          f"lower bound T_min = {t_min:.2f} s")
+    torrent = net.out / "model.torrent"
+    torrent.unlink(missing_ok=True)
+    sh("mktorrent", "-a", f"http://{seed.ip}:6969/announce", "-l", "18", "-o", str(torrent), str(file))
+    # Debian's opentracker serves only torrents on its whitelist.
+    info = subprocess.run(["aria2c", "-S", str(torrent)], capture_output=True, text=True).stdout
+    info_hash = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("Info Hash:"))
+    whitelist = net.out / "tracker-whitelist"
+    whitelist.write_text(info_hash + "\n")
+    seed.run(["opentracker", "-i", seed.ip, "-p", "6969", "-P", "6969", "-w", str(whitelist)], "tracker.log")
+
+    def tracker_up():
+        probe = f"import socket; socket.create_connection(('{seed.ip}', 6969), 1)"
+        return subprocess.run(["ip", "netns", "exec", hosts[1].ns, sys.executable, "-c", probe],
+                              capture_output=True).returncode == 0
+    wait_for("the tracker", 30, tracker_up, 0.1)
+    hook = net.out / "bt-done.sh"
+    hook.write_text("#!/bin/sh\ndate +%s.%N > \"$(dirname \"$3\")/done\"\n")
+    hook.chmod(0o755)
+    common = ["aria2c", "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
+              "--enable-peer-exchange=true", "--seed-ratio=0.0", "--file-allocation=none",
+              "--bt-max-peers=0", "--max-overall-upload-limit=0", "--summary-interval=0",
+              "--console-log-level=warn", "--listen-port=6881", "--bt-tracker-interval=1",
+              f"--on-bt-download-complete={hook}"]
+    seed.run([*common, "--dir", str(seed.dir), "--bt-seed-unverified=true", str(torrent)], "aria2.log")
+    seed_tx = seed.tx_bytes()
+    started = time.time()
+    for h in hosts[1:]:
+        h.dir.mkdir(parents=True, exist_ok=True)
+        (h.dir / "done").unlink(missing_ok=True)
+        h.run([*common, "--dir", str(h.dir), str(torrent)], "aria2.log")
+    done = {}
+
+    def progress():
+        for h in hosts[1:]:
+            marker = h.dir / "done"
+            if h.name not in done and marker.exists() and marker.read_text().strip():
+                done[h.name] = float(marker.read_text().strip()) - started
+        return len(done) == len(hosts) - 1
+
+    wait_for(f"{len(hosts) - 1} aria2 fetchers to finish", args.timeout, progress, 0.05)
+    copies = (seed.tx_bytes() - seed_tx) / size
+    for h in hosts[1:]:
+        if file_digest(h.dir / "model.safetensors") != file_digest(file):
+            raise RuntimeError(f"{h.name} got different bytes from BitTorrent")
+    times = [done[h.name] for h in hosts[1:]]
+    median, slowest = statistics.median(times), max(times)
+    print(f"{'bittorrent':<14} {median:>7.2f}s {slowest:>7.2f}s {median / t_min:>12.2f} "
+          f"{slowest / t_min:>13.2f} {copies:>16.2f} (publisher link bytes, with protocol overhead)")
+    return {"hosts": args.hosts, "size_mib": args.size, "size_bytes": size, "t_min": t_min,
+            "runs": [{"stage": "bittorrent", "times": times, "median": median, "slowest": slowest,
+                      "publisher_copies": copies}]}
 
 
 def file_digest(path):
@@ -874,6 +973,7 @@ def scenario_nat(net, args):
 
 
 SCENARIOS = {"nat": scenario_nat, "distribute": scenario_distribute, "churn": scenario_churn,
+             "bittorrent": scenario_bittorrent,
              "bootstrap-loss": scenario_bootstrap_loss, "train": scenario_train,
              "speedup": scenario_speedup, "up": scenario_up}
 
