@@ -55,7 +55,7 @@ class NatHost:
         h = self._host
         h.net, h.index, h.name = net, index, f"nat-{index}-{kind}"
         h.dir = net.out / h.name
-        h.proc, h.log_file, h.cpus = None, None, None
+        h.proc, h.log_file, h.cpus, h.others = None, None, None, []
         tag = net.tag
         self.router, self.ns = f"pn{tag}r{index}", f"pn{tag}-{index}"
         h.ns = self.ns
