@@ -254,6 +254,7 @@ class Host:
                "--api-addr", f"{self.ip}:{0 if self.net.loopback else 7000}"]
         if bootstrap:
             cmd += ["--bootstrap", bootstrap]
+        cmd += getattr(self.net.args, "node_flag", [])
         if self.cpus is not None:
             cmd = ["taskset", "-c", self.cpus, *cmd]
         if self.ns:
@@ -471,7 +472,8 @@ def scenario_distribute(net, args):
         runs.append(r)
         print(f"{stage:<14} {r['median']:>7.2f}s {r['slowest']:>7.2f}s {r['median'] / t_min:>12.2f} "
               f"{r['slowest'] / t_min:>13.2f} {r['publisher_copies']:>16.2f}", flush=True)
-    return {"hosts": args.hosts, "size_mib": args.size, "size_bytes": size, "t_min": t_min, "runs": runs}
+    return {"hosts": args.hosts, "size_mib": args.size, "size_bytes": size, "t_min": t_min,
+            "chunk_kib": args.chunk_kib, "node_flags": args.node_flag, "runs": runs}
 
 
 def scenario_bittorrent(net, args):
@@ -1019,6 +1021,9 @@ def main():
     parser.add_argument("--pairs", default=None,
                         help="nat: comma-separated PUBLISHER:FOLLOWER router kinds (full-cone, "
                              "port-restricted, symmetric); default: " + ",".join(nat.DEFAULT_PAIRS))
+    parser.add_argument("--node-flag", action="append", default=[], metavar="FLAG",
+                        help="a flag added to every node's command line (repeatable), e.g. "
+                             "--node-flag=--availability-wait-ms=0")
     parser.add_argument("--bin", type=Path, default=DEFAULT_BIN)
     parser.add_argument("--out", type=Path, help="results dir (default testnet/run/netns/...)")
     parser.add_argument("--loopback", action="store_true", help="no namespaces: processes on 127.0.0.1")

@@ -377,7 +377,14 @@ fn id(n: u8) -> Hash32 {
 fn requests() -> Vec<Request> {
     vec![
         Request::Manifest { id: id(1) },
-        Request::Have { id: id(2) },
+        Request::Have {
+            id: id(2),
+            known: None,
+        },
+        Request::Have {
+            id: id(2),
+            known: Some(5),
+        },
         Request::Chunk {
             id: id(3),
             index: 7,
@@ -401,6 +408,7 @@ fn responses() -> Vec<Response> {
         Response::Have {
             bitfield: Bitfield::full(13),
             publisher: true,
+            holds: true,
         },
         Response::Chunk {
             index: 2,

@@ -234,6 +234,13 @@ pub struct CommonArgs {
     #[arg(long, global = true, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=8192))]
     pub chunk_size_kib: Option<u32>,
 
+    /// Longest this node holds a peer's availability request until it has a new chunk or,
+    /// after answering that peer "busy", a free upload slot (long polling), in ms; 0: answers
+    /// at once, and this node polls its peers every 200 ms instead of asking them to hold.
+    #[arg(long, global = true, value_name = "MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub availability_wait_ms: u64,
+
     /// Cap on upload bandwidth for model chunks, in MiB/s [default: unlimited].
     #[arg(long, global = true, value_name = "MIB_PER_S", value_parser = parse_rate)]
     pub max_upload_rate: Option<f64>,
@@ -300,6 +307,8 @@ impl CommonArgs {
         if let Some(kib) = self.chunk_size_kib {
             config.models.chunk_size = kib.saturating_mul(1024);
         }
+        config.models.availability_wait =
+            std::time::Duration::from_millis(self.availability_wait_ms);
         config.follow = self.follow.clone();
         config.trust = self.trust.clone();
         config.allow_peers = self.allow_peer.clone();

@@ -62,6 +62,13 @@ pub enum Request {
     Have {
         /// The version.
         id: VersionId,
+        /// Long polling: the number of chunks the requester knows the peer to hold (from its
+        /// last answer). A peer that holds requests ([`Response::Have`]'s `holds`) answers
+        /// only once it holds another number, frees an upload slot after answering the
+        /// requester "busy", or its own bounded wait passes. `None` (and older requesters):
+        /// answered at once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        known: Option<u32>,
     },
     /// One chunk's bytes.
     Chunk {
@@ -96,6 +103,10 @@ pub enum Response {
         bitfield: Bitfield,
         /// Whether the answering peer published this version.
         publisher: bool,
+        /// Whether the answering peer holds availability requests that carry `known` (long
+        /// polling); `false` from peers that do not (then they are polled).
+        #[serde(default)]
+        holds: bool,
     },
     /// A chunk.
     Chunk {
@@ -335,6 +346,46 @@ mod tests {
         assert_eq!(
             crate::codec::decode::<Response>(&bytes, "response").unwrap(),
             with
+        );
+    }
+
+    /// Long polling is an addition older peers do not know: their availability request
+    /// (without `known`) decodes as "answer at once", their answer (without `holds`) as "does
+    /// not hold requests", and the fields are left out of a request that does not long poll.
+    #[test]
+    fn availability_messages_without_the_long_polling_fields_still_decode() {
+        #[derive(Serialize)]
+        enum OldRequest {
+            Have { id: crate::manifest::Hash32 },
+        }
+        #[derive(Serialize)]
+        enum OldResponse {
+            Have { bitfield: Bitfield, publisher: bool },
+        }
+        let id = crate::manifest::Hash32([3; 32]);
+        fn encode<M: Serialize>(m: &M) -> Vec<u8> {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(m, &mut bytes).unwrap();
+            bytes
+        }
+        let old = encode(&OldRequest::Have { id });
+        assert_eq!(
+            crate::codec::decode::<Request>(&old, "request").unwrap(),
+            Request::Have { id, known: None }
+        );
+        assert_eq!(old, encode(&Request::Have { id, known: None }));
+        let bitfield = Bitfield::full(3);
+        let old = encode(&OldResponse::Have {
+            bitfield: bitfield.clone(),
+            publisher: true,
+        });
+        assert_eq!(
+            crate::codec::decode::<Response>(&old, "response").unwrap(),
+            Response::Have {
+                bitfield,
+                publisher: true,
+                holds: false
+            }
         );
     }
 }

@@ -6,6 +6,7 @@
 //! cargo run --release -p p2p-node --features sim --bin swarm-sim -- --fetchers 1000 --peers 32
 //! ```
 
+use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,11 @@ struct Args {
     /// Availability refresh interval, ms.
     #[arg(long, default_value_t = 200)]
     have_refresh_ms: u64,
+    /// Longest a host holds an availability request until it has something new to say
+    /// (long polling), ms; 0: requests are answered at once and peers are polled every
+    /// `--have-refresh-ms`.
+    #[arg(long, default_value_t = 2000)]
+    availability_wait_ms: u64,
     /// Print one JSON object per run instead of a table.
     #[arg(long)]
     json: bool,
@@ -132,6 +138,7 @@ fn config(args: &Args, seed: u64) -> SimConfig {
             max_uploads: args.upload_slots,
             endgame_copies: args.endgame_copies,
             have_refresh: Duration::from_millis(args.have_refresh_ms),
+            availability_wait: Duration::from_millis(args.availability_wait_ms),
             ..ModelsConfig::default()
         },
     }
@@ -146,10 +153,11 @@ fn figure(x: f64, decimals: usize, unit: &str) -> String {
     }
 }
 
-fn print_row(seed: u64, r: &SimReport, wall: f64) {
+fn print_row(out: &mut impl Write, seed: u64, r: &SimReport, wall: f64) -> io::Result<()> {
     let median = r.times.get(r.times.len() / 2).copied().unwrap_or(f64::NAN);
     let slowest = r.times.last().copied().unwrap_or(f64::NAN);
-    println!(
+    writeln!(
+        out,
         "{seed:>5} {:>8} {:>9} {:>9} {:>8.2}s {:>7} {:>8} {:>9.2} {:>9} {:>7.0}% {:>7.0}% {:>7} {:>6.1}%  {:>6} {wall:>7.1}s",
         r.times.len(),
         figure(median, 2, "s"),
@@ -164,7 +172,7 @@ fn print_row(seed: u64, r: &SimReport, wall: f64) {
         r.left,
         100.0 * r.busy as f64 / r.requests.max(1) as f64,
         r.unfinished,
-    );
+    )
 }
 
 fn main() -> ExitCode {
@@ -173,8 +181,22 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    match simulate(&args, &mut io::stdout().lock()) {
+        Ok(code) => code,
+        // The reader went away (`| head`): nothing more to say.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the results: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the simulations `args` asks for, one line of results each to `out`.
+fn simulate(args: &Args, out: &mut impl Write) -> io::Result<ExitCode> {
     if !args.json {
-        println!(
+        writeln!(
+            out,
             "{} fetchers, {} MiB in {} KiB chunks, publisher {:.0}/{:.0} Mbit/s, {} link class(es), peers {}",
             args.fetchers,
             args.size_mib,
@@ -183,16 +205,17 @@ fn main() -> ExitCode {
             args.publisher.down * 8e-6,
             args.classes.len(),
             if args.peers == 0 { "all".to_string() } else { args.peers.to_string() },
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "{:>5} {:>8} {:>9} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7} {:>7}  {:>6} {:>8}",
             "seed", "finished", "median", "slowest", "T_min", "med/T", "slow/T", "pub.copies", "1st copy", "pub.use", "fet.use", "left", "busy", "unfin.", "wall"
-        );
+        )?;
     }
     for k in 0..args.runs.max(1) {
         let seed = args.seed.wrapping_add(k);
         let started = Instant::now();
-        match sim::run(&config(&args, seed)) {
+        match sim::run(&config(args, seed)) {
             Ok(report) => {
                 let wall = started.elapsed().as_secs_f64();
                 if report.cut_off {
@@ -203,21 +226,22 @@ fn main() -> ExitCode {
                 }
                 if args.json {
                     match serde_json::to_string(&report) {
-                        Ok(line) => println!("{line}"),
+                        Ok(line) => writeln!(out, "{line}")?,
                         Err(e) => {
                             eprintln!("error: {e}");
-                            return ExitCode::FAILURE;
+                            return Ok(ExitCode::FAILURE);
                         }
                     }
                 } else {
-                    print_row(seed, &report, wall);
+                    print_row(out, seed, &report, wall)?;
                 }
+                out.flush()?;
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(2);
+                return Ok(ExitCode::from(2));
             }
         }
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }

@@ -38,6 +38,7 @@ use super::disk::{
 };
 use super::download::{Ask, Download, OnDisk, Step, Waiter};
 use super::error::Error;
+use super::have_wait::{HaveWaits, Standing};
 use super::picker::Picker;
 use super::report::{DownloadReport, DownloadState, FetchProgress, ModelInfo, TransferTotals};
 use super::store::{ImportedFile, Store, VersionClaims};
@@ -192,6 +193,8 @@ pub struct Behaviour {
     /// Listen addresses connected peers reported (identify), for address hints.
     peer_addrs: HashMap<PeerId, Vec<libp2p::Multiaddr>>,
     uploads: Uploads,
+    /// Availability requests held until this node has news for them (long polling).
+    have_waits: HaveWaits<ResponseChannel<Response>>,
     /// Models followed, and since when (a name not bound yet is taken only after
     /// [`FOLLOW_SETTLE`]).
     followed: HashMap<String, Instant>,
@@ -251,6 +254,7 @@ impl Behaviour {
             totals: TransferTotals::default(),
             peer_addrs: HashMap::new(),
             uploads: Uploads::new(&config),
+            have_waits: HaveWaits::new(config.availability_wait),
             followed: HashMap::new(),
             versions_queries: HashMap::new(),
             next_query: 0,
@@ -677,6 +681,9 @@ impl Behaviour {
                 self.start_sync(&id);
             }
         }
+        for (id, answer) in self.have_waits.expired(Instant::now()) {
+            self.answer_have(&id, answer);
+        }
         let ids: Vec<VersionId> = self.downloads.keys().copied().collect();
         for id in ids {
             self.drive(&id);
@@ -722,6 +729,7 @@ impl Behaviour {
 
     /// The last connection to `peer` closed.
     fn peer_gone(&mut self, peer: PeerId) {
+        self.have_waits.peer_gone(&peer);
         for d in self.downloads.values_mut() {
             d.peer_gone(&peer);
         }
@@ -768,7 +776,7 @@ impl Behaviour {
         request: Request,
         channel: ResponseChannel<Response>,
     ) {
-        if let Request::Have { id } | Request::Chunk { id, .. } = &request {
+        if let Request::Have { id, .. } | Request::Chunk { id, .. } = &request {
             if self.store.get(id).is_some() {
                 self.uploads.note_asked(*id, Instant::now());
             }
@@ -780,13 +788,29 @@ impl Behaviour {
                 },
                 None => Response::NotFound,
             },
-            Request::Have { id } => match self.store.get(&id) {
-                Some(v) if self.uploads.serves_version(v) => Response::Have {
-                    bitfield: v.have.clone(),
-                    publisher: v.published,
-                },
-                _ => Response::NotFound,
-            },
+            Request::Have { id, known } => {
+                let count = self
+                    .store
+                    .get(&id)
+                    .filter(|v| self.uploads.serves_version(v))
+                    .map(|v| v.have.count());
+                let Some(count) = count else {
+                    let _ = self.inner.send_response(channel, Response::NotFound);
+                    return;
+                };
+                let standing = Standing {
+                    chunks: count,
+                    free_slots: self.uploads.free_slots(),
+                };
+                let now = Instant::now();
+                for answer in self
+                    .have_waits
+                    .arrive(peer, id, known, channel, standing, now)
+                {
+                    self.answer_have(&id, answer);
+                }
+                return;
+            }
             Request::Chunk { id, index } => {
                 let now = Instant::now();
                 match self.uploads.decide(
@@ -797,7 +821,12 @@ impl Behaviour {
                     now,
                 ) {
                     Decision::NotFound => Response::NotFound,
-                    Decision::Busy => Response::Busy,
+                    Decision::Busy => {
+                        let free = self.uploads.free_slots();
+                        let retry = self.config.have_refresh;
+                        self.have_waits.refused_busy(peer, free, retry, now);
+                        Response::Busy
+                    }
                     Decision::Queue => {
                         self.uploads.enqueue(request_id, peer);
                         self.queued
@@ -824,6 +853,21 @@ impl Behaviour {
         };
         if self.inner.send_response(channel, response).is_err() {
             tracing::debug!(%peer, "requester went away before the answer was sent");
+        }
+    }
+
+    /// Answers an availability request about `id` with what this node holds of it now.
+    fn answer_have(&mut self, id: &VersionId, channel: ResponseChannel<Response>) {
+        let response = match self.store.get(id) {
+            Some(v) if self.uploads.serves_version(v) => Response::Have {
+                bitfield: v.have.clone(),
+                publisher: v.published,
+                holds: self.have_waits.enabled(),
+            },
+            _ => Response::NotFound,
+        };
+        if self.inner.send_response(channel, response).is_err() {
+            tracing::debug!(version = %id.short(), "requester went away before the availability answer was sent");
         }
     }
 
@@ -885,6 +929,11 @@ impl Behaviour {
             }
             next = self.uploads.finished(waiting);
         }
+        // No request waited for the slot: peers answered "busy" learn that it is free.
+        let free = self.uploads.free_slots();
+        for (id, answer) in self.have_waits.slots_freed(free) {
+            self.answer_have(&id, answer);
+        }
     }
 
     /// A response to one of our requests.
@@ -909,6 +958,7 @@ impl Behaviour {
                 Response::Have {
                     bitfield,
                     publisher,
+                    holds,
                 },
             ) => {
                 if publisher {
@@ -916,7 +966,7 @@ impl Behaviour {
                         d.on_publisher(peer, self.config.stage == Stage::Swarm);
                     }
                 }
-                self.on_have(peer, id, Some(bitfield));
+                self.on_have(peer, id, Some(bitfield), holds);
                 self.drive(&id);
             }
             (Purpose::Chunk(id, index), Response::Chunk { index: got, data }) => {
@@ -956,7 +1006,7 @@ impl Behaviour {
             (Purpose::Versions(qid, _), _) => self.answered_versions_query(qid),
             (Purpose::Manifest(id), _) => self.drive(&id),
             (Purpose::Have(id), _) => {
-                self.on_have(peer, id, None);
+                self.on_have(peer, id, None, false);
             }
             (Purpose::Chunk(id, index), Response::NotFound) => {
                 if let Some(d) = self.downloads.get_mut(&id) {
@@ -998,7 +1048,7 @@ impl Behaviour {
         match pending.purpose {
             Purpose::Versions(qid, _) => self.answered_versions_query(qid),
             Purpose::Manifest(id) => self.drive(&id),
-            Purpose::Have(id) => self.on_have(peer, id, None),
+            Purpose::Have(id) => self.on_have(peer, id, None, false),
             Purpose::Chunk(id, index) => {
                 if pending.cancelled {
                     return;
@@ -1385,6 +1435,9 @@ impl Behaviour {
         self.announcements.remove(id);
         self.downloaded.remove(id);
         self.uploads.forget(id);
+        for answer in self.have_waits.forget_version(id) {
+            let _ = self.inner.send_response(answer, Response::NotFound);
+        }
         true
     }
 
@@ -1494,8 +1547,8 @@ impl Behaviour {
                 Step::Ask(peer, Ask::Manifest) => {
                     self.send(peer, Request::Manifest { id: *id }, Purpose::Manifest(*id));
                 }
-                Step::Ask(peer, Ask::Have) => {
-                    self.send(peer, Request::Have { id: *id }, Purpose::Have(*id));
+                Step::Ask(peer, Ask::Have { known }) => {
+                    self.send(peer, Request::Have { id: *id, known }, Purpose::Have(*id));
                 }
                 Step::Ask(peer, Ask::Chunk(index)) => self.send(
                     peer,
@@ -1579,13 +1632,13 @@ impl Behaviour {
         self.drive(&id);
     }
 
-    fn on_have(&mut self, peer: PeerId, id: VersionId, bitfield: Option<Bitfield>) {
+    fn on_have(&mut self, peer: PeerId, id: VersionId, bitfield: Option<Bitfield>, holds: bool) {
         let portion = self
             .config
             .portion
             .filter(|_| self.config.stage == Stage::Coordinated);
         if let Some(d) = self.downloads.get_mut(&id) {
-            d.on_have(peer, bitfield, portion);
+            d.on_have(peer, bitfield, holds, portion);
         }
     }
 
@@ -1703,6 +1756,10 @@ impl Behaviour {
         }
         match result {
             Ok(true) => {
+                let count = self.store.get(&id).map_or(0, |v| v.have.count());
+                for answer in self.have_waits.chunks_changed(&id, count) {
+                    self.answer_have(&id, answer);
+                }
                 *self.downloaded.entry(id).or_default() += bytes;
                 self.totals.chunks_fetched += 1;
                 self.totals.bytes_fetched += bytes;

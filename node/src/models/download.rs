@@ -4,8 +4,10 @@
 //! manifest, its availability or a chunk; look up providers; sync; complete). The models
 //! behaviour carries the steps out; the tests here drive it by hand, with explicit instants.
 //!
-//! Its timers: providers are looked up every `provider_refresh`, each peer's availability is
-//! asked every `have_refresh`, and the manifest is asked of one peer at a time, in rounds at
+//! Its timers: providers are looked up every `provider_refresh`; a peer that holds
+//! availability requests (long polling, [`super::have_wait`]) is asked again as soon as it
+//! answers, telling it how many chunks it last said it held, and any other peer's availability
+//! is asked every `have_refresh`; the manifest is asked of one peer at a time, in rounds at
 //! least `MANIFEST_RETRY` apart. Chunk requests come from the [`Picker`] (rarest first, at
 //! most `max_requests_per_peer` per peer, endgame duplicates), and stop while
 //! `MAX_PENDING_WRITES` verified chunks wait for the disk.
@@ -37,8 +39,12 @@ pub(super) const MANIFEST_RETRY: Duration = Duration::from_secs(2);
 pub(super) enum Ask {
     /// Its manifest.
     Manifest,
-    /// Which chunks it holds.
-    Have,
+    /// Which chunks it holds; `known`: hold the answer until it holds another number of
+    /// chunks (long polling), `None`: answer at once.
+    Have {
+        /// How many chunks the peer said it held in its last answer.
+        known: Option<u32>,
+    },
     /// One chunk.
     Chunk(u32),
 }
@@ -78,6 +84,9 @@ pub(super) struct Download {
     banned: HashSet<PeerId>,
     have_pending: HashSet<PeerId>,
     last_have: HashMap<PeerId, Instant>,
+    /// Peers that hold availability requests (long polling), and how many chunks each said
+    /// it held in its last answer.
+    holds: HashMap<PeerId, u32>,
     manifest_asked: HashSet<PeerId>,
     /// The peer asked for the manifest now, if any (one at a time).
     manifest_from: Option<PeerId>,
@@ -113,6 +122,7 @@ impl Download {
             banned: HashSet::new(),
             have_pending: HashSet::new(),
             last_have: HashMap::new(),
+            holds: HashMap::new(),
             manifest_asked: HashSet::new(),
             manifest_from: None,
             manifest_round: now,
@@ -179,6 +189,7 @@ impl Download {
     pub(super) fn peer_gone(&mut self, peer: &PeerId) {
         self.candidates.remove(peer);
         self.have_pending.remove(peer);
+        self.holds.remove(peer);
         self.manifest_asked.remove(peer);
         if let Some(p) = self.picker.as_mut() {
             p.remove_peer(peer);
@@ -195,16 +206,19 @@ impl Download {
     }
 
     /// `peer` holds `bitfield` of the version (`None`: it did not say, or not sensibly; then
-    /// it is not asked for chunks until it does).
+    /// it is not asked for chunks until it does), and `holds` availability requests (long
+    /// polling: it is asked again at once) or not (asked every `have_refresh`).
     /// `portion` is stage 4's `(index, count)`: from the publisher, only chunks
     /// `i % count == index` are taken.
     pub(super) fn on_have(
         &mut self,
         peer: PeerId,
         bitfield: Option<Bitfield>,
+        holds: bool,
         portion: Option<(u32, u32)>,
     ) {
         self.have_pending.remove(&peer);
+        self.holds.remove(&peer);
         if self.banned.contains(&peer) || !self.candidates.contains(&peer) {
             return; // dropped, or gone while the answer was on its way
         }
@@ -218,6 +232,9 @@ impl Download {
             picker.forget_availability(&peer);
             return;
         };
+        if holds {
+            self.holds.insert(peer, bits.count());
+        }
         if bits.count() > 0 {
             self.holders.insert(peer);
         }
@@ -297,6 +314,7 @@ impl Download {
     pub(super) fn ban(&mut self, peer: PeerId) {
         self.banned.insert(peer);
         self.candidates.remove(&peer);
+        self.holds.remove(&peer);
         if let Some(p) = self.picker.as_mut() {
             p.remove_peer(&peer);
         }
@@ -344,24 +362,25 @@ impl Download {
             }
             return steps;
         };
-        let mut due: Vec<PeerId> = self
+        let long_poll = !config.availability_wait.is_zero();
+        let mut due: Vec<(PeerId, Option<u32>)> = self
             .candidates
             .iter()
-            .filter(|p| {
-                !self.have_pending.contains(p)
-                    && !self.banned.contains(p)
-                    && self
-                        .last_have
-                        .get(p)
-                        .is_none_or(|t| now.duration_since(*t) >= config.have_refresh)
+            .filter(|p| !self.have_pending.contains(p) && !self.banned.contains(p))
+            .filter_map(|p| match self.holds.get(p) {
+                Some(known) if long_poll => Some((*p, Some(*known))),
+                _ => self
+                    .last_have
+                    .get(p)
+                    .is_none_or(|t| now.duration_since(*t) >= config.have_refresh)
+                    .then_some((*p, None)),
             })
-            .copied()
             .collect();
         due.sort();
-        for peer in due {
+        for (peer, known) in due {
             self.have_pending.insert(peer);
             self.last_have.insert(peer, now);
-            steps.push(Step::Ask(peer, Ask::Have));
+            steps.push(Step::Ask(peer, Ask::Have { known }));
         }
         if self.writes_pending < MAX_PENDING_WRITES {
             for (peer, index) in picker.next_requests(rng) {
@@ -477,7 +496,7 @@ mod tests {
             d.add_candidate(*p);
             let mut all = Bitfield::new(chunks);
             (0..chunks).for_each(|i| all.set(i));
-            d.on_have(*p, Some(all), None);
+            d.on_have(*p, Some(all), false, None);
         }
         d
     }
@@ -536,7 +555,9 @@ mod tests {
         // p[0] answered "not found"; then the manifest came from p[1].
         d.manifest_request_ended(&p[0]);
         d.start(Picker::new(Bitfield::new(4), 4, 2), 0, 0);
-        let mut asked = asks(&poll(&mut d, t0, OnDisk::default()), |a| *a == Ask::Have);
+        let mut asked = asks(&poll(&mut d, t0, OnDisk::default()), |a| {
+            matches!(a, Ask::Have { .. })
+        });
         asked.sort();
         assert_eq!(
             asked, p,
@@ -564,24 +585,81 @@ mod tests {
             d.add_candidate(*p);
         });
         assert_eq!(
-            asks(&poll(&mut d, t0, OnDisk::default()), |a| *a == Ask::Have),
+            asks(&poll(&mut d, t0, OnDisk::default()), |a| matches!(
+                a,
+                Ask::Have { .. }
+            )),
             p
         );
         // Answers pending: not asked again, even after the refresh interval.
         let refresh = ModelsConfig::default().have_refresh;
-        assert!(asks(&poll(&mut d, t0 + refresh, OnDisk::default()), |a| *a
-            == Ask::Have)
+        assert!(asks(
+            &poll(&mut d, t0 + refresh, OnDisk::default()),
+            |a| matches!(a, Ask::Have { .. })
+        )
         .is_empty());
-        d.on_have(p[0], None, None);
-        d.on_have(p[1], None, None);
+        d.on_have(p[0], None, false, None);
+        d.on_have(p[1], None, false, None);
         d.ban(p[1]);
-        assert!(asks(&poll(&mut d, t0, OnDisk::default()), |a| *a == Ask::Have).is_empty());
+        assert!(asks(&poll(&mut d, t0, OnDisk::default()), |a| matches!(
+            a,
+            Ask::Have { .. }
+        ))
+        .is_empty());
         assert_eq!(
-            asks(&poll(&mut d, t0 + refresh, OnDisk::default()), |a| *a
-                == Ask::Have),
+            asks(
+                &poll(&mut d, t0 + refresh, OnDisk::default()),
+                |a| matches!(a, Ask::Have { .. })
+            ),
             vec![p[0]]
         );
         assert!(!d.add_candidate(p[1]), "a banned peer came back");
+    }
+
+    /// A peer that holds availability requests is asked again as soon as it answers, with the
+    /// number of chunks it said it held; one that does not, or a node that does not long
+    /// poll, waits for the refresh interval.
+    #[test]
+    fn a_peer_that_holds_requests_is_asked_again_at_once_with_what_it_said() {
+        let t0 = Instant::now();
+        let p = peers(2);
+        let mut d = started(8, &[], t0);
+        p.iter().for_each(|p| {
+            d.add_candidate(*p);
+        });
+        let have = |d: &mut Download, config: &ModelsConfig| -> Vec<(PeerId, Option<u32>)> {
+            d.poll(t0, config, OnDisk::default(), &mut StdRng::seed_from_u64(1))
+                .into_iter()
+                .filter_map(|s| match s {
+                    Step::Ask(p, Ask::Have { known }) => Some((p, known)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let config = ModelsConfig::default();
+        assert_eq!(have(&mut d, &config), vec![(p[0], None), (p[1], None)]);
+        let mut three = Bitfield::new(8);
+        (0..3).for_each(|i| three.set(i));
+        d.on_have(p[0], Some(three.clone()), true, None);
+        d.on_have(p[1], Some(three.clone()), false, None);
+        assert_eq!(have(&mut d, &config), vec![(p[0], Some(3))]);
+        d.on_have(p[0], None, true, None);
+        assert!(
+            have(&mut d, &config).is_empty(),
+            "no sensible answer: polled"
+        );
+        d.on_have(p[0], Some(three), true, None);
+        let polling = ModelsConfig {
+            availability_wait: Duration::ZERO,
+            ..ModelsConfig::default()
+        };
+        assert!(have(&mut d, &polling).is_empty());
+        d.peer_gone(&p[0]);
+        d.add_candidate(p[0]);
+        assert!(
+            have(&mut d, &config).is_empty(),
+            "forgotten, asked at the refresh"
+        );
     }
 
     #[test]
@@ -656,12 +734,12 @@ mod tests {
             0,
             0,
         );
-        d.on_have(p[0], Some(Bitfield::full(16)), None);
+        d.on_have(p[0], Some(Bitfield::full(16)), false, None);
         for other in &p[1..] {
-            d.on_have(*other, None, None);
+            d.on_have(*other, None, false, None);
         }
         d.peer_gone(&p[4]);
-        d.on_have(p[4], Some(Bitfield::new(16)), None);
+        d.on_have(p[4], Some(Bitfield::new(16)), false, None);
         let chunk = |a: &Ask| matches!(a, Ask::Chunk(_));
         assert_eq!(
             asks(&poll(&mut d, t0, OnDisk::default()), chunk),
@@ -679,7 +757,7 @@ mod tests {
         d.start(Picker::new(Bitfield::new(6), 8, 1), 0, 0);
         let mut all = Bitfield::new(6);
         (0..6).for_each(|i| all.set(i));
-        d.on_have(p[0], Some(all), Some((1, 3)));
+        d.on_have(p[0], Some(all), false, Some((1, 3)));
         let mut asked: Vec<u32> = poll(&mut d, t0, OnDisk::default())
             .iter()
             .filter_map(|s| match s {

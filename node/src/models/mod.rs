@@ -7,8 +7,9 @@
 //!
 //! **Flow**: manifest from the publisher (else a known holder, else any peer), checked against
 //! the id -> chunks already held locally copied -> every candidate asked which chunks it holds
-//! (`Have`, refreshed every 200 ms) -> the [`picker`] schedules chunk requests, rarest first,
-//! at most 4 in flight per peer -> each chunk verified and written in one call on the writer
+//! (`Have`, long polled: held by the peer until it has a new chunk or a free slot, see
+//! [`have_wait`]; peers that do not hold are asked every 200 ms) -> the [`picker`] schedules chunk requests, rarest first,
+//! at most 4 in flight in all -> each chunk verified and written in one call on the writer
 //! thread, then served at once (reads for peers run on blocking threads) -> endgame: the last
 //! chunks asked of two peers, the slower answer dropped -> complete: written chunks synced, header checked with the reference
 //! reader, provider record, waiters told. A peer that sends a chunk or manifest that does not
@@ -23,7 +24,7 @@
 //!
 //! **Parts**: [`behaviour`] (the `NetworkBehaviour`: requests in and out, events),
 //! [`download`] (one version's download as a state machine without I/O), [`upload`] (serving
-//! rules: stages, slots, rate, initial seeding), [`picker`] (which chunk from whom),
+//! rules: stages, slots, rate, initial seeding), [`have_wait`] (availability long polling), [`picker`] (which chunk from whom),
 //! [`disk`] (writes and syncs off the event loop), [`store`] (versions on disk), [`report`]
 //! (what `fetch`, `/models` and `/status` show).
 
@@ -36,6 +37,7 @@ pub mod command;
 pub mod disk;
 pub mod download;
 pub mod error;
+pub mod have_wait;
 pub mod picker;
 pub mod report;
 pub mod sim;
@@ -120,8 +122,14 @@ pub struct ModelsConfig {
     /// Stage 4: this fetcher's portion `(index, count)`: chunk `i` is taken from the publisher
     /// only if `i % count == index`.
     pub portion: Option<(u32, u32)>,
-    /// How often each peer is asked which chunks it holds during a download.
+    /// How often each peer is asked which chunks it holds during a download, if it does not
+    /// hold availability requests (long polling, see `availability_wait`).
     pub have_refresh: Duration,
+    /// Long polling of availability: the longest this node holds a peer's availability
+    /// request until it has something new to say (a new chunk, a free upload slot after a
+    /// "busy"); zero: requests are answered at once, and this node polls its peers every
+    /// `have_refresh` instead of asking them to hold. See `have_wait`.
+    pub availability_wait: Duration,
     /// How often Kademlia is asked for more providers during a download.
     pub provider_refresh: Duration,
     /// Timeout of one request.
@@ -145,6 +153,7 @@ impl Default for ModelsConfig {
             endgame_copies: 2,
             portion: None,
             have_refresh: Duration::from_millis(200),
+            availability_wait: Duration::from_secs(2),
             provider_refresh: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_upload_rate: None,

@@ -34,6 +34,7 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 use super::download::{Ask, Download, OnDisk, Step};
+use super::have_wait::{HaveWaits, Standing};
 use super::picker::Picker;
 use super::upload::{Decision, Holding, Uploads};
 use super::{ModelsConfig, Stage};
@@ -241,6 +242,10 @@ pub fn validate(c: &SimConfig) -> Result<(), SimError> {
     if c.models.have_refresh < Duration::from_millis(1) {
         return invalid("the availability refresh must be at least 1 ms");
     }
+    let wait = c.models.availability_wait;
+    if !wait.is_zero() && wait < Duration::from_millis(1) {
+        return invalid("the availability wait must be 0 (off) or at least 1 ms");
+    }
     if c.peers > c.fetchers {
         return invalid("peers cannot exceed fetchers");
     }
@@ -303,12 +308,15 @@ enum Event {
     Verified { host: Host, index: u32, from: Host },
     /// A fetcher leaves (churn).
     Leave(Host),
+    /// A host's held availability requests may have waited their longest.
+    HaveWaitOver(Host),
 }
 
 #[derive(Debug, Clone)]
 enum Answer {
     Manifest,
-    Have(Bitfield, bool),
+    /// Chunks held, published, holds availability requests.
+    Have(Bitfield, bool, bool),
     NotFound,
     Busy,
     Failed,
@@ -362,6 +370,8 @@ struct HostState {
     have: Bitfield,
     published: bool,
     uploads: Uploads<RequestId>,
+    /// Availability requests held (long polling).
+    waits: HaveWaits<RequestId>,
     download: Option<Download>,
     /// Whether the manifest is held (the publisher, or a fetcher that got it).
     manifest: bool,
@@ -430,6 +440,7 @@ impl<'a> Sim<'a> {
                     },
                     published: h == 0,
                     uploads: Uploads::new(&config.models),
+                    waits: HaveWaits::new(config.models.availability_wait),
                     download: None,
                     manifest: h == 0,
                     neighbours: Vec::new(),
@@ -555,6 +566,13 @@ impl<'a> Sim<'a> {
             Event::ChunkArrived(r) => self.on_chunk_arrived(r),
             Event::Verified { host, index, from } => self.on_verified(host, index, from),
             Event::Leave(h) => self.leave(h),
+            Event::HaveWaitOver(h) => {
+                let now = self.instant();
+                let over = self.hosts[h].waits.expired(now);
+                for (_, r) in over {
+                    self.answer_have(h, r);
+                }
+            }
         }
     }
 
@@ -674,11 +692,23 @@ impl<'a> Sim<'a> {
         }
         let answer = match ask {
             Ask::Manifest if host.manifest => Answer::Manifest,
-            Ask::Have
+            Ask::Have { known }
                 if host.manifest
                     && host.uploads.serves(host.published, host.have.is_complete()) =>
             {
-                Answer::Have(host.have.clone(), host.published)
+                let standing = Standing {
+                    chunks: host.have.count(),
+                    free_slots: host.uploads.free_slots(),
+                };
+                let now_out = host.waits.arrive(requester, id, known, r, standing, now);
+                if !now_out.contains(&r) {
+                    let wait = nanos(self.config.models.availability_wait);
+                    self.after(wait, Event::HaveWaitOver(to));
+                }
+                for a in now_out {
+                    self.answer_have(to, a);
+                }
+                return;
             }
             Ask::Chunk(index) if host.manifest => {
                 let holding = Holding {
@@ -701,12 +731,28 @@ impl<'a> Sim<'a> {
                         host.uploads.enqueue(r, requester);
                         return;
                     }
-                    Decision::Busy => Answer::Busy,
+                    Decision::Busy => {
+                        let free = host.uploads.free_slots();
+                        let retry = self.config.models.have_refresh;
+                        host.waits.refused_busy(requester, free, retry, now);
+                        if free > 0 {
+                            // Refused by a rate cap: its held requests go at the retry.
+                            self.after(nanos(retry), Event::HaveWaitOver(to));
+                        }
+                        Answer::Busy
+                    }
                     Decision::NotFound => Answer::NotFound,
                 }
             }
             _ => Answer::NotFound,
         };
+        self.answer(r, answer);
+    }
+
+    /// `host` answers availability request `r` with what it holds now.
+    fn answer_have(&mut self, host: Host, r: RequestId) {
+        let h = &self.hosts[host];
+        let answer = Answer::Have(h.have.clone(), h.published, h.waits.enabled());
         self.answer(r, answer);
     }
 
@@ -748,15 +794,15 @@ impl<'a> Sim<'a> {
                 }
                 true
             }
-            (Ask::Have, Answer::Have(bits, published)) => {
+            (Ask::Have { .. }, Answer::Have(bits, published, holds)) => {
                 if published {
                     d.on_publisher(peer, swarm);
                 }
-                d.on_have(peer, Some(bits), None);
+                d.on_have(peer, Some(bits), holds, None);
                 true
             }
-            (Ask::Have, _) => {
-                d.on_have(peer, None, None);
+            (Ask::Have { .. }, _) => {
+                d.on_have(peer, None, false, None);
                 false
             }
             (Ask::Chunk(index), Answer::NotFound) => {
@@ -894,6 +940,13 @@ impl<'a> Sim<'a> {
     /// for its slot.
     fn slot_freed(&mut self, host: Host, request: RequestId) {
         let mut next = self.hosts[host].uploads.finished(request);
+        if next.is_none() {
+            let free = self.hosts[host].uploads.free_slots();
+            let woken = self.hosts[host].waits.slots_freed(free);
+            for (_, r) in woken {
+                self.answer_have(host, r);
+            }
+        }
         while let Some(r) = next {
             let waiting = self.requests.get(&r).map(|q| (q.from, q.ask));
             match waiting {
@@ -972,6 +1025,11 @@ impl<'a> Sim<'a> {
             return;
         }
         self.hosts[h].have.set(index);
+        let (id, count) = (self.id, self.hosts[h].have.count());
+        let told = self.hosts[h].waits.chunks_changed(&id, count);
+        for r in told {
+            self.answer_have(h, r);
+        }
         let peer = self.hosts[from].peer;
         let now = self.instant();
         if let Some(d) = self.hosts[h].download.as_mut() {
@@ -1012,9 +1070,14 @@ impl<'a> Sim<'a> {
             self.take_request(r);
             self.slot_freed(to, r);
         }
+        // The requests it held fail with its connections.
+        for r in self.hosts[h].waits.drain() {
+            self.answer(r, Answer::Failed);
+        }
         // Its peers see the connection close.
         let peer = self.hosts[h].peer;
         for n in self.hosts[h].neighbours.clone() {
+            self.hosts[n].waits.peer_gone(&peer);
             if let Some(d) = self.hosts[n].download.as_mut() {
                 d.peer_gone(&peer);
             }

@@ -161,6 +161,34 @@ fn sent_by(node: &Node, id: VersionId) -> u64 {
         .map_or(0, |m| m.bytes_uploaded)
 }
 
+/// Chunks of version `id` that `node` holds, verified.
+fn held(node: &Node, id: VersionId) -> u32 {
+    node.swarm
+        .behaviour()
+        .models()
+        .iter()
+        .find(|m| m.id == id.to_hex())
+        .map_or(0, |m| m.chunks_held)
+}
+
+/// Runs every node until `done` holds of them (at most 60 s), collecting events.
+async fn run_until(nodes: &mut [Node], done: impl Fn(&[Node]) -> bool) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !done(nodes) {
+            let polls = nodes.iter_mut().map(|n| {
+                Box::pin(async move {
+                    if let SwarmEvent::Behaviour(e) = n.swarm.next_swarm_event().await {
+                        n.events.push(e);
+                    }
+                })
+            });
+            futures::future::select_all(polls).await;
+        }
+    })
+    .await
+    .expect("the nodes got there in time");
+}
+
 fn misbehaved(node: &Node) -> Vec<PeerId> {
     node.events
         .iter()
@@ -241,6 +269,76 @@ async fn a_busy_holder_is_left_for_another_one() {
         "the other holder sent {other} of {size}"
     );
     assert!(misbehaved(&nodes[2]).is_empty(), "busy is not misbehaviour");
+}
+
+/// Long polling: with availability polled only once an hour, a fetcher still learns of
+/// every chunk its only neighbour gets while both download, because the neighbour holds its
+/// availability requests and answers each as a new chunk arrives. (With `availability_wait`
+/// zero on the neighbour this fetch stalls after the first answer.)
+#[tokio::test]
+async fn a_held_availability_request_tells_a_fetcher_of_each_new_chunk() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 10 * CHUNK as usize - 100);
+    // Chunks leave the publisher at 4 a second after a burst of 4.
+    let slow = ModelsConfig {
+        max_upload_rate: Some(4 * u64::from(CHUNK)),
+        chunk_size: CHUNK,
+        ..ModelsConfig::default()
+    };
+    let mut publisher = node(slow);
+    publisher.swarm.listen().with_memory_addr_external().await;
+    let id = publish(&mut publisher, &file);
+    let mut middle = node(ModelsConfig::default());
+    middle.swarm.listen().with_memory_addr_external().await;
+    middle.swarm.connect(&mut publisher.swarm).await;
+    let (tx, _middle_done) = oneshot::channel();
+    middle.swarm.behaviour_mut().fetch(id, tx, None);
+    let mut nodes = vec![publisher, middle];
+    run_until(&mut nodes, |n| held(&n[1], id) >= 1).await;
+    let before = held(&nodes[1], id);
+    assert!(before < 10, "the neighbour is still downloading");
+    let mut last = node(ModelsConfig {
+        have_refresh: Duration::from_secs(3600),
+        ..ModelsConfig::default()
+    });
+    last.swarm.connect(&mut nodes[1].swarm).await;
+    nodes.push(last);
+    let report = fetch(&mut nodes, id).await.unwrap();
+    assert_eq!(report.chunks_downloaded, 10);
+    assert_eq!(
+        sent_by(&nodes[1], id),
+        std::fs::metadata(&file).unwrap().len()
+    );
+}
+
+/// Nodes that do not hold availability requests (long polling off, like older nodes) and
+/// nodes that do work together: a fetcher that long polls completes from holders of both
+/// kinds, and a fetcher that polls completes from holders that would hold its requests.
+#[tokio::test]
+async fn a_fetch_completes_whether_or_not_its_peers_hold_availability_requests() {
+    let files = tempfile::tempdir().unwrap();
+    let file = model_file(files.path(), 10 * CHUNK as usize - 100);
+    let polling = ModelsConfig {
+        availability_wait: Duration::ZERO,
+        max_uploads: 1,
+        chunk_size: CHUNK,
+        ..ModelsConfig::default()
+    };
+    let holding = ModelsConfig {
+        availability_wait: ModelsConfig::default().availability_wait,
+        ..polling.clone()
+    };
+    for (first, second, fetcher) in [
+        (polling.clone(), holding.clone(), holding.clone()),
+        (holding.clone(), holding.clone(), polling.clone()),
+    ] {
+        let (mut nodes, id) = two_holders_and_a_fetcher(&file, first, second, fetcher).await;
+        let report = fetch(&mut nodes, id).await.unwrap();
+        assert_eq!(report.chunks_downloaded, 10);
+        let sent = sent_by(&nodes[0], id) + sent_by(&nodes[1], id);
+        assert!(sent >= std::fs::metadata(&file).unwrap().len());
+        assert!(misbehaved(&nodes[2]).is_empty());
+    }
 }
 
 /// Endgame: the last chunk is asked of both holders; the first answer is written, the slower

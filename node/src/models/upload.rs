@@ -267,6 +267,11 @@ impl<R: Eq + Hash> Uploads<R> {
         }
     }
 
+    /// Upload slots not taken.
+    pub(super) fn free_slots(&self) -> usize {
+        self.slots.saturating_sub(self.in_flight.len())
+    }
+
     /// Bytes of chunks of `id` sent to peers.
     pub(super) fn uploaded(&self, id: &VersionId) -> u64 {
         self.uploaded.get(id).copied().unwrap_or(0)
