@@ -1018,6 +1018,9 @@ impl Behaviour {
                 if let Some(d) = self.downloads.get_mut(&id) {
                     d.chunk_busy(peer, index);
                 }
+                // The chunk goes to another holder with a free slot at once, if there is one
+                // (the busy one is not asked until its availability comes again).
+                self.drive(&id);
             }
             (Purpose::Chunk(id, _), _) => {
                 self.punish(peer, id, "answered a chunk request with something else")

@@ -813,7 +813,7 @@ impl<'a> Sim<'a> {
             (Ask::Chunk(index), Answer::Busy) => {
                 self.busy += 1;
                 d.chunk_busy(peer, index);
-                false
+                true
             }
             (Ask::Chunk(index), _) => {
                 if let Some(p) = d.picker_mut() {
