@@ -413,7 +413,8 @@ def run_distribution(net, hosts, stage, size_mib, file, model, timeout):
     """Host 1 publishes `file` over the API while hosts 2.. follow `model`; returns per-host
     completion times (seconds since the publish) and the publisher's upload."""
     n = len(hosts) - 1
-    join = hosts[0].start(["--stage", stage, "--chunk-size-kib", str(net.args.chunk_kib)]).join_addr()
+    chunk = [] if net.args.chunk_kib is None else ["--chunk-size-kib", str(net.args.chunk_kib)]
+    join = hosts[0].start(["--stage", stage, *chunk]).join_addr()
     # Followers name the publisher they follow (a name not bound yet is taken only after a
     # settling delay, which would count in the timings).
     common = ["--stage", stage, "--follow", model, "--trust", f"{model}={join.rsplit('/', 1)[1]}"]
@@ -992,7 +993,8 @@ def main():
     parser.add_argument("--slow-fetchers", metavar="UP/DOWN",
                         help="distribute: every second fetcher gets this link (Mbit/s), e.g. 20/50")
     parser.add_argument("--size", type=int, default=64, help="MiB to distribute (default 64)")
-    parser.add_argument("--chunk-kib", type=int, default=1024, help="distribute: chunk size of the version")
+    parser.add_argument("--chunk-kib", type=int, default=None,
+                        help="distribute: chunk size of the version (default: the node's choice by size)")
     parser.add_argument("--stages", default="all", help="distribute: comma-separated stages, or all")
     parser.add_argument("--kill", type=float, default=0.25, help="churn: fraction of fetchers killed")
     parser.add_argument("--steps", type=int, default=None,

@@ -6,7 +6,8 @@
 //!    the same pipelining depth and the same CBOR codec, measured in the same run; and against
 //!    the same minimal transfer that also writes each message into a file, since a fetch
 //!    must store what it receives (on VMs that return free memory to the host, every new
-//!    page-cache page costs a host fault, which the pure transfer never pays).
+//!    page-cache page costs a host fault, which the pure transfer never pays). The fetch
+//!    runs in 1 MiB chunks (the default) and in 256 KiB chunks.
 //! 2. The whole `p2p-node fetch --out` process (start, join, resolve, download, write the file,
 //!    exit) pulling 1 GiB from one publisher on loopback, against the minimal request-response
 //!    transfer of the same 1 GiB measured in the same run (`-- whole`).
@@ -128,15 +129,22 @@ async fn raw_throughput(total_mib: u32, depth: u32, to_disk: bool) -> f64 {
     f64::from(total_mib) / started.elapsed().as_secs_f64()
 }
 
-/// A publisher holding a fresh `mib` MiB version (from `seed`): the temp dir holding its
-/// file, the file's bytes, the node and the version's id.
+/// A publisher holding a fresh `mib` MiB version (from `seed`) in chunks of `chunk` bytes
+/// (`None`: the default): the temp dir holding its file, the file's bytes, the
+/// node and the version's id.
 async fn publisher_of(
     mib: usize,
     seed: u64,
+    chunk: Option<u32>,
 ) -> (tempfile::TempDir, Vec<u8>, common::TestNode, VersionId) {
     let files = tempfile::tempdir().unwrap();
     let (path, bytes) = common::model_file(files.path(), "m.safetensors", mib, seed);
-    let publisher = common::start_node(vec![]).await;
+    let publisher = common::start_node_with(vec![], |c| {
+        if let Some(chunk) = chunk {
+            c.models.chunk_size = chunk;
+        }
+    })
+    .await;
     let id = publisher
         .handle
         .client
@@ -147,9 +155,10 @@ async fn publisher_of(
     (files, bytes, publisher, id)
 }
 
-/// MiB/s of one node fetching a `mib` MiB version from one publisher.
-async fn single_fetch_throughput(mib: usize) -> f64 {
-    let (_files, bytes, publisher, id) = publisher_of(mib, 1).await;
+/// MiB/s of one node fetching a `mib` MiB version in chunks of `chunk` bytes (`None`: the
+/// default) from one publisher.
+async fn single_fetch_throughput(mib: usize, chunk: Option<u32>) -> f64 {
+    let (_files, bytes, publisher, id) = publisher_of(mib, 1, chunk).await;
     let fetcher = common::start_node(vec![publisher.bootstrap_addr()]).await;
     common::wait_fully_discovered("2 nodes", &[&publisher, &fetcher]).await;
     let started = Instant::now();
@@ -160,7 +169,7 @@ async fn single_fetch_throughput(mib: usize) -> f64 {
 /// MiB/s of a whole `p2p-node fetch <id> --out <file>` process pulling a `mib` MiB version
 /// from one publisher, timed from the process's start to its exit; the file is checked.
 async fn whole_process_fetch(mib: usize) -> f64 {
-    let (files, bytes, publisher, id) = publisher_of(mib, 3).await;
+    let (files, bytes, publisher, id) = publisher_of(mib, 3, None).await;
     let data = tempfile::tempdir().unwrap();
     let out = files.path().join("out.safetensors");
     let started = Instant::now();
@@ -194,7 +203,7 @@ async fn whole_process_fetch(mib: usize) -> f64 {
 
 /// Seconds until 7 fetchers hold a `mib` MiB version, and the publisher's upload in copies.
 async fn swarm_of_eight(mib: usize) -> (f64, f64) {
-    let (_files, bytes, publisher, id) = publisher_of(mib, 2).await;
+    let (_files, bytes, publisher, id) = publisher_of(mib, 2, None).await;
     let mut fetchers = Vec::new();
     for _ in 0..7 {
         fetchers.push(common::start_node(vec![publisher.bootstrap_addr()]).await);
@@ -233,21 +242,26 @@ fn main() {
             let mib = 256;
             // Warm up every path once, then alternate.
             let _ = raw_throughput(32, depth, false).await;
-            let _ = single_fetch_throughput(32).await;
-            let (mut raw, mut raw_disk, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+            let _ = single_fetch_throughput(32, None).await;
+            let (mut raw, mut raw_disk) = (Vec::new(), Vec::new());
+            let (mut ours, mut ours_small) = (Vec::new(), Vec::new());
             for _ in 0..3 {
                 raw.push(raw_throughput(mib as u32, depth, false).await);
                 raw_disk.push(raw_throughput(mib as u32, depth, true).await);
-                ours.push(single_fetch_throughput(mib).await);
+                ours.push(single_fetch_throughput(mib, None).await);
+                ours_small.push(single_fetch_throughput(mib, Some(256 << 10)).await);
             }
             let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
             println!(
-                "single fetch, loopback, {mib} MiB, depth {depth}: p2p-node {:.0} MiB/s; raw request-response {:.0} MiB/s (ratio {:.2}); raw request-response writing to disk {:.0} MiB/s (ratio {:.2}); runs: ours {ours:.0?}, raw {raw:.0?}, raw+disk {raw_disk:.0?}",
+                "single fetch, loopback, {mib} MiB, depth {depth}: p2p-node {:.0} MiB/s in 1 MiB chunks (default), {:.0} MiB/s in 256 KiB chunks; raw request-response (1 MiB messages) {:.0} MiB/s (ratios {:.2} and {:.2}); raw request-response writing to disk {:.0} MiB/s (ratios {:.2} and {:.2}); runs: ours {ours:.0?}, ours in 256 KiB {ours_small:.0?}, raw {raw:.0?}, raw+disk {raw_disk:.0?}",
                 best(&ours),
+                best(&ours_small),
                 best(&raw),
                 best(&ours) / best(&raw),
+                best(&ours_small) / best(&raw),
                 best(&raw_disk),
                 best(&ours) / best(&raw_disk),
+                best(&ours_small) / best(&raw_disk),
             );
         }
         if wants("whole") {

@@ -354,11 +354,11 @@ mod tests {
     /// not hold requests", and the fields are left out of a request that does not long poll.
     #[test]
     fn availability_messages_without_the_long_polling_fields_still_decode() {
-        #[derive(Serialize)]
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
         enum OldRequest {
             Have { id: crate::manifest::Hash32 },
         }
-        #[derive(Serialize)]
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
         enum OldResponse {
             Have { bitfield: Bitfield, publisher: bool },
         }
@@ -382,9 +382,27 @@ mod tests {
         assert_eq!(
             crate::codec::decode::<Response>(&old, "response").unwrap(),
             Response::Have {
-                bitfield,
+                bitfield: bitfield.clone(),
                 publisher: true,
                 holds: false
+            }
+        );
+        // And an older peer reads the new messages, ignoring what it does not know.
+        let new = encode(&Request::Have { id, known: Some(5) });
+        assert_eq!(
+            crate::codec::decode::<OldRequest>(&new, "request").unwrap(),
+            OldRequest::Have { id }
+        );
+        let new = encode(&Response::Have {
+            bitfield: bitfield.clone(),
+            publisher: false,
+            holds: true,
+        });
+        assert_eq!(
+            crate::codec::decode::<OldResponse>(&new, "response").unwrap(),
+            OldResponse::Have {
+                bitfield,
+                publisher: false
             }
         );
     }

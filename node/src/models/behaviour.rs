@@ -862,7 +862,7 @@ impl Behaviour {
             Some(v) if self.uploads.serves_version(v) => Response::Have {
                 bitfield: v.have.clone(),
                 publisher: v.published,
-                holds: self.have_waits.enabled(),
+                holds: self.have_waits.accepting(),
             },
             _ => Response::NotFound,
         };
@@ -908,6 +908,7 @@ impl Behaviour {
     /// goes to the chunk request that waited longest, read off the event loop as usual.
     fn slot_freed(&mut self, request: InboundRequestId) {
         self.queued.remove(&request);
+        let was_upload = self.uploads.is_uploading(&request);
         let mut next = self.uploads.finished(request);
         while let Some(waiting) = next {
             let read = self
@@ -929,10 +930,12 @@ impl Behaviour {
             }
             next = self.uploads.finished(waiting);
         }
-        // No request waited for the slot: peers answered "busy" learn that it is free.
-        let free = self.uploads.free_slots();
-        for (id, answer) in self.have_waits.slots_freed(free) {
-            self.answer_have(&id, answer);
+        // A chunk's slot freed and no request waited for it: the peer answered "busy" longest
+        // ago learns that it is free (one per freed slot; other answers sent free none).
+        if was_upload {
+            for (id, answer) in self.have_waits.slots_freed(1) {
+                self.answer_have(&id, answer);
+            }
         }
     }
 
@@ -1051,7 +1054,11 @@ impl Behaviour {
         match pending.purpose {
             Purpose::Versions(qid, _) => self.answered_versions_query(qid),
             Purpose::Manifest(id) => self.drive(&id),
-            Purpose::Have(id) => self.on_have(peer, id, None, false),
+            Purpose::Have(id) => {
+                if !pending.cancelled {
+                    self.on_have(peer, id, None, false);
+                }
+            }
             Purpose::Chunk(id, index) => {
                 if pending.cancelled {
                     return;
@@ -1515,6 +1522,12 @@ impl Behaviour {
                 0
             }
         };
+        if copied > 0 {
+            let count = self.store.get(id).map_or(0, |v| v.have.count());
+            for answer in self.have_waits.chunks_changed(id, count) {
+                self.answer_have(id, answer);
+            }
+        }
         if let Some(v) = self.store.get(id) {
             let picker = Picker::new(
                 v.have.clone(),

@@ -71,6 +71,16 @@ pub(super) struct OnDisk {
     pub durable: bool,
 }
 
+/// What a peer that holds availability requests said last.
+#[derive(Debug, Clone, Copy)]
+struct Holds {
+    /// How many chunks it said it held.
+    known: u32,
+    /// The answer held the number the request carried: nothing new (a freed slot, the wait
+    /// over, or a peer that did not wait).
+    quiet: bool,
+}
+
 /// Where a finished download's result goes.
 pub(super) type Waiter = oneshot::Sender<Result<DownloadReport, super::Error>>;
 
@@ -82,11 +92,11 @@ pub(super) struct Download {
     candidates: HashSet<PeerId>,
     /// Peers dropped for sending bad data; never asked again for this version.
     banned: HashSet<PeerId>,
-    have_pending: HashSet<PeerId>,
+    /// Availability requests in flight, and the `known` each carried.
+    have_pending: HashMap<PeerId, Option<u32>>,
     last_have: HashMap<PeerId, Instant>,
-    /// Peers that hold availability requests (long polling), and how many chunks each said
-    /// it held in its last answer.
-    holds: HashMap<PeerId, u32>,
+    /// Peers that hold availability requests (long polling), and what their last answer said.
+    holds: HashMap<PeerId, Holds>,
     manifest_asked: HashSet<PeerId>,
     /// The peer asked for the manifest now, if any (one at a time).
     manifest_from: Option<PeerId>,
@@ -120,7 +130,7 @@ impl Download {
             picker: None,
             candidates: HashSet::new(),
             banned: HashSet::new(),
-            have_pending: HashSet::new(),
+            have_pending: HashMap::new(),
             last_have: HashMap::new(),
             holds: HashMap::new(),
             manifest_asked: HashSet::new(),
@@ -217,7 +227,7 @@ impl Download {
         holds: bool,
         portion: Option<(u32, u32)>,
     ) {
-        self.have_pending.remove(&peer);
+        let sent = self.have_pending.remove(&peer).flatten();
         self.holds.remove(&peer);
         if self.banned.contains(&peer) || !self.candidates.contains(&peer) {
             return; // dropped, or gone while the answer was on its way
@@ -233,7 +243,14 @@ impl Download {
             return;
         };
         if holds {
-            self.holds.insert(peer, bits.count());
+            let known = bits.count();
+            self.holds.insert(
+                peer,
+                Holds {
+                    known,
+                    quiet: sent == Some(known),
+                },
+            );
         }
         if bits.count() > 0 {
             self.holders.insert(peer);
@@ -366,19 +383,29 @@ impl Download {
         let mut due: Vec<(PeerId, Option<u32>)> = self
             .candidates
             .iter()
-            .filter(|p| !self.have_pending.contains(p) && !self.banned.contains(p))
-            .filter_map(|p| match self.holds.get(p) {
-                Some(known) if long_poll => Some((*p, Some(*known))),
-                _ => self
-                    .last_have
-                    .get(p)
-                    .is_none_or(|t| now.duration_since(*t) >= config.have_refresh)
-                    .then_some((*p, None)),
+            .filter(|p| !self.have_pending.contains_key(p) && !self.banned.contains(p))
+            .filter_map(|p| {
+                let since = |gap: Duration| {
+                    self.last_have
+                        .get(p)
+                        .is_none_or(|t| now.duration_since(*t) >= gap)
+                };
+                match self.holds.get(p) {
+                    // Asked again at once, unless the answer told nothing new: then not
+                    // sooner than a quarter of the refresh after the last ask, so a peer
+                    // that answers at once (a full table, or a liar) is not asked at
+                    // round-trip rate.
+                    Some(h) if long_poll && (!h.quiet || since(config.have_refresh / 4)) => {
+                        Some((*p, Some(h.known)))
+                    }
+                    Some(_) if long_poll => None,
+                    _ => since(config.have_refresh).then_some((*p, None)),
+                }
             })
             .collect();
         due.sort();
         for (peer, known) in due {
-            self.have_pending.insert(peer);
+            self.have_pending.insert(peer, known);
             self.last_have.insert(peer, now);
             steps.push(Step::Ask(peer, Ask::Have { known }));
         }
@@ -616,9 +643,11 @@ mod tests {
         assert!(!d.add_candidate(p[1]), "a banned peer came back");
     }
 
-    /// A peer that holds availability requests is asked again as soon as it answers, with the
-    /// number of chunks it said it held; one that does not, or a node that does not long
-    /// poll, waits for the refresh interval.
+    /// A peer that holds availability requests is asked again as soon as it answers with news,
+    /// carrying the number of chunks it said it held; after an answer with nothing new (a
+    /// freed slot, the wait over, or a peer that answers at once) not sooner than a quarter of
+    /// the refresh interval; a peer that does not hold, or a node that does not long poll,
+    /// waits for the whole interval.
     #[test]
     fn a_peer_that_holds_requests_is_asked_again_at_once_with_what_it_said() {
         let t0 = Instant::now();
@@ -627,38 +656,52 @@ mod tests {
         p.iter().for_each(|p| {
             d.add_candidate(*p);
         });
-        let have = |d: &mut Download, config: &ModelsConfig| -> Vec<(PeerId, Option<u32>)> {
-            d.poll(t0, config, OnDisk::default(), &mut StdRng::seed_from_u64(1))
+        let have = |d: &mut Download, at: Instant, config: &ModelsConfig| {
+            d.poll(at, config, OnDisk::default(), &mut StdRng::seed_from_u64(1))
                 .into_iter()
                 .filter_map(|s| match s {
                     Step::Ask(p, Ask::Have { known }) => Some((p, known)),
                     _ => None,
                 })
-                .collect()
+                .collect::<Vec<(PeerId, Option<u32>)>>()
         };
         let config = ModelsConfig::default();
-        assert_eq!(have(&mut d, &config), vec![(p[0], None), (p[1], None)]);
-        let mut three = Bitfield::new(8);
-        (0..3).for_each(|i| three.set(i));
-        d.on_have(p[0], Some(three.clone()), true, None);
-        d.on_have(p[1], Some(three.clone()), false, None);
-        assert_eq!(have(&mut d, &config), vec![(p[0], Some(3))]);
+        let quarter = config.have_refresh / 4;
+        assert_eq!(have(&mut d, t0, &config), vec![(p[0], None), (p[1], None)]);
+        let bits = |n: u32| {
+            let mut b = Bitfield::new(8);
+            (0..n).for_each(|i| b.set(i));
+            b
+        };
+        d.on_have(p[0], Some(bits(3)), true, None);
+        d.on_have(p[1], Some(bits(3)), false, None);
+        assert_eq!(have(&mut d, t0, &config), vec![(p[0], Some(3))]);
+        d.on_have(p[0], Some(bits(4)), true, None);
+        assert_eq!(have(&mut d, t0, &config), vec![(p[0], Some(4))], "news");
+        d.on_have(p[0], Some(bits(4)), true, None);
+        assert!(have(&mut d, t0, &config).is_empty(), "nothing new");
+        assert_eq!(have(&mut d, t0 + quarter, &config), vec![(p[0], Some(4))]);
         d.on_have(p[0], None, true, None);
         assert!(
-            have(&mut d, &config).is_empty(),
+            have(&mut d, t0 + quarter, &config).is_empty(),
             "no sensible answer: polled"
         );
-        d.on_have(p[0], Some(three), true, None);
+        d.on_have(p[0], Some(bits(3)), true, None);
         let polling = ModelsConfig {
             availability_wait: Duration::ZERO,
             ..ModelsConfig::default()
         };
-        assert!(have(&mut d, &polling).is_empty());
+        assert!(have(&mut d, t0 + quarter, &polling).is_empty());
         d.peer_gone(&p[0]);
         d.add_candidate(p[0]);
         assert!(
-            have(&mut d, &config).is_empty(),
+            have(&mut d, t0 + quarter, &config).is_empty(),
             "forgotten, asked at the refresh"
+        );
+        assert_eq!(
+            have(&mut d, t0 + config.have_refresh, &config),
+            vec![(p[1], None)],
+            "p[1] polled; p[0] was last asked a quarter later"
         );
     }
 

@@ -18,11 +18,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use libp2p::PeerId;
-use p2p_protocol::manifest::VersionId;
+use p2p_protocol::manifest::{Hash32, VersionId};
 use tokio::time::Instant;
 
-/// Most availability requests held at once by one node; beyond it they are answered at once
-/// (as without long polling), so a crowd of requesters cannot pin unbounded state.
+/// Most availability requests held at once by one node; while it holds this many, new ones
+/// are answered at once and the answers say it does not hold requests (so their requesters
+/// poll, as without long polling): a crowd of requesters cannot pin unbounded state.
 pub const MAX_HELD: usize = 1024;
 
 /// Most peers remembered as refused "busy" (each is woken by one freed slot).
@@ -80,6 +81,12 @@ impl<R> HaveWaits<R> {
     /// Whether this node holds requests at all (and says so in its answers).
     pub(super) fn enabled(&self) -> bool {
         !self.wait.is_zero()
+    }
+
+    /// Whether a request arriving now could be held: answers say so (`holds`), and requesters
+    /// that are told no poll every `have_refresh` instead of asking again at once.
+    pub(super) fn accepting(&self) -> bool {
+        self.enabled() && self.held.len() < MAX_HELD
     }
 
     /// Requests held now.
@@ -175,7 +182,7 @@ impl<R> HaveWaits<R> {
         let mut waiting: Vec<(Instant, PeerId)> = self
             .busy
             .iter()
-            .filter(|(p, _)| self.held.keys().any(|(q, _)| q == *p))
+            .filter(|(p, _)| self.holds_any(p))
             .filter_map(|(p, b)| match b {
                 Busy::NoSlot(t) => Some((*t, *p)),
                 Busy::RetryAt(_) => None,
@@ -189,6 +196,15 @@ impl<R> HaveWaits<R> {
             out.extend(self.take_peer(peer));
         }
         out
+    }
+
+    /// Whether a request of `peer` is held (a range lookup: the map is ordered by peer).
+    fn holds_any(&self, peer: &PeerId) -> bool {
+        let first = (*peer, Hash32([0; 32]));
+        self.held
+            .range(first..)
+            .next()
+            .is_some_and(|((p, _), _)| p == peer)
     }
 
     /// Removes and returns `peer`'s held requests.
@@ -269,7 +285,6 @@ impl<R> HaveWaits<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p2p_protocol::manifest::Hash32;
 
     const WAIT: Duration = Duration::from_secs(2);
     const RETRY: Duration = Duration::from_millis(200);
@@ -367,13 +382,22 @@ mod tests {
     fn holding_is_off_at_zero_and_bounded() {
         let (_, a, _, id, now) = setup();
         let mut off: HaveWaits<u32> = HaveWaits::new(Duration::ZERO);
+        assert!(!off.accepting());
         assert_eq!(off.arrive(a, id, Some(1), 1, st(1, 0), now), vec![1]);
         let mut w: HaveWaits<usize> = HaveWaits::new(WAIT);
-        for i in 0..MAX_HELD + 5 {
-            w.arrive(PeerId::random(), id, Some(0), i, st(0, 0), now);
+        w.arrive(a, id, Some(0), 0, st(0, 0), now);
+        for i in 1..MAX_HELD {
+            assert!(w
+                .arrive(PeerId::random(), id, Some(0), i, st(0, 0), now)
+                .is_empty());
         }
+        assert!(!w.accepting(), "full: answers say so, and requesters poll");
+        let over = w.arrive(PeerId::random(), id, Some(0), MAX_HELD, st(0, 0), now);
+        assert_eq!(over, vec![MAX_HELD], "answered at once");
         assert_eq!(w.len(), MAX_HELD);
         w.peer_gone(&a);
-        assert_eq!(w.forget_version(&id).len(), MAX_HELD);
+        assert_eq!(w.len(), MAX_HELD - 1);
+        assert!(w.accepting());
+        assert_eq!(w.forget_version(&id).len(), MAX_HELD - 1);
     }
 }

@@ -752,7 +752,7 @@ impl<'a> Sim<'a> {
     /// `host` answers availability request `r` with what it holds now.
     fn answer_have(&mut self, host: Host, r: RequestId) {
         let h = &self.hosts[host];
-        let answer = Answer::Have(h.have.clone(), h.published, h.waits.enabled());
+        let answer = Answer::Have(h.have.clone(), h.published, h.waits.accepting());
         self.answer(r, answer);
     }
 
@@ -939,10 +939,10 @@ impl<'a> Sim<'a> {
     /// The answer to `request` is sent or dropped: `host` serves the requests that waited
     /// for its slot.
     fn slot_freed(&mut self, host: Host, request: RequestId) {
+        let was_upload = self.hosts[host].uploads.is_uploading(&request);
         let mut next = self.hosts[host].uploads.finished(request);
-        if next.is_none() {
-            let free = self.hosts[host].uploads.free_slots();
-            let woken = self.hosts[host].waits.slots_freed(free);
+        if next.is_none() && was_upload {
+            let woken = self.hosts[host].waits.slots_freed(1);
             for (_, r) in woken {
                 self.answer_have(host, r);
             }

@@ -279,9 +279,9 @@ async fn a_busy_holder_is_left_for_another_one() {
 async fn a_held_availability_request_tells_a_fetcher_of_each_new_chunk() {
     let files = tempfile::tempdir().unwrap();
     let file = model_file(files.path(), 10 * CHUNK as usize - 100);
-    // Chunks leave the publisher at 4 a second after a burst of 4.
+    // Chunks leave the publisher at 2 a second after a burst of 2: about 4 s in all.
     let slow = ModelsConfig {
-        max_upload_rate: Some(4 * u64::from(CHUNK)),
+        max_upload_rate: Some(2 * u64::from(CHUNK)),
         chunk_size: CHUNK,
         ..ModelsConfig::default()
     };

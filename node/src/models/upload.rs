@@ -267,6 +267,11 @@ impl<R: Eq + Hash> Uploads<R> {
         }
     }
 
+    /// Whether `request` holds an upload slot (a chunk being read or sent).
+    pub(super) fn is_uploading(&self, request: &R) -> bool {
+        self.in_flight.contains(request)
+    }
+
     /// Upload slots not taken.
     pub(super) fn free_slots(&self) -> usize {
         self.slots.saturating_sub(self.in_flight.len())
