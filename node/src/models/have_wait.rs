@@ -4,9 +4,9 @@
 //! freed after this node answered the requester "busy" for want of one (or, when the refusal
 //! was its upload rate cap's, a retry interval passed), or [`ModelsConfig::availability_wait`]
 //! passed. Fetchers so learn of a neighbour's new chunk (and of its free slot) one latency
-//! after it happens instead of at their next poll (200 ms apart), which in the swarm
-//! simulator is what left 1,000 fetchers at about 1.9x of the fluid bound
-//! (`testnet/RESULTS.md`). BitTorrent pushes `HAVE` messages on its peer connections for the
+//! after it happens instead of at their next poll (200 ms apart): in the swarm simulator
+//! this took 1,000 fetchers from 1.9x to 1.54x of the fluid bound, and on the 16-host
+//! testnet from 3.1-3.3x to 2.8x (`testnet/RESULTS.md`). BitTorrent pushes `HAVE` messages on its peer connections for the
 //! same reason; over request-response a held request is the push (HTTP long polling).
 //!
 //! The node and the swarm simulator ([`super::sim`]) both run these rules; `R` is what
