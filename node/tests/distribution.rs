@@ -25,6 +25,26 @@ async fn fetch(node: &TestNode, id: VersionId) -> DownloadReport {
         .expect("fetch succeeded")
 }
 
+/// A node that published a fresh `mib` MiB model file (from `seed`, written in `files`) as
+/// `model`: the file's bytes, the node and the version's id.
+async fn publisher_of(
+    files: &std::path::Path,
+    mib: usize,
+    seed: u64,
+    model: &str,
+) -> (Vec<u8>, TestNode, VersionId) {
+    let (path, bytes) = model_file(files, "m.safetensors", mib, seed);
+    let publisher = start_node(vec![]).await;
+    let id = publisher
+        .handle
+        .client
+        .publish(&path, model)
+        .await
+        .unwrap()
+        .id;
+    (bytes, publisher, id)
+}
+
 /// Exports `id` from `node` and checks the bytes.
 async fn assert_holds(node: &TestNode, id: VersionId, expected: &[u8]) {
     let out = node.dir.path().join("exported.safetensors");
@@ -95,15 +115,7 @@ async fn eight_nodes_get_identical_bytes_and_the_swarm_carries_most_uploads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_serving_corrupt_chunks_is_dropped_and_honest_nodes_finish() {
     let files = tempfile::tempdir().unwrap();
-    let (path, bytes) = model_file(files.path(), "m.safetensors", 8, 2);
-    let publisher = start_node(vec![]).await;
-    let id = publisher
-        .handle
-        .client
-        .publish(&path, "corrupt-test")
-        .await
-        .unwrap()
-        .id;
+    let (bytes, publisher, id) = publisher_of(files.path(), 8, 2, "corrupt-test").await;
     // The liar first gets a good copy, then serves it with flipped bytes.
     let liar = start_node_with(vec![publisher.bootstrap_addr()], |c| {
         c.models.corrupt_uploads = true;
@@ -140,15 +152,7 @@ async fn a_peer_serving_corrupt_chunks_is_dropped_and_honest_nodes_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetchers_finish_after_the_publisher_leaves() {
     let files = tempfile::tempdir().unwrap();
-    let (path, bytes) = model_file(files.path(), "m.safetensors", 8, 3);
-    let publisher = start_node(vec![]).await;
-    let id = publisher
-        .handle
-        .client
-        .publish(&path, "leave-test")
-        .await
-        .unwrap()
-        .id;
+    let (bytes, publisher, id) = publisher_of(files.path(), 8, 3, "leave-test").await;
     let first = start_node(vec![publisher.bootstrap_addr()]).await;
     fetch(&first, id).await;
     let mut rest = Vec::new();
@@ -172,15 +176,7 @@ async fn fetchers_finish_after_the_publisher_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_not_kept_moves_the_file_out_of_the_store() {
     let files = tempfile::tempdir().unwrap();
-    let (path, bytes) = model_file(files.path(), "m.safetensors", 4, 7);
-    let publisher = start_node(vec![]).await;
-    let id = publisher
-        .handle
-        .client
-        .publish(&path, "export-test")
-        .await
-        .unwrap()
-        .id;
+    let (bytes, publisher, id) = publisher_of(files.path(), 4, 7, "export-test").await;
     let fetcher = start_node(vec![publisher.bootstrap_addr()]).await;
     fetch(&fetcher, id).await;
     assert_holds(&fetcher, id, &bytes).await; // kept: a copy

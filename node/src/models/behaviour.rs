@@ -933,7 +933,7 @@ impl Behaviour {
         // A chunk's slot freed and no request waited for it: the peer answered "busy" longest
         // ago learns that it is free (one per freed slot; other answers sent free none).
         if was_upload {
-            for (id, answer) in self.have_waits.slots_freed(1) {
+            for (id, answer) in self.have_waits.slot_freed() {
                 self.answer_have(&id, answer);
             }
         }

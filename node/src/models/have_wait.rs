@@ -173,13 +173,10 @@ impl<R> HaveWaits<R> {
         self.busy.insert(peer, mark);
     }
 
-    /// `free` upload slots are free: as many peers that were answered "busy" (longest ago
-    /// first) and have a request held are answered, with every version they asked about.
-    pub(super) fn slots_freed(&mut self, free: usize) -> Vec<(VersionId, R)> {
-        if free == 0 || self.busy.is_empty() {
-            return Vec::new();
-        }
-        let mut waiting: Vec<(Instant, PeerId)> = self
+    /// An upload slot freed: the peer answered "busy" for want of a slot longest ago that has
+    /// a request held is answered, with every version it asked about.
+    pub(super) fn slot_freed(&mut self) -> Vec<(VersionId, R)> {
+        let longest = self
             .busy
             .iter()
             .filter(|(p, _)| self.holds_any(p))
@@ -187,15 +184,12 @@ impl<R> HaveWaits<R> {
                 Busy::NoSlot(t) => Some((*t, *p)),
                 Busy::RetryAt(_) => None,
             })
-            .collect();
-        waiting.sort();
-        waiting.truncate(free);
-        let mut out = Vec::new();
-        for (_, peer) in waiting {
-            self.busy.remove(&peer);
-            out.extend(self.take_peer(peer));
-        }
-        out
+            .min();
+        let Some((_, peer)) = longest else {
+            return Vec::new();
+        };
+        self.busy.remove(&peer);
+        self.take_peer(peer)
     }
 
     /// Whether a request of `peer` is held (a range lookup: the map is ordered by peer).
@@ -344,9 +338,9 @@ mod tests {
         }
         w.refused_busy(b, 0, RETRY, now);
         w.refused_busy(a, 0, RETRY, now + Duration::from_millis(1));
-        assert_eq!(w.slots_freed(1), vec![(id, 2)]);
-        assert_eq!(w.slots_freed(1), vec![(id, 1)]);
-        assert!(w.slots_freed(4).is_empty(), "c was never refused");
+        assert_eq!(w.slot_freed(), vec![(id, 2)]);
+        assert_eq!(w.slot_freed(), vec![(id, 1)]);
+        assert!(w.slot_freed().is_empty(), "c was never refused");
         w.refused_busy(a, 0, RETRY, now);
         assert_eq!(w.arrive(a, id, Some(5), 4, st(5, 1), now), vec![4]);
         assert_eq!(
@@ -363,7 +357,7 @@ mod tests {
         let (mut w, a, _, id, now) = setup();
         w.arrive(a, id, Some(5), 1, st(5, 2), now);
         w.refused_busy(a, 2, RETRY, now);
-        assert!(w.slots_freed(4).is_empty());
+        assert!(w.slot_freed().is_empty());
         assert!(w.expired(now + RETRY / 2).is_empty());
         assert_eq!(w.expired(now + RETRY), vec![(id, 1)]);
         w.refused_busy(a, 2, RETRY, now);

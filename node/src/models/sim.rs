@@ -942,7 +942,7 @@ impl<'a> Sim<'a> {
         let was_upload = self.hosts[host].uploads.is_uploading(&request);
         let mut next = self.hosts[host].uploads.finished(request);
         if next.is_none() && was_upload {
-            let woken = self.hosts[host].waits.slots_freed(1);
+            let woken = self.hosts[host].waits.slot_freed();
             for (_, r) in woken {
                 self.answer_have(host, r);
             }

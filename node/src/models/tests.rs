@@ -151,24 +151,24 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Bytes of version `id` that `node` uploaded.
-fn sent_by(node: &Node, id: VersionId) -> u64 {
+/// What `node` reports of version `id`, if it holds it.
+fn info(node: &Node, id: VersionId) -> Option<super::ModelInfo> {
+    let hex = id.to_hex();
     node.swarm
         .behaviour()
         .models()
-        .iter()
-        .find(|m| m.id == id.to_hex())
-        .map_or(0, |m| m.bytes_uploaded)
+        .into_iter()
+        .find(|m| m.id == hex)
+}
+
+/// Bytes of version `id` that `node` uploaded.
+fn sent_by(node: &Node, id: VersionId) -> u64 {
+    info(node, id).map_or(0, |m| m.bytes_uploaded)
 }
 
 /// Chunks of version `id` that `node` holds, verified.
 fn held(node: &Node, id: VersionId) -> u32 {
-    node.swarm
-        .behaviour()
-        .models()
-        .iter()
-        .find(|m| m.id == id.to_hex())
-        .map_or(0, |m| m.chunks_held)
+    info(node, id).map_or(0, |m| m.chunks_held)
 }
 
 /// Runs every node until `done` holds of them (at most 60 s), collecting events.
