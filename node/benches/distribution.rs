@@ -10,7 +10,9 @@
 //!    runs in 1 MiB chunks (the default) and in 256 KiB chunks.
 //! 2. The whole `p2p-node fetch --out` process (start, join, resolve, download, write the file,
 //!    exit) pulling 1 GiB from one publisher on loopback, against the minimal request-response
-//!    transfer of the same 1 GiB measured in the same run (`-- whole`).
+//!    transfer of the same 1 GiB measured in the same run, with and without writing it to disk,
+//!    and the time to write 1 GiB into a new file (what the page cache costs on this machine)
+//!    (`-- whole`).
 //! 3. Eight local nodes receiving one 64 MiB version from one publisher: time until the last
 //!    node holds it, and how many copies the publisher uploaded.
 
@@ -129,6 +131,43 @@ async fn raw_throughput(total_mib: u32, depth: u32, to_disk: bool) -> f64 {
     f64::from(total_mib) / started.elapsed().as_secs_f64()
 }
 
+/// Touches, then frees, `mib` MiB of memory (at most half of what the system has available),
+/// so that the next transfer's new page-cache pages are ones the host backs already. On VMs
+/// that return free memory to the host (virtio balloon free page reporting), a page the guest
+/// has not used for a while costs a host fault on first touch: on the development VM, writing
+/// 1 GiB into new page-cache pages took 1.7-2.7 s of CPU instead of 0.1-0.3 s. A fetch's setup
+/// (the publisher's file and store copy, the expected bytes) uses up the recently freed pages,
+/// so without this its download, and not the raw transfer's, would pay that cost (ours: 274-302
+/// MiB/s without, 321-357 with, in one session). Bare-metal hosts have no such cost.
+fn back_free_memory(mib: usize) {
+    let available_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map_or(0, |kib| kib / 1024);
+    let touched = vec![1u8; mib.min(available_mib / 2) * MIB];
+    std::hint::black_box(&touched);
+}
+
+/// Seconds to write `mib` MiB in 1 MiB pieces into a new file, without syncing: what the
+/// page cache alone costs a download on this machine. Where the host backs the guest's memory
+/// lazily (VMs that return free memory to the host), every new page-cache page costs a host
+/// fault, and this takes several times longer than rewriting pages the guest freed recently.
+fn new_file_write_seconds(mib: usize) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("data")).unwrap();
+    let piece = common::pseudo_random(MIB, 7);
+    let started = Instant::now();
+    for i in 0..mib {
+        file.write_all_at(&piece, (i * MIB) as u64).unwrap();
+    }
+    started.elapsed().as_secs_f64()
+}
+
 /// A publisher holding a fresh `mib` MiB version (from `seed`) in chunks of `chunk` bytes
 /// (`None`: the default): the temp dir holding its file, the file's bytes, the
 /// node and the version's id.
@@ -170,6 +209,7 @@ async fn single_fetch_throughput(mib: usize, chunk: Option<u32>) -> f64 {
 /// from one publisher, timed from the process's start to its exit; the file is checked.
 async fn whole_process_fetch(mib: usize) -> f64 {
     let (files, bytes, publisher, id) = publisher_of(mib, 3, None).await;
+    back_free_memory(4 * mib);
     let data = tempfile::tempdir().unwrap();
     let out = files.path().join("out.safetensors");
     let started = Instant::now();
@@ -268,17 +308,24 @@ fn main() {
             let depth = ModelsConfig::default().max_requests_per_peer as u32;
             let mib = 1024;
             let _ = raw_throughput(64, depth, false).await;
-            let (mut raw, mut ours) = (Vec::new(), Vec::new());
+            let (mut raw, mut raw_disk, mut ours, mut page_cache) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..2 {
                 raw.push(raw_throughput(mib as u32, depth, false).await);
+                back_free_memory(4 * mib);
+                raw_disk.push(raw_throughput(mib as u32, depth, true).await);
                 ours.push(whole_process_fetch(mib).await);
+                back_free_memory(4 * mib);
+                page_cache.push(new_file_write_seconds(mib));
             }
             let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
             println!(
-                "whole fetch process, loopback, {mib} MiB (start, join, download, --out, exit): p2p-node fetch {:.0} MiB/s; raw request-response {:.0} MiB/s; ratio {:.2}; runs: ours {ours:.0?}, raw {raw:.0?}",
+                "whole fetch process, loopback, {mib} MiB (start, join, download, --out, exit): p2p-node fetch {:.0} MiB/s; raw request-response {:.0} MiB/s (ratio {:.2}); raw request-response writing to disk {:.0} MiB/s (ratio {:.2}); writing {mib} MiB into a new file took {page_cache:.2?} s; runs: ours {ours:.0?}, raw {raw:.0?}, raw+disk {raw_disk:.0?}",
                 best(&ours),
                 best(&raw),
                 best(&ours) / best(&raw),
+                best(&raw_disk),
+                best(&ours) / best(&raw_disk),
             );
         }
         if wants("swarm") {
