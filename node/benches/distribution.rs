@@ -11,7 +11,7 @@
 //! 2. The whole `p2p-node fetch --out` process (start, join, resolve, download, write the file,
 //!    exit) pulling 1 GiB from one publisher on loopback, against the minimal request-response
 //!    transfer of the same 1 GiB measured in the same run, with and without writing it to disk,
-//!    and the time to write 1 GiB into a new file (what the page cache costs on this machine)
+//!    and the time to write 1 GiB into a new file after the same warm-up (whether it worked)
 //!    (`-- whole`).
 //! 3. Eight local nodes receiving one 64 MiB version from one publisher: time until the last
 //!    node holds it, and how many copies the publisher uploaded.
@@ -138,7 +138,8 @@ async fn raw_throughput(total_mib: u32, depth: u32, to_disk: bool) -> f64 {
 /// 1 GiB into new page-cache pages took 1.7-2.7 s of CPU instead of 0.1-0.3 s. A fetch's setup
 /// (the publisher's file and store copy, the expected bytes) uses up the recently freed pages,
 /// so without this its download, and not the raw transfer's, would pay that cost (ours: 274-302
-/// MiB/s without, 321-357 with, in one session). Bare-metal hosts have no such cost.
+/// MiB/s without, 321-357 with, in one session). Bare-metal hosts have no such cost. Without
+/// `/proc/meminfo` nothing is touched.
 fn back_free_memory(mib: usize) {
     let available_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -152,10 +153,9 @@ fn back_free_memory(mib: usize) {
     std::hint::black_box(&touched);
 }
 
-/// Seconds to write `mib` MiB in 1 MiB pieces into a new file, without syncing: what the
-/// page cache alone costs a download on this machine. Where the host backs the guest's memory
-/// lazily (VMs that return free memory to the host), every new page-cache page costs a host
-/// fault, and this takes several times longer than rewriting pages the guest freed recently.
+/// Seconds to write `mib` MiB in 1 MiB pieces into a new file, without syncing. Measured right
+/// after [`back_free_memory`], it shows whether the warm-up worked: 0.2-0.3 s per GiB on the
+/// development VM when it did, 1.7-2.7 s when the pages were new to the host.
 fn new_file_write_seconds(mib: usize) -> f64 {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
