@@ -494,6 +494,14 @@ mod tests {
 
     /// A download of `chunks` chunks whose manifest is held, with `peers` candidates each
     /// holding every chunk.
+    /// `d` with `peers` added as candidates, nothing heard from them yet.
+    fn with_candidates(mut d: Download, peers: &[PeerId]) -> Download {
+        for p in peers {
+            d.add_candidate(*p);
+        }
+        d
+    }
+
     fn started(chunks: u32, peers: &[PeerId], now: Instant) -> Download {
         let mut d = Download::new(None, now);
         d.start(Picker::new(Bitfield::new(chunks), 4, 2), 0, 0);
@@ -510,10 +518,7 @@ mod tests {
     fn the_manifest_is_asked_of_one_peer_at_a_time_and_again_after_a_pause() {
         let t0 = Instant::now();
         let p = peers(2);
-        let mut d = Download::new(None, t0);
-        p.iter().for_each(|p| {
-            d.add_candidate(*p);
-        });
+        let mut d = with_candidates(Download::new(None, t0), &p);
         let first = poll(&mut d, t0, OnDisk::default());
         assert_eq!(first[0], Step::FindProviders);
         assert_eq!(asks(&first, |a| *a == Ask::Manifest), vec![p[0]]);
@@ -543,10 +548,7 @@ mod tests {
         let t0 = Instant::now();
         let p = peers(3);
         let publisher = p[2];
-        let mut d = Download::new(Some(publisher), t0);
-        p.iter().for_each(|p| {
-            d.add_candidate(*p);
-        });
+        let mut d = with_candidates(Download::new(Some(publisher), t0), &p);
         let manifest = |a: &Ask| *a == Ask::Manifest;
         assert_eq!(
             asks(&poll(&mut d, t0, OnDisk::default()), manifest),
@@ -585,10 +587,7 @@ mod tests {
     fn availability_is_refreshed_per_peer_and_never_asked_of_a_banned_peer() {
         let t0 = Instant::now();
         let p = peers(2);
-        let mut d = started(8, &[], t0);
-        p.iter().for_each(|p| {
-            d.add_candidate(*p);
-        });
+        let mut d = with_candidates(started(8, &[], t0), &p);
         assert_eq!(
             asks(&poll(&mut d, t0, OnDisk::default()), |a| matches!(
                 a,
@@ -628,10 +627,7 @@ mod tests {
     fn a_peer_that_holds_requests_is_asked_again_at_once_with_what_it_said() {
         let t0 = Instant::now();
         let p = peers(2);
-        let mut d = started(8, &[], t0);
-        p.iter().for_each(|p| {
-            d.add_candidate(*p);
-        });
+        let mut d = with_candidates(started(8, &[], t0), &p);
         let have = |d: &mut Download, at: Instant, config: &ModelsConfig| {
             d.poll(at, config, OnDisk::default(), &mut StdRng::seed_from_u64(1))
                 .into_iter()
@@ -747,10 +743,7 @@ mod tests {
     fn peers_without_the_version_do_not_narrow_the_pipeline_to_the_holder() {
         let t0 = Instant::now();
         let p = peers(5);
-        let mut d = Download::new(Some(p[0]), t0);
-        p.iter().for_each(|p| {
-            d.add_candidate(*p);
-        });
+        let mut d = with_candidates(Download::new(Some(p[0]), t0), &p);
         d.start(
             Picker::new(Bitfield::new(16), 4, 1).with_max_in_flight(4),
             0,
