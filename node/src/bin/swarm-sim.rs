@@ -158,7 +158,7 @@ fn print_row(out: &mut impl Write, seed: u64, r: &SimReport, wall: f64) -> io::R
     let slowest = r.times.last().copied().unwrap_or(f64::NAN);
     writeln!(
         out,
-        "{seed:>5} {:>8} {:>9} {:>9} {:>8.2}s {:>7} {:>8} {:>9.2} {:>9} {:>7.0}% {:>7.0}% {:>7} {:>6.1}%  {:>6} {wall:>7.1}s",
+        "{seed:>5} {:>8} {:>9} {:>9} {:>8.2}s {:>7} {:>8} {:>9.2} {:>9} {:>7.0}% {:>7.0}% {:>7} {:>6.1}% {:>7} {:>7} {:>7} {:>7}  {:>6} {wall:>7.1}s",
         r.times.len(),
         figure(median, 2, "s"),
         figure(slowest, 2, "s"),
@@ -171,6 +171,10 @@ fn print_row(out: &mut impl Write, seed: u64, r: &SimReport, wall: f64) -> io::R
         100.0 * r.fetcher_utilization,
         r.left,
         100.0 * r.busy as f64 / r.requests.max(1) as f64,
+        figure(r.spread_half, 2, "s"),
+        figure(r.spread_all, 2, "s"),
+        figure(r.last_chunk_half, 2, "s"),
+        figure(r.download_idle, 2, "s"),
         r.unfinished,
     )
 }
@@ -208,8 +212,8 @@ fn simulate(args: &Args, out: &mut impl Write) -> io::Result<ExitCode> {
         )?;
         writeln!(
             out,
-            "{:>5} {:>8} {:>9} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7} {:>7}  {:>6} {:>8}",
-            "seed", "finished", "median", "slowest", "T_min", "med/T", "slow/T", "pub.copies", "1st copy", "pub.use", "fet.use", "left", "busy", "unfin.", "wall"
+            "{:>5} {:>8} {:>9} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}  {:>6} {:>8}",
+            "seed", "finished", "median", "slowest", "T_min", "med/T", "slow/T", "pub.copies", "1st copy", "pub.use", "fet.use", "left", "busy", "half", "all", "last½", "idle", "unfin.", "wall"
         )?;
     }
     for k in 0..args.runs.max(1) {

@@ -185,6 +185,19 @@ pub struct SimReport {
     pub busy: u64,
     /// Chunk requests answered "not found".
     pub not_found: u64,
+    /// How fast the swarm passes a chunk on: the median over chunks of the seconds from a
+    /// chunk's first leaving the publisher until half of the fetchers (those that left
+    /// included) had verified it. Chunks that never reached half are left out; NaN if none did.
+    pub spread_half: f64,
+    /// The same until the last fetcher to verify a chunk did (every fetcher, without churn).
+    pub spread_all: f64,
+    /// The same as `spread_half` for the chunk whose first copy left the publisher last: how
+    /// long the end of a download waits on the swarm after the publisher's part is done.
+    pub last_chunk_half: f64,
+    /// The median over the fetchers that completed of the seconds their download link carried
+    /// no chunk, from their first request (start plus `startup`) to their last chunk's
+    /// arrival.
+    pub download_idle: f64,
     /// Chunks received twice (endgame duplicates that were not cancelled in time).
     pub duplicates: u64,
     /// Events processed.
@@ -382,6 +395,10 @@ struct HostState {
     started: Option<Nanos>,
     finished: Option<Nanos>,
     alive: bool,
+    /// When the download link last carried no chunk from (the last flow in ended, or the
+    /// first request went out), and how long it has carried none in all since then.
+    idle_since: Nanos,
+    idle: Nanos,
 }
 
 struct Sim<'a> {
@@ -404,6 +421,12 @@ struct Sim<'a> {
     /// Times each chunk left the publisher, and when the last first copy did.
     publisher_sent: Vec<u32>,
     first_copy: Option<Nanos>,
+    /// Per chunk: when its first copy left the publisher, how many fetchers verified it, and
+    /// when the last of them and when half of the fetchers did.
+    first_left: Vec<Option<Nanos>>,
+    verified_by: Vec<u32>,
+    last_verified: Vec<Option<Nanos>>,
+    half_verified: Vec<Option<Nanos>>,
     requests_sent: u64,
     busy: u64,
     not_found: u64,
@@ -450,6 +473,8 @@ impl<'a> Sim<'a> {
                     started: None,
                     finished: None,
                     alive: true,
+                    idle_since: 0,
+                    idle: 0,
                 }
             })
             .collect();
@@ -474,6 +499,10 @@ impl<'a> Sim<'a> {
             fetcher_bytes: 0.0,
             publisher_sent: vec![0; chunks as usize],
             first_copy: None,
+            first_left: vec![None; chunks as usize],
+            verified_by: vec![0; chunks as usize],
+            last_verified: vec![None; chunks as usize],
+            half_verified: vec![None; chunks as usize],
             requests_sent: 0,
             busy: 0,
             not_found: 0,
@@ -580,8 +609,9 @@ impl<'a> Sim<'a> {
         if !self.hosts[h].alive {
             return;
         }
-        self.hosts[h].started = Some(self.now);
         let startup = nanos(self.config.startup);
+        self.hosts[h].started = Some(self.now);
+        self.hosts[h].idle_since = self.now.saturating_add(startup);
         let publisher = self.hosts[0].peer;
         let mut d = Download::new(Some(publisher), self.instant());
         d.add_holder(publisher);
@@ -848,7 +878,12 @@ impl<'a> Sim<'a> {
             },
         );
         self.hosts[src].up.push(f);
-        self.hosts[dst].down.push(f);
+        let now = self.now;
+        let d = &mut self.hosts[dst];
+        if d.down.is_empty() {
+            d.idle += now.saturating_sub(d.idle_since);
+        }
+        d.down.push(f);
         self.rebalance(&[src, dst]);
     }
 
@@ -893,6 +928,9 @@ impl<'a> Sim<'a> {
         let flow = self.flows.remove(&f)?;
         self.hosts[flow.src].up.retain(|x| *x != f);
         self.hosts[flow.dst].down.retain(|x| *x != f);
+        if self.hosts[flow.dst].down.is_empty() {
+            self.hosts[flow.dst].idle_since = self.now;
+        }
         let elapsed = (self.now - flow.since) as f64 / 1e9;
         let sent = flow.bytes - (flow.remaining - flow.rate * elapsed).max(0.0);
         if flow.src == 0 {
@@ -921,6 +959,7 @@ impl<'a> Sim<'a> {
             if let Ask::Chunk(index) = sent {
                 if flow.src == 0 {
                     self.publisher_sent[index as usize] += 1;
+                    self.first_left[index as usize].get_or_insert(self.now);
                     if self.first_copy.is_none() && self.publisher_sent.iter().all(|c| *c > 0) {
                         self.first_copy = Some(self.now);
                     }
@@ -1025,6 +1064,12 @@ impl<'a> Sim<'a> {
             return;
         }
         self.hosts[h].have.set(index);
+        let i = index as usize;
+        self.verified_by[i] += 1;
+        self.last_verified[i] = Some(self.now);
+        if self.verified_by[i] as usize * 2 >= self.config.fetchers {
+            self.half_verified[i].get_or_insert(self.now);
+        }
         let (id, count) = (self.id, self.hosts[h].have.count());
         let told = self.hosts[h].waits.chunks_changed(&id, count);
         for r in told {
@@ -1102,7 +1147,29 @@ impl<'a> Sim<'a> {
         let g = self.config.goodput;
         let end = (self.now as f64 / 1e9).max(1e-9);
         let fetcher_up: f64 = self.hosts[1..].iter().map(|h| h.link.up).sum();
+        // Seconds from chunk i's first leaving the publisher until `at[i]`.
+        let spread = |at: &[Option<Nanos>], i: usize| {
+            Some(at[i]?.saturating_sub(self.first_left[i]?) as f64 / 1e9)
+        };
+        let median_spread = |at: &[Option<Nanos>]| {
+            let mut s: Vec<f64> = (0..at.len()).filter_map(|i| spread(at, i)).collect();
+            s.sort_by(f64::total_cmp);
+            s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        let last_out = (0..self.first_left.len()).max_by_key(|i| self.first_left[*i]);
+        let mut idle: Vec<f64> = self.hosts[1..]
+            .iter()
+            .filter(|h| h.alive && h.finished.is_some())
+            .map(|h| h.idle as f64 / 1e9)
+            .collect();
+        idle.sort_by(f64::total_cmp);
         SimReport {
+            spread_half: median_spread(&self.half_verified),
+            spread_all: median_spread(&self.last_verified),
+            download_idle: idle.get(idle.len() / 2).copied().unwrap_or(f64::NAN),
+            last_chunk_half: last_out
+                .and_then(|i| spread(&self.half_verified, i))
+                .unwrap_or(f64::NAN),
             first_copy: self.first_copy.map_or(f64::NAN, |t| t as f64 / 1e9),
             publisher_utilization: self.publisher_bytes / (g * self.hosts[0].link.up * end),
             fetcher_utilization: self.fetcher_bytes / (g * fetcher_up * end),
@@ -1194,6 +1261,24 @@ mod tests {
         assert!(report.times[0] >= report.t_min * 0.999, "{report:?}");
         assert!(report.publisher_copies >= 0.999, "{report:?}");
         assert!(report.slowest_ratio < 3.0, "{report:?}");
+    }
+
+    #[test]
+    fn chunks_spread_no_faster_than_one_full_rate_transfer_and_reach_everyone_in_time() {
+        let config = small(8);
+        let report = run(&config).unwrap();
+        // One chunk at the full goodput of a fetcher's uplink: reaching half of the fetchers
+        // takes at least one more transfer after the publisher's.
+        let chunk_time = config.models.chunk_size as f64 / (config.goodput * config.classes[0].up);
+        assert!(report.spread_half >= chunk_time, "{report:?}");
+        assert!(report.last_chunk_half >= chunk_time, "{report:?}");
+        assert!(report.spread_all >= report.spread_half, "{report:?}");
+        // Every chunk is everywhere when the slowest fetcher (all start at 0) completes.
+        let slowest = report.times.last().copied().unwrap();
+        assert!(report.spread_all <= slowest, "{report:?}");
+        // A fetcher's downlink idles for less than its whole download.
+        assert!(report.download_idle >= 0.0, "{report:?}");
+        assert!(report.download_idle < report.times[0], "{report:?}");
     }
 
     #[test]
