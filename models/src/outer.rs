@@ -40,6 +40,11 @@ impl OuterOptimizer {
 
     /// Applies the pseudo-gradient `g` to `params` (same length, else an error).
     pub fn step(&mut self, params: &mut [f32], g: &[f32]) -> Result<()> {
+        self.step_at_most(params, g, f64::INFINITY)
+    }
+
+    /// [`Self::step`] with the learning rate capped at `max_rate` for this step only.
+    pub fn step_at_most(&mut self, params: &mut [f32], g: &[f32], max_rate: f64) -> Result<()> {
         if params.len() != g.len() {
             return Err(Error::Params(format!(
                 "a pseudo-gradient of {} values for {} parameters",
@@ -50,7 +55,10 @@ impl OuterOptimizer {
         if self.velocity.len() != params.len() {
             self.velocity = vec![0.0; params.len()];
         }
-        let (lr, mu) = (self.learning_rate as f32, self.momentum as f32);
+        let (lr, mu) = (
+            self.learning_rate.min(max_rate) as f32,
+            self.momentum as f32,
+        );
         for ((p, g), v) in params.iter_mut().zip(g).zip(self.velocity.iter_mut()) {
             *v = mu * *v + g;
             let update = if self.nesterov { g + mu * *v } else { *v };
@@ -132,6 +140,19 @@ mod tests {
             .step(&mut params, &average)
             .unwrap();
         assert!((params[0] - 0.7).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_capped_step_uses_the_lower_rate_for_that_step_only() {
+        let mut params = vec![0.0f32];
+        let mut opt = OuterOptimizer::new(2.0, 0.0, false);
+        opt.step_at_most(&mut params, &[1.0], 1.0).unwrap();
+        assert_eq!(params, [-1.0]);
+        opt.step(&mut params, &[1.0]).unwrap();
+        assert_eq!(params, [-3.0]);
+        // A cap above the learning rate changes nothing.
+        opt.step_at_most(&mut params, &[1.0], 5.0).unwrap();
+        assert_eq!(params, [-5.0]);
     }
 
     #[test]

@@ -302,7 +302,9 @@ pub struct RunSpec {
     #[serde(default = "default_inner_steps")]
     pub inner_steps: u64,
     /// With `averaging = "outer"`: the outer optimizer's learning rate (1 with no momentum:
-    /// plain model averaging).
+    /// plain model averaging). A round is applied at no more than the number of
+    /// pseudo-gradients it averaged, so that a round holding only a node's own does not
+    /// multiply it.
     #[serde(default = "default_outer_learning_rate")]
     pub outer_learning_rate: f64,
     /// With `averaging = "outer"`: the outer optimizer's momentum. DiLoCo uses 0.9 with an

@@ -266,6 +266,11 @@ impl OuterLoop {
         Ok(averaged)
     }
 
+    /// Applies the oldest round being gathered to θ, at a learning rate of at most the
+    /// number of pseudo-gradients it averaged: a step never exceeds their sum (before
+    /// momentum). A round that holds only this node's own is so applied at 1 at most, where
+    /// `outer_learning_rate = 2` doubled it and made every host of an 8-host testnet run
+    /// diverge (`testnet/RESULTS.md`).
     fn apply_oldest(&mut self) -> p2p_models::Result<u32> {
         let Some(g) = self.gathering.pop_front() else {
             return Ok(0);
@@ -274,7 +279,8 @@ impl OuterLoop {
             self.applied_counts.pop_front();
         }
         self.applied_counts.push_back(g.count);
-        self.optimizer.step(&mut self.outer, &g.average())?;
+        self.optimizer
+            .step_at_most(&mut self.outer, &g.average(), f64::from(g.count))?;
         Ok(g.count)
     }
 
@@ -370,7 +376,7 @@ impl OuterLoop {
         let mut outer = self.outer.clone();
         let mut optimizer = self.optimizer.clone();
         for g in &self.gathering {
-            optimizer.step(&mut outer, &g.average())?;
+            optimizer.step_at_most(&mut outer, &g.average(), f64::from(g.count))?;
         }
         Ok(outer)
     }
@@ -484,6 +490,33 @@ mod tests {
         );
         assert_eq!(ba2.params, a.outer_params().to_vec());
         assert_eq!(bb2.round, 2);
+    }
+
+    /// An outer step never moves θ farther than the sum of the pseudo-gradients its round
+    /// averaged (before momentum): a round that holds only this node's own is applied at a
+    /// learning rate of at most 1, a pair at most 2. Without the cap, lr 2 doubled a lone
+    /// node's own step, and every host of an 8-host testnet run diverged.
+    #[test]
+    fn the_outer_learning_rate_is_capped_at_the_pseudo_gradients_averaged() {
+        let spec = spec("f32", 2.0, 0.0);
+        let mut a = OuterLoop::new(&spec, vec![1.0f32, 2.0, 3.0]);
+        let first = a.boundary(&[0.8, 1.8, 2.8]).unwrap();
+        // Round 1 holds only a's own 0.2: applied at lr 1, not 2.
+        let second = a.boundary(&first.params).unwrap();
+        assert_eq!(second.averaged, 1);
+        for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
+            assert!((s - 0.2 - p).abs() < 1e-6, "{:?}", a.outer_params());
+        }
+        // Round 2: a did not move (0), a peer moved 0.4. Their mean 0.2 at lr 2 is their sum.
+        assert_eq!(
+            a.receive(PeerId::random(), second.round, &[0.4, 0.4, 0.4]),
+            Received::Used
+        );
+        let third = a.boundary(&second.params).unwrap();
+        assert_eq!(third.averaged, 2);
+        for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
+            assert!((s - 0.6 - p).abs() < 1e-6, "{:?}", a.outer_params());
+        }
     }
 
     /// The model a node evaluates and checkpoints is θ with what arrived for the rounds being
