@@ -302,9 +302,10 @@ pub struct RunSpec {
     #[serde(default = "default_inner_steps")]
     pub inner_steps: u64,
     /// With `averaging = "outer"`: the outer optimizer's learning rate (1 with no momentum:
-    /// plain model averaging). A round is applied at no more than the number of
-    /// pseudo-gradients it averaged, so that a round holding only a node's own does not
-    /// multiply it.
+    /// plain model averaging). A round's learning rate is capped at the number of
+    /// pseudo-gradients it averaged, so that before momentum a step never exceeds their sum
+    /// (a lone round's pseudo-gradient still enters the momentum, which later steps apply at
+    /// the full rate).
     #[serde(default = "default_outer_learning_rate")]
     pub outer_learning_rate: f64,
     /// With `averaging = "outer"`: the outer optimizer's momentum. DiLoCo uses 0.9 with an

@@ -501,7 +501,11 @@ mod tests {
         let spec = spec("f32", 2.0, 0.0);
         let mut a = OuterLoop::new(&spec, vec![1.0f32, 2.0, 3.0]);
         let first = a.boundary(&[0.8, 1.8, 2.8]).unwrap();
-        // Round 1 holds only a's own 0.2: applied at lr 1, not 2.
+        // Round 1 holds only a's own 0.2: previewed and applied at lr 1, not 2.
+        let preview = a.preview().unwrap();
+        for (p, s) in preview.iter().zip([1.0f32, 2.0, 3.0]) {
+            assert!((s - 0.2 - p).abs() < 1e-6, "{preview:?}");
+        }
         let second = a.boundary(&first.params).unwrap();
         assert_eq!(second.averaged, 1);
         for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
@@ -512,10 +516,17 @@ mod tests {
             a.receive(PeerId::random(), second.round, &[0.4, 0.4, 0.4]),
             Received::Used
         );
-        let third = a.boundary(&second.params).unwrap();
+        // Phase 3 moves a by 0.2 again.
+        let moved: Vec<f32> = second.params.iter().map(|p| p - 0.2).collect();
+        let third = a.boundary(&moved).unwrap();
         assert_eq!(third.averaged, 2);
         for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
             assert!((s - 0.6 - p).abs() < 1e-6, "{:?}", a.outer_params());
+        }
+        // Round 3 holds a's 0.2 alone: finishing applies it at lr 1 as well (0.8 in all).
+        assert_eq!(a.finish().unwrap(), 1);
+        for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
+            assert!((s - 0.8 - p).abs() < 1e-6, "{:?}", a.outer_params());
         }
     }
 
