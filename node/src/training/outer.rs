@@ -269,8 +269,8 @@ impl OuterLoop {
     /// Applies the oldest round being gathered to θ, at a learning rate of at most the
     /// number of pseudo-gradients it averaged: a step never exceeds their sum (before
     /// momentum). A round that holds only this node's own is so applied at 1 at most, where
-    /// `outer_learning_rate = 2` doubled it and made every host of an 8-host testnet run
-    /// diverge (`testnet/RESULTS.md`).
+    /// `outer_learning_rate = 2` doubled it; before the cap, every host of an 8-host testnet
+    /// run at lr 2 diverged, with it none did (`testnet/RESULTS.md`).
     fn apply_oldest(&mut self) -> p2p_models::Result<u32> {
         let Some(g) = self.gathering.pop_front() else {
             return Ok(0);
