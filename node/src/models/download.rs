@@ -492,8 +492,6 @@ mod tests {
             .collect()
     }
 
-    /// A download of `chunks` chunks whose manifest is held, with `peers` candidates each
-    /// holding every chunk.
     /// `d` with `peers` added as candidates, nothing heard from them yet.
     fn with_candidates(mut d: Download, peers: &[PeerId]) -> Download {
         for p in peers {
@@ -502,6 +500,8 @@ mod tests {
         d
     }
 
+    /// A download of `chunks` chunks whose manifest is held, with `peers` candidates each
+    /// holding every chunk.
     fn started(chunks: u32, peers: &[PeerId], now: Instant) -> Download {
         let mut d = Download::new(None, now);
         d.start(Picker::new(Bitfield::new(chunks), 4, 2), 0, 0);

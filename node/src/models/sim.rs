@@ -419,11 +419,9 @@ struct Sim<'a> {
     rng: StdRng,
     publisher_bytes: f64,
     fetcher_bytes: f64,
-    /// Times each chunk left the publisher, and when the last first copy did.
-    publisher_sent: Vec<u32>,
-    first_copy: Option<Nanos>,
-    /// Per chunk: when its first copy left the publisher, how many fetchers verified it, and
-    /// when the last of them and when half of the fetchers did.
+    /// Per chunk: when its first copy left the publisher (the latest of these is when every
+    /// chunk had), how many fetchers verified it, and when the last of them and when half of
+    /// the fetchers did.
     first_left: Vec<Option<Nanos>>,
     verified_by: Vec<u32>,
     last_verified: Vec<Option<Nanos>>,
@@ -498,8 +496,6 @@ impl<'a> Sim<'a> {
             rng,
             publisher_bytes: 0.0,
             fetcher_bytes: 0.0,
-            publisher_sent: vec![0; chunks as usize],
-            first_copy: None,
             first_left: vec![None; chunks as usize],
             verified_by: vec![0; chunks as usize],
             last_verified: vec![None; chunks as usize],
@@ -960,11 +956,7 @@ impl<'a> Sim<'a> {
         if let Some(sent) = self.requests.get(&flow.request).map(|r| r.ask) {
             if let Ask::Chunk(index) = sent {
                 if flow.src == 0 {
-                    self.publisher_sent[index as usize] += 1;
                     self.first_left[index as usize].get_or_insert(self.now);
-                    if self.first_copy.is_none() && self.publisher_sent.iter().all(|c| *c > 0) {
-                        self.first_copy = Some(self.now);
-                    }
                 }
                 let range = chunk_range(self.config.size, self.config.models.chunk_size, index);
                 let id = self.id;
@@ -1159,6 +1151,13 @@ impl<'a> Sim<'a> {
             s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
         };
         let last_out = (0..self.first_left.len()).max_by_key(|i| self.first_left[*i]);
+        // When every chunk had left the publisher once (None while one had not).
+        let first_copy = self
+            .first_left
+            .iter()
+            .copied()
+            .collect::<Option<Vec<Nanos>>>()
+            .and_then(|left| left.into_iter().max());
         let mut idle: Vec<f64> = self.hosts[1..]
             .iter()
             .filter(|h| h.alive && h.finished.is_some())
@@ -1172,7 +1171,7 @@ impl<'a> Sim<'a> {
             last_chunk_half: last_out
                 .and_then(|i| spread(&self.half_verified, i))
                 .unwrap_or(f64::NAN),
-            first_copy: self.first_copy.map_or(f64::NAN, |t| t as f64 / 1e9),
+            first_copy: first_copy.map_or(f64::NAN, |t| t as f64 / 1e9),
             publisher_utilization: self.publisher_bytes / (g * self.hosts[0].link.up * end),
             fetcher_utilization: self.fetcher_bytes / (g * fetcher_up * end),
             fetchers: self.config.fetchers,

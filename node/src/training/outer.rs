@@ -90,6 +90,15 @@ impl Gathering {
         let count = f64::from(self.count);
         self.sum.iter().map(|s| (s / count) as f32).collect()
     }
+
+    /// Applies this round to `outer` with `optimizer`, at a learning rate of at most the
+    /// number of pseudo-gradients it averaged: a step never exceeds their sum (before
+    /// momentum). A round that holds only this node's own is so applied at 1 at most, where
+    /// `outer_learning_rate = 2` doubled it; before the cap, every host of an 8-host testnet
+    /// run at lr 2 diverged, with it none did (`testnet/RESULTS.md`).
+    fn apply(&self, optimizer: &mut OuterOptimizer, outer: &mut [f32]) -> p2p_models::Result<()> {
+        optimizer.step_at_most(outer, &self.average(), f64::from(self.count))
+    }
 }
 
 /// What a boundary gives the trainer.
@@ -266,11 +275,7 @@ impl OuterLoop {
         Ok(averaged)
     }
 
-    /// Applies the oldest round being gathered to θ, at a learning rate of at most the
-    /// number of pseudo-gradients it averaged: a step never exceeds their sum (before
-    /// momentum). A round that holds only this node's own is so applied at 1 at most, where
-    /// `outer_learning_rate = 2` doubled it; before the cap, every host of an 8-host testnet
-    /// run at lr 2 diverged, with it none did (`testnet/RESULTS.md`).
+    /// Applies the oldest round being gathered to θ ([`Gathering::apply`]).
     fn apply_oldest(&mut self) -> p2p_models::Result<u32> {
         let Some(g) = self.gathering.pop_front() else {
             return Ok(0);
@@ -279,8 +284,7 @@ impl OuterLoop {
             self.applied_counts.pop_front();
         }
         self.applied_counts.push_back(g.count);
-        self.optimizer
-            .step_at_most(&mut self.outer, &g.average(), f64::from(g.count))?;
+        g.apply(&mut self.optimizer, &mut self.outer)?;
         Ok(g.count)
     }
 
@@ -376,7 +380,7 @@ impl OuterLoop {
         let mut outer = self.outer.clone();
         let mut optimizer = self.optimizer.clone();
         for g in &self.gathering {
-            optimizer.step_at_most(&mut outer, &g.average(), f64::from(g.count))?;
+            g.apply(&mut optimizer, &mut outer)?;
         }
         Ok(outer)
     }
