@@ -1176,6 +1176,92 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// The boundary that applies a round missing a pseudo-gradient that measured arrival
+    /// times say is due waits for it beyond its (millisecond) phase, pulling sessions
+    /// meanwhile; bounded by the phase instead, it applied the round with its own alone.
+    #[test]
+    fn a_boundary_waits_past_its_phase_for_a_due_pseudo_gradient_and_pulls_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = RunSpec::parse(
+            "model = \"digits-mlp\"\ndataset = \"digits\"\nsteps = 40\naveraging = \"outer\"\n\
+             inner_steps = 5\ncheckpoint_every = 0\neval_every = 1000\n",
+        )
+        .unwrap();
+        let phase_samples = spec.inner_steps * spec.batch_size as u64;
+        let data = Dataset::load(&spec, None).unwrap();
+        let trainer = Trainer::new(&spec, data, &p2p_models::Device::Cpu, 1).unwrap();
+        let (snapshots, watched) = watch::channel(None);
+        // The trainer may train one phase at a time: the test raises the limit.
+        let pace_limit = Arc::new(AtomicU64::new(phase_samples));
+        let job = TrainerJob {
+            trainer,
+            run: "test".into(),
+            checkpoint_path: dir.path().join("checkpoint.safetensors"),
+            averaging: true,
+            pace_limit: Arc::clone(&pace_limit),
+            snapshots,
+        };
+        let (commands, from_coordinator) = sync_channel(64);
+        let (events_tx, mut events) = mpsc::channel(256);
+        let thread = std::thread::spawn(move || run(job, from_coordinator, events_tx));
+        let peer = PeerId::random();
+        let pseudo_gradient = |round: u64| {
+            let n = watched.borrow().as_ref().map_or(0, |s| s.params.len() / 2);
+            ToTrainer::PseudoGradient {
+                peer,
+                round,
+                values: vec![0.0; n],
+                outer: None,
+            }
+        };
+        // Rounds 1-4: the peer's pseudo-gradient of each arrives 400 ms after ours, before
+        // the next phase starts, so rounds hold two and arrivals take 400 ms.
+        let mut awaited = None;
+        let mut asked_while_waiting = 0;
+        let averaged = loop {
+            match events.blocking_recv().expect("the trainer reports") {
+                FromTrainer::OuterStep { round, .. } if round <= 4 => {
+                    std::thread::sleep(Duration::from_millis(400));
+                    commands.send(pseudo_gradient(round)).unwrap();
+                    pace_limit.store(phase_samples * (round + 1), Ordering::Relaxed);
+                }
+                FromTrainer::OuterStep { round: 5, .. } => {
+                    // Round 5's comes late: the next phase starts at once.
+                    awaited = Some(pseudo_gradient(5));
+                    pace_limit.store(u64::MAX, Ordering::Relaxed);
+                }
+                FromTrainer::OuterStep { round: 6, averaged } => break averaged,
+                FromTrainer::RoundWanted if awaited.is_some() => {
+                    // The boundary's own session and then two pulled ones: then it comes.
+                    asked_while_waiting += 1;
+                    if asked_while_waiting == 3 {
+                        commands.send(awaited.take().unwrap()).unwrap();
+                    } else {
+                        commands.send(ToTrainer::RoundFailed).unwrap();
+                    }
+                }
+                FromTrainer::RoundWanted => commands.send(ToTrainer::RoundFailed).unwrap(),
+                FromTrainer::Failed(e) => panic!("{e}"),
+                _ => {}
+            }
+        };
+        assert_eq!(
+            (averaged, asked_while_waiting),
+            (2, 3),
+            "round 5 should have waited for the peer's pseudo-gradient"
+        );
+        loop {
+            match events.blocking_recv().expect("the trainer reports") {
+                FromTrainer::RoundWanted => commands.send(ToTrainer::RoundFailed).unwrap(),
+                FromTrainer::Finished => break,
+                FromTrainer::Failed(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+        commands.send(ToTrainer::Stop).unwrap();
+        thread.join().unwrap();
+    }
+
     #[test]
     fn peers_mixed_against_one_snapshot_share_one_weight_budget() {
         let dir = tempfile::tempdir().unwrap();
