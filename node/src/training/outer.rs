@@ -496,6 +496,17 @@ mod tests {
         assert_eq!(bb2.round, 2);
     }
 
+    /// Asserts that every value of `params` is its `start` minus `by` (within 1e-6).
+    fn assert_moved_down(params: &[f32], start: &[f32], by: f32) {
+        assert_eq!(params.len(), start.len());
+        for (p, s) in params.iter().zip(start) {
+            assert!(
+                (s - by - p).abs() < 1e-6,
+                "{params:?} from {start:?} by {by}"
+            );
+        }
+    }
+
     /// An outer step never moves θ farther than the sum of the pseudo-gradients its round
     /// averaged (before momentum): a round that holds only this node's own is applied at a
     /// learning rate of at most 1, a pair at most 2. Without the cap, lr 2 doubled a lone
@@ -507,14 +518,10 @@ mod tests {
         let first = a.boundary(&[0.8, 1.8, 2.8]).unwrap();
         // Round 1 holds only a's own 0.2: previewed and applied at lr 1, not 2.
         let preview = a.preview().unwrap();
-        for (p, s) in preview.iter().zip([1.0f32, 2.0, 3.0]) {
-            assert!((s - 0.2 - p).abs() < 1e-6, "{preview:?}");
-        }
+        assert_moved_down(&preview, &[1.0, 2.0, 3.0], 0.2);
         let second = a.boundary(&first.params).unwrap();
         assert_eq!(second.averaged, 1);
-        for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
-            assert!((s - 0.2 - p).abs() < 1e-6, "{:?}", a.outer_params());
-        }
+        assert_moved_down(a.outer_params(), &[1.0, 2.0, 3.0], 0.2);
         // Round 2: a did not move (0), a peer moved 0.4. Their mean 0.2 at lr 2 is their sum.
         assert_eq!(
             a.receive(PeerId::random(), second.round, &[0.4, 0.4, 0.4]),
@@ -524,14 +531,10 @@ mod tests {
         let moved: Vec<f32> = second.params.iter().map(|p| p - 0.2).collect();
         let third = a.boundary(&moved).unwrap();
         assert_eq!(third.averaged, 2);
-        for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
-            assert!((s - 0.6 - p).abs() < 1e-6, "{:?}", a.outer_params());
-        }
+        assert_moved_down(a.outer_params(), &[1.0, 2.0, 3.0], 0.6);
         // Round 3 holds a's 0.2 alone: finishing applies it at lr 1 as well (0.8 in all).
         assert_eq!(a.finish().unwrap(), 1);
-        for (p, s) in a.outer_params().iter().zip([1.0f32, 2.0, 3.0]) {
-            assert!((s - 0.8 - p).abs() < 1e-6, "{:?}", a.outer_params());
-        }
+        assert_moved_down(a.outer_params(), &[1.0, 2.0, 3.0], 0.8);
     }
 
     /// The model a node evaluates and checkpoints is θ with what arrived for the rounds being
@@ -549,9 +552,7 @@ mod tests {
         );
         let preview = a.preview().unwrap();
         // Nesterov, lr 0.7, momentum 0.5, first step: θ − 0.7 (1 + 0.5) × mean(0.2, 0.4).
-        for (p, s) in preview.iter().zip(&start) {
-            assert!((s - p - 0.7 * 1.5 * 0.3).abs() < 1e-6, "{preview:?}");
-        }
+        assert_moved_down(&preview, &start, 0.7 * 1.5 * 0.3);
         a.finish().unwrap();
         assert_eq!(a.outer_params(), &preview[..]);
     }
