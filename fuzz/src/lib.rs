@@ -449,6 +449,7 @@ fn train_requests() -> Vec<TrainRequest> {
             samples: 3200,
             step: 100,
             round: 0,
+            held: 0,
         },
         TrainRequest::Open {
             run: id(1),
@@ -460,6 +461,7 @@ fn train_requests() -> Vec<TrainRequest> {
             samples: 3200,
             step: 100,
             round: 7,
+            held: 6,
         },
         TrainRequest::Piece {
             session: 42,
@@ -481,12 +483,14 @@ fn train_responses() -> Vec<TrainResponse> {
             step: 100,
             round: 3,
             pieces: 2,
+            held: 2,
         },
         TrainResponse::Piece {
             index: 1,
             data: params::encode(&[0.25; 64], WireDtype::Bf16),
         },
         TrainResponse::Busy,
+        TrainResponse::UpToDate,
         TrainResponse::Refused {
             reason: "no".into(),
         },

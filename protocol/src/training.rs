@@ -15,8 +15,8 @@
 //! Every few local steps a node opens a session with a random peer of the same run:
 //!
 //! ```text
-//! A -> B  Open { run, layout, exchange, params, samples, step, round }
-//! B -> A  Accepted { session, samples, step, round, pieces }   (or Busy / Refused)
+//! A -> B  Open { run, layout, exchange, params, samples, step, round, held }
+//! B -> A  Accepted { session, samples, step, round, pieces, held }  (or Busy / UpToDate / Refused)
 //! A -> B  Piece { session, index: i, A's piece i }       for i in 0..pieces, a few in flight
 //! B -> A  Piece { index: i, B's piece i }
 //! ```
@@ -34,6 +34,10 @@
 //! (int8, top-k or f32) piece by piece. Outer steps are counted run-wide: a node farther
 //! behind a count it saw than the run's pace bound plus [`MAX_ROUND_LAG`] takes it at its next
 //! outer step, and a pseudo-gradient older than the receiver's by more than that is not used.
+//! Each side names the outer step of the other's pseudo-gradient it holds already (`held`),
+//! and a side whose current one the other holds sends its pseudo-gradient's pieces empty: a
+//! node that pulls sessions while it waits for a round's pseudo-gradients does not move one
+//! twice.
 
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
@@ -43,7 +47,7 @@ use crate::codec::GossipError;
 use crate::manifest::{Hash32, VersionId};
 
 /// Request-response protocol id of gossip averaging and run discovery.
-pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/3.0.0";
+pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/4.0.0";
 
 /// The gossipsub topic of run announcements.
 pub const RUNS_TOPIC: &str = "p2p-ml/runs/2";
@@ -309,6 +313,10 @@ pub enum TrainRequest {
         step: u64,
         /// With pseudo-gradients: the outer step the opener's is of (else 0).
         round: u64,
+        /// With pseudo-gradients: the outer step of the peer's pseudo-gradient the opener
+        /// holds already (0: none). A peer whose current one is of that step sends its pieces
+        /// empty (see [`TrainResponse::Accepted`]).
+        held: u64,
     },
     /// Piece `index` of the opener's parameters; answered with the same piece of the peer's.
     Piece {
@@ -344,6 +352,12 @@ pub enum TrainResponse {
         round: u64,
         /// Number of pieces each side sends.
         pieces: u32,
+        /// With pseudo-gradients: the outer step of the opener's pseudo-gradient the peer
+        /// holds already (0: none). A side whose pseudo-gradient the other holds (its `round`
+        /// is at most the other's `held`, and is not 0) sends the pieces of its pseudo-gradient
+        /// with empty `data` (those of its outer parameters as usual), and the other uses
+        /// nothing of them: a pulled session does not move a pseudo-gradient twice.
+        held: u64,
     },
     /// Piece `index` of the peer's parameters.
     Piece {
@@ -355,6 +369,9 @@ pub enum TrainResponse {
     },
     /// The peer is averaging with someone else or has no parameters yet; try another.
     Busy,
+    /// Each side holds the other's current pseudo-gradient already (the opener's `held` is the
+    /// peer's round, and the peer holds the opener's `round`): nothing to exchange.
+    UpToDate,
     /// The request does not fit (another run or model, unknown session, bad piece).
     Refused {
         /// Why, in a few words.

@@ -177,6 +177,9 @@ pub struct PeerParams {
     pub bytes: (u64, u64),
     /// Seconds the session took.
     pub seconds: f64,
+    /// This node held the peer's pseudo-gradient of `round` already, so the peer sent its
+    /// outer parameters only: the first half of `params` (the pseudo-gradient) is zeros.
+    pub already_held: bool,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -239,6 +242,55 @@ struct Joined {
     /// Peers not to ask for a while (not in the run, or stalled a session), since when.
     avoided: HashMap<PeerId, Instant>,
     refused: HashSet<PeerId>,
+    /// With outer steps: the outer step of each peer's latest pseudo-gradient received whole
+    /// (named as `held` in sessions, so that it is not sent again).
+    held: HashMap<PeerId, u64>,
+}
+
+impl Joined {
+    /// The outer step of `peer`'s pseudo-gradient held (0: none).
+    fn held_from(&self, peer: &PeerId) -> u64 {
+        self.held.get(peer).copied().unwrap_or(0)
+    }
+
+    /// Remembers that `peer`'s pseudo-gradient of `round` came whole, forgetting the peer
+    /// with the oldest at [`MAX_TRACKED_PEERS`].
+    fn note_held(&mut self, peer: PeerId, round: u64) {
+        if round == 0 {
+            return;
+        }
+        if self.held.len() >= MAX_TRACKED_PEERS && !self.held.contains_key(&peer) {
+            if let Some(oldest) = self.held.iter().min_by_key(|(_, r)| **r).map(|(p, _)| *p) {
+                self.held.remove(&oldest);
+            }
+        }
+        let latest = self.held.entry(peer).or_insert(0);
+        *latest = (*latest).max(round);
+    }
+}
+
+/// Which sides of a session send their pseudo-gradient's pieces empty because the other holds
+/// it already: when its outer step (not 0) is at most the one the other named as held. The
+/// outer parameters that follow it always travel: mixing them against each new snapshot is
+/// the gossip that keeps nodes' θ together (without it, 8 by-label digits hosts on the
+/// testnet ended 2-3 points lower).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Skips {
+    /// Ours: the peer holds it.
+    send: bool,
+    /// The peer's: we hold it.
+    receive: bool,
+}
+
+impl Skips {
+    /// For a session where our pseudo-gradient is of `ours` and the peer holds ours up to
+    /// `peer_holds`, and theirs is of `theirs` and we hold theirs up to `we_hold`.
+    fn of(ours: u64, peer_holds: u64, theirs: u64, we_hold: u64) -> Self {
+        Self {
+            send: ours > 0 && ours <= peer_holds,
+            receive: theirs > 0 && theirs <= we_hold,
+        }
+    }
 }
 
 /// One exchange of parameters with a peer, in either direction: our snapshot goes out piece
@@ -259,6 +311,8 @@ struct Session {
     bytes: (u64, u64),
     /// The L2 norm of our snapshot, once an attack needed it.
     own_norm: Option<f64>,
+    /// Which sides send their pieces empty.
+    skips: Skips,
 }
 
 impl Session {
@@ -266,7 +320,7 @@ impl Session {
         peer: PeerId,
         id: u64,
         snapshot: Arc<Snapshot>,
-        pieces: u32,
+        (pieces, skips): (u32, Skips),
         (peer_samples, peer_step, peer_round): (u64, u64, u64),
     ) -> Self {
         let now = Instant::now();
@@ -282,6 +336,7 @@ impl Session {
             last_activity: now,
             bytes: (0, 0),
             own_norm: None,
+            skips,
         }
     }
 
@@ -297,12 +352,18 @@ impl Session {
         let gap = now.duration_since(self.last_activity);
         self.last_activity = now;
         self.bytes.1 += data.len() as u64;
+        if self.skips.receive && codec.is_pseudo_gradient_piece(self.incoming.values.len(), index) {
+            return self.incoming.skip(index, data).map(|()| gap);
+        }
         self.incoming.store(index, data, codec).map(|()| gap)
     }
 
     /// Our piece `index`, encoded for the wire (or what `attack` sends instead).
     fn piece(&mut self, index: u32, codec: &PieceCodec, attack: Option<Attack>) -> Vec<u8> {
         let params = &self.snapshot.params;
+        if self.skips.send && codec.is_pseudo_gradient_piece(params.len(), index) {
+            return Vec::new();
+        }
         let range = codec.range(params.len(), index);
         // With outer steps the second half of what is exchanged is the outer parameters.
         let outer_half = self.snapshot.outer.is_some() && range.start >= params.len() / 2;
@@ -311,12 +372,13 @@ impl Session {
         let data = match (lie, &self.snapshot.outer) {
             (Some(attack), _) => {
                 let norm = *self.own_norm.get_or_insert_with(|| pm::l2_norm(params));
-                let partner = self
-                    .incoming
-                    .got
-                    .get(index as usize)
-                    .is_some_and(|got| *got)
-                    .then(|| &self.incoming.values[range.clone()]);
+                let partner = (!self.skips.receive
+                    && self
+                        .incoming
+                        .got
+                        .get(index as usize)
+                        .is_some_and(|got| *got))
+                .then(|| &self.incoming.values[range.clone()]);
                 attack.piece(&params[range], partner, norm, params.len(), (codec, index))
             }
             (None, Some(outer)) => outer
@@ -342,6 +404,7 @@ impl Session {
             opened_here,
             bytes: self.bytes,
             seconds: self.started.elapsed().as_secs_f64(),
+            already_held: self.skips.receive,
         }
     }
 }
@@ -388,6 +451,9 @@ pub enum RoundError {
     /// There were peers, but none averaged this time (busy, gone mid-way, a protocol error).
     #[error("{0}")]
     Failed(String),
+    /// The peer asked and this node held each other's current pseudo-gradients already.
+    #[error("the peer and this node hold each other's pseudo-gradients already")]
+    UpToDate,
 }
 
 impl From<&str> for RoundError {
@@ -413,6 +479,8 @@ struct Opening {
     since: Instant,
     /// The snapshot announced in the `Open` (its samples and step), to be sent once accepted.
     snapshot: Arc<Snapshot>,
+    /// The outer step of the peer's pseudo-gradient named as held in the `Open`.
+    held: u64,
     /// Peers already tried in this round.
     tried: Vec<PeerId>,
     reply: RoundReply,
@@ -503,6 +571,7 @@ impl Behaviour {
             members,
             avoided: HashMap::new(),
             refused: HashSet::new(),
+            held: HashMap::new(),
         });
         self.served = Some(served);
     }
@@ -805,6 +874,11 @@ impl Behaviour {
             return;
         };
         let m = &j.membership;
+        let held = if m.codec.is_outer() {
+            j.held_from(&peer)
+        } else {
+            0
+        };
         let request = TrainRequest::Open {
             run: m.announcement.run,
             layout: m.layout,
@@ -815,6 +889,7 @@ impl Behaviour {
                 .map_or(snapshot.samples, |a| a.claimed_samples(snapshot.samples)),
             step: snapshot.step,
             round: snapshot.round(),
+            held,
         };
         let rid = self.inner.send_request(&peer, request);
         self.requests.insert(rid, Purpose::Open);
@@ -822,10 +897,23 @@ impl Behaviour {
             peer,
             since: Instant::now(),
             snapshot,
+            held,
             tried,
             reply,
         });
         tracing::debug!(%peer, "averaging round: opening a session");
+    }
+
+    /// `peer` and this node hold each other's current pseudo-gradients: the round ends with
+    /// [`RoundError::UpToDate`] (not retried with others: a pull finds what is new later).
+    fn up_to_date(&mut self, peer: PeerId) {
+        if let Some(o) = self.opening.take() {
+            if o.peer == peer {
+                let _ = o.reply.send(Err(RoundError::UpToDate));
+            } else {
+                self.opening = Some(o);
+            }
+        }
     }
 
     /// The opened session failed with `peer`: try another peer, or report.
@@ -847,7 +935,16 @@ impl Behaviour {
         self.try_next_peer(tried, reply);
     }
 
-    fn on_accepted(&mut self, peer: PeerId, session: u64, peer_at: (u64, u64, u64), pieces: u32) {
+    /// The peer accepted our `Open`: at `peer_at` (samples, step, outer step), in `pieces`
+    /// pieces, holding our pseudo-gradient up to outer step `peer_holds`.
+    fn on_accepted(
+        &mut self,
+        peer: PeerId,
+        session: u64,
+        peer_at: (u64, u64, u64),
+        pieces: u32,
+        peer_holds: u64,
+    ) {
         let Some(opening) = self.opening.take() else {
             return;
         };
@@ -863,10 +960,12 @@ impl Behaviour {
         }
         let Opening {
             snapshot,
+            held,
             tried,
             reply,
             ..
         } = opening;
+        let skips = Skips::of(snapshot.round(), peer_holds, peer_at.2, held);
         j.members.insert(peer);
         if j.membership.attack == Some(Attack::Stall) {
             // The peer waits for pieces that never come.
@@ -874,7 +973,7 @@ impl Behaviour {
             return;
         }
         self.outbound = Some(Opened {
-            session: Session::new(peer, session, snapshot, pieces, peer_at),
+            session: Session::new(peer, session, snapshot, (pieces, skips), peer_at),
             next: 0,
             tried,
             reply,
@@ -935,7 +1034,18 @@ impl Behaviour {
         let Some(o) = self.outbound.take() else {
             return;
         };
-        let _ = o.reply.send(Ok(o.session.finish(true)));
+        let done = o.session.finish(true);
+        self.remember_held(&done);
+        let _ = o.reply.send(Ok(done));
+    }
+
+    /// Remembers the outer step of a pseudo-gradient that came whole in `done` (delivered).
+    fn remember_held(&mut self, done: &PeerParams) {
+        if let Some(j) = self.joined.as_mut() {
+            if j.membership.codec.is_outer() && !done.already_held {
+                j.note_held(done.peer, done.round);
+            }
+        }
     }
 
     // ----- events -----
@@ -967,10 +1077,21 @@ impl Behaviour {
                 samples,
                 step,
                 round,
+                held,
             } => match self.on_open(peer, run, layout, exchange, params) {
                 Err(refusal) => refusal,
-                Ok((snapshot, pieces)) => {
-                    self.accept(peer, &snapshot, (samples, step, round), pieces)
+                Ok((snapshot, pieces, we_hold)) => {
+                    let skips = Skips::of(snapshot.round(), held, round, we_hold);
+                    if skips.send && skips.receive {
+                        TrainResponse::UpToDate
+                    } else {
+                        self.accept(
+                            peer,
+                            &snapshot,
+                            (samples, step, round),
+                            (pieces, skips, we_hold),
+                        )
+                    }
                 }
             },
             TrainRequest::Piece {
@@ -983,7 +1104,8 @@ impl Behaviour {
     }
 
     /// Checks a peer's request to open a session: `Ok` gives the snapshot to exchange (the
-    /// trainer's latest) and the piece count, `Err` the answer that refuses it.
+    /// trainer's latest), the piece count and the outer step of the peer's pseudo-gradient
+    /// held here, `Err` the answer that refuses it.
     fn on_open(
         &mut self,
         peer: PeerId,
@@ -991,7 +1113,7 @@ impl Behaviour {
         layout: Hash32,
         exchange: Exchange,
         params: u64,
-    ) -> Result<(Arc<Snapshot>, u32), TrainResponse> {
+    ) -> Result<(Arc<Snapshot>, u32, u64), TrainResponse> {
         let refused = |reason: &str| {
             Err(TrainResponse::Refused {
                 reason: reason.to_string(),
@@ -1012,28 +1134,40 @@ impl Behaviour {
         }
         j.members.insert(peer);
         let pieces = m.codec.pieces(m.params);
+        let we_hold = if m.codec.is_outer() {
+            j.held_from(&peer)
+        } else {
+            0
+        };
         let snapshot = j.snapshots.borrow().clone();
         match snapshot {
             // Not trained far enough to have parameters yet: like busy, try later.
             None => Err(TrainResponse::Busy),
             Some(_) if self.busy_for(&peer) => Err(TrainResponse::Busy),
-            Some(snapshot) => Ok((snapshot, pieces)),
+            Some(snapshot) => Ok((snapshot, pieces, we_hold)),
         }
     }
 
-    /// Opens a session with `peer` on `snapshot`.
+    /// Opens a session with `peer` on `snapshot`, in `pieces` pieces, sending what `skips`
+    /// says, holding the peer's pseudo-gradient up to outer step `we_hold`.
     fn accept(
         &mut self,
         peer: PeerId,
         snapshot: &Arc<Snapshot>,
         peer_at: (u64, u64, u64),
-        pieces: u32,
+        (pieces, skips, we_hold): (u32, Skips, u64),
     ) -> TrainResponse {
         let session = self.next_session;
         self.next_session = self.next_session.wrapping_add(1);
         self.inbound.insert(
             session,
-            Session::new(peer, session, Arc::clone(snapshot), pieces, peer_at),
+            Session::new(
+                peer,
+                session,
+                Arc::clone(snapshot),
+                (pieces, skips),
+                peer_at,
+            ),
         );
         let samples = self
             .attack()
@@ -1044,6 +1178,7 @@ impl Behaviour {
             step: snapshot.step,
             round: snapshot.round(),
             pieces,
+            held: we_hold,
         }
     }
 
@@ -1083,11 +1218,13 @@ impl Behaviour {
         if s.incoming.complete() {
             if let Some(s) = self.inbound.remove(&session) {
                 let done = s.finish(false);
-                match self.served.as_ref().map(|tx| tx.try_send(done).is_ok()) {
-                    Some(true) => {}
-                    _ => {
-                        tracing::debug!(%peer, "trainer busy; dropping a finished averaging session")
-                    }
+                let served = self.served.clone();
+                let permit = served.as_ref().and_then(|tx| tx.try_reserve().ok());
+                if let Some(permit) = permit {
+                    self.remember_held(&done);
+                    permit.send(done);
+                } else {
+                    tracing::debug!(%peer, "trainer busy; dropping a finished averaging session");
                 }
             }
         }
@@ -1138,8 +1275,10 @@ impl Behaviour {
                     step,
                     round,
                     pieces,
+                    held,
                 },
-            ) => self.on_accepted(peer, session, (samples, step, round), pieces),
+            ) => self.on_accepted(peer, session, (samples, step, round), pieces, held),
+            (Purpose::Open, TrainResponse::UpToDate) => self.up_to_date(peer),
             (Purpose::Open, TrainResponse::Refused { reason }) => {
                 if let Some(j) = self.joined.as_mut() {
                     j.members.remove(&peer);

@@ -69,6 +69,12 @@ impl PieceCodec {
         matches!(self, Self::PseudoGradients(_))
     }
 
+    /// Whether piece `index` of an exchanged vector of `len` values is of the pseudo-gradient
+    /// (not of the outer parameters that follow it, nor of parameters).
+    pub fn is_pseudo_gradient_piece(&self, len: usize, index: u32) -> bool {
+        self.is_outer() && index < compress::pieces(len / 2)
+    }
+
     /// Length of the vector exchanged for a model of `params` parameters: the parameters, or
     /// the pseudo-gradient followed by the outer parameters.
     pub fn len(&self, params: usize) -> usize {
@@ -190,23 +196,45 @@ impl Incoming {
 
     /// Decodes piece `index` in, checking it.
     pub fn store(&mut self, index: u32, data: &[u8], codec: &PieceCodec) -> Result<(), PieceError> {
-        let slot = self
-            .got
-            .get(index as usize)
-            .copied()
-            .ok_or(PieceError::NoSuchPiece(index))?;
-        if slot {
-            return Err(PieceError::Twice(index));
-        }
+        self.check_new(index)?;
         let len = self.values.len();
         let range = codec.range(len, index);
         let values = codec
             .decode(index, len, data, range.len())
             .map_err(|reason| PieceError::Bad { index, reason })?;
         self.values[range].copy_from_slice(&values);
-        self.got[index as usize] = true;
-        self.count += 1;
+        self.mark(index);
         Ok(())
+    }
+
+    /// Counts piece `index` as come without values: the sender sent it empty because this
+    /// side holds what it would hold already. Anything but an empty piece is refused.
+    pub fn skip(&mut self, index: u32, data: &[u8]) -> Result<(), PieceError> {
+        self.check_new(index)?;
+        if !data.is_empty() {
+            return Err(PieceError::Bad {
+                index,
+                reason: "values of a pseudo-gradient held already".into(),
+            });
+        }
+        self.mark(index);
+        Ok(())
+    }
+
+    /// An error unless piece `index` exists and has not come yet.
+    fn check_new(&self, index: u32) -> Result<(), PieceError> {
+        match self.got.get(index as usize) {
+            None => Err(PieceError::NoSuchPiece(index)),
+            Some(true) => Err(PieceError::Twice(index)),
+            Some(false) => Ok(()),
+        }
+    }
+
+    fn mark(&mut self, index: u32) {
+        if let Some(slot) = self.got.get_mut(index as usize) {
+            *slot = true;
+            self.count += 1;
+        }
     }
 }
 

@@ -17,7 +17,10 @@ use p2p_protocol::training::{ParamDtype, RunAnnouncement};
 use super::PieceCodec;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Attack, Behaviour, Event, PeerParams, RoundError, RunMembership, Snapshot};
+use super::{
+    Attack, Behaviour, Event, OuterPayload, PeerParams, RoundError, RunMembership, Snapshot,
+};
+use p2p_models::compress::{Codec, Compression};
 
 const PARAMS: usize = 1000;
 
@@ -101,7 +104,15 @@ async fn round(b: Node) -> (Round, PeerId) {
     a.listen().with_memory_addr_external().await;
     b.connect(&mut a).await;
     let b_id = *b.local_peer_id();
+    (open_round(&mut a, &mut b, &mut b_rx).await, b_id)
+}
 
+/// `a` opens a round with `b` (connected) and both run until it ended.
+async fn open_round(
+    a: &mut Swarm<Behaviour>,
+    b: &mut Swarm<Behaviour>,
+    b_rx: &mut mpsc::Receiver<PeerParams>,
+) -> Round {
     let (tx, mut rx) = oneshot::channel();
     a.behaviour_mut().average(tx);
     let mut a_events = Vec::new();
@@ -133,14 +144,11 @@ async fn round(b: Node) -> (Round, PeerId) {
         }
     })
     .await;
-    (
-        Round {
-            result,
-            a_events,
-            b_finished,
-        },
-        b_id,
-    )
+    Round {
+        result,
+        a_events,
+        b_finished,
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -296,4 +304,92 @@ async fn while_one_peer_stalls_a_session_another_averages() {
     })
     .await
     .expect("the staller was reported");
+}
+
+/// A swarm of a run with outer steps (f32 pseudo-gradients) serving `value` as its
+/// pseudo-gradient and outer parameters of outer step `round`.
+fn outer_node(value: f32, round: u64) -> Node {
+    let mut swarm = Swarm::new_ephemeral_tokio(|key| Behaviour::new(key.public().to_peer_id()));
+    let (tx, served) = mpsc::channel(8);
+    let (snapshots, rx) = watch::channel(Some(outer_snapshot(value, round)));
+    let mut m = membership(None);
+    m.codec = PieceCodec::PseudoGradients(Codec {
+        compression: Compression::F32,
+        topk_fraction: 1.0,
+    });
+    swarm.behaviour_mut().join(m, rx, tx);
+    Node {
+        swarm,
+        snapshots,
+        served,
+    }
+}
+
+fn outer_snapshot(value: f32, round: u64) -> Arc<Snapshot> {
+    let codec = PieceCodec::PseudoGradients(Codec {
+        compression: Compression::F32,
+        topk_fraction: 1.0,
+    });
+    let params = vec![value; 2 * PARAMS];
+    let pieces = (0..codec.pieces(PARAMS as u64))
+        .map(|i| codec.encode(i, params.len(), &params[codec.range(params.len(), i)]))
+        .collect();
+    Arc::new(Snapshot {
+        id: round,
+        params,
+        samples: 320 * round,
+        step: 10 * round,
+        outer: Some(OuterPayload { round, pieces }),
+    })
+}
+
+/// With outer steps, each side names the outer step of the other's pseudo-gradient it holds:
+/// a second session on the same rounds exchanges nothing (`UpToDate`), and once one side
+/// moved to a new round only its pseudo-gradient travels, the other's pieces going empty.
+#[tokio::test(start_paused = true)]
+async fn a_session_moves_only_the_pseudo_gradients_the_other_side_lacks() {
+    let (a_node, b_node) = (outer_node(1.0, 1), outer_node(3.0, 1));
+    let (mut a, mut b, mut b_rx) = (a_node.swarm, b_node.swarm, b_node.served);
+    a.listen().with_memory_addr_external().await;
+    b.connect(&mut a).await;
+
+    // Round 1, nothing held: both pseudo-gradients travel.
+    let first = open_round(&mut a, &mut b, &mut b_rx).await;
+    let got = first.result.unwrap();
+    assert_eq!((got.round, got.already_held), (1, false));
+    assert_eq!(got.params, vec![3.0; 2 * PARAMS]);
+    let full = got.bytes.0;
+    // f32 pseudo-gradient, int8 outer parameters.
+    assert!(full > 5 * PARAMS as u64, "{:?}", got.bytes);
+    assert_eq!(got.bytes.1, full);
+    assert_eq!(first.b_finished.len(), 1);
+
+    // The same rounds again: each holds the other's, so no session opens.
+    let again = open_round(&mut a, &mut b, &mut b_rx).await;
+    assert_eq!(again.result.unwrap_err(), RoundError::UpToDate);
+    assert!(again.b_finished.is_empty());
+
+    // `b` moves to round 2: its pseudo-gradient travels, `a`'s goes empty; both sides' outer
+    // parameters travel (int8, about a fifth of the whole).
+    b_node.snapshots.send_replace(Some(outer_snapshot(5.0, 2)));
+    let pulled = open_round(&mut a, &mut b, &mut b_rx).await;
+    let got = pulled.result.unwrap();
+    assert_eq!((got.round, got.already_held), (2, false));
+    assert_eq!(got.params, vec![5.0; 2 * PARAMS]);
+    let outer_only = got.bytes.0;
+    assert!(outer_only > 0 && outer_only < full / 4, "{:?}", got.bytes);
+    assert_eq!(got.bytes.1, full, "a received b's round 2 whole");
+    let theirs = pulled.b_finished.first().expect("b finished too");
+    assert!(theirs.already_held);
+    assert_eq!((theirs.round, theirs.bytes), (1, (full, outer_only)));
+    assert_eq!(
+        theirs.params[..PARAMS],
+        vec![0.0; PARAMS],
+        "no pseudo-gradient"
+    );
+    assert_eq!(
+        theirs.params[PARAMS..],
+        vec![1.0; PARAMS],
+        "a's outer parameters"
+    );
 }

@@ -568,7 +568,9 @@ impl Coordinator {
                 tracing::debug!(%why, "averaging round failed");
                 // Peers not heard from lately no longer hold this node back.
                 self.refresh_pace_limit();
-                self.status.send_modify(|s| s.averaging_failures += 1);
+                if why != RoundError::UpToDate {
+                    self.status.send_modify(|s| s.averaging_failures += 1);
+                }
                 let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
                 return;
             }
@@ -691,7 +693,12 @@ impl Coordinator {
             let n = p.params.len() / 2;
             let theirs = p.params.split_off(n);
             let (own_delta, own_outer) = p.base.params.split_at(n.min(p.base.params.len()));
-            let verdict = guard.judge(p.peer, own_delta, &p.params);
+            // A pseudo-gradient held already came as zeros: only the outer parameters are new.
+            let verdict = if p.already_held {
+                DeltaVerdict::Use { scale: 1.0 }
+            } else {
+                guard.judge(p.peer, own_delta, &p.params)
+            };
             let outer_check = params::check_peer(own_outer, &theirs, bound);
             (guard, p, theirs, verdict, outer_check)
         })
@@ -745,7 +752,7 @@ impl Coordinator {
                 let command = ToTrainer::PseudoGradient {
                     peer: p.peer,
                     round: p.round,
-                    values: p.params,
+                    values: (!p.already_held).then_some(p.params),
                     outer,
                 };
                 if let Err(TrySendError::Full(_)) = self.to_trainer.try_send(command) {

@@ -19,8 +19,10 @@
 //! Communication and Computation in DiLoCo", 2025, likewise use the local pseudo-gradient
 //! while the average is in flight). The deadline of a round is the end of the next phase,
 //! extended when it holds fewer pseudo-gradients than rounds usually do and measured arrival
-//! times say more are coming ([`OuterLoop::missing_until`]; the trainer bounds the wait to one
-//! inner phase). Why wait rather than apply late pseudo-gradients a round later: measured on
+//! times say more are coming ([`OuterLoop::missing_until`]; the trainer bounds the wait to
+//! 10 s, not to a phase, and pulls sessions meanwhile: where phases are shorter than exchanges,
+//! a wait of one phase left a third to a half of the rounds with a node's own pseudo-gradient
+//! alone on the testnet). Why wait rather than apply late pseudo-gradients a round later: measured on
 //! three by-label digits shards (all-to-all, `cargo test -p p2p-node --lib
 //! training::outer::convergence -- --nocapture`), the outer parameters reach 0.95 accuracy
 //! when every pseudo-gradient is in by the next boundary and 0.70 when they all come one phase
@@ -62,8 +64,12 @@ use p2p_protocol::training::MAX_ROUND_LAG;
 /// Peers whose last used outer step is remembered (beyond: the oldest entry is forgotten).
 const MAX_TRACKED_PEERS: usize = 4096;
 
-/// Weight of the newest arrival delay in its moving average.
+/// Weight of a peer's newest arrival delay in its moving average.
 const ARRIVAL_ALPHA: f64 = 0.3;
+
+/// A peer's arrival delay counts towards the expected one while its last on-time arrival is
+/// at most this many outer steps old (peers that left stop counting).
+const ARRIVAL_RECENT_ROUNDS: u64 = 8;
 
 /// Applied rounds whose pseudo-gradient count sets how many the next one waits for.
 const COUNTS_WINDOW: usize = 8;
@@ -152,9 +158,9 @@ pub struct OuterLoop {
     used: HashMap<PeerId, u64>,
     /// Pseudo-gradients of peers ahead, for the next round (one per peer).
     early: HashMap<PeerId, Vec<f32>>,
-    /// Moving average of how long after a round is published peers' pseudo-gradients of it
-    /// arrive.
-    arrival_secs: Option<f64>,
+    /// Per peer: moving average of how long after this node published a round the peer's
+    /// pseudo-gradient of the same round arrived, and the outer step it last did.
+    arrivals: HashMap<PeerId, (f64, u64)>,
     /// Bytes of the last pseudo-gradient as f32 and as encoded.
     last_sizes: (usize, usize),
     /// How many pseudo-gradients recently applied rounds averaged (own included).
@@ -184,7 +190,7 @@ impl OuterLoop {
             gathering: VecDeque::new(),
             used: HashMap::new(),
             early: HashMap::new(),
-            arrival_secs: None,
+            arrivals: HashMap::new(),
             last_sizes: (0, 0),
             applied_counts: VecDeque::new(),
             jump_after: spec
@@ -342,19 +348,50 @@ impl OuterLoop {
         g.peers.insert(peer);
         if g.round == round {
             let delay = g.published.elapsed().as_secs_f64();
-            self.arrival_secs = Some(match self.arrival_secs {
-                Some(avg) => (1.0 - ARRIVAL_ALPHA) * avg + ARRIVAL_ALPHA * delay,
-                None => delay,
-            });
+            self.note_arrival(peer, round, delay);
         }
         Received::Used
+    }
+
+    /// Records that `peer`'s pseudo-gradient of `round` arrived `delay` seconds after ours of
+    /// the same round was published.
+    fn note_arrival(&mut self, peer: PeerId, round: u64, delay: f64) {
+        if self.arrivals.len() >= MAX_TRACKED_PEERS && !self.arrivals.contains_key(&peer) {
+            let oldest = self.arrivals.iter().min_by_key(|(_, (_, r))| *r);
+            if let Some(oldest) = oldest.map(|(p, _)| *p) {
+                self.arrivals.remove(&oldest);
+            }
+        }
+        let entry = self.arrivals.entry(peer).or_insert((delay, round));
+        *entry = (
+            (1.0 - ARRIVAL_ALPHA) * entry.0 + ARRIVAL_ALPHA * delay,
+            round,
+        );
+    }
+
+    /// How long after this node publishes a round peers' pseudo-gradients of it arrive: the
+    /// median over peers heard from in the last [`ARRIVAL_RECENT_ROUNDS`] outer steps of each
+    /// one's moving average. One value per peer and the median, so that a minority of peers
+    /// that time their pseudo-gradients to arrive late cannot stretch every node's wait.
+    /// `None` before any arrived on time.
+    fn expected_arrival_secs(&self) -> Option<f64> {
+        let since = self.round.saturating_sub(ARRIVAL_RECENT_ROUNDS);
+        let mut delays: Vec<f64> = self
+            .arrivals
+            .values()
+            .filter(|(_, round)| *round >= since)
+            .map(|(delay, _)| *delay)
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        delays.get(delays.len().saturating_sub(1) / 2).copied()
     }
 
     /// Whether the round the next boundary applies still misses pseudo-gradients that should
     /// come, and until when to wait for them: `Some(deadline)` while it holds fewer than the
     /// median count of recently applied rounds (so a node that mostly trains alone never
     /// waits), the deadline being twice the measured time from publishing a round to a peer's
-    /// pseudo-gradient of it arriving. `None`: nothing to wait for, or nothing measured yet.
+    /// pseudo-gradient of it arriving ([`Self::expected_arrival_secs`]). `None`: nothing to
+    /// wait for, or nothing measured yet.
     pub fn missing_until(&self) -> Option<Instant> {
         let due = self.gathering.back()?;
         let mut counts: Vec<u32> = self.applied_counts.iter().copied().collect();
@@ -363,7 +400,7 @@ impl OuterLoop {
         if due.count >= expected {
             return None;
         }
-        let secs = self.arrival_secs?;
+        let secs = self.expected_arrival_secs()?;
         Some(due.published + Duration::from_secs_f64(secs * 2.0))
     }
 
@@ -452,6 +489,37 @@ mod tests {
              compression = \"{compression}\"\nouter_learning_rate = {lr}\nouter_momentum = {momentum}\n"
         ))
         .unwrap()
+    }
+
+    /// The expected arrival delay is the median over peers: two peers of seven that time
+    /// their pseudo-gradients to arrive 9 s late move it not at all, and peers not heard from
+    /// for [`ARRIVAL_RECENT_ROUNDS`] outer steps stop counting.
+    #[test]
+    fn late_arrivals_of_a_minority_of_peers_do_not_stretch_the_expected_arrival() {
+        let mut o = OuterLoop::new(&spec("int8", 1.0, 0.0), vec![0.0; 4]);
+        assert_eq!(o.expected_arrival_secs(), None);
+        let honest: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        let late: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
+        for round in 1..=10 {
+            o.round = round;
+            for p in &honest {
+                o.note_arrival(*p, round, 0.05);
+            }
+            for p in &late {
+                o.note_arrival(*p, round, 9.0);
+            }
+        }
+        let expected = o.expected_arrival_secs().unwrap();
+        assert!((expected - 0.05).abs() < 1e-9, "{expected}");
+        // The honest peers leave; the late ones go on and are all that is left.
+        for round in 11..=10 + ARRIVAL_RECENT_ROUNDS + 1 {
+            o.round = round;
+            for p in &late {
+                o.note_arrival(*p, round, 9.0);
+            }
+        }
+        let expected = o.expected_arrival_secs().unwrap();
+        assert!((expected - 9.0).abs() < 1e-9, "{expected}");
     }
 
     #[test]
