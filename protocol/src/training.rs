@@ -314,8 +314,8 @@ pub enum TrainRequest {
         /// With pseudo-gradients: the outer step the opener's is of (else 0).
         round: u64,
         /// With pseudo-gradients: the outer step of the peer's pseudo-gradient the opener
-        /// holds already (0: none). A peer whose current one is of that step sends its pieces
-        /// empty (see [`TrainResponse::Accepted`]).
+        /// holds already (0: none). A peer whose current one is of at most that step sends its
+        /// pseudo-gradient's pieces empty (see [`TrainResponse::Accepted`]).
         held: u64,
     },
     /// Piece `index` of the opener's parameters; answered with the same piece of the peer's.
@@ -369,8 +369,10 @@ pub enum TrainResponse {
     },
     /// The peer is averaging with someone else or has no parameters yet; try another.
     Busy,
-    /// Each side holds the other's current pseudo-gradient already (the opener's `held` is the
-    /// peer's round, and the peer holds the opener's `round`): nothing to exchange.
+    /// Each side holds the other's current pseudo-gradient already (the opener's `held` is at
+    /// least the peer's round, and the peer holds the opener's `round`): nothing to exchange.
+    /// Only an answer to an `Open` that named a `held` round in a run with outer steps; any
+    /// other is a lie.
     UpToDate,
     /// The request does not fit (another run or model, unknown session, bad piece).
     Refused {

@@ -242,7 +242,7 @@ struct Joined {
     /// Peers not to ask for a while (not in the run, or stalled a session), since when.
     avoided: HashMap<PeerId, Instant>,
     refused: HashSet<PeerId>,
-    /// With outer steps: the outer step of each peer's latest pseudo-gradient received whole
+    /// With outer steps: the outer step of each peer's latest pseudo-gradient the trainer took
     /// (named as `held` in sessions, so that it is not sent again).
     held: HashMap<PeerId, u64>,
 }
@@ -253,8 +253,8 @@ impl Joined {
         self.held.get(peer).copied().unwrap_or(0)
     }
 
-    /// Remembers that `peer`'s pseudo-gradient of `round` came whole, forgetting the peer
-    /// with the oldest at [`MAX_TRACKED_PEERS`].
+    /// Remembers that `peer`'s pseudo-gradient of `round` was taken, forgetting the peer with
+    /// the oldest at [`MAX_TRACKED_PEERS`].
     fn note_held(&mut self, peer: PeerId, round: u64) {
         if round == 0 {
             return;
@@ -510,6 +510,8 @@ pub struct Behaviour {
     piece_secs: Option<f64>,
     /// Requests a stalling attacker holds unanswered (fault injection only).
     held: VecDeque<ResponseChannel<TrainResponse>>,
+    /// Peers that answered `UpToDate` in the round opened here now.
+    up_to_date_answers: usize,
 }
 
 impl Behaviour {
@@ -549,6 +551,7 @@ impl Behaviour {
             served: None,
             piece_secs: None,
             held: VecDeque::new(),
+            up_to_date_answers: 0,
         }
     }
 
@@ -817,6 +820,7 @@ impl Behaviour {
             let _ = reply.send(Err("as many sessions as allowed are running".into()));
             return;
         }
+        self.up_to_date_answers = 0;
         self.try_next_peer(Vec::new(), reply);
     }
 
@@ -834,12 +838,13 @@ impl Behaviour {
             let _ = reply.send(Err("no parameters to average yet".into()));
             return;
         };
+        let all_up_to_date = !tried.is_empty() && self.up_to_date_answers == tried.len();
         if tried.len() >= MAX_ATTEMPTS {
-            let _ = reply.send(Err(format!(
-                "{} peers tried, none could average",
-                tried.len()
-            )
-            .into()));
+            let _ = reply.send(Err(if all_up_to_date {
+                RoundError::UpToDate
+            } else {
+                format!("{} peers tried, none could average", tried.len()).into()
+            }));
             return;
         }
         let now = Instant::now();
@@ -868,6 +873,8 @@ impl Behaviour {
         let Some(peer) = candidates.choose(&mut rand::thread_rng()).copied() else {
             let _ = reply.send(Err(if tried.is_empty() {
                 RoundError::NoPeers
+            } else if all_up_to_date {
+                RoundError::UpToDate
             } else {
                 RoundError::Failed(format!("{} peers tried, none could average", tried.len()))
             }));
@@ -904,16 +911,29 @@ impl Behaviour {
         tracing::debug!(%peer, "averaging round: opening a session");
     }
 
-    /// `peer` and this node hold each other's current pseudo-gradients: the round ends with
-    /// [`RoundError::UpToDate`] (not retried with others: a pull finds what is new later).
+    /// `peer` answered that it and this node hold each other's current pseudo-gradients.
+    /// Plausible only with outer steps, when our `Open` named one of its as held and ours is
+    /// of an outer step: otherwise the peer lied (reported, and another is tried). When
+    /// plausible another peer is tried too, and a round whose every partner tried answered
+    /// so ends with [`RoundError::UpToDate`] (not retried at once: nothing is new yet).
     fn up_to_date(&mut self, peer: PeerId) {
-        if let Some(o) = self.opening.take() {
-            if o.peer == peer {
-                let _ = o.reply.send(Err(RoundError::UpToDate));
-            } else {
-                self.opening = Some(o);
-            }
+        let Some(o) = self.opening.as_ref().filter(|o| o.peer == peer) else {
+            return;
+        };
+        let outer = self
+            .joined
+            .as_ref()
+            .is_some_and(|j| j.membership.codec.is_outer());
+        if !outer || o.held == 0 || o.snapshot.round() == 0 {
+            self.events.push_back(Event::Misbehaved {
+                peer,
+                why: "answered up to date where it cannot be".into(),
+            });
+            self.retry(peer, "a false up-to-date answer");
+            return;
         }
+        self.up_to_date_answers += 1;
+        self.retry(peer, "up to date");
     }
 
     /// The opened session failed with `peer`: try another peer, or report.
@@ -1034,16 +1054,17 @@ impl Behaviour {
         let Some(o) = self.outbound.take() else {
             return;
         };
-        let done = o.session.finish(true);
-        self.remember_held(&done);
-        let _ = o.reply.send(Ok(done));
+        let _ = o.reply.send(Ok(o.session.finish(true)));
     }
 
-    /// Remembers the outer step of a pseudo-gradient that came whole in `done` (delivered).
-    fn remember_held(&mut self, done: &PeerParams) {
+    /// Records that the trainer took `peer`'s pseudo-gradient of outer step `round` (after
+    /// the coordinator's checks, not on arrival: one refused or dropped is sent again by the
+    /// next session, and the outer parameters of a held one are known to come with a
+    /// pseudo-gradient that passed).
+    pub fn note_held(&mut self, peer: PeerId, round: u64) {
         if let Some(j) = self.joined.as_mut() {
-            if j.membership.codec.is_outer() && !done.already_held {
-                j.note_held(done.peer, done.round);
+            if j.membership.codec.is_outer() {
+                j.note_held(peer, round);
             }
         }
     }
@@ -1218,13 +1239,11 @@ impl Behaviour {
         if s.incoming.complete() {
             if let Some(s) = self.inbound.remove(&session) {
                 let done = s.finish(false);
-                let served = self.served.clone();
-                let permit = served.as_ref().and_then(|tx| tx.try_reserve().ok());
-                if let Some(permit) = permit {
-                    self.remember_held(&done);
-                    permit.send(done);
-                } else {
-                    tracing::debug!(%peer, "trainer busy; dropping a finished averaging session");
+                match self.served.as_ref().map(|tx| tx.try_send(done).is_ok()) {
+                    Some(true) => {}
+                    _ => {
+                        tracing::debug!(%peer, "trainer busy; dropping a finished averaging session")
+                    }
                 }
             }
         }

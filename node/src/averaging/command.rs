@@ -27,6 +27,14 @@ pub enum Command {
     Average(oneshot::Sender<Result<PeerParams, RoundError>>),
     /// Connected peers known to train the same run.
     RunPeers(oneshot::Sender<Vec<PeerId>>),
+    /// The trainer took `peer`'s pseudo-gradient of outer step `round` (it passed its
+    /// checks): sessions with `peer` name it as held from now on, so it is not sent again.
+    Held {
+        /// The peer.
+        peer: PeerId,
+        /// The outer step.
+        round: u64,
+    },
 }
 
 impl Behaviour {
@@ -44,6 +52,7 @@ impl Behaviour {
             Command::RunPeers(reply) => {
                 let _ = reply.send(self.run_members());
             }
+            Command::Held { peer, round } => self.note_held(peer, round),
         }
     }
 }

@@ -1,15 +1,18 @@
-//! The `/p2p-ml/train/3.0.0` protocol: gossip averaging sessions and run discovery, as one
+//! The `/p2p-ml/train/4.0.0` protocol: gossip averaging sessions and run discovery, as one
 //! libp2p behaviour ([`Behaviour`]) that imports neither the rest of the network nor the
 //! model store.
 //!
 //! **Participants**: nodes training the same run (same run id, tensor layout hash, parameter
 //! count and exchange: parameters in a wire dtype, or pseudo-gradients in an encoding, see
 //! [`pieces`]). **Flow**: the opener sends `Open` with its run, layout, samples seen, step and
-//! (with pseudo-gradients) outer step; the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per peer, or no
-//! parameters yet),
-//! `Refused` (another run or layout, or a peer refused before) or `Accepted` with the piece
-//! count and the samples and step of its trainer's latest snapshot. That snapshot is read
-//! from a `watch` the trainer keeps fresh ([`Snapshots`]): the behaviour answers alone, at
+//! (with pseudo-gradients) outer step and the outer step of the other's pseudo-gradient it
+//! holds already (`held`); the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per
+//! peer, or no parameters yet), `Refused` (another run or layout, or a peer refused before),
+//! `UpToDate` (each holds the other's current pseudo-gradient: another peer is tried) or
+//! `Accepted` with the piece count, the samples, step and outer step of its trainer's latest
+//! snapshot and what it holds of the opener's. A side whose pseudo-gradient the other holds
+//! sends its pieces empty (its outer parameters still travel). The snapshot is read from a
+//! `watch` the trainer keeps fresh ([`Snapshots`]): the behaviour answers alone, at
 //! once, and no thread is asked. The opener then sends its parameters in pieces of at most
 //! 1 MiB (4 in flight at a time); each `Piece` is answered with the same piece of the other
 //! side's snapshot, so both end holding each other's parameters from the same moment. `Runs`

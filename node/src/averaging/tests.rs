@@ -352,6 +352,7 @@ async fn a_session_moves_only_the_pseudo_gradients_the_other_side_lacks() {
     let (mut a, mut b, mut b_rx) = (a_node.swarm, b_node.swarm, b_node.served);
     a.listen().with_memory_addr_external().await;
     b.connect(&mut a).await;
+    let (a_id, b_id) = (*a.local_peer_id(), *b.local_peer_id());
 
     // Round 1, nothing held: both pseudo-gradients travel.
     let first = open_round(&mut a, &mut b, &mut b_rx).await;
@@ -363,8 +364,12 @@ async fn a_session_moves_only_the_pseudo_gradients_the_other_side_lacks() {
     assert!(full > 5 * PARAMS as u64, "{:?}", got.bytes);
     assert_eq!(got.bytes.1, full);
     assert_eq!(first.b_finished.len(), 1);
+    // Each trainer took the other's (the coordinator reports it after its checks).
+    a.behaviour_mut().note_held(b_id, 1);
+    b.behaviour_mut().note_held(a_id, 1);
 
-    // The same rounds again: each holds the other's, so no session opens.
+    // The same rounds again: each holds the other's, so no session opens (and with the only
+    // peer up to date, the round ends as such, not as a failure).
     let again = open_round(&mut a, &mut b, &mut b_rx).await;
     assert_eq!(again.result.unwrap_err(), RoundError::UpToDate);
     assert!(again.b_finished.is_empty());
@@ -391,5 +396,70 @@ async fn a_session_moves_only_the_pseudo_gradients_the_other_side_lacks() {
         theirs.params[PARAMS..],
         vec![1.0; PARAMS],
         "a's outer parameters"
+    );
+}
+
+/// `UpToDate` answers an `Open` that named a held pseudo-gradient in a run with outer steps;
+/// a peer that answers it to a run averaging parameters lies: it is reported, and the round
+/// does not end as if nothing were new.
+#[tokio::test(start_paused = true)]
+async fn a_false_up_to_date_answer_is_reported() {
+    use libp2p::request_response::{self, ProtocolSupport};
+    use p2p_protocol::codec::CborCodec;
+    use p2p_protocol::training::{
+        TrainRequest, TrainResponse, MAX_TRAINING_MESSAGE_BYTES, TRAINING_PROTOCOL,
+    };
+
+    let mut a = node(Some(1.0), false).swarm;
+    let mut liar = Swarm::new_ephemeral_tokio(|_| {
+        request_response::Behaviour::<CborCodec<TrainRequest, TrainResponse>>::with_codec(
+            CborCodec::new(MAX_TRAINING_MESSAGE_BYTES, MAX_TRAINING_MESSAGE_BYTES),
+            [(
+                libp2p::StreamProtocol::new(TRAINING_PROTOCOL),
+                ProtocolSupport::Full,
+            )],
+            request_response::Config::default(),
+        )
+    });
+    a.listen().with_memory_addr_external().await;
+    liar.connect(&mut a).await;
+    let liar_id = *liar.local_peer_id();
+
+    let (tx, mut rx) = oneshot::channel();
+    a.behaviour_mut().average(tx);
+    let mut a_events = Vec::new();
+    let result = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::select! {
+                result = &mut rx => return result.unwrap(),
+                event = a.next_swarm_event() => {
+                    if let SwarmEvent::Behaviour(e) = event {
+                        a_events.push(e);
+                    }
+                }
+                event = liar.next_swarm_event() => {
+                    if let SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Request { channel, .. },
+                        ..
+                    }) = event
+                    {
+                        let _ = liar.behaviour_mut().send_response(channel, TrainResponse::UpToDate);
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the round ended in time");
+    assert!(
+        matches!(result, Err(RoundError::Failed(_))),
+        "{:?}",
+        result.as_ref().err()
+    );
+    assert!(
+        a_events.iter().any(
+            |e| matches!(e, Event::Misbehaved { peer, why } if *peer == liar_id && why.contains("up to date"))
+        ),
+        "{a_events:?}"
     );
 }

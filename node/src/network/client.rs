@@ -537,6 +537,15 @@ impl Client {
             .await
     }
 
+    /// Records that the trainer took `peer`'s pseudo-gradient of outer step `round`, so that
+    /// sessions with it do not move it again.
+    pub async fn note_held(&self, peer: PeerId, round: u64) -> Result<()> {
+        self.sender
+            .send(Command::Averaging(averaging::Command::Held { peer, round }))
+            .await
+            .map_err(|_| anyhow!("the node has stopped"))
+    }
+
     /// Counts a penalty against `peer`, whose parameters were refused; with `exclude` it is
     /// left out of this run's averaging from now on.
     pub async fn refuse_peer(&self, peer: PeerId, why: String, exclude: bool) -> Result<()> {

@@ -749,14 +749,25 @@ impl Coordinator {
                 };
                 self.status
                     .send_modify(|s| s.last_peer = Some(p.peer.to_string()));
+                let (peer, round, fresh) = (p.peer, p.round, !p.already_held);
                 let command = ToTrainer::PseudoGradient {
-                    peer: p.peer,
-                    round: p.round,
-                    values: (!p.already_held).then_some(p.params),
+                    peer,
+                    round,
+                    values: fresh.then_some(p.params),
                     outer,
                 };
-                if let Err(TrySendError::Full(_)) = self.to_trainer.try_send(command) {
-                    tracing::debug!("trainer busy; dropping a peer's pseudo-gradient");
+                match self.to_trainer.try_send(command) {
+                    // Taken: sessions with this peer need not move it again.
+                    Ok(()) if fresh => {
+                        if let Err(e) = self.client.note_held(peer, round).await {
+                            tracing::debug!(error = %format!("{e:#}"), "cannot record a held pseudo-gradient");
+                        }
+                    }
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        tracing::debug!("trainer busy; dropping a peer's pseudo-gradient")
+                    }
+                    Err(TrySendError::Disconnected(_)) => {}
                 }
             }
             DeltaVerdict::Refuse { why, penalize } => {

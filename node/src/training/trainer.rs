@@ -69,8 +69,10 @@ const PACE_ROUND_PAUSE: Duration = Duration::from_millis(50);
 /// pseudo-gradient alone and ended at 0.79-0.95 with `outer_learning_rate = 2`; waiting for
 /// arrivals (and pulling), 1-8% and 0.955-0.969 with 3 (`testnet/RESULTS.md`). Where exchanges finish within a phase
 /// (the text model) nothing is waited for; where they do not, the wait shows as
-/// `network_wait_fraction`, and the cure is a larger `inner_steps`.
-const MAX_ARRIVAL_WAIT: Duration = Duration::from_secs(10);
+/// `network_wait_fraction`, and the cure is a larger `inner_steps`. The median over peers
+/// keeps a minority that times its pseudo-gradients late from stretching the wait; identities
+/// that are most of the peers heard from can, up to this bound at every boundary.
+pub const MAX_ARRIVAL_WAIT: Duration = Duration::from_secs(10);
 
 /// While a boundary waits for peers' pseudo-gradients, how often it opens a session itself
 /// (with a random peer of the run) instead of only waiting for peers to open one: nodes that
@@ -78,7 +80,9 @@ const MAX_ARRIVAL_WAIT: Duration = Duration::from_secs(10);
 /// waiting too. A pulled session moves only what a side lacks (`held` in the protocol).
 const ARRIVAL_ASK_EVERY: Duration = Duration::from_millis(100);
 
-/// Most sessions one boundary pulls while it waits (beyond the one it opens after publishing).
+/// Most sessions one boundary asks for while it waits (beyond the one it opens after
+/// publishing); an ask made while a round of this node's still runs is dropped by the
+/// coordinator, so fewer may open.
 const MAX_ARRIVAL_PULLS: u32 = 4;
 
 /// With outer steps, while waiting for slower peers, how often a session is asked for (to
