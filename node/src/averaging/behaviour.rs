@@ -66,6 +66,10 @@ const MAX_HELD_CHANNELS: usize = 64;
 /// this long.
 const AVOID_FOR: Duration = Duration::from_secs(60);
 
+/// A peer that answered `UpToDate` is not asked again for this long: two of the pulls a
+/// waiting boundary makes (`training::trainer`), by when it may have moved on.
+const UP_TO_DATE_FOR: Duration = Duration::from_millis(200);
+
 /// How often sessions and queries are checked for timeouts.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -245,6 +249,9 @@ struct Joined {
     /// With outer steps: the outer step of each peer's latest pseudo-gradient the trainer took
     /// (named as `held` in sessions, so that it is not sent again).
     held: HashMap<PeerId, u64>,
+    /// Peers that answered `UpToDate`, and when: not asked again for [`UP_TO_DATE_FOR`]
+    /// (older entries are dropped at each round).
+    up_to_date: HashMap<PeerId, Instant>,
 }
 
 impl Joined {
@@ -510,8 +517,6 @@ pub struct Behaviour {
     piece_secs: Option<f64>,
     /// Requests a stalling attacker holds unanswered (fault injection only).
     held: VecDeque<ResponseChannel<TrainResponse>>,
-    /// Peers that answered `UpToDate` in the round opened here now.
-    up_to_date_answers: usize,
 }
 
 impl Behaviour {
@@ -551,7 +556,6 @@ impl Behaviour {
             served: None,
             piece_secs: None,
             held: VecDeque::new(),
-            up_to_date_answers: 0,
         }
     }
 
@@ -575,6 +579,7 @@ impl Behaviour {
             avoided: HashMap::new(),
             refused: HashSet::new(),
             held: HashMap::new(),
+            up_to_date: HashMap::new(),
         });
         self.served = Some(served);
     }
@@ -820,7 +825,6 @@ impl Behaviour {
             let _ = reply.send(Err("as many sessions as allowed are running".into()));
             return;
         }
-        self.up_to_date_answers = 0;
         self.try_next_peer(Vec::new(), reply);
     }
 
@@ -838,23 +842,25 @@ impl Behaviour {
             let _ = reply.send(Err("no parameters to average yet".into()));
             return;
         };
-        let all_up_to_date = !tried.is_empty() && self.up_to_date_answers == tried.len();
         if tried.len() >= MAX_ATTEMPTS {
-            let _ = reply.send(Err(if all_up_to_date {
-                RoundError::UpToDate
-            } else {
-                format!("{} peers tried, none could average", tried.len()).into()
-            }));
+            let _ = reply.send(Err(format!(
+                "{} peers tried, none could average",
+                tried.len()
+            )
+            .into()));
             return;
         }
         let now = Instant::now();
         j.avoided
             .retain(|_, since| now.duration_since(*since) < AVOID_FOR);
+        j.up_to_date
+            .retain(|_, since| now.duration_since(*since) < UP_TO_DATE_FOR);
         let connected: Vec<PeerId> = self
             .connected
             .iter()
             .copied()
             .filter(|p| !tried.contains(p) && !j.refused.contains(p) && !busy.contains(p))
+            .filter(|p| !j.up_to_date.contains_key(p))
             .collect();
         let mut candidates: Vec<PeerId> = connected
             .iter()
@@ -873,8 +879,6 @@ impl Behaviour {
         let Some(peer) = candidates.choose(&mut rand::thread_rng()).copied() else {
             let _ = reply.send(Err(if tried.is_empty() {
                 RoundError::NoPeers
-            } else if all_up_to_date {
-                RoundError::UpToDate
             } else {
                 RoundError::Failed(format!("{} peers tried, none could average", tried.len()))
             }));
@@ -914,8 +918,11 @@ impl Behaviour {
     /// `peer` answered that it and this node hold each other's current pseudo-gradients.
     /// Plausible only with outer steps, when our `Open` named one of its as held and ours is
     /// of an outer step: otherwise the peer lied (reported, and another is tried). When
-    /// plausible another peer is tried too, and a round whose every partner tried answered
-    /// so ends with [`RoundError::UpToDate`] (not retried at once: nothing is new yet).
+    /// plausible the round ends with [`RoundError::UpToDate`], and the peer is not asked
+    /// again for [`UP_TO_DATE_FOR`] (so the next pull goes elsewhere, and a peer that says so
+    /// falsely costs at most one round that long). Trying others
+    /// at once instead made rounds fill faster, but in the runs with churn and attackers on
+    /// the testnet hosts ended lower (`testnet/RESULTS.md`).
     fn up_to_date(&mut self, peer: PeerId) {
         let Some(o) = self.opening.as_ref().filter(|o| o.peer == peer) else {
             return;
@@ -932,8 +939,12 @@ impl Behaviour {
             self.retry(peer, "a false up-to-date answer");
             return;
         }
-        self.up_to_date_answers += 1;
-        self.retry(peer, "up to date");
+        if let Some(o) = self.opening.take() {
+            if let Some(j) = self.joined.as_mut() {
+                j.up_to_date.insert(peer, Instant::now());
+            }
+            let _ = o.reply.send(Err(RoundError::UpToDate));
+        }
     }
 
     /// The opened session failed with `peer`: try another peer, or report.

@@ -113,26 +113,8 @@ async fn open_round(
     b: &mut Swarm<Behaviour>,
     b_rx: &mut mpsc::Receiver<PeerParams>,
 ) -> Round {
-    let (tx, mut rx) = oneshot::channel();
-    a.behaviour_mut().average(tx);
-    let mut a_events = Vec::new();
+    let (result, a_events) = drive_round(a, b, |_, _| {}).await;
     let mut b_finished = Vec::new();
-    let result = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            tokio::select! {
-                result = &mut rx => return result.unwrap(),
-                event = a.next_swarm_event() => {
-                    if let SwarmEvent::Behaviour(e) = event {
-                        a_events.push(e);
-                    }
-                }
-                _ = b.next_swarm_event() => {}
-                Some(p) = b_rx.recv() => b_finished.push(p),
-            }
-        }
-    })
-    .await
-    .expect("the round ended in time");
     // Let `b` see the last piece it answered.
     let _ = tokio::time::timeout(Duration::from_millis(200), async {
         loop {
@@ -149,6 +131,38 @@ async fn open_round(
         a_events,
         b_finished,
     }
+}
+
+/// `a` opens a round; `a` and `other` run until it ended (`serve` handles each of `other`'s
+/// events), giving the round's result and `a`'s events.
+async fn drive_round<S>(
+    a: &mut Swarm<Behaviour>,
+    other: &mut Swarm<S>,
+    mut serve: impl FnMut(&mut Swarm<S>, SwarmEvent<S::ToSwarm>),
+) -> (Result<PeerParams, RoundError>, Vec<Event>)
+where
+    S: libp2p::swarm::NetworkBehaviour + Send,
+    S::ToSwarm: std::fmt::Debug,
+{
+    let (tx, mut rx) = oneshot::channel();
+    a.behaviour_mut().average(tx);
+    let mut a_events = Vec::new();
+    let result = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::select! {
+                result = &mut rx => return result.unwrap(),
+                event = a.next_swarm_event() => {
+                    if let SwarmEvent::Behaviour(e) = event {
+                        a_events.push(e);
+                    }
+                }
+                event = other.next_swarm_event() => serve(other, event),
+            }
+        }
+    })
+    .await
+    .expect("the round ended in time");
+    (result, a_events)
 }
 
 #[tokio::test(start_paused = true)]
@@ -368,15 +382,17 @@ async fn a_session_moves_only_the_pseudo_gradients_the_other_side_lacks() {
     a.behaviour_mut().note_held(b_id, 1);
     b.behaviour_mut().note_held(a_id, 1);
 
-    // The same rounds again: each holds the other's, so no session opens (and with the only
-    // peer up to date, the round ends as such, not as a failure).
+    // The same rounds again: each holds the other's, so no session opens, and the round ends
+    // as up to date, not as a failure.
     let again = open_round(&mut a, &mut b, &mut b_rx).await;
     assert_eq!(again.result.unwrap_err(), RoundError::UpToDate);
     assert!(again.b_finished.is_empty());
 
     // `b` moves to round 2: its pseudo-gradient travels, `a`'s goes empty; both sides' outer
-    // parameters travel (int8, about a fifth of the whole).
+    // parameters travel (int8, about a fifth of the whole). (`a` asks `b` again only once
+    // its up-to-date answer is 200 ms old.)
     b_node.snapshots.send_replace(Some(outer_snapshot(5.0, 2)));
+    tokio::time::advance(Duration::from_millis(250)).await;
     let pulled = open_round(&mut a, &mut b, &mut b_rx).await;
     let got = pulled.result.unwrap();
     assert_eq!((got.round, got.already_held), (2, false));
@@ -425,32 +441,18 @@ async fn a_false_up_to_date_answer_is_reported() {
     liar.connect(&mut a).await;
     let liar_id = *liar.local_peer_id();
 
-    let (tx, mut rx) = oneshot::channel();
-    a.behaviour_mut().average(tx);
-    let mut a_events = Vec::new();
-    let result = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            tokio::select! {
-                result = &mut rx => return result.unwrap(),
-                event = a.next_swarm_event() => {
-                    if let SwarmEvent::Behaviour(e) = event {
-                        a_events.push(e);
-                    }
-                }
-                event = liar.next_swarm_event() => {
-                    if let SwarmEvent::Behaviour(request_response::Event::Message {
-                        message: request_response::Message::Request { channel, .. },
-                        ..
-                    }) = event
-                    {
-                        let _ = liar.behaviour_mut().send_response(channel, TrainResponse::UpToDate);
-                    }
-                }
-            }
+    let (result, a_events) = drive_round(&mut a, &mut liar, |liar, event| {
+        if let SwarmEvent::Behaviour(request_response::Event::Message {
+            message: request_response::Message::Request { channel, .. },
+            ..
+        }) = event
+        {
+            let _ = liar
+                .behaviour_mut()
+                .send_response(channel, TrainResponse::UpToDate);
         }
     })
-    .await
-    .expect("the round ended in time");
+    .await;
     assert!(
         matches!(result, Err(RoundError::Failed(_))),
         "{:?}",

@@ -67,7 +67,7 @@ const PACE_ROUND_PAUSE: Duration = Duration::from_millis(50);
 /// Bounded by the phase instead, 8 by-label digits hosts on the testnet (phases of
 /// milliseconds, exchanges of tens) applied 27-51% of their rounds with their own
 /// pseudo-gradient alone and ended at 0.79-0.95 with `outer_learning_rate = 2`; waiting for
-/// arrivals (and pulling), 1-8% and 0.955-0.969 with 3 (`testnet/RESULTS.md`). Where exchanges finish within a phase
+/// arrivals (and pulling), 1-8% and host means of 0.945-0.967 with 3 (`testnet/RESULTS.md`). Where exchanges finish within a phase
 /// (the text model) nothing is waited for; where they do not, the wait shows as
 /// `network_wait_fraction`, and the cure is a larger `inner_steps`. The median over peers
 /// keeps a minority that times its pseudo-gradients late from stretching the wait; identities
