@@ -452,7 +452,8 @@ pub struct KnownRuns {
 /// Why an averaging round this node opened ended without a partner's parameters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RoundError {
-    /// No connected peer trains the run (or all are refused): asking again at once is pointless.
+    /// No connected peer trains the run (or all are refused, or answered `UpToDate` within
+    /// [`UP_TO_DATE_FOR`]): asking again at once is pointless.
     #[error("no peer of the run is connected")]
     NoPeers,
     /// There were peers, but none averaged this time (busy, gone mid-way, a protocol error).
@@ -919,8 +920,9 @@ impl Behaviour {
     /// Plausible only with outer steps, when our `Open` named one of its as held and ours is
     /// of an outer step: otherwise the peer lied (reported, and another is tried). When
     /// plausible the round ends with [`RoundError::UpToDate`], and the peer is not asked
-    /// again for [`UP_TO_DATE_FOR`] (so the next pull goes elsewhere, and a peer that says so
-    /// falsely costs at most one round that long). Trying others
+    /// again for [`UP_TO_DATE_FOR`] (so the next pull goes elsewhere). A plausible answer
+    /// cannot be checked: an identity that says so falsely costs one of our rounds per
+    /// [`UP_TO_DATE_FOR`], for as long as it keeps doing so. Trying others
     /// at once instead made rounds fill faster, but in the runs with churn and attackers on
     /// the testnet hosts ended lower (`testnet/RESULTS.md`).
     fn up_to_date(&mut self, peer: PeerId) {

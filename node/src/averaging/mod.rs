@@ -8,7 +8,8 @@
 //! (with pseudo-gradients) outer step and the outer step of the other's pseudo-gradient it
 //! holds already (`held`); the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per
 //! peer, or no parameters yet), `Refused` (another run or layout, or a peer refused before),
-//! `UpToDate` (each holds the other's current pseudo-gradient: another peer is tried) or
+//! `UpToDate` (each holds the other's current pseudo-gradient: the round ends, and that peer
+//! is not asked again for 200 ms) or
 //! `Accepted` with the piece count, the samples, step and outer step of its trainer's latest
 //! snapshot and what it holds of the opener's. A side whose pseudo-gradient the other holds
 //! sends its pieces empty (its outer parameters still travel). The snapshot is read from a

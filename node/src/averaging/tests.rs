@@ -384,13 +384,15 @@ async fn a_session_moves_only_the_pseudo_gradients_the_other_side_lacks() {
 
     // The same rounds again: each holds the other's, so no session opens, and the round ends
     // as up to date, not as a failure.
-    let again = open_round(&mut a, &mut b, &mut b_rx).await;
-    assert_eq!(again.result.unwrap_err(), RoundError::UpToDate);
-    assert!(again.b_finished.is_empty());
+    let (again, _) = drive_round(&mut a, &mut b, |_, _| {}).await;
+    assert_eq!(again.unwrap_err(), RoundError::UpToDate);
+    assert!(b_rx.try_recv().is_err(), "b finished no session");
+    // `a` does not ask `b` again for 200 ms.
+    let (too_soon, _) = drive_round(&mut a, &mut b, |_, _| {}).await;
+    assert_eq!(too_soon.unwrap_err(), RoundError::NoPeers);
 
     // `b` moves to round 2: its pseudo-gradient travels, `a`'s goes empty; both sides' outer
-    // parameters travel (int8, about a fifth of the whole). (`a` asks `b` again only once
-    // its up-to-date answer is 200 ms old.)
+    // parameters travel (int8, about a fifth of the whole), once 200 ms passed.
     b_node.snapshots.send_replace(Some(outer_snapshot(5.0, 2)));
     tokio::time::advance(Duration::from_millis(250)).await;
     let pulled = open_round(&mut a, &mut b, &mut b_rx).await;

@@ -22,8 +22,8 @@
 //! times say more are coming ([`OuterLoop::missing_until`]; the trainer bounds the wait to
 //! 10 s, not to a phase, and pulls sessions meanwhile: where phases are shorter than exchanges,
 //! a wait of one phase left a third to a half of the rounds with a node's own pseudo-gradient
-//! alone on the testnet). Why wait rather than apply late pseudo-gradients a round later: measured on
-//! three by-label digits shards (all-to-all, `cargo test -p p2p-node --lib
+//! alone on the testnet). Why wait rather than apply late pseudo-gradients a round later:
+//! measured on three by-label digits shards (all-to-all, `cargo test -p p2p-node --lib
 //! training::outer::convergence -- --nocapture`), the outer parameters reach 0.95 accuracy
 //! when every pseudo-gradient is in by the next boundary and 0.70 when they all come one phase
 //! later (0.47 with DiLoCo's outer momentum of 0.9, hence the default of 0.5); mixing in own

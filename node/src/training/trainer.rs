@@ -62,14 +62,15 @@ const PACE_ROUND_PAUSE: Duration = Duration::from_millis(50);
 /// With outer steps, the longest a boundary (or the last outer step) waits for peers'
 /// pseudo-gradients that measured arrival times say are about to come
 /// ([`OuterLoop::missing_until`]: twice the median over peers of their arrival delays, and
-/// only while the round holds fewer than rounds usually do). Not a fraction of the inner phase: a pseudo-gradient
-/// applied a round late costs non-iid shards far more than the wait (see [`super::outer`]).
-/// Bounded by the phase instead, 8 by-label digits hosts on the testnet (phases of
-/// milliseconds, exchanges of tens) applied 27-51% of their rounds with their own
-/// pseudo-gradient alone and ended at 0.79-0.95 with `outer_learning_rate = 2`; waiting for
-/// arrivals (and pulling), 1-8% and host means of 0.945-0.967 with 3 (`testnet/RESULTS.md`). Where exchanges finish within a phase
-/// (the text model) nothing is waited for; where they do not, the wait shows as
-/// `network_wait_fraction`, and the cure is a larger `inner_steps`. The median over peers
+/// only while the round holds fewer than rounds usually do). Not a fraction of the inner
+/// phase: a pseudo-gradient applied a round late costs non-iid shards far more than the wait
+/// (see [`super::outer`]). Bounded by the phase instead, 8 by-label digits hosts on the
+/// testnet (phases of milliseconds, exchanges of tens) applied 27-51% of their rounds with
+/// their own pseudo-gradient alone and ended at 0.79-0.95 with `outer_learning_rate = 2`;
+/// waiting for arrivals (and pulling), 1-8% and host means of 0.945-0.967 with 3
+/// (`testnet/RESULTS.md`). Where exchanges finish within a phase (the text model) nothing is
+/// waited for; where they do not, the wait shows as `network_wait_fraction`, and the cure is
+/// a larger `inner_steps`. The median over peers
 /// keeps a minority that times its pseudo-gradients late from stretching the wait; identities
 /// that are most of the peers heard from can, up to this bound at every boundary.
 pub const MAX_ARRIVAL_WAIT: Duration = Duration::from_secs(10);
@@ -77,7 +78,7 @@ pub const MAX_ARRIVAL_WAIT: Duration = Duration::from_secs(10);
 /// While a boundary waits for peers' pseudo-gradients, how often it opens a session itself
 /// (with a random peer of the run) instead of only waiting for peers to open one: nodes that
 /// only waited were 1.6-3 times slower on the testnet, each waiting for peers that were
-/// waiting too. A pulled session moves only what a side lacks (`held` in the protocol).
+/// waiting too. A pulled session moves no pseudo-gradient twice (`held` in the protocol).
 const ARRIVAL_ASK_EVERY: Duration = Duration::from_millis(100);
 
 /// Most sessions one boundary asks for while it waits (beyond the one it opens after
