@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod averaging;
+pub mod bounded;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use super::attack::Attack;
 use super::pieces::{Incoming, PieceCodec, PieceError};
+use crate::bounded::make_room;
 use crate::wire_behaviour::WrapsRequestResponse;
 
 /// Peers tried by one averaging round before it gives up.
@@ -104,11 +105,7 @@ fn insert_bounded(set: &mut HashSet<PeerId>, peer: PeerId) {
 
 /// Marks `peer` avoided since now, forgetting the longest-avoided at [`MAX_TRACKED_PEERS`].
 fn avoid(avoided: &mut HashMap<PeerId, Instant>, peer: PeerId) {
-    if avoided.len() >= MAX_TRACKED_PEERS && !avoided.contains_key(&peer) {
-        if let Some(oldest) = avoided.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p) {
-            avoided.remove(&oldest);
-        }
-    }
+    make_room(avoided, &peer, MAX_TRACKED_PEERS, |since| *since);
     avoided.insert(peer, Instant::now());
 }
 
@@ -247,7 +244,7 @@ struct Joined {
     avoided: HashMap<PeerId, Instant>,
     refused: HashSet<PeerId>,
     /// With outer steps: the outer step of each peer's latest pseudo-gradient the trainer took
-    /// (named as `held` in sessions, so that it is not sent again).
+    /// (named as `held` in sessions, so that it is not sent again); empty in other runs.
     held: HashMap<PeerId, u64>,
     /// Peers that answered `UpToDate`, and when: not asked again for [`UP_TO_DATE_FOR`]
     /// (older entries are dropped at each round).
@@ -266,11 +263,7 @@ impl Joined {
         if round == 0 {
             return;
         }
-        if self.held.len() >= MAX_TRACKED_PEERS && !self.held.contains_key(&peer) {
-            if let Some(oldest) = self.held.iter().min_by_key(|(_, r)| **r).map(|(p, _)| *p) {
-                self.held.remove(&oldest);
-            }
-        }
+        make_room(&mut self.held, &peer, MAX_TRACKED_PEERS, |round| *round);
         let latest = self.held.entry(peer).or_insert(0);
         *latest = (*latest).max(round);
     }
@@ -886,11 +879,8 @@ impl Behaviour {
             return;
         };
         let m = &j.membership;
-        let held = if m.codec.is_outer() {
-            j.held_from(&peer)
-        } else {
-            0
-        };
+        // 0 outside runs with outer steps: nothing is recorded as held there.
+        let held = j.held_from(&peer);
         let request = TrainRequest::Open {
             run: m.announcement.run,
             layout: m.layout,
@@ -1168,11 +1158,7 @@ impl Behaviour {
         }
         j.members.insert(peer);
         let pieces = m.codec.pieces(m.params);
-        let we_hold = if m.codec.is_outer() {
-            j.held_from(&peer)
-        } else {
-            0
-        };
+        let we_hold = j.held_from(&peer);
         let snapshot = j.snapshots.borrow().clone();
         match snapshot {
             // Not trained far enough to have parameters yet: like busy, try later.

@@ -61,6 +61,8 @@ use p2p_models::outer::{accumulate, pseudo_gradient, OuterOptimizer};
 use p2p_models::spec::RunSpec;
 use p2p_protocol::training::MAX_ROUND_LAG;
 
+use crate::bounded::make_room;
+
 /// Peers whose last used outer step is remembered (beyond: the oldest entry is forgotten).
 const MAX_TRACKED_PEERS: usize = 4096;
 
@@ -323,11 +325,7 @@ impl OuterLoop {
             .gathering
             .get(slot)
             .is_some_and(|g| g.peers.contains(&peer));
-        if self.used.len() >= MAX_TRACKED_PEERS && !self.used.contains_key(&peer) {
-            if let Some(oldest) = self.used.iter().min_by_key(|(_, r)| **r).map(|(p, _)| *p) {
-                self.used.remove(&oldest);
-            }
-        }
+        make_room(&mut self.used, &peer, MAX_TRACKED_PEERS, |round| *round);
         self.used.insert(peer, round);
         self.highest_seen = self.highest_seen.max(round);
         if taken {
@@ -356,12 +354,12 @@ impl OuterLoop {
     /// Records that `peer`'s pseudo-gradient of `round` arrived `delay` seconds after ours of
     /// the same round was published.
     fn note_arrival(&mut self, peer: PeerId, round: u64, delay: f64) {
-        if self.arrivals.len() >= MAX_TRACKED_PEERS && !self.arrivals.contains_key(&peer) {
-            let oldest = self.arrivals.iter().min_by_key(|(_, (_, r))| *r);
-            if let Some(oldest) = oldest.map(|(p, _)| *p) {
-                self.arrivals.remove(&oldest);
-            }
-        }
+        make_room(
+            &mut self.arrivals,
+            &peer,
+            MAX_TRACKED_PEERS,
+            |(_, round)| *round,
+        );
         let entry = self.arrivals.entry(peer).or_insert((delay, round));
         *entry = (
             (1.0 - ARRIVAL_ALPHA) * entry.0 + ARRIVAL_ALPHA * delay,

@@ -1109,19 +1109,24 @@ mod tests {
              checkpoint_every = 10\n",
         )
         .unwrap();
-        let data = Dataset::load(&spec, None).unwrap();
-        let trainer = Trainer::new(&spec, data, &p2p_models::Device::Cpu, 1).unwrap();
+        start_with(dir, &spec, Arc::new(AtomicU64::new(u64::MAX)))
+    }
+
+    /// A trainer thread on `spec` (the digits data) that may train up to `pace_limit` samples.
+    fn start_with(dir: &std::path::Path, spec: &RunSpec, pace_limit: Arc<AtomicU64>) -> Running {
+        let data = Dataset::load(spec, None).unwrap();
+        let trainer = Trainer::new(spec, data, &p2p_models::Device::Cpu, 1).unwrap();
         let (snapshots, watched) = watch::channel(None);
         let job = TrainerJob {
             trainer,
             run: "test".into(),
             checkpoint_path: dir.join("checkpoint.safetensors"),
             averaging: true,
-            pace_limit: Arc::new(AtomicU64::new(u64::MAX)),
+            pace_limit,
             snapshots,
         };
-        let (commands, from_coordinator) = sync_channel(8);
-        let (events_tx, events) = mpsc::channel(64);
+        let (commands, from_coordinator) = sync_channel(64);
+        let (events_tx, events) = mpsc::channel(256);
         let thread = std::thread::spawn(move || run(job, from_coordinator, events_tx));
         Running {
             commands,
@@ -1131,19 +1136,36 @@ mod tests {
         }
     }
 
+    impl Running {
+        /// Answers every round with a failure until training finished (a failure report
+        /// fails the test).
+        fn run_to_end(&mut self) {
+            loop {
+                match self.events.blocking_recv().expect("the trainer reports") {
+                    FromTrainer::RoundWanted => self.commands.send(ToTrainer::RoundFailed).unwrap(),
+                    FromTrainer::Finished => break,
+                    FromTrainer::Failed(e) => panic!("training failed: {e}"),
+                    _ => {}
+                }
+            }
+        }
+
+        /// Stops the thread and waits for it.
+        fn stop(self) {
+            self.commands.send(ToTrainer::Stop).unwrap();
+            self.thread.join().unwrap();
+        }
+    }
+
     #[test]
     fn a_mix_that_makes_training_diverge_is_rolled_back_and_its_peer_blamed() {
         let dir = tempfile::tempdir().unwrap();
-        let Running {
-            commands,
-            mut events,
-            snapshots,
-            thread,
-        } = start(dir.path());
+        let mut running = start(dir.path());
+        let (commands, snapshots) = (running.commands.clone(), running.snapshots.clone());
         let rogue = PeerId::random();
         let mut poisoned = false;
         let rolled_back = loop {
-            match events.blocking_recv().expect("the trainer reports") {
+            match running.events.blocking_recv().expect("the trainer reports") {
                 // Once the step-10 checkpoint is confirmed, answer a round with huge (finite) parameters:
                 // mixed at one half they make the next loss infinite.
                 FromTrainer::RoundWanted if poisoned => {
@@ -1179,18 +1201,10 @@ mod tests {
         assert_eq!(blamed, Some(rogue));
         assert!(to_step <= from_step && to_step >= 10, "{rolled_back:?}");
         // Training goes on to the end from there, and the final parameters are finite.
-        loop {
-            match events.blocking_recv().expect("the trainer reports") {
-                FromTrainer::RoundWanted => commands.send(ToTrainer::RoundFailed).unwrap(),
-                FromTrainer::Finished => break,
-                FromTrainer::Failed(e) => panic!("training failed after the rollback: {e}"),
-                _ => {}
-            }
-        }
+        running.run_to_end();
         let last = snapshots.borrow().clone().unwrap();
         assert!(p2p_models::params::all_finite(&last.params));
-        commands.send(ToTrainer::Stop).unwrap();
-        thread.join().unwrap();
+        running.stop();
     }
 
     /// The boundary that applies a round missing a pseudo-gradient that measured arrival
@@ -1205,22 +1219,10 @@ mod tests {
         )
         .unwrap();
         let phase_samples = spec.inner_steps * spec.batch_size as u64;
-        let data = Dataset::load(&spec, None).unwrap();
-        let trainer = Trainer::new(&spec, data, &p2p_models::Device::Cpu, 1).unwrap();
-        let (snapshots, watched) = watch::channel(None);
         // The trainer may train one phase at a time: the test raises the limit.
         let pace_limit = Arc::new(AtomicU64::new(phase_samples));
-        let job = TrainerJob {
-            trainer,
-            run: "test".into(),
-            checkpoint_path: dir.path().join("checkpoint.safetensors"),
-            averaging: true,
-            pace_limit: Arc::clone(&pace_limit),
-            snapshots,
-        };
-        let (commands, from_coordinator) = sync_channel(64);
-        let (events_tx, mut events) = mpsc::channel(256);
-        let thread = std::thread::spawn(move || run(job, from_coordinator, events_tx));
+        let mut running = start_with(dir.path(), &spec, Arc::clone(&pace_limit));
+        let (commands, watched) = (running.commands.clone(), running.snapshots.clone());
         let peer = PeerId::random();
         let pseudo_gradient = |round: u64| {
             let n = watched.borrow().as_ref().map_or(0, |s| s.params.len() / 2);
@@ -1236,7 +1238,7 @@ mod tests {
         let mut awaited = None;
         let mut asked_while_waiting = 0;
         let averaged = loop {
-            match events.blocking_recv().expect("the trainer reports") {
+            match running.events.blocking_recv().expect("the trainer reports") {
                 FromTrainer::OuterStep { round, .. } if round <= 4 => {
                     std::thread::sleep(Duration::from_millis(400));
                     commands.send(pseudo_gradient(round)).unwrap();
@@ -1267,30 +1269,18 @@ mod tests {
             (2, 3),
             "round 5 should have waited for the peer's pseudo-gradient"
         );
-        loop {
-            match events.blocking_recv().expect("the trainer reports") {
-                FromTrainer::RoundWanted => commands.send(ToTrainer::RoundFailed).unwrap(),
-                FromTrainer::Finished => break,
-                FromTrainer::Failed(e) => panic!("{e}"),
-                _ => {}
-            }
-        }
-        commands.send(ToTrainer::Stop).unwrap();
-        thread.join().unwrap();
+        running.run_to_end();
+        running.stop();
     }
 
     #[test]
     fn peers_mixed_against_one_snapshot_share_one_weight_budget() {
         let dir = tempfile::tempdir().unwrap();
-        let Running {
-            commands,
-            mut events,
-            snapshots,
-            thread,
-        } = start(dir.path());
+        let mut running = start(dir.path());
+        let (commands, snapshots) = (running.commands.clone(), running.snapshots.clone());
         let mut mixed = 0;
         loop {
-            match events.blocking_recv().expect("the trainer reports") {
+            match running.events.blocking_recv().expect("the trainer reports") {
                 FromTrainer::RoundWanted if mixed == 0 => {
                     // Three sessions that all exchanged this one snapshot, each at one half.
                     let base = snapshots.borrow().clone().unwrap();
@@ -1317,7 +1307,6 @@ mod tests {
         }
         // 1/2 + 1/6 reach the 2/3 budget; the third mix has nothing left.
         assert_eq!(mixed, 2);
-        commands.send(ToTrainer::Stop).unwrap();
-        thread.join().unwrap();
+        running.stop();
     }
 }
