@@ -328,6 +328,7 @@ pub fn targets() -> Vec<Target> {
                         let _ = params::first_non_finite(&v);
                         let local = vec![1.0f32; v.len()];
                         let _ = params::check_peer(&local, &v, 2.0);
+                        let _ = params::check_outer_params(&local, &v, 2.0);
                         ok = true;
                     }
                 }

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::delta_guard::{DeltaGuard, DeltaVerdict};
-use super::guard::{Decision, MixGuard, Severity};
+use super::guard::{Cost, Decision, MixGuard};
 use super::pace::Pace;
 use super::run::{checkpoint_path, prepare, PreparedRun, Start, TrainOptions};
 use super::trainer::{self, FromTrainer, ToTrainer, TrainerJob};
@@ -449,7 +449,8 @@ impl Coordinator {
                 })
             }
             FromTrainer::OuterStep { round, averaged } => {
-                tracing::debug!(run = %self.run.short(), round, averaged, "outer step");
+                tracing::debug!(run = %self.run.short(), round, averaged = averaged.total, fresh = averaged.fresh, "outer step");
+                let averaged = averaged.total;
                 self.status.send_modify(|s| {
                     s.outer_step = round;
                     if averaged > 0 {
@@ -610,7 +611,7 @@ impl Coordinator {
                     params::Refusal::TooFar { distance, .. } => Some(distance),
                     _ => None,
                 };
-                self.refuse(p.peer, refusal, (p.base.step, p.step), opened_here)
+                self.refuse(p.peer, refusal, (p.base.step, p.step), (opened_here, false))
                     .await;
                 if let Some(distance) = far {
                     self.guard.observe(p.peer, p.base.step, distance);
@@ -657,10 +658,14 @@ impl Coordinator {
     }
 
     /// Checks a peer's pseudo-gradient against ours ([`DeltaGuard`]) and its outer
-    /// parameters against ours (the checks and bounds of parameter averaging: [`MixGuard`]),
-    /// on a blocking thread, and hands them to the trainer as the guards say, or refuses them
+    /// parameters against ours (finite, the run's length, within the adaptive distance bound of
+    /// [`MixGuard`], which also clips their weight: [`params::check_outer_params`]), on a
+    /// blocking thread, and hands them to the trainer as the guards say, or refuses them
     /// (penalizing the peer, and excluding it at the third time, when no honest peer sends such
-    /// a thing). Outer parameters that fail alone are skipped like an outlier's parameters.
+    /// a thing). Outer parameters refused alone are skipped without a penalty and the
+    /// pseudo-gradient is still used, unless they are broken or at the run's own bound
+    /// ([`MixGuard::cost`]): then the pseudo-gradient is dropped too. Any refusal has the
+    /// trainer forget the peer's kept pseudo-gradients ([`Self::forget`]).
     async fn on_pseudo_gradient(&mut self, p: PeerParams) {
         self.status.send_modify(|s| {
             s.averaging_bytes_sent += p.bytes.0;
@@ -683,6 +688,7 @@ impl Coordinator {
                 p.round
             );
             self.penalize(p.peer, why).await;
+            self.forget(p.peer);
             return;
         }
         self.note_peer_at(&p);
@@ -699,7 +705,7 @@ impl Coordinator {
             } else {
                 guard.judge(p.peer, own_delta, &p.params)
             };
-            let outer_check = params::check_peer(own_outer, &theirs, bound);
+            let outer_check = params::check_outer_params(own_outer, &theirs, bound);
             (guard, p, theirs, verdict, outer_check)
         })
         .await;
@@ -740,10 +746,22 @@ impl Coordinator {
                     }
                     Err(refusal) => {
                         if let params::Refusal::TooFar { distance, .. } = refusal {
-                            self.guard.observe(p.peer, p.base.step, distance);
+                            // Counted at most at the bound: refusals that cost nothing must
+                            // not let many identities sending far-off outer parameters raise
+                            // the reference at will (it can still triple per window, which
+                            // lets a node whose own outer parameters are the outlier recover).
+                            let observed = distance.min(self.guard.bound());
+                            self.guard.observe(p.peer, p.base.step, observed);
                         }
-                        self.refuse(p.peer, refusal, (p.base.step, p.step), false)
+                        let cost = self
+                            .refuse(p.peer, refusal, (p.base.step, p.step), (false, true))
                             .await;
+                        if cost != Cost::Free {
+                            // Outer parameters no honest peer sends: its pseudo-gradient is
+                            // not used either.
+                            self.forget(p.peer);
+                            return;
+                        }
                         None
                     }
                 };
@@ -772,6 +790,7 @@ impl Coordinator {
             }
             DeltaVerdict::Refuse { why, penalize } => {
                 self.status.send_modify(|s| s.mixes_refused += 1);
+                self.forget(p.peer);
                 let why = format!("sent {why}");
                 if !penalize {
                     tracing::info!(peer = %p.peer, "{why} (refused, no penalty: an outlier)");
@@ -779,6 +798,20 @@ impl Coordinator {
                 }
                 self.penalize(p.peer, why).await;
             }
+        }
+    }
+
+    /// Has the trainer forget what it keeps of `peer`'s pseudo-gradients, so that none stands
+    /// in for a round it misses after one of its was refused (best effort: while the trainer's
+    /// queue is full the command is dropped, and what is kept expires after
+    /// `outer::MEMORY_ROUNDS` outer steps).
+    fn forget(&self, peer: PeerId) {
+        if self
+            .to_trainer
+            .try_send(ToTrainer::Forget { peer })
+            .is_err()
+        {
+            tracing::debug!(%peer, "trainer busy; cannot forget a refused peer's pseudo-gradient");
         }
     }
 
@@ -792,42 +825,41 @@ impl Coordinator {
         }
     }
 
-    /// Refuses a peer's parameters: broken ones (NaN, a wrong length) exclude the peer from the
-    /// run; ones that are far beyond what honest peers send cost it a penalty (and, the third
-    /// time, the run); an outlier that a stale honest peer could send is skipped without one.
+    /// Refuses a peer's parameters (with `outer`, its outer parameters) at the cost
+    /// [`MixGuard::cost`] puts on it: broken ones (NaN, a wrong length) exclude the peer from
+    /// the run; ones that no honest peer sends cost it a penalty (and, the third time, the
+    /// run); an outlier that an honest peer could send is skipped without one. Gives the cost.
     async fn refuse(
         &mut self,
         peer: PeerId,
         refusal: params::Refusal,
-        (step, peer_step): (u64, u64),
-        opened_here: bool,
-    ) {
+        steps: (u64, u64),
+        (opened_here, outer): (bool, bool),
+    ) -> Cost {
         self.status.send_modify(|s| s.mixes_refused += 1);
         if opened_here {
             let _ = self.to_trainer.try_send(ToTrainer::RoundFailed);
         }
-        let grace = self.guard.free_refusal(step, peer_step);
-        let (exclude, penalize) = match refusal {
-            params::Refusal::TooFar { distance, .. } => {
-                let far = !grace && self.guard.severity(distance) == Severity::Far;
-                (far && self.guard.strike(peer), far)
-            }
-            // No honest peer of the run sends these (past the first rounds): a strike, like a
-            // far distance.
-            params::Refusal::Opposed { .. } | params::Refusal::NormRatio { .. } => {
-                (!grace && self.guard.strike(peer), !grace)
-            }
-            params::Refusal::WrongLength { .. } | params::Refusal::NonFinite(_) => (true, true),
+        let what = if outer {
+            "outer parameters"
+        } else {
+            "parameters"
         };
-        let why = format!("sent parameters that were refused: {refusal}");
-        if !penalize {
-            tracing::info!(%peer, "{why} (no penalty: an outlier, or the run's first rounds)");
-            return;
-        }
+        let why = format!("sent {what} that were refused: {refusal}");
+        let cost = self.guard.cost(&refusal, outer, steps);
+        let exclude = match cost {
+            Cost::Free => {
+                tracing::info!(%peer, "{why} (no penalty: an outlier, or the run's first rounds)");
+                return cost;
+            }
+            Cost::Penalty => self.guard.strike(peer),
+            Cost::Exclusion => true,
+        };
         tracing::warn!(%peer, "{why}");
         if let Err(e) = self.client.refuse_peer(peer, why, exclude).await {
             tracing::debug!(error = %format!("{e:#}"), "cannot refuse the peer");
         }
+        cost
     }
 
     /// Records where a peer averaged with stands: finished (it holds nobody back), or its

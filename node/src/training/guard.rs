@@ -44,6 +44,11 @@
 //! far apart (relative distances of 2 to 8 and norm ratios past 2 were measured between honest
 //! nodes of the digits demo), and what is refused is not mixed in anyway. A liar that claims a
 //! far-off step to avoid strikes is still refused.
+//!
+//! With outer steps the guard judges peers' *outer* parameters, whose honest spread is wider
+//! and uneven (each node's are moved by a different set of pseudo-gradients, at an outer
+//! learning rate of up to 3): they are refused by the adaptive bound as above, but cost a
+//! penalty only at the run's own bound ([`MixGuard::cost`]).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -118,6 +123,17 @@ pub enum Severity {
     Far,
     /// An outlier that an honest but stale peer could be: skip the round only.
     Outlier,
+}
+
+/// What refusing a peer's parameters costs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
+    /// Nothing: what an honest peer can send (an outlier, or the run's first rounds).
+    Free,
+    /// A penalty and a strike ([`MixGuard::strike`]): no honest peer of the run sends it.
+    Penalty,
+    /// Exclusion from the run: broken values (NaN, a wrong length).
+    Exclusion,
 }
 
 /// The adaptive bounds of one training run on one node.
@@ -262,6 +278,47 @@ impl MixGuard {
     /// restarted from an old checkpoint, is honestly far off until it catches up).
     pub fn free_refusal(&self, step: u64, peer_step: u64) -> bool {
         step < self.grace_steps || step.abs_diff(peer_step) > self.sync_steps
+    }
+
+    /// What refusing a peer's parameters for `refusal` costs it, exchanged at our local `step`
+    /// with the peer at `peer_step` (see the module docs). With `outer`, they are outer
+    /// parameters ([`params::check_outer_params`]): only a distance at the run's own bound
+    /// costs a penalty (negated ones measure exactly 2.0, the default bound), never one
+    /// beyond the adaptive bound alone. At a high outer learning rate honest nodes' outer
+    /// parameters spread widely and unevenly, and the outlier can be our own: on the testnet
+    /// (8 by-label digits hosts, outer lr 3) one node's outer parameters outran the others'
+    /// early, and the parameter-averaging rules had honest nodes penalize it, and each other,
+    /// up to bans. What is refused is not mixed in either way, and a peer's pseudo-gradient,
+    /// which is what moves the model, is judged and penalized on its own
+    /// (`super::delta_guard`).
+    pub fn cost(
+        &self,
+        refusal: &params::Refusal,
+        outer: bool,
+        (step, peer_step): (u64, u64),
+    ) -> Cost {
+        let grace = self.free_refusal(step, peer_step);
+        match *refusal {
+            params::Refusal::WrongLength { .. } | params::Refusal::NonFinite(_) => Cost::Exclusion,
+            _ if grace => Cost::Free,
+            params::Refusal::TooFar { distance, .. } => {
+                let far = if outer {
+                    distance.is_nan() || distance >= self.static_bound
+                } else {
+                    self.severity(distance) == Severity::Far
+                };
+                if far {
+                    Cost::Penalty
+                } else {
+                    Cost::Free
+                }
+            }
+            // No honest peer of the run sends these (past the first rounds) as its parameters.
+            params::Refusal::Opposed { .. } | params::Refusal::NormRatio { .. } if !outer => {
+                Cost::Penalty
+            }
+            params::Refusal::Opposed { .. } | params::Refusal::NormRatio { .. } => Cost::Free,
+        }
     }
 
     /// Counts a far refusal of `peer`; `true` once it reached [`FAR_STRIKES`] (exclude it).
@@ -500,6 +557,30 @@ mod tests {
         );
         assert!(g.free_refusal(300, 10), "a late starter");
         assert!(g.free_refusal(10 + 300, 300 + 300 + 50));
+    }
+
+    #[test]
+    fn outer_parameters_cost_a_penalty_only_at_the_runs_bound() {
+        // Honest distances of 0.05: parameters 6x farther are far, but outer parameters are
+        // penalized only at the run's bound of 2.0.
+        let g = warmed(&[0.05; 8]);
+        let (step, peer_step) = (100, 100);
+        let at = |distance: f64| params::Refusal::TooFar {
+            distance,
+            bound: g.bound(),
+        };
+        assert_eq!(g.cost(&at(0.5), false, (step, peer_step)), Cost::Penalty);
+        assert_eq!(g.cost(&at(0.5), true, (step, peer_step)), Cost::Free);
+        assert_eq!(g.cost(&at(0.2), false, (step, peer_step)), Cost::Free);
+        assert_eq!(g.cost(&at(2.0), true, (step, peer_step)), Cost::Penalty);
+        let opposed = params::Refusal::Opposed { cosine: -0.04 };
+        assert_eq!(g.cost(&opposed, false, (step, peer_step)), Cost::Penalty);
+        assert_eq!(g.cost(&opposed, true, (step, peer_step)), Cost::Free);
+        // Broken values exclude, even in the first rounds; nothing else costs anything then.
+        let nan = params::Refusal::NonFinite(3);
+        assert_eq!(g.cost(&nan, true, (0, 0)), Cost::Exclusion);
+        assert_eq!(g.cost(&at(2.0), true, (0, 0)), Cost::Free);
+        assert_eq!(g.cost(&opposed, false, (0, 0)), Cost::Free);
     }
 
     #[test]

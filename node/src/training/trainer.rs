@@ -43,7 +43,7 @@ use p2p_models::spec::Averaging;
 use p2p_models::train::Trainer;
 use tokio::sync::{mpsc, watch};
 
-use super::outer::{OuterLoop, Received};
+use super::outer::{Averaged, OuterLoop, Received};
 use crate::averaging::pieces::OUTER_PARAMS_CODEC;
 use crate::averaging::{OuterPayload, Snapshot};
 
@@ -176,6 +176,13 @@ pub enum ToTrainer {
         /// them at: `θ += weight × (theirs − ours then)`.
         outer: Option<(Vec<f32>, Arc<Snapshot>, f64)>,
     },
+    /// With outer steps: the coordinator refused this peer's pseudo-gradient or outer
+    /// parameters; what is kept of its pseudo-gradients must not stand in for it
+    /// ([`OuterLoop::forget`]).
+    Forget {
+        /// The peer.
+        peer: PeerId,
+    },
     /// An averaging round this node opened ended without parameters to mix.
     RoundFailed,
     /// Save a checkpoint and stop.
@@ -228,8 +235,8 @@ pub enum FromTrainer {
         /// Its number.
         round: u64,
         /// Pseudo-gradients its average held (own included; 0 for the first, which applies
-        /// none).
-        averaged: u32,
+        /// none), and how many of them came for their round rather than standing in.
+        averaged: Averaged,
     },
     /// A checkpoint was written to the local resume file `path`; with `publish`, the same
     /// bytes were also written to their own immutable file (one per step), to be published as
@@ -711,6 +718,12 @@ impl State {
                     // in last is no better a suspect than any other (the guards bound each).
                     self.exchanges_used += 1;
                     self.send(FromTrainer::Mixed { peer })?;
+                }
+                Ok(Flow::Continue)
+            }
+            ToTrainer::Forget { peer } => {
+                if let Some(outer) = self.outer.as_mut() {
+                    outer.forget(&peer);
                 }
                 Ok(Flow::Continue)
             }
@@ -1249,7 +1262,7 @@ mod tests {
                     awaited = Some(pseudo_gradient(5));
                     pace_limit.store(u64::MAX, Ordering::Relaxed);
                 }
-                FromTrainer::OuterStep { round: 6, averaged } => break averaged,
+                FromTrainer::OuterStep { round: 6, averaged } => break averaged.fresh,
                 FromTrainer::RoundWanted if awaited.is_some() => {
                     // The boundary's own session and then two pulled ones: then it comes.
                     asked_while_waiting += 1;
