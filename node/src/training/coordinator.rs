@@ -664,8 +664,10 @@ impl Coordinator {
     /// (penalizing the peer, and excluding it at the third time, when no honest peer sends such
     /// a thing). Outer parameters refused alone are skipped without a penalty and the
     /// pseudo-gradient is still used, unless they are broken or at the run's own bound
-    /// ([`MixGuard::cost`]): then the pseudo-gradient is dropped too. Any refusal has the
-    /// trainer forget the peer's kept pseudo-gradients ([`Self::forget`]).
+    /// ([`MixGuard::cost`]): then the pseudo-gradient is dropped too. A refused pseudo-gradient,
+    /// an impossible outer step and outer parameters refused at a cost have the trainer
+    /// forget the peer's kept pseudo-gradients ([`Self::forget`]); a free refusal of outer
+    /// parameters does not (its pseudo-gradient is used).
     async fn on_pseudo_gradient(&mut self, p: PeerParams) {
         self.status.send_modify(|s| {
             s.averaging_bytes_sent += p.bytes.0;

@@ -128,7 +128,8 @@ pub struct TrainingStatus {
     /// Bytes of this node's last pseudo-gradient as f32 over the bytes it is sent as (with
     /// outer steps; 1 for parameters in f32, 2 in f16/bf16).
     pub compression_ratio: f64,
-    /// Pseudo-gradients averaged by the last outer step (own included).
+    /// Pseudo-gradients averaged by the last outer step (own included, and peers' latest
+    /// standing in for ones that did not come).
     pub last_outer_averaged: u32,
     /// Peers known to train this run.
     pub run_peers: usize,

@@ -50,14 +50,16 @@
 //! volunteer's own labels) a round averaging a subset of peers pulls the model toward their
 //! data and away from the rest's, which the next rounds undo: on the testnet (8 by-label digits
 //! hosts, outer lr 3) accuracy swung by 5-10 points from one evaluation to the next, and the
-//! rounds held about five of eight pseudo-gradients. With the memory they hold about seven.
+//! rounds held about five of eight pseudo-gradients. With the memory they hold 7.6-7.8.
 //! A boundary still waits only for fresh ones ([`OuterLoop::missing_until`] counts those),
 //! and a round's learning-rate cap counts the ones standing in (a node cut off from its peers
-//! applies their latest at the full rate for at most [`MEMORY_ROUNDS`] rounds). A peer gains
-//! no weight from this: one pseudo-gradient counts per peer and round, each was checked and
-//! clipped when it came, and the coordinator has the trainer forget a peer's
-//! ([`OuterLoop::forget`]) as soon as it refuses one of its pseudo-gradients or outer
-//! parameters, so a peer that turns hostile or is excluded stops counting at once.
+//! applies their latest at the full rate for at most [`MEMORY_ROUNDS`] rounds). Still one
+//! pseudo-gradient counts per peer and round, each checked and clipped when it came (not
+//! again against later rounds); a peer heard from one round in five now weighs in every
+//! round like one heard every round, which is MIFA's point. The coordinator has the trainer
+//! forget a peer's ([`OuterLoop::forget`]) as soon as it refuses one of its pseudo-gradients
+//! or its outer parameters at a cost, so a peer that turns hostile stops counting at once;
+//! one banned for what its sessions sent stops after [`MEMORY_ROUNDS`].
 //!
 //! **Outer steps are counted run-wide.** Honest nodes drift apart by up to the pace bound
 //! (`max_lead_steps` over `inner_steps` outer steps) plus [`MAX_ROUND_LAG`]: a pseudo-gradient
@@ -515,8 +517,12 @@ impl OuterLoop {
         let mut outer = self.outer.clone();
         let mut optimizer = self.optimizer.clone();
         for g in &self.gathering {
-            self.with_memory(g.clone())
-                .apply(&mut optimizer, &mut outer)?;
+            if self.latest.is_empty() {
+                g.apply(&mut optimizer, &mut outer)?;
+            } else {
+                self.with_memory(g.clone())
+                    .apply(&mut optimizer, &mut outer)?;
+            }
         }
         Ok(outer)
     }
@@ -791,6 +797,36 @@ mod tests {
         let fourth = a.boundary(&[0.0, 0.0]).unwrap();
         let fifth = a.boundary(&fourth.params).unwrap();
         assert_eq!(fifth.averaged, Averaged { total: 1, fresh: 1 });
+    }
+
+    /// A pseudo-gradient kept for the next round (its round holds the peer's already) is
+    /// dated by that round: it counts there once, fresh, then stands in for
+    /// [`MEMORY_ROUNDS`] rounds and no more; forgetting a peer drops one waiting for its round.
+    #[test]
+    fn an_early_pseudo_gradient_counts_once_then_stands_in() {
+        let spec = spec("f32", 1.0, 0.0);
+        let mut a = OuterLoop::new(&spec, vec![0.0; 2]);
+        let (peer, forgotten) = (PeerId::random(), PeerId::random());
+        let first = a.boundary(&[0.0, 0.0]).unwrap();
+        for p in [peer, forgotten] {
+            assert_eq!(a.receive(p, 1, &[0.4, 0.4]), Received::Used);
+            assert_eq!(a.receive(p, 2, &[0.4, 0.4]), Received::Early);
+        }
+        a.forget(&forgotten);
+        let mut last = a.boundary(&first.params).unwrap();
+        assert_eq!(last.averaged, Averaged { total: 3, fresh: 3 });
+        last = a.boundary(&last.params).unwrap();
+        assert_eq!(
+            last.averaged,
+            Averaged { total: 2, fresh: 2 },
+            "round 2: the early one once, the forgotten one not at all"
+        );
+        for _ in 0..MEMORY_ROUNDS {
+            last = a.boundary(&last.params).unwrap();
+            assert_eq!(last.averaged, Averaged { total: 2, fresh: 1 });
+        }
+        last = a.boundary(&last.params).unwrap();
+        assert_eq!(last.averaged, Averaged { total: 1, fresh: 1 });
     }
 
     #[test]
