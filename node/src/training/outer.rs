@@ -44,9 +44,10 @@
 //!
 //! **Every peer heard from lately counts in every round.** A round that misses a peer's
 //! pseudo-gradient uses that peer's latest one instead, if it was used at most
-//! [`MEMORY_ROUNDS`] of this node's outer steps before: MIFA's rule (Gu et al., "Fast Federated Learning in the Presence of
-//! Arbitrary Device Unavailability", NeurIPS 2021), where the server averages every client's
-//! latest update each round whether or not that client reported. On shards that differ (each
+//! [`MEMORY_ROUNDS`] of this node's outer steps before: MIFA's rule (Gu et al., "Fast
+//! Federated Learning in the Presence of Arbitrary Device Unavailability", NeurIPS 2021), where
+//! the server averages every client's latest update each round whether or not that client
+//! reported. On shards that differ (each
 //! volunteer's own labels) a round averaging a subset of peers pulls the model toward their
 //! data and away from the rest's, which the next rounds undo: on the testnet (8 by-label digits
 //! hosts, outer lr 3) accuracy swung by 5-10 points from one evaluation to the next, and the
@@ -95,9 +96,10 @@ const ARRIVAL_RECENT_ROUNDS: u64 = 8;
 /// Applied rounds whose pseudo-gradient count sets how many the next one waits for.
 const COUNTS_WINDOW: usize = 8;
 
-/// A round that misses a peer's pseudo-gradient uses the peer's latest one instead, if it is
-/// at most this many outer steps older (see the module docs): the four phases the default pace
-/// bound lets honest nodes drift apart; a peer silent for longer has likely left.
+/// A round that misses a peer's pseudo-gradient uses the peer's latest one instead, if it was
+/// used at most this many of this node's outer steps before (see the module docs): the four
+/// phases the default pace bound lets honest nodes drift apart; a peer silent for longer has
+/// likely left.
 pub const MEMORY_ROUNDS: u64 = 4;
 
 /// Bytes of peers' latest pseudo-gradients kept: a 3.2M-parameter model keeps 20 peers' (the
@@ -208,7 +210,8 @@ pub struct OuterLoop {
     used: HashMap<PeerId, u64>,
     /// Pseudo-gradients of peers ahead, for the next round (one per peer).
     early: HashMap<PeerId, Vec<f32>>,
-    /// Each peer's latest pseudo-gradient used and its outer step, for rounds it misses.
+    /// Each peer's latest pseudo-gradient used, and our round it was used in (or is kept
+    /// for), for rounds it misses.
     latest: HashMap<PeerId, (u64, Vec<f32>)>,
     /// How many peers' latest pseudo-gradients are kept.
     memory_capacity: usize,
