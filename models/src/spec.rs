@@ -307,7 +307,7 @@ pub struct RunSpec {
     /// (a lone round's pseudo-gradient still enters the momentum, which later steps apply at
     /// the full rate). On shards that differ a lot (each volunteer's own labels) 2-3 does
     /// better than the default, whose average of pseudo-gradients pointing different ways is
-    /// short: 8 by-label digits hosts ended at 0.967-0.975 at 3 (three runs) against
+    /// short: 8 by-label digits hosts ended at 0.964-0.975 at 3 (six runs) against
     /// 0.900-0.928, and 4 diverged (`testnet/RESULTS.md`).
     #[serde(default = "default_outer_learning_rate")]
     pub outer_learning_rate: f64,

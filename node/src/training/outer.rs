@@ -51,7 +51,7 @@
 //! volunteer's own labels) a round averaging a subset of peers pulls the model toward their
 //! data and away from the rest's, which the next rounds undo: on the testnet (8 by-label digits
 //! hosts, outer lr 3) accuracy swung by 5-10 points from one evaluation to the next, and the
-//! rounds held about five of eight pseudo-gradients. With the memory they hold 7.6-7.8.
+//! rounds held about five of eight pseudo-gradients. With the memory they hold 7.6-7.9.
 //! A boundary still waits only for fresh ones ([`OuterLoop::missing_until`] counts those),
 //! and a round's learning-rate cap counts the ones standing in (a node cut off from its peers
 //! applies their latest at the full rate for at most [`MEMORY_ROUNDS`] rounds). Still one
