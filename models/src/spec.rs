@@ -305,10 +305,10 @@ pub struct RunSpec {
     /// plain model averaging). A round's learning rate is capped at the number of
     /// pseudo-gradients it averaged, so that before momentum a step never exceeds their sum
     /// (a lone round's pseudo-gradient still enters the momentum, which later steps apply at
-    /// the full rate). On shards that differ a lot (each volunteer's own labels) 2-3 does
+    /// the full rate). On shards that differ a lot (each volunteer's own labels) 3-3.5 does
     /// better than the default, whose average of pseudo-gradients pointing different ways is
-    /// short: 8 by-label digits hosts ended at 0.964-0.975 at 3 (six runs) against
-    /// 0.900-0.928, and 4 diverged (`testnet/RESULTS.md`).
+    /// short: 8 by-label digits hosts ended at 0.975-0.978 at 3.5 (two runs) and 0.964-0.975
+    /// at 3 (six) against 0.900-0.928 (`testnet/RESULTS.md`).
     #[serde(default = "default_outer_learning_rate")]
     pub outer_learning_rate: f64,
     /// With `averaging = "outer"`: the outer optimizer's momentum. DiLoCo uses 0.9 with an
