@@ -186,7 +186,7 @@ impl MixGuard {
     }
 
     /// How bad a distance that reached [`Self::bound`] is.
-    pub fn severity(&self, distance: f64) -> Severity {
+    fn severity(&self, distance: f64) -> Severity {
         let far = match self.reference() {
             Some(r) => (PENALIZE_FACTOR * r).min(self.static_bound),
             None => self.static_bound,
@@ -276,7 +276,7 @@ impl MixGuard {
     /// is free: in the run's first [`GRACE_ROUNDS`] periods, or when the two are further apart
     /// in steps than bounded staleness keeps honest peers (a node that started late, or
     /// restarted from an old checkpoint, is honestly far off until it catches up).
-    pub fn free_refusal(&self, step: u64, peer_step: u64) -> bool {
+    fn free_refusal(&self, step: u64, peer_step: u64) -> bool {
         step < self.grace_steps || step.abs_diff(peer_step) > self.sync_steps
     }
 
