@@ -687,7 +687,7 @@ def run_spec(args, shards, steps, alone=False):
     if args.averaging == "outer":
         # Checkpoints at outer-step boundaries, so that a newcomer starts from outer parameters.
         spec = spec.replace("checkpoint_every = 100", f"checkpoint_every = {args.inner_steps * 2}")
-    return spec.replace("by-label", "iid") if alone else spec
+    return spec.replace("by-label", "iid") if alone or args.partition == "iid" else spec
 
 
 def parameter_count(path):
@@ -834,7 +834,8 @@ def scenario_train(net, args):
         rows.append(host_row(baseline_host, training.last.get(baseline_host.name), "baseline", text))
     print_hosts(rows, args)
     result = {"hosts": n, "steps": steps, "workload": args.workload, "averaging": args.averaging,
-              "inner_steps": args.inner_steps, "compression": args.compression, "set": args.set,
+              "inner_steps": args.inner_steps, "compression": args.compression,
+              "partition": args.partition, "set": args.set,
               "attack": args.attack, "replaced": replaced, "rows": rows,
               "curves": training.curves, "baseline": baseline_host.name if baseline_host else None,
               "final": {r["host"]: r["metric"] for r in rows}}
@@ -1006,6 +1007,8 @@ def main():
     parser.add_argument("--inner-steps", type=int, default=50, help="with outer: local steps per outer step")
     parser.add_argument("--compression", choices=["int8", "top-k", "f32"], default="int8",
                         help="with outer: how pseudo-gradients travel")
+    parser.add_argument("--partition", choices=["by-label", "iid"], default="by-label",
+                        help="train, digits: how the data is cut into shards")
     parser.add_argument("--eval-every", type=int, default=25, help="text: local steps between evaluations")
     parser.add_argument("--set", action="append", default=[], metavar="'FIELD = VALUE'",
                         help="train/speedup: an extra line of the run spec (e.g. 'outer_momentum = 0.9'); repeatable")

@@ -451,6 +451,7 @@ fn train_requests() -> Vec<TrainRequest> {
             step: 100,
             round: 0,
             held: 0,
+            wants_outer: false,
         },
         TrainRequest::Open {
             run: id(1),
@@ -463,6 +464,7 @@ fn train_requests() -> Vec<TrainRequest> {
             step: 100,
             round: 7,
             held: 6,
+            wants_outer: true,
         },
         TrainRequest::Piece {
             session: 42,
@@ -485,6 +487,7 @@ fn train_responses() -> Vec<TrainResponse> {
             round: 3,
             pieces: 2,
             held: 2,
+            wants_outer: false,
         },
         TrainResponse::Piece {
             index: 1,

@@ -367,6 +367,7 @@ async fn a_peer_dying_mid_exchange_leaves_the_model_unchanged_and_the_next_sessi
         step: 10,
         round: 0,
         held: 0,
+        wants_outer: false,
     };
     let per_piece = ParamDtype::F32.per_piece();
     let piece = |index: u32| {

@@ -15,8 +15,8 @@
 //! Every few local steps a node opens a session with a random peer of the same run:
 //!
 //! ```text
-//! A -> B  Open { run, layout, exchange, params, samples, step, round, held }
-//! B -> A  Accepted { session, samples, step, round, pieces, held }  (or Busy / UpToDate / Refused)
+//! A -> B  Open { run, layout, exchange, params, samples, step, round, held, wants_outer }
+//! B -> A  Accepted { session, samples, step, round, pieces, held, wants_outer }  (or Busy / UpToDate / Refused)
 //! A -> B  Piece { session, index: i, A's piece i }       for i in 0..pieces, a few in flight
 //! B -> A  Piece { index: i, B's piece i }
 //! ```
@@ -37,7 +37,11 @@
 //! Each side names the outer step of the other's pseudo-gradient it holds already (`held`),
 //! and a side whose current one the other holds sends its pseudo-gradient's pieces empty: a
 //! node that pulls sessions while it waits for a round's pseudo-gradients does not move one
-//! twice.
+//! twice. Each side also says whether it would mix the other's outer parameters into its
+//! snapshot (`wants_outer`: weight is left in its snapshot's budget, and none of that peer's
+//! were mixed into it yet); a side told no sends the pieces of its outer parameters empty.
+//! A snapshot takes about two peers' outer parameters, so in a node's third and later sessions
+//! of a phase they no longer travel.
 
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
@@ -47,7 +51,7 @@ use crate::codec::GossipError;
 use crate::manifest::{Hash32, VersionId};
 
 /// Request-response protocol id of gossip averaging and run discovery.
-pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/4.0.0";
+pub const TRAINING_PROTOCOL: &str = "/p2p-ml/train/5.0.0";
 
 /// The gossipsub topic of run announcements.
 pub const RUNS_TOPIC: &str = "p2p-ml/runs/2";
@@ -317,6 +321,9 @@ pub enum TrainRequest {
         /// holds already (0: none). A peer whose current one is of at most that step sends its
         /// pseudo-gradient's pieces empty (see [`TrainResponse::Accepted`]).
         held: u64,
+        /// With pseudo-gradients: whether the opener would mix the peer's outer parameters
+        /// (else the peer sends their pieces empty; false in runs averaging parameters).
+        wants_outer: bool,
     },
     /// Piece `index` of the opener's parameters; answered with the same piece of the peer's.
     Piece {
@@ -358,6 +365,10 @@ pub enum TrainResponse {
         /// with empty `data` (those of its outer parameters as usual), and the other uses
         /// nothing of them: a pulled session does not move a pseudo-gradient twice.
         held: u64,
+        /// With pseudo-gradients: whether the peer would mix the opener's outer parameters.
+        /// A side told no sends the pieces of its outer parameters with empty `data`, and the
+        /// other uses nothing of them.
+        wants_outer: bool,
     },
     /// Piece `index` of the peer's parameters.
     Piece {

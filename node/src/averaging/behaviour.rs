@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::attack::Attack;
+use super::budget::MixBudget;
 use super::pieces::{Incoming, PieceCodec, PieceError};
 use crate::bounded::make_room;
 use crate::wire_behaviour::WrapsRequestResponse;
@@ -124,6 +125,9 @@ pub struct Snapshot {
     /// With outer steps: the outer step and the encoded pieces (sent as they are, so that
     /// every peer gets exactly what error feedback accounted for).
     pub outer: Option<OuterPayload>,
+    /// The weight peers' parameters mixed against it may still get, and whose outer
+    /// parameters it would still take (what sessions tell peers: `wants_outer`).
+    pub budget: MixBudget,
 }
 
 /// A pseudo-gradient ready to send.
@@ -181,6 +185,9 @@ pub struct PeerParams {
     /// This node held the peer's pseudo-gradient of `round` already, so the peer sent its
     /// outer parameters only: the first half of `params` (the pseudo-gradient) is zeros.
     pub already_held: bool,
+    /// This node said it would not mix the peer's outer parameters, so the peer did not send
+    /// them: the second half of `params` is zeros.
+    pub outer_skipped: bool,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -269,26 +276,49 @@ impl Joined {
     }
 }
 
-/// Which sides of a session send their pseudo-gradient's pieces empty because the other holds
-/// it already: when its outer step (not 0) is at most the one the other named as held. The
-/// outer parameters that follow it always travel: mixing them against each new snapshot is
-/// the gossip that keeps nodes' θ together (without it, 8 by-label digits hosts on the
-/// testnet ended 2-3 points lower).
+/// Which sides of a session send which half of their vector empty. A pseudo-gradient goes
+/// empty when the other side holds it already: its outer step (not 0) is at most the one the
+/// other named as held. Outer parameters go empty when the other side said it would not mix
+/// them (`wants_outer`: its snapshot's weight is spent, or it mixed this peer's already).
+/// Every outer parameter that would be mixed still travels: mixing them against each new
+/// snapshot is the gossip that keeps nodes' θ together (without it, 8 by-label digits hosts
+/// on the testnet ended 2-3 points lower).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Skips {
-    /// Ours: the peer holds it.
+    /// Our pseudo-gradient: the peer holds it.
     send: bool,
-    /// The peer's: we hold it.
+    /// The peer's pseudo-gradient: we hold it.
     receive: bool,
+    /// Our outer parameters: the peer would not mix them.
+    send_outer: bool,
+    /// The peer's outer parameters: we would not mix them.
+    receive_outer: bool,
 }
 
 impl Skips {
     /// For a session where our pseudo-gradient is of `ours` and the peer holds ours up to
-    /// `peer_holds`, and theirs is of `theirs` and we hold theirs up to `we_hold`.
-    fn of(ours: u64, peer_holds: u64, theirs: u64, we_hold: u64) -> Self {
+    /// `peer_holds`, and theirs is of `theirs` and we hold theirs up to `we_hold`; `wants`:
+    /// whether the peer would mix our outer parameters, and whether we would mix theirs (both
+    /// true outside runs with outer steps, where nothing is skipped).
+    fn of(ours: u64, peer_holds: u64, theirs: u64, we_hold: u64, wants: (bool, bool)) -> Self {
         Self {
             send: ours > 0 && ours <= peer_holds,
             receive: theirs > 0 && theirs <= we_hold,
+            send_outer: ours > 0 && !wants.0,
+            receive_outer: theirs > 0 && !wants.1,
+        }
+    }
+
+    /// Whether piece `index` of a vector of `len` values is sent empty (`outgoing`: ours;
+    /// else the peer's).
+    fn skips(&self, codec: &PieceCodec, len: usize, index: u32, outgoing: bool) -> bool {
+        let (delta, outer) = match outgoing {
+            true => (self.send, self.send_outer),
+            false => (self.receive, self.receive_outer),
+        };
+        match codec.is_pseudo_gradient_piece(len, index) {
+            true => delta,
+            false => outer && codec.is_outer(),
         }
     }
 }
@@ -352,7 +382,10 @@ impl Session {
         let gap = now.duration_since(self.last_activity);
         self.last_activity = now;
         self.bytes.1 += data.len() as u64;
-        if self.skips.receive && codec.is_pseudo_gradient_piece(self.incoming.values.len(), index) {
+        if self
+            .skips
+            .skips(codec, self.incoming.values.len(), index, false)
+        {
             return self.incoming.skip(index, data).map(|()| gap);
         }
         self.incoming.store(index, data, codec).map(|()| gap)
@@ -361,7 +394,7 @@ impl Session {
     /// Our piece `index`, encoded for the wire (or what `attack` sends instead).
     fn piece(&mut self, index: u32, codec: &PieceCodec, attack: Option<Attack>) -> Vec<u8> {
         let params = &self.snapshot.params;
-        if self.skips.send && codec.is_pseudo_gradient_piece(params.len(), index) {
+        if self.skips.skips(codec, params.len(), index, true) {
             return Vec::new();
         }
         let range = codec.range(params.len(), index);
@@ -405,6 +438,7 @@ impl Session {
             bytes: self.bytes,
             seconds: self.started.elapsed().as_secs_f64(),
             already_held: self.skips.receive,
+            outer_skipped: self.skips.receive_outer,
         }
     }
 }
@@ -482,6 +516,8 @@ struct Opening {
     snapshot: Arc<Snapshot>,
     /// The outer step of the peer's pseudo-gradient named as held in the `Open`.
     held: u64,
+    /// Whether the `Open` said we would mix the peer's outer parameters.
+    wants_outer: bool,
     /// Peers already tried in this round.
     tried: Vec<PeerId>,
     reply: RoundReply,
@@ -653,6 +689,13 @@ impl Behaviour {
 
     fn attack(&self) -> Option<Attack> {
         self.joined.as_ref().and_then(|j| j.membership.attack)
+    }
+
+    /// Whether the run joined exchanges pseudo-gradients (outer steps).
+    fn is_outer(&self) -> bool {
+        self.joined
+            .as_ref()
+            .is_some_and(|j| j.membership.codec.is_outer())
     }
 
     /// `peer` let a session (or an `Open`) wait past its idle limit: it is not asked again for
@@ -881,6 +924,7 @@ impl Behaviour {
         let m = &j.membership;
         // 0 outside runs with outer steps: nothing is recorded as held there.
         let held = j.held_from(&peer);
+        let wants_outer = m.codec.is_outer() && snapshot.budget.wants_outer(&peer);
         let request = TrainRequest::Open {
             run: m.announcement.run,
             layout: m.layout,
@@ -892,6 +936,7 @@ impl Behaviour {
             step: snapshot.step,
             round: snapshot.round(),
             held,
+            wants_outer,
         };
         let rid = self.inner.send_request(&peer, request);
         self.requests.insert(rid, Purpose::Open);
@@ -900,6 +945,7 @@ impl Behaviour {
             since: Instant::now(),
             snapshot,
             held,
+            wants_outer,
             tried,
             reply,
         });
@@ -919,11 +965,7 @@ impl Behaviour {
         let Some(o) = self.opening.as_ref().filter(|o| o.peer == peer) else {
             return;
         };
-        let outer = self
-            .joined
-            .as_ref()
-            .is_some_and(|j| j.membership.codec.is_outer());
-        if !outer || o.held == 0 || o.snapshot.round() == 0 {
+        if !self.is_outer() || o.held == 0 || o.snapshot.round() == 0 {
             self.events.push_back(Event::Misbehaved {
                 peer,
                 why: "answered up to date where it cannot be".into(),
@@ -959,14 +1001,15 @@ impl Behaviour {
     }
 
     /// The peer accepted our `Open`: at `peer_at` (samples, step, outer step), in `pieces`
-    /// pieces, holding our pseudo-gradient up to outer step `peer_holds`.
+    /// pieces, holding our pseudo-gradient up to outer step `peer_holds`, and saying whether
+    /// it would mix our outer parameters (`peer_wants_outer`).
     fn on_accepted(
         &mut self,
         peer: PeerId,
         session: u64,
         peer_at: (u64, u64, u64),
         pieces: u32,
-        peer_holds: u64,
+        (peer_holds, peer_wants_outer): (u64, bool),
     ) {
         let Some(opening) = self.opening.take() else {
             return;
@@ -984,11 +1027,13 @@ impl Behaviour {
         let Opening {
             snapshot,
             held,
+            wants_outer,
             tried,
             reply,
             ..
         } = opening;
-        let skips = Skips::of(snapshot.round(), peer_holds, peer_at.2, held);
+        let wants = (peer_wants_outer, wants_outer);
+        let skips = Skips::of(snapshot.round(), peer_holds, peer_at.2, held, wants);
         j.members.insert(peer);
         if j.membership.attack == Some(Attack::Stall) {
             // The peer waits for pieces that never come.
@@ -1102,10 +1147,13 @@ impl Behaviour {
                 step,
                 round,
                 held,
+                wants_outer,
             } => match self.on_open(peer, run, layout, exchange, params) {
                 Err(refusal) => refusal,
                 Ok((snapshot, pieces, we_hold)) => {
-                    let skips = Skips::of(snapshot.round(), held, round, we_hold);
+                    let we_want = self.is_outer() && snapshot.budget.wants_outer(&peer);
+                    let wants = (wants_outer, we_want);
+                    let skips = Skips::of(snapshot.round(), held, round, we_hold, wants);
                     if skips.send && skips.receive {
                         TrainResponse::UpToDate
                     } else {
@@ -1199,6 +1247,7 @@ impl Behaviour {
             round: snapshot.round(),
             pieces,
             held: we_hold,
+            wants_outer: !skips.receive_outer,
         }
     }
 
@@ -1294,8 +1343,15 @@ impl Behaviour {
                     round,
                     pieces,
                     held,
+                    wants_outer,
                 },
-            ) => self.on_accepted(peer, session, (samples, step, round), pieces, held),
+            ) => self.on_accepted(
+                peer,
+                session,
+                (samples, step, round),
+                pieces,
+                (held, wants_outer),
+            ),
             (Purpose::Open, TrainResponse::UpToDate) => self.up_to_date(peer),
             (Purpose::Open, TrainResponse::Refused { reason }) => {
                 if let Some(j) = self.joined.as_mut() {

@@ -1,4 +1,4 @@
-//! The `/p2p-ml/train/4.0.0` protocol: gossip averaging sessions and run discovery, as one
+//! The `/p2p-ml/train/5.0.0` protocol: gossip averaging sessions and run discovery, as one
 //! libp2p behaviour ([`Behaviour`]) that imports neither the rest of the network nor the
 //! model store.
 //!
@@ -6,13 +6,15 @@
 //! count and exchange: parameters in a wire dtype, or pseudo-gradients in an encoding, see
 //! [`pieces`]). **Flow**: the opener sends `Open` with its run, layout, samples seen, step and
 //! (with pseudo-gradients) outer step and the outer step of the other's pseudo-gradient it
-//! holds already (`held`); the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per
+//! holds already (`held`), and whether it would mix the other's outer parameters
+//! (`wants_outer`, from its snapshot's [`MixBudget`]); the other side answers `Busy` ([`MAX_SESSIONS`] at once, one per
 //! peer, or no parameters yet), `Refused` (another run or layout, or a peer refused before),
 //! `UpToDate` (each holds the other's current pseudo-gradient: the round ends, and that peer
 //! is not asked again for 200 ms) or
 //! `Accepted` with the piece count, the samples, step and outer step of its trainer's latest
-//! snapshot and what it holds of the opener's. A side whose pseudo-gradient the other holds
-//! sends its pieces empty (its outer parameters still travel). The snapshot is read from a
+//! snapshot, what it holds of the opener's and whether it wants the opener's outer
+//! parameters. A side whose pseudo-gradient the other holds sends its pieces empty; so does a
+//! side whose outer parameters the other would not mix. The snapshot is read from a
 //! `watch` the trainer keeps fresh ([`Snapshots`]): the behaviour answers alone, at
 //! once, and no thread is asked. The opener then sends its parameters in pieces of at most
 //! 1 MiB (4 in flight at a time); each `Piece` is answered with the same piece of the other
@@ -33,6 +35,7 @@
 
 mod attack;
 mod behaviour;
+mod budget;
 mod command;
 pub mod pieces;
 
@@ -41,6 +44,7 @@ pub use behaviour::{
     AveragerStatus, Behaviour, Event, KnownRuns, OuterPayload, PeerParams, RoundError,
     RunMembership, Snapshot, Snapshots, MAX_SESSIONS,
 };
+pub use budget::{MixBudget, MAX_WEIGHT_PER_SNAPSHOT};
 pub use command::Command;
 pub use pieces::PieceCodec;
 

@@ -208,13 +208,14 @@ impl Incoming {
     }
 
     /// Counts piece `index` as come without values: the sender sent it empty because this
-    /// side holds what it would hold already. Anything but an empty piece is refused.
+    /// side holds what it would hold already, or said it would not use it. Anything but an
+    /// empty piece is refused.
     pub fn skip(&mut self, index: u32, data: &[u8]) -> Result<(), PieceError> {
         self.check_new(index)?;
         if !data.is_empty() {
             return Err(PieceError::Bad {
                 index,
-                reason: "values of a pseudo-gradient held already".into(),
+                reason: "values where the session said none would come".into(),
             });
         }
         self.mark(index);

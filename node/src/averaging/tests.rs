@@ -18,7 +18,8 @@ use super::PieceCodec;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    Attack, Behaviour, Event, OuterPayload, PeerParams, RoundError, RunMembership, Snapshot,
+    Attack, Behaviour, Event, MixBudget, OuterPayload, PeerParams, RoundError, RunMembership,
+    Snapshot,
 };
 use p2p_models::compress::{Codec, Compression};
 
@@ -59,6 +60,7 @@ fn snapshot(value: f32, samples: u64) -> Arc<Snapshot> {
         samples,
         step: samples / 32,
         outer: None,
+        budget: MixBudget::default(),
     })
 }
 
@@ -354,6 +356,7 @@ fn outer_snapshot(value: f32, round: u64) -> Arc<Snapshot> {
         samples: 320 * round,
         step: 10 * round,
         outer: Some(OuterPayload { round, pieces }),
+        budget: MixBudget::default(),
     })
 }
 
@@ -410,6 +413,69 @@ async fn a_session_moves_only_the_pseudo_gradients_the_other_side_lacks() {
         vec![0.0; PARAMS],
         "no pseudo-gradient"
     );
+    assert_eq!(
+        theirs.params[PARAMS..],
+        vec![1.0; PARAMS],
+        "a's outer parameters"
+    );
+}
+
+/// Each side says whether its snapshot would still mix the other's outer parameters; a side
+/// told no sends their pieces empty, and its pseudo-gradient still travels. First the
+/// accepting side's snapshot has its weight spent, then the opening side's mixed the other's
+/// outer parameters already.
+#[tokio::test(start_paused = true)]
+async fn outer_parameters_travel_only_to_a_side_that_would_mix_them() {
+    let (a_node, b_node) = (outer_node(1.0, 1), outer_node(3.0, 1));
+    let (mut a, mut b, mut b_rx) = (a_node.swarm, b_node.swarm, b_node.served);
+    a.listen().with_memory_addr_external().await;
+    b.connect(&mut a).await;
+    let (a_id, b_id) = (*a.local_peer_id(), *b.local_peer_id());
+    let b_snapshot = b_node.snapshots.borrow().clone().unwrap();
+    assert_eq!(b_snapshot.budget.take(1.0), Some(2.0 / 3.0));
+
+    let first = open_round(&mut a, &mut b, &mut b_rx).await;
+    let got = first.result.unwrap();
+    assert!(!got.outer_skipped && !got.already_held);
+    assert_eq!(got.params, vec![3.0; 2 * PARAMS], "a got all of b's");
+    let theirs = first.b_finished.first().expect("b finished too");
+    assert!(theirs.outer_skipped && !theirs.already_held);
+    assert_eq!(
+        theirs.params[..PARAMS],
+        vec![1.0; PARAMS],
+        "a's pseudo-gradient"
+    );
+    assert_eq!(
+        theirs.params[PARAMS..],
+        vec![0.0; PARAMS],
+        "no outer parameters"
+    );
+    // f32 pseudo-gradients; int8 outer parameters only from b.
+    let (sent, received) = got.bytes;
+    assert!(
+        sent >= 4 * PARAMS as u64 && sent < received,
+        "{:?}",
+        got.bytes
+    );
+    assert!(received - sent >= PARAMS as u64, "{:?}", got.bytes);
+    a.behaviour_mut().note_held(b_id, 1);
+    b.behaviour_mut().note_held(a_id, 1);
+
+    // b moves to round 2 (a fresh budget); a's snapshot mixed b's outer parameters already.
+    let a_snapshot = a_node.snapshots.borrow().clone().unwrap();
+    assert!(a_snapshot.budget.first_outer_mix(b_id));
+    b_node.snapshots.send_replace(Some(outer_snapshot(5.0, 2)));
+    let second = open_round(&mut a, &mut b, &mut b_rx).await;
+    let got = second.result.unwrap();
+    assert!(got.outer_skipped && !got.already_held);
+    assert_eq!(
+        got.params[..PARAMS],
+        vec![5.0; PARAMS],
+        "b's new pseudo-gradient"
+    );
+    assert_eq!(got.params[PARAMS..], vec![0.0; PARAMS]);
+    let theirs = second.b_finished.first().expect("b finished too");
+    assert!(theirs.already_held && !theirs.outer_skipped);
     assert_eq!(
         theirs.params[PARAMS..],
         vec![1.0; PARAMS],

@@ -694,6 +694,10 @@ impl Coordinator {
             return;
         }
         self.note_peer_at(&p);
+        if p.already_held && p.outer_skipped {
+            // The session brought nothing new from this side (ours went out).
+            return;
+        }
         let mut guard = std::mem::take(&mut self.delta_guard);
         let bound = self.guard.bound();
         let judged = tokio::task::spawn_blocking(move || {
@@ -707,7 +711,9 @@ impl Coordinator {
             } else {
                 guard.judge(p.peer, own_delta, &p.params)
             };
-            let outer_check = params::check_outer_params(own_outer, &theirs, bound);
+            // Outer parameters this node said it would not mix did not come.
+            let outer_check =
+                (!p.outer_skipped).then(|| params::check_outer_params(own_outer, &theirs, bound));
             (guard, p, theirs, verdict, outer_check)
         })
         .await;
@@ -724,12 +730,14 @@ impl Coordinator {
                         .for_each(|v| *v = (f64::from(*v) * scale) as f32);
                 }
                 let outer = match outer_check {
-                    Ok(distance) => {
+                    None => None,
+                    Some(Ok(distance)) => {
                         // Every phase is the same number of samples by the spec: a peer's
                         // claimed samples do not buy its outer parameters more weight.
                         let decision =
                             self.guard
                                 .judge(p.peer, distance, p.base.samples, p.base.samples);
+                        tracing::debug!(peer = %p.peer, ?decision, "outer parameters judged");
                         self.guard.observe(p.peer, p.base.step, distance);
                         self.status.send_modify(|s| {
                             s.last_distance = Some(distance);
@@ -746,7 +754,7 @@ impl Coordinator {
                             Decision::Skip => None,
                         }
                     }
-                    Err(refusal) => {
+                    Some(Err(refusal)) => {
                         if let params::Refusal::TooFar { distance, .. } = refusal {
                             // Counted at most at the bound: refusals that cost nothing must
                             // not let many identities sending far-off outer parameters raise

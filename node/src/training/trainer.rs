@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::outer::{Averaged, OuterLoop, Received};
 use crate::averaging::pieces::OUTER_PARAMS_CODEC;
-use crate::averaging::{OuterPayload, Snapshot};
+use crate::averaging::{MixBudget, OuterPayload, Snapshot};
 
 /// How long an averaging round may take before the trainer goes on without it.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,18 +100,7 @@ const SERVING_EVAL_EVERY: Duration = Duration::from_secs(2);
 /// which divergence is taken to be local (a learning rate too high) and training stops.
 const MAX_UNBLAMED_ROLLBACKS: u32 = 2;
 
-/// The most weight all peers' parameters mixed against one snapshot may add up to: sessions
-/// with several peers at once all exchange the same snapshot, and mixing each at its own
-/// weight would leave none of ours (or overshoot). One peer's weight is bounded the same way
-/// (see [`super::guard`]).
-pub const MAX_WEIGHT_PER_SNAPSHOT: f64 = 2.0 / 3.0;
-
-/// Snapshots whose mixed weight is remembered.
-const SNAPSHOTS_TRACKED: usize = 16;
-
-/// (snapshot, peer) pairs of outer-parameter mixes remembered; beyond, only the current
-/// snapshot's are kept.
-const MAX_OUTER_MIXES_TRACKED: usize = 4096;
+pub use crate::averaging::MAX_WEIGHT_PER_SNAPSHOT;
 
 /// Why the trainer thread stopped training.
 #[derive(Debug, thiserror::Error)]
@@ -324,14 +313,12 @@ pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<
     let mut state = State {
         outer,
         exchanges_used: 0,
-        outer_mixed: std::collections::HashSet::new(),
         job,
         events,
         good: None,
         unconfirmed: None,
         last_mixed: None,
         unblamed_rollbacks: 0,
-        mixed_per_snapshot: std::collections::VecDeque::new(),
         next_snapshot: 0,
         last_eval: None,
         evaluated_at: None,
@@ -365,8 +352,6 @@ struct State {
     outer: Option<OuterLoop>,
     /// Peers' pseudo-gradients used and outer parameters mixed so far.
     exchanges_used: u64,
-    /// (our snapshot, peer) pairs whose outer parameters were mixed.
-    outer_mixed: std::collections::HashSet<(u64, PeerId)>,
     events: mpsc::Sender<FromTrainer>,
     /// The last good state: taken at the start, and from every checkpoint once a training
     /// step after it had a finite loss.
@@ -377,8 +362,6 @@ struct State {
     last_mixed: Option<PeerId>,
     /// Rollbacks in a row that blamed nobody.
     unblamed_rollbacks: u32,
-    /// Weight mixed in against each recent snapshot, by snapshot id.
-    mixed_per_snapshot: std::collections::VecDeque<(u64, f64)>,
     next_snapshot: u64,
     last_eval: Option<Evaluation>,
     /// The step and exchange count at the last evaluation (what it describes).
@@ -652,7 +635,7 @@ impl State {
                 weight,
                 ..
             } => {
-                let Some(weight) = self.weight_left(base.id, weight) else {
+                let Some(weight) = base.budget.take(weight) else {
                     tracing::debug!(%peer, "this snapshot already took its share of peers' weight; not mixing");
                     return Ok(Flow::Continue);
                 };
@@ -690,9 +673,9 @@ impl State {
                 // one weight budget, as with parameters.
                 let mixable = received != Received::WrongLength;
                 let peer_outer = peer_outer
-                    .filter(|(_, base, _)| mixable && self.first_outer_mix(base.id, peer))
+                    .filter(|(_, base, _)| mixable && base.budget.first_outer_mix(peer))
                     .and_then(|(theirs, base, weight)| {
-                        let weight = self.weight_left(base.id, weight)?;
+                        let weight = base.budget.take(weight)?;
                         Some((theirs, base, weight))
                     });
                 let Some(outer) = self.outer.as_mut() else {
@@ -746,6 +729,7 @@ impl State {
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
             outer: None,
+            budget: MixBudget::default(),
         });
         self.job.snapshots.send_replace(Some(snapshot));
         Ok(())
@@ -913,6 +897,7 @@ impl State {
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
             outer: Some(OuterPayload { round, pieces }),
+            budget: MixBudget::default(),
         });
         self.job.snapshots.send_replace(Some(snapshot));
     }
@@ -944,37 +929,6 @@ impl State {
             step: self.job.trainer.step,
             evaluation,
         })
-    }
-
-    /// How much of `wanted` may still be mixed against snapshot `id` (see
-    /// [`MAX_WEIGHT_PER_SNAPSHOT`]); `None` when nothing is left. Records it as mixed.
-    fn weight_left(&mut self, id: u64, wanted: f64) -> Option<f64> {
-        let slot = match self.mixed_per_snapshot.iter().position(|(s, _)| *s == id) {
-            Some(i) => i,
-            None => {
-                if self.mixed_per_snapshot.len() == SNAPSHOTS_TRACKED {
-                    self.mixed_per_snapshot.pop_front();
-                }
-                self.mixed_per_snapshot.push_back((id, 0.0));
-                self.mixed_per_snapshot.len() - 1
-            }
-        };
-        let used = &mut self.mixed_per_snapshot[slot].1;
-        let weight = wanted.min(MAX_WEIGHT_PER_SNAPSHOT - *used);
-        if weight < 1e-3 {
-            return None;
-        }
-        *used += weight;
-        Some(weight)
-    }
-
-    /// Whether `peer`'s outer parameters were not mixed against snapshot `id` yet; records
-    /// them as mixed.
-    fn first_outer_mix(&mut self, id: u64, peer: PeerId) -> bool {
-        if self.outer_mixed.len() >= MAX_OUTER_MIXES_TRACKED {
-            self.outer_mixed.retain(|(s, _)| *s == id);
-        }
-        self.outer_mixed.insert((id, peer))
     }
 
     /// Takes the current parameters as the state to roll back to.
