@@ -16,7 +16,8 @@
 //!
 //! ```text
 //! A -> B  Open { run, layout, exchange, params, samples, step, round, held, wants_outer }
-//! B -> A  Accepted { session, samples, step, round, pieces, held, wants_outer }  (or Busy / UpToDate / Refused)
+//! B -> A  Accepted { session, samples, step, round, pieces, held, wants_outer }
+//!         (or Busy / UpToDate / Refused)
 //! A -> B  Piece { session, index: i, A's piece i }       for i in 0..pieces, a few in flight
 //! B -> A  Piece { index: i, B's piece i }
 //! ```
@@ -322,7 +323,8 @@ pub enum TrainRequest {
         /// pseudo-gradient's pieces empty (see [`TrainResponse::Accepted`]).
         held: u64,
         /// With pseudo-gradients: whether the opener would mix the peer's outer parameters
-        /// (else the peer sends their pieces empty; false in runs averaging parameters).
+        /// (else the peer sends their pieces empty). True in runs averaging parameters, where
+        /// nothing is sent empty whatever it says.
         wants_outer: bool,
     },
     /// Piece `index` of the opener's parameters; answered with the same piece of the peer's.
@@ -362,7 +364,7 @@ pub enum TrainResponse {
         /// With pseudo-gradients: the outer step of the opener's pseudo-gradient the peer
         /// holds already (0: none). A side whose pseudo-gradient the other holds (its `round`
         /// is at most the other's `held`, and is not 0) sends the pieces of its pseudo-gradient
-        /// with empty `data` (those of its outer parameters as usual), and the other uses
+        /// with empty `data` (its outer parameters as `wants_outer` says), and the other uses
         /// nothing of them: a pulled session does not move a pseudo-gradient twice.
         held: u64,
         /// With pseudo-gradients: whether the peer would mix the opener's outer parameters.

@@ -280,9 +280,12 @@ impl Joined {
 /// empty when the other side holds it already: its outer step (not 0) is at most the one the
 /// other named as held. Outer parameters go empty when the other side said it would not mix
 /// them (`wants_outer`: its snapshot's weight is spent, or it mixed this peer's already).
-/// Every outer parameter that would be mixed still travels: mixing them against each new
-/// snapshot is the gossip that keeps nodes' θ together (without it, 8 by-label digits hosts
-/// on the testnet ended 2-3 points lower).
+/// In a session that opens, every outer parameter that would be mixed travels: mixing them
+/// against each new snapshot is the gossip that keeps nodes' θ together (without it, 8
+/// by-label digits hosts on the testnet ended 2-3 points lower). Two peers holding each
+/// other's current pseudo-gradients answer `UpToDate` and exchange no outer parameters either
+/// (as before `wants_outer` existed; the final averaging rounds, which republish the last
+/// outer step, then move nothing between such peers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Skips {
     /// Our pseudo-gradient: the peer holds it.
@@ -298,14 +301,15 @@ struct Skips {
 impl Skips {
     /// For a session where our pseudo-gradient is of `ours` and the peer holds ours up to
     /// `peer_holds`, and theirs is of `theirs` and we hold theirs up to `we_hold`; `wants`:
-    /// whether the peer would mix our outer parameters, and whether we would mix theirs (both
-    /// true outside runs with outer steps, where nothing is skipped).
+    /// whether the peer would mix our outer parameters, and whether we would mix theirs
+    /// (honest nodes say true outside runs with outer steps, and [`Self::skips`] skips no
+    /// outer parameters there whatever a peer says).
     fn of(ours: u64, peer_holds: u64, theirs: u64, we_hold: u64, wants: (bool, bool)) -> Self {
         Self {
             send: ours > 0 && ours <= peer_holds,
             receive: theirs > 0 && theirs <= we_hold,
-            send_outer: ours > 0 && !wants.0,
-            receive_outer: theirs > 0 && !wants.1,
+            send_outer: !wants.0,
+            receive_outer: !wants.1,
         }
     }
 
@@ -924,7 +928,7 @@ impl Behaviour {
         let m = &j.membership;
         // 0 outside runs with outer steps: nothing is recorded as held there.
         let held = j.held_from(&peer);
-        let wants_outer = m.codec.is_outer() && snapshot.budget.wants_outer(&peer);
+        let wants_outer = !m.codec.is_outer() || snapshot.budget.wants_outer(&peer);
         let request = TrainRequest::Open {
             run: m.announcement.run,
             layout: m.layout,
@@ -1084,6 +1088,9 @@ impl Behaviour {
         let received = o.session.receive(index, data, &codec);
         let complete = o.session.incoming.complete();
         match received {
+            // Empty pieces (held pseudo-gradients, unwanted outer parameters) come back at
+            // once: timing them would shrink the idle limit below what a real piece takes.
+            Ok(_) if data.is_empty() => {}
             Ok(gap) => self.note_piece_time(gap),
             Err(why) => {
                 self.events.push_back(Event::Misbehaved {
@@ -1151,7 +1158,7 @@ impl Behaviour {
             } => match self.on_open(peer, run, layout, exchange, params) {
                 Err(refusal) => refusal,
                 Ok((snapshot, pieces, we_hold)) => {
-                    let we_want = self.is_outer() && snapshot.budget.wants_outer(&peer);
+                    let we_want = !self.is_outer() || snapshot.budget.wants_outer(&peer);
                     let wants = (wants_outer, we_want);
                     let skips = Skips::of(snapshot.round(), held, round, we_hold, wants);
                     if skips.send && skips.receive {
@@ -1264,8 +1271,9 @@ impl Behaviour {
             };
         };
         let received = s.receive(index, data, &codec);
-        if let Ok(gap) = received {
-            self.note_piece_time(gap);
+        // Empty pieces are not timed (see `on_piece_back`).
+        if let (Ok(gap), false) = (&received, data.is_empty()) {
+            self.note_piece_time(*gap);
         }
         let Some(s) = self.inbound.get_mut(&session) else {
             return TrainResponse::Refused {

@@ -11,7 +11,8 @@ use libp2p::PeerId;
 /// with several peers at once all exchange the same snapshot, and mixing each at its own
 /// weight would leave none of ours (or overshoot). One peer's weight is bounded the same way
 /// (see `training::guard`). With equal samples a peer's weight is 1/2, so a snapshot takes
-/// in two peers' parameters (1/2, then the 1/6 left) and no more.
+/// in two peers' parameters (1/2, then the 1/6 left); the guard's clipping and drift limits
+/// give smaller weights, and then three or more.
 pub const MAX_WEIGHT_PER_SNAPSHOT: f64 = 2.0 / 3.0;
 
 /// Below this much weight left a snapshot takes nothing more.
@@ -44,7 +45,7 @@ impl MixBudget {
     }
 
     /// How much of `wanted` (a mixing weight, 0-1) may still be mixed; records it as spent.
-    /// `None` when less than 0.001 is left.
+    /// `None` (nothing spent) when that is less than 0.001.
     pub fn take(&self, wanted: f64) -> Option<f64> {
         let mut spent = self.spent();
         let weight = wanted.min(MAX_WEIGHT_PER_SNAPSHOT - spent.weight);
