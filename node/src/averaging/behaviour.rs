@@ -113,9 +113,6 @@ fn avoid(avoided: &mut HashMap<PeerId, Instant>, peer: PeerId) {
 /// The trainer's parameters at one moment (or, with outer steps, its pseudo-gradient of one
 /// outer step), as served to peers.
 pub struct Snapshot {
-    /// Which snapshot this is (increasing within one trainer): mixes against the same one
-    /// share one weight budget.
-    pub id: u64,
     /// The flat parameter vector; with outer steps, the pseudo-gradient as peers decode it.
     pub params: Vec<f32>,
     /// Samples they have seen (the averaging weight).

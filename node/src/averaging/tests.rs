@@ -55,7 +55,6 @@ fn membership(attack: Option<Attack>) -> RunMembership {
 
 fn snapshot(value: f32, samples: u64) -> Arc<Snapshot> {
     Arc::new(Snapshot {
-        id: 1,
         params: vec![value; PARAMS],
         samples,
         step: samples / 32,
@@ -351,7 +350,6 @@ fn outer_snapshot(value: f32, round: u64) -> Arc<Snapshot> {
         .map(|i| codec.encode(i, params.len(), &params[codec.range(params.len(), i)]))
         .collect();
     Arc::new(Snapshot {
-        id: round,
         params,
         samples: 320 * round,
         step: 10 * round,

@@ -319,7 +319,6 @@ pub fn run(job: TrainerJob, commands: Receiver<ToTrainer>, events: mpsc::Sender<
         unconfirmed: None,
         last_mixed: None,
         unblamed_rollbacks: 0,
-        next_snapshot: 0,
         last_eval: None,
         evaluated_at: None,
         averaging_time: Duration::ZERO,
@@ -362,7 +361,6 @@ struct State {
     last_mixed: Option<PeerId>,
     /// Rollbacks in a row that blamed nobody.
     unblamed_rollbacks: u32,
-    next_snapshot: u64,
     last_eval: Option<Evaluation>,
     /// The step and exchange count at the last evaluation (what it describes).
     evaluated_at: Option<(u64, u64)>,
@@ -722,9 +720,7 @@ impl State {
         if self.job.trainer.spec().averaging == Averaging::Outer {
             return Ok(());
         }
-        self.next_snapshot += 1;
         let snapshot = Arc::new(Snapshot {
-            id: self.next_snapshot,
             params: self.job.trainer.params()?,
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
@@ -890,9 +886,7 @@ impl State {
         let theta = OUTER_PARAMS_CODEC.encode(outer.outer_params());
         values.extend_from_slice(&theta.values);
         pieces.extend(theta.pieces);
-        self.next_snapshot += 1;
         let snapshot = Arc::new(Snapshot {
-            id: self.next_snapshot,
             params: values,
             samples: self.job.trainer.samples_seen,
             step: self.job.trainer.step,
