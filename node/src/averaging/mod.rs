@@ -9,9 +9,9 @@
 //! holds already (`held`), and whether it would mix the other's outer parameters
 //! (`wants_outer`, from its snapshot's [`MixBudget`]); the other side answers `Busy`
 //! ([`MAX_SESSIONS`] at once, one per peer, or no parameters yet), `Refused` (another run or
-//! layout, or a peer refused before), `UpToDate` (each holds the other's current pseudo-gradient: the round ends, and that peer
-//! is not asked again for 200 ms) or
-//! `Accepted` with the piece count, the samples, step and outer step of its trainer's latest
+//! layout, or a peer refused before), `UpToDate` (each holds the other's current
+//! pseudo-gradient: the round ends, and that peer is not asked again for 200 ms) or `Accepted`
+//! with the piece count, the samples, step and outer step of its trainer's latest
 //! snapshot, what it holds of the opener's and whether it wants the opener's outer
 //! parameters. A side whose pseudo-gradient the other holds sends its pieces empty; so does a
 //! side whose outer parameters the other would not mix. The snapshot is read from a
