@@ -285,41 +285,48 @@ impl Joined {
 /// outer step, then move nothing between such peers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Skips {
-    /// Our pseudo-gradient: the peer holds it.
-    send: bool,
-    /// The peer's pseudo-gradient: we hold it.
-    receive: bool,
-    /// Our outer parameters: the peer would not mix them.
-    send_outer: bool,
-    /// The peer's outer parameters: we would not mix them.
-    receive_outer: bool,
+    /// What of ours goes empty.
+    ours: Empty,
+    /// What of the peer's comes empty.
+    theirs: Empty,
+}
+
+/// Which halves of one side's vector travel as empty pieces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Empty {
+    /// The pseudo-gradient: the other side holds it.
+    pseudo_gradient: bool,
+    /// The outer parameters: the other side would not mix them.
+    outer: bool,
+}
+
+impl Empty {
+    /// Whether piece `index` of a vector of `len` values goes empty (outer parameters only in
+    /// runs with outer steps, whatever a peer said).
+    fn covers(&self, codec: &PieceCodec, len: usize, index: u32) -> bool {
+        match codec.is_pseudo_gradient_piece(len, index) {
+            true => self.pseudo_gradient,
+            false => self.outer && codec.is_outer(),
+        }
+    }
 }
 
 impl Skips {
     /// For a session where our pseudo-gradient is of `ours` and the peer holds ours up to
     /// `peer_holds`, and theirs is of `theirs` and we hold theirs up to `we_hold`; `wants`:
     /// whether the peer would mix our outer parameters, and whether we would mix theirs
-    /// (honest nodes say true outside runs with outer steps, and [`Self::skips`] skips no
+    /// (honest nodes say true outside runs with outer steps, and [`Empty::covers`] skips no
     /// outer parameters there whatever a peer says).
     fn of(ours: u64, peer_holds: u64, theirs: u64, we_hold: u64, wants: (bool, bool)) -> Self {
         Self {
-            send: ours > 0 && ours <= peer_holds,
-            receive: theirs > 0 && theirs <= we_hold,
-            send_outer: !wants.0,
-            receive_outer: !wants.1,
-        }
-    }
-
-    /// Whether piece `index` of a vector of `len` values is sent empty (`outgoing`: ours;
-    /// else the peer's).
-    fn skips(&self, codec: &PieceCodec, len: usize, index: u32, outgoing: bool) -> bool {
-        let (delta, outer) = match outgoing {
-            true => (self.send, self.send_outer),
-            false => (self.receive, self.receive_outer),
-        };
-        match codec.is_pseudo_gradient_piece(len, index) {
-            true => delta,
-            false => outer && codec.is_outer(),
+            ours: Empty {
+                pseudo_gradient: ours > 0 && ours <= peer_holds,
+                outer: !wants.0,
+            },
+            theirs: Empty {
+                pseudo_gradient: theirs > 0 && theirs <= we_hold,
+                outer: !wants.1,
+            },
         }
     }
 }
@@ -385,7 +392,8 @@ impl Session {
         self.bytes.1 += data.len() as u64;
         if self
             .skips
-            .skips(codec, self.incoming.values.len(), index, false)
+            .theirs
+            .covers(codec, self.incoming.values.len(), index)
         {
             return self.incoming.skip(index, data).map(|()| gap);
         }
@@ -395,7 +403,7 @@ impl Session {
     /// Our piece `index`, encoded for the wire (or what `attack` sends instead).
     fn piece(&mut self, index: u32, codec: &PieceCodec, attack: Option<Attack>) -> Vec<u8> {
         let params = &self.snapshot.params;
-        if self.skips.skips(codec, params.len(), index, true) {
+        if self.skips.ours.covers(codec, params.len(), index) {
             return Vec::new();
         }
         let range = codec.range(params.len(), index);
@@ -406,7 +414,7 @@ impl Session {
         let data = match (lie, &self.snapshot.outer) {
             (Some(attack), _) => {
                 let norm = *self.own_norm.get_or_insert_with(|| pm::l2_norm(params));
-                let partner = (!self.skips.receive
+                let partner = (!self.skips.theirs.pseudo_gradient
                     && self
                         .incoming
                         .got
@@ -438,8 +446,8 @@ impl Session {
             opened_here,
             bytes: self.bytes,
             seconds: self.started.elapsed().as_secs_f64(),
-            already_held: self.skips.receive,
-            outer_skipped: self.skips.receive_outer,
+            already_held: self.skips.theirs.pseudo_gradient,
+            outer_skipped: self.skips.theirs.outer,
         }
     }
 }
@@ -1158,7 +1166,7 @@ impl Behaviour {
                     let we_want = !self.is_outer() || snapshot.budget.wants_outer(&peer);
                     let wants = (wants_outer, we_want);
                     let skips = Skips::of(snapshot.round(), held, round, we_hold, wants);
-                    if skips.send && skips.receive {
+                    if skips.ours.pseudo_gradient && skips.theirs.pseudo_gradient {
                         TrainResponse::UpToDate
                     } else {
                         self.accept(
@@ -1251,7 +1259,7 @@ impl Behaviour {
             round: snapshot.round(),
             pieces,
             held: we_hold,
-            wants_outer: !skips.receive_outer,
+            wants_outer: !skips.theirs.outer,
         }
     }
 

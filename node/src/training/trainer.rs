@@ -12,7 +12,7 @@
 //! the snapshot they were exchanged with
 //! ([`p2p_models::params::mix_into`]). It evaluates every `eval_every` steps and writes a
 //! checkpoint (atomically) every `checkpoint_every` steps. Mixes against one snapshot share
-//! one weight budget ([`MAX_WEIGHT_PER_SNAPSHOT`]). A step whose loss is NaN or infinite does
+//! one weight budget ([`crate::averaging::MAX_WEIGHT_PER_SNAPSHOT`]). A step whose loss is NaN or infinite does
 //! not end training: the trainer rolls back to its last good state (the last checkpoint that a
 //! later step trained from with a finite loss), reports the peer it mixed in last
 //! ([`FromTrainer::RolledBack`]) and goes on; divergence with no peer to blame, three times in
@@ -99,8 +99,6 @@ const SERVING_EVAL_EVERY: Duration = Duration::from_secs(2);
 /// Rollbacks in a row with no peer to blame (nothing mixed since the last good state) after
 /// which divergence is taken to be local (a learning rate too high) and training stops.
 const MAX_UNBLAMED_ROLLBACKS: u32 = 2;
-
-pub use crate::averaging::MAX_WEIGHT_PER_SNAPSHOT;
 
 /// Why the trainer thread stopped training.
 #[derive(Debug, thiserror::Error)]
