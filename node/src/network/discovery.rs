@@ -133,6 +133,16 @@ impl Discovery {
     }
 
     /// Adds the book's addresses for `peer` to Kademlia and dials it unless connected.
+    ///
+    /// The dial comes from a new (ephemeral) port, not the listen port. Two nodes often dial
+    /// each other at the same instant: both find the other in one mDNS exchange, and nodes
+    /// started together redial on the same schedule. Were both dials to come from their
+    /// listen ports, the SYNs would cross and TCP would make one connection on which both
+    /// ends act as dialer (a TCP simultaneous open): Noise then fails on both, and again at
+    /// every redial. Reusing the listen port only matters for hole punching, whose dials
+    /// DCUtR makes itself; identify maps the address peers observe for an ephemeral port onto
+    /// the listen port. See libp2p/specs#389 ("Consider only reusing TCP port when hole
+    /// punching") and go-libp2p#2925.
     fn dial_known(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
         let Some(entry) = self.book.get(&peer) else {
             return;
@@ -147,6 +157,7 @@ impl Discovery {
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)
+            .allocate_new_port()
             .build();
         match swarm.dial(opts) {
             Ok(()) => {

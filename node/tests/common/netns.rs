@@ -63,6 +63,13 @@ impl TwoHosts {
             .env_remove("P2P_NODE_DATA_DIR");
         Running::spawn(&mut cmd)
     }
+
+    /// Runs `command` inside host `i`; says why it failed.
+    pub fn exec(&self, i: usize, command: &[&str]) -> Result<(), String> {
+        let mut args = vec!["netns", "exec", self.names[i].as_str()];
+        args.extend_from_slice(command);
+        ip(&args)
+    }
 }
 
 impl Drop for TwoHosts {
