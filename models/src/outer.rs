@@ -45,6 +45,18 @@ impl OuterOptimizer {
 
     /// [`Self::step`] with the learning rate capped at `max_rate` for this step only.
     pub fn step_at_most(&mut self, params: &mut [f32], g: &[f32], max_rate: f64) -> Result<()> {
+        self.step_scaled(params, g, 1.0, max_rate)
+    }
+
+    /// [`Self::step`] at `scale` times the learning rate, capped at `max_rate`, for this step
+    /// only (an adaptive outer step, see [`extrapolation_factor`]).
+    pub fn step_scaled(
+        &mut self,
+        params: &mut [f32],
+        g: &[f32],
+        scale: f64,
+        max_rate: f64,
+    ) -> Result<()> {
         if params.len() != g.len() {
             return Err(Error::Params(format!(
                 "a pseudo-gradient of {} values for {} parameters",
@@ -56,7 +68,7 @@ impl OuterOptimizer {
             self.velocity = vec![0.0; params.len()];
         }
         let (lr, mu) = (
-            self.learning_rate.min(max_rate) as f32,
+            (self.learning_rate * scale).min(max_rate) as f32,
             self.momentum as f32,
         );
         for ((p, g), v) in params.iter_mut().zip(g).zip(self.velocity.iter_mut()) {
@@ -87,6 +99,27 @@ pub fn accumulate(sum: &mut Vec<f64>, values: &[f32], weight: f64) {
     for (s, v) in sum.iter_mut().zip(values) {
         *s += weight * f64::from(*v);
     }
+}
+
+/// FedExP's server step size (Jhunjhunwala, Wang and Joshi, "FedExP: Speeding up Federated
+/// Averaging via Extrapolation", ICLR 2023, eq. 9 with its ε at 0): `max(1, sum_sq / (2 M
+/// mean_sq))`, where `sum_sq` is the sum of the squared L2 norms of `M = count` updates and
+/// `mean_sq` the squared L2 norm of their mean. Updates that agree give 1 (the factor is at
+/// least 1); `M` orthogonal updates of equal norm give `M / 2`. Unbounded as the mean
+/// vanishes, so the caller caps the rate (ours: at `M`); a mean of norm 0 (or no updates, or
+/// values that are not finite) gives 1.
+pub fn extrapolation_factor(sum_sq: f64, count: u32, mean_sq: f64) -> f64 {
+    let factor = sum_sq / (2.0 * f64::from(count) * mean_sq);
+    if factor.is_finite() {
+        factor.max(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// The squared L2 norm of `values`, in f64.
+pub fn squared_norm(values: &[f32]) -> f64 {
+    values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum()
 }
 
 #[cfg(test)]
@@ -153,6 +186,45 @@ mod tests {
         // A cap above the learning rate changes nothing.
         opt.step_at_most(&mut params, &[1.0], 5.0).unwrap();
         assert_eq!(params, [-5.0]);
+    }
+
+    /// FedExP's factor on hand-computed cases: two equal updates (they agree: 1), two
+    /// orthogonal unit updates (sum of squares 2, mean [0.5, 0.5] of squared norm 0.5:
+    /// 2 / (2 * 2 * 0.5) = 1), four orthogonal unit updates (4 / (2 * 4 * 0.25) = 2 = M / 2),
+    /// and opposite updates (a mean of 0: no extrapolation).
+    #[test]
+    fn extrapolation_factor_matches_fedexp_on_fixed_vectors() {
+        let factor = |updates: &[Vec<f32>]| {
+            let mut sum = Vec::new();
+            for u in updates {
+                accumulate(&mut sum, u, 1.0);
+            }
+            let m = updates.len() as f64;
+            let mean: Vec<f32> = sum.iter().map(|s| (s / m) as f32).collect();
+            let sum_sq = updates.iter().map(|u| squared_norm(u)).sum();
+            extrapolation_factor(sum_sq, updates.len() as u32, squared_norm(&mean))
+        };
+        assert_eq!(factor(&[vec![1.0, 2.0], vec![1.0, 2.0]]), 1.0);
+        assert!((factor(&[vec![1.0, 0.0], vec![0.0, 1.0]]) - 1.0).abs() < 1e-12);
+        let unit = |i: usize| {
+            let mut v = vec![0.0f32; 4];
+            v[i] = 1.0;
+            v
+        };
+        let four: Vec<Vec<f32>> = (0..4).map(unit).collect();
+        assert!((factor(&four) - 2.0).abs() < 1e-12);
+        assert_eq!(factor(&[vec![1.0, -1.0], vec![-1.0, 1.0]]), 1.0);
+        assert_eq!(extrapolation_factor(0.0, 0, 0.0), 1.0);
+    }
+
+    #[test]
+    fn a_scaled_step_multiplies_the_rate_up_to_its_cap() {
+        let mut params = vec![1.0f32];
+        let mut opt = OuterOptimizer::new(0.5, 0.0, false);
+        opt.step_scaled(&mut params, &[1.0], 3.0, 10.0).unwrap();
+        assert!((params[0] - (1.0 - 1.5)).abs() < 1e-6, "{params:?}");
+        opt.step_scaled(&mut params, &[1.0], 3.0, 1.0).unwrap();
+        assert!((params[0] - (1.0 - 1.5 - 1.0)).abs() < 1e-6, "{params:?}");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! inner_steps = 50           # outer: local steps between outer steps
 //! outer_learning_rate = 0.7  # outer: SGD with Nesterov momentum on averaged pseudo-gradients
 //! outer_momentum = 0.5
+//! outer_extrapolation = false # outer: FedExP's adaptive step (see the field's docs)
 //! compression = "int8"       # outer: or "top-k" (with topk_fraction) or "f32"
 //! ```
 //!
@@ -319,6 +320,15 @@ pub struct RunSpec {
     /// With `averaging = "outer"`: Nesterov momentum (else plain heavy-ball).
     #[serde(default = "default_outer_nesterov")]
     pub outer_nesterov: bool,
+    /// With `averaging = "outer"`: each round's learning rate is multiplied by FedExP's
+    /// extrapolation factor `max(1, sum_i |d_i|^2 / (2 M |mean d|^2))` over the round's `M`
+    /// pseudo-gradients `d_i` (Jhunjhunwala et al., "FedExP: Speeding up Federated Averaging
+    /// via Extrapolation", ICLR 2023), still capped at `M`: 1 where they agree (iid shards),
+    /// about `M / 2` where they point different ways (by-label shards), so the rate adapts to
+    /// how much the volunteers' data differ instead of being tuned per run. Off by default;
+    /// older peers refuse a spec that turns it on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outer_extrapolation: bool,
     /// With `averaging = "outer"`: how pseudo-gradients travel.
     #[serde(default)]
     pub compression: Compression,

@@ -77,7 +77,9 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use p2p_models::compress::{Codec, Encoded, ErrorFeedback};
-use p2p_models::outer::{accumulate, pseudo_gradient, OuterOptimizer};
+use p2p_models::outer::{
+    accumulate, extrapolation_factor, pseudo_gradient, squared_norm, OuterOptimizer,
+};
 use p2p_models::spec::RunSpec;
 use p2p_protocol::training::MAX_ROUND_LAG;
 
@@ -120,6 +122,8 @@ struct Gathering {
     sum: Vec<f64>,
     /// How many.
     count: u32,
+    /// Sum of their squared L2 norms (for [`extrapolation_factor`]).
+    sum_sq: f64,
     /// The peers whose pseudo-gradient it holds: one each, whatever outer step they claim.
     peers: HashSet<PeerId>,
     /// When it was published.
@@ -127,6 +131,29 @@ struct Gathering {
 }
 
 impl Gathering {
+    /// A round of outer step `round` holding only this node's pseudo-gradient `own`.
+    fn new(round: u64, own: Vec<f32>) -> Self {
+        let mut g = Self {
+            round,
+            own: Vec::new(),
+            sum: Vec::new(),
+            count: 0,
+            sum_sq: 0.0,
+            peers: HashSet::new(),
+            published: Instant::now(),
+        };
+        g.add(&own);
+        g.own = own;
+        g
+    }
+
+    /// Adds one pseudo-gradient to the round.
+    fn add(&mut self, values: &[f32]) {
+        accumulate(&mut self.sum, values, 1.0);
+        self.count += 1;
+        self.sum_sq += squared_norm(values);
+    }
+
     /// The mean of the pseudo-gradients gathered, equally weighted.
     fn average(&self) -> Vec<f32> {
         let count = f64::from(self.count);
@@ -137,9 +164,21 @@ impl Gathering {
     /// number of pseudo-gradients it averaged: a step never exceeds their sum (before
     /// momentum). A round that holds only this node's own is so applied at 1 at most, where
     /// `outer_learning_rate = 2` doubled it; before the cap, every host of an 8-host testnet
-    /// run at lr 2 diverged, with it none did (`testnet/RESULTS.md`).
-    fn apply(&self, optimizer: &mut OuterOptimizer, outer: &mut [f32]) -> p2p_models::Result<()> {
-        optimizer.step_at_most(outer, &self.average(), f64::from(self.count))
+    /// run at lr 2 diverged, with it none did (`testnet/RESULTS.md`). With `extrapolate`
+    /// (`outer_extrapolation`) the rate is first multiplied by FedExP's factor.
+    fn apply(
+        &self,
+        optimizer: &mut OuterOptimizer,
+        outer: &mut [f32],
+        extrapolate: bool,
+    ) -> p2p_models::Result<()> {
+        let mean = self.average();
+        let scale = if extrapolate {
+            extrapolation_factor(self.sum_sq, self.count, squared_norm(&mean))
+        } else {
+            1.0
+        };
+        optimizer.step_scaled(outer, &mean, scale, f64::from(self.count))
     }
 }
 
@@ -195,6 +234,8 @@ pub enum Received {
 pub struct OuterLoop {
     codec: Codec,
     optimizer: OuterOptimizer,
+    /// FedExP's adaptive rate (`outer_extrapolation`).
+    extrapolate: bool,
     feedback: ErrorFeedback,
     /// The outer parameters θ.
     outer: Vec<f32>,
@@ -240,6 +281,7 @@ impl OuterLoop {
                 spec.outer_momentum,
                 spec.outer_nesterov,
             ),
+            extrapolate: spec.outer_extrapolation,
             feedback: ErrorFeedback::default(),
             phase_start: params.clone(),
             outer: params,
@@ -286,20 +328,10 @@ impl OuterLoop {
             );
             self.round = self.highest_seen;
         }
-        let mut sum = Vec::new();
-        accumulate(&mut sum, &encoded.values, 1.0);
-        let mut round = Gathering {
-            round: self.round,
-            own: encoded.values.clone(),
-            sum,
-            count: 1,
-            peers: HashSet::new(),
-            published: Instant::now(),
-        };
+        let mut round = Gathering::new(self.round, encoded.values.clone());
         // Pseudo-gradients that came early, from peers one round ahead.
         for (peer, values) in self.early.drain() {
-            accumulate(&mut round.sum, &values, 1.0);
-            round.count += 1;
+            round.add(&values);
             round.peers.insert(peer);
         }
         self.gathering.push_back(round);
@@ -352,7 +384,7 @@ impl OuterLoop {
         self.applied_counts.push_back(g.count);
         let fresh = g.count;
         let g = self.with_memory(g);
-        g.apply(&mut self.optimizer, &mut self.outer)?;
+        g.apply(&mut self.optimizer, &mut self.outer, self.extrapolate)?;
         Ok(Averaged {
             total: g.count,
             fresh,
@@ -406,8 +438,7 @@ impl OuterLoop {
         let Some(g) = self.gathering.get_mut(slot) else {
             return Received::NoRound;
         };
-        accumulate(&mut g.sum, values, 1.0);
-        g.count += 1;
+        g.add(values);
         g.peers.insert(peer);
         let ours = g.round;
         if ours == round {
@@ -426,8 +457,7 @@ impl OuterLoop {
                 && round.saturating_add(MEMORY_ROUNDS) >= g.round
                 && !g.peers.contains(peer)
             {
-                accumulate(&mut g.sum, values, 1.0);
-                g.count += 1;
+                g.add(values);
             }
         }
         g
@@ -521,10 +551,10 @@ impl OuterLoop {
         let mut optimizer = self.optimizer.clone();
         for g in &self.gathering {
             if self.latest.is_empty() {
-                g.apply(&mut optimizer, &mut outer)?;
+                g.apply(&mut optimizer, &mut outer, self.extrapolate)?;
             } else {
                 self.with_memory(g.clone())
-                    .apply(&mut optimizer, &mut outer)?;
+                    .apply(&mut optimizer, &mut outer, self.extrapolate)?;
             }
         }
         Ok(outer)
@@ -713,6 +743,30 @@ mod tests {
         // applies their mean 0.3 at lr 2 (1.2 in all).
         assert_eq!(a.finish().unwrap().total, 2);
         assert_moved_down(a.outer_params(), &[1.0, 2.0, 3.0], 1.2);
+    }
+
+    /// With `outer_extrapolation`, a round's rate is multiplied by FedExP's factor: three
+    /// orthogonal unit pseudo-gradients (sum of squares 3, mean of squared norm 1/3) give
+    /// 3 / (2 * 3 * 1/3) = 1.5, so lr 1 moves θ by 1.5 times their mean (0.5, not 1/3); the
+    /// same round without it moves θ by the mean.
+    #[test]
+    fn extrapolation_multiplies_the_outer_rate_by_the_fedexp_factor() {
+        let moved = |extrapolate: bool| {
+            let mut spec = spec("f32", 1.0, 0.0);
+            spec.outer_extrapolation = extrapolate;
+            let mut a = OuterLoop::new(&spec, vec![0.0f32; 3]);
+            let first = a.boundary(&[-1.0, 0.0, 0.0]).unwrap();
+            for values in [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]] {
+                assert_eq!(
+                    a.receive(PeerId::random(), first.round, &values),
+                    Received::Used
+                );
+            }
+            assert_eq!(a.finish().unwrap().total, 3);
+            a.outer_params().to_vec()
+        };
+        assert_moved_down(&moved(true), &[0.0; 3], 0.5);
+        assert_moved_down(&moved(false), &[0.0; 3], 1.0 / 3.0);
     }
 
     /// The model a node evaluates and checkpoints is θ with what arrived for the rounds being
