@@ -309,7 +309,9 @@ pub struct RunSpec {
     /// the full rate). On shards that differ a lot (each volunteer's own labels) 3-3.5 does
     /// better than the default, whose average of pseudo-gradients pointing different ways is
     /// short: 8 by-label digits hosts ended at 0.975-0.978 at 3.5 (two runs) and 0.964-0.975
-    /// at 3 (six) against 0.900-0.928 (`testnet/RESULTS.md`).
+    /// at 3 (six) against 0.900-0.928 (`testnet/RESULTS.md`), but 3.5 collapsed iid shards
+    /// to 0.19-0.56: where the data may or may not differ, prefer 1 with no momentum and
+    /// [`Self::outer_extrapolation`].
     #[serde(default = "default_outer_learning_rate")]
     pub outer_learning_rate: f64,
     /// With `averaging = "outer"`: the outer optimizer's momentum. DiLoCo uses 0.9 with an
@@ -325,8 +327,10 @@ pub struct RunSpec {
     /// pseudo-gradients `d_i` (Jhunjhunwala et al., "FedExP: Speeding up Federated Averaging
     /// via Extrapolation", ICLR 2023), still capped at `M`: 1 where they agree (iid shards),
     /// about `M / 2` where they point different ways (by-label shards), so the rate adapts to
-    /// how much the volunteers' data differ instead of being tuned per run. Off by default;
-    /// older peers refuse a spec that turns it on.
+    /// how much the volunteers' data differ instead of being tuned per run. Use it with
+    /// `outer_momentum = 0` (at 0.5 one testnet run of two fell to 0.83): 8 by-label digits
+    /// hosts then ended at 0.972-0.981 in three runs, iid ones at 0.972-0.975
+    /// (`testnet/RESULTS.md`). Off by default; older peers refuse a spec that turns it on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub outer_extrapolation: bool,
     /// With `averaging = "outer"`: how pseudo-gradients travel.

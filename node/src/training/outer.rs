@@ -174,7 +174,14 @@ impl Gathering {
     ) -> p2p_models::Result<()> {
         let mean = self.average();
         let scale = if extrapolate {
-            extrapolation_factor(self.sum_sq, self.count, squared_norm(&mean))
+            let factor = extrapolation_factor(self.sum_sq, self.count, squared_norm(&mean));
+            tracing::debug!(
+                round = self.round,
+                count = self.count,
+                factor,
+                "outer step extrapolated"
+            );
+            factor
         } else {
             1.0
         };
@@ -1241,7 +1248,8 @@ mod benchmark {
     #[test]
     #[ignore = "a benchmark: prints figures"]
     fn outer_settings_on_eight_by_label_shards() {
-        let cases: [(u64, usize, &str); 7] = [
+        let fedexp = "outer_learning_rate = 1.0\nouter_momentum = 0.0\nouter_extrapolation = true";
+        let cases: [(u64, usize, &str); 9] = [
             (5, 1, ""),
             (5, 2, ""),
             (1, 1, ""),
@@ -1249,6 +1257,8 @@ mod benchmark {
             (5, 2, "outer_learning_rate = 1.5"),
             (5, 2, "outer_learning_rate = 2.0"),
             (5, 1, "outer_learning_rate = 3.0"),
+            (5, 1, fedexp),
+            (5, 2, fedexp),
         ];
         for (inner, partners, extra) in cases {
             let (accuracies, mean) = run(8, inner, partners, extra);
