@@ -45,18 +45,19 @@ impl OuterOptimizer {
 
     /// [`Self::step`] with the learning rate capped at `max_rate` for this step only.
     pub fn step_at_most(&mut self, params: &mut [f32], g: &[f32], max_rate: f64) -> Result<()> {
-        self.step_scaled(params, g, 1.0, max_rate)
+        self.step_scaled(params, g, 1.0, max_rate).map(|_| ())
     }
 
     /// [`Self::step`] at `scale` times the learning rate, capped at `max_rate`, for this step
-    /// only (an adaptive outer step, see [`extrapolation_factor`]).
+    /// only (an adaptive outer step, see [`extrapolation_factor`]). Gives the learning rate
+    /// it applied.
     pub fn step_scaled(
         &mut self,
         params: &mut [f32],
         g: &[f32],
         scale: f64,
         max_rate: f64,
-    ) -> Result<()> {
+    ) -> Result<f64> {
         if params.len() != g.len() {
             return Err(Error::Params(format!(
                 "a pseudo-gradient of {} values for {} parameters",
@@ -67,16 +68,14 @@ impl OuterOptimizer {
         if self.velocity.len() != params.len() {
             self.velocity = vec![0.0; params.len()];
         }
-        let (lr, mu) = (
-            (self.learning_rate * scale).min(max_rate) as f32,
-            self.momentum as f32,
-        );
+        let rate = (self.learning_rate * scale).min(max_rate);
+        let (lr, mu) = (rate as f32, self.momentum as f32);
         for ((p, g), v) in params.iter_mut().zip(g).zip(self.velocity.iter_mut()) {
             *v = mu * *v + g;
             let update = if self.nesterov { g + mu * *v } else { *v };
             *p -= lr * update;
         }
-        Ok(())
+        Ok(rate)
     }
 
     /// The momentum buffer (empty before the first step).
@@ -221,9 +220,12 @@ mod tests {
     fn a_scaled_step_multiplies_the_rate_up_to_its_cap() {
         let mut params = vec![1.0f32];
         let mut opt = OuterOptimizer::new(0.5, 0.0, false);
-        opt.step_scaled(&mut params, &[1.0], 3.0, 10.0).unwrap();
+        assert_eq!(
+            opt.step_scaled(&mut params, &[1.0], 3.0, 10.0).unwrap(),
+            1.5
+        );
         assert!((params[0] - (1.0 - 1.5)).abs() < 1e-6, "{params:?}");
-        opt.step_scaled(&mut params, &[1.0], 3.0, 1.0).unwrap();
+        assert_eq!(opt.step_scaled(&mut params, &[1.0], 3.0, 1.0).unwrap(), 1.0);
         assert!((params[0] - (1.0 - 1.5 - 1.0)).abs() < 1e-6, "{params:?}");
     }
 

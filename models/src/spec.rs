@@ -326,9 +326,13 @@ pub struct RunSpec {
     /// extrapolation factor `max(1, sum_i |d_i|^2 / (2 M |mean d|^2))` over the round's `M`
     /// pseudo-gradients `d_i` (Jhunjhunwala et al., "FedExP: Speeding up Federated Averaging
     /// via Extrapolation", ICLR 2023), still capped at `M`: 1 where they agree (iid shards),
-    /// about `M / 2` where they point different ways (by-label shards), so the rate adapts to
-    /// how much the volunteers' data differ instead of being tuned per run. Use it with
-    /// `outer_momentum = 0` (at 0.5 one testnet run of two fell to 0.83): 8 by-label digits
+    /// `M / 2` for orthogonal ones and up to the cap for ones that point apart (by-label
+    /// shards), so the rate adapts to
+    /// how much the volunteers' data differ instead of being tuned per run. It needs
+    /// `outer_momentum = 0` (validated: with momentum, the factor would also scale the
+    /// momentum buffer of earlier rounds past the cap, and at 0.5 one testnet run of two fell
+    /// to 0.83). Computed on the values as sent, so use it with `int8` or `f32`: top-k
+    /// vectors of different supports shorten the mean even where updates agree. 8 by-label digits
     /// hosts then ended at 0.972-0.981 in three runs, iid ones at 0.972-0.975
     /// (`testnet/RESULTS.md`). Off by default; older peers refuse a spec that turns it on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -522,6 +526,13 @@ impl RunSpec {
         if !(0.0..1.0).contains(&self.outer_momentum) {
             return bad(format!(
                 "outer_momentum = {} must be in [0, 1)",
+                self.outer_momentum
+            ));
+        }
+        if self.outer_extrapolation && self.outer_momentum != 0.0 {
+            return bad(format!(
+                "outer_extrapolation needs outer_momentum = 0 (not {}): momentum would carry \
+                 extrapolated steps past the cap at the round's pseudo-gradients",
                 self.outer_momentum
             ));
         }
@@ -754,6 +765,16 @@ checkpoint_every = 100     # local steps between published checkpoints
         assert_eq!(spec.compression, Compression::Int8);
         assert_eq!(spec.max_lead_steps(), 200);
         assert_eq!(RunSpec::parse(&spec.to_toml()).unwrap(), spec);
+        // Off, the field stays out of the signed text: specs from before it keep their hash.
+        assert!(!spec.outer_extrapolation);
+        assert!(!spec.to_toml().contains("outer_extrapolation"));
+        let fedexp = RunSpec::parse(
+            "model = \"digits-mlp\"\ndataset = \"digits\"\nouter_extrapolation = true\n\
+             outer_momentum = 0.0",
+        )
+        .unwrap();
+        assert!(fedexp.to_toml().contains("outer_extrapolation = true"));
+        assert_eq!(RunSpec::parse(&fedexp.to_toml()).unwrap(), fedexp);
         let topk =
             RunSpec::parse("model = \"digits-mlp\"\ndataset = \"digits\"\ncompression = \"top-k\"")
                 .unwrap();
@@ -762,6 +783,10 @@ checkpoint_every = 100     # local steps between published checkpoints
             ("inner_steps = 0", "inner_steps"),
             ("outer_learning_rate = 0.0", "outer_learning_rate"),
             ("outer_momentum = 1.0", "outer_momentum"),
+            (
+                "outer_extrapolation = true",
+                "outer_extrapolation needs outer_momentum = 0",
+            ),
             ("topk_fraction = 1.5", "topk_fraction"),
             ("compression = \"int4\"", "int4"),
         ] {

@@ -405,6 +405,11 @@ fn training_families(r: &mut Registry, t: &crate::training::TrainingStatus) {
             Some(t.outer_step as f64),
         ),
         (
+            "training_last_outer_rate",
+            "Learning rate the last outer step applied (FedExP's factor included)",
+            Some(t.last_outer_rate),
+        ),
+        (
             "training_steps_per_second",
             "Training speed since the last report",
             Some(t.steps_per_second),

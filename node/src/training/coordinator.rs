@@ -422,6 +422,7 @@ impl Coordinator {
                 waiting_seconds,
                 outer_step,
                 compression_ratio,
+                outer_rate,
             } => {
                 let first_step = self.first_step;
                 let ratio = match self.spec.averaging {
@@ -443,6 +444,7 @@ impl Coordinator {
                         (averaging_time_fraction + waiting_time_fraction).min(1.0);
                     s.outer_step = outer_step;
                     s.compression_ratio = ratio;
+                    s.last_outer_rate = outer_rate;
                     let steps = step.saturating_sub(first_step).max(1) as f64;
                     s.bytes_sent_per_step = s.averaging_bytes_sent as f64 / steps;
                     s.bytes_received_per_step = s.averaging_bytes_received as f64 / steps;

@@ -25,9 +25,12 @@
 //!
 //! Each peer's pseudo-gradient counts once in a round's average, equally (see
 //! `training::outer`), so one peer moves a round by at most `CLIP_FACTOR / (partners + 1)` of
-//! an honest step; in a round with few partners, one just inside the opposition bound can
-//! still turn the round's average back (the price of accepting non-iid peers whose honest
-//! pseudo-gradients point partly away from ours).
+//! an honest step at a learning rate of 1; in a round with few partners, one just inside the
+//! opposition bound can still turn the round's average back (the price of accepting non-iid
+//! peers whose honest pseudo-gradients point partly away from ours). A higher
+//! `outer_learning_rate`, or `outer_extrapolation` (FedExP, whose factor grows as peers cancel
+//! each other), scales that share up to the cap at the round's count: one peer that cancels
+//! the honest pseudo-gradients then steers what is left, applied at their sum.
 
 use std::collections::HashMap;
 

@@ -131,6 +131,10 @@ pub struct TrainingStatus {
     /// Pseudo-gradients averaged by the last outer step (own included, and peers' latest
     /// standing in for ones that did not come).
     pub last_outer_averaged: u32,
+    /// The learning rate the last outer step applied: `outer_learning_rate`, times FedExP's
+    /// factor with `outer_extrapolation`, capped at the pseudo-gradients averaged (0 before
+    /// the first).
+    pub last_outer_rate: f64,
     /// Peers known to train this run.
     pub run_peers: usize,
     /// Peers whose parameters were refused (NaN, wrong shape, too far), by peer id.

@@ -165,13 +165,14 @@ impl Gathering {
     /// momentum). A round that holds only this node's own is so applied at 1 at most, where
     /// `outer_learning_rate = 2` doubled it; before the cap, every host of an 8-host testnet
     /// run at lr 2 diverged, with it none did (`testnet/RESULTS.md`). With `extrapolate`
-    /// (`outer_extrapolation`) the rate is first multiplied by FedExP's factor.
+    /// (`outer_extrapolation`) the rate is first multiplied by FedExP's factor. Gives the
+    /// learning rate applied.
     fn apply(
         &self,
         optimizer: &mut OuterOptimizer,
         outer: &mut [f32],
         extrapolate: bool,
-    ) -> p2p_models::Result<()> {
+    ) -> p2p_models::Result<f64> {
         let mean = self.average();
         let scale = if extrapolate {
             let factor = extrapolation_factor(self.sum_sq, self.count, squared_norm(&mean));
@@ -243,6 +244,8 @@ pub struct OuterLoop {
     optimizer: OuterOptimizer,
     /// FedExP's adaptive rate (`outer_extrapolation`).
     extrapolate: bool,
+    /// The learning rate the last outer step applied (0 before the first).
+    last_rate: f64,
     feedback: ErrorFeedback,
     /// The outer parameters θ.
     outer: Vec<f32>,
@@ -289,6 +292,7 @@ impl OuterLoop {
                 spec.outer_nesterov,
             ),
             extrapolate: spec.outer_extrapolation,
+            last_rate: 0.0,
             feedback: ErrorFeedback::default(),
             phase_start: params.clone(),
             outer: params,
@@ -391,7 +395,7 @@ impl OuterLoop {
         self.applied_counts.push_back(g.count);
         let fresh = g.count;
         let g = self.with_memory(g);
-        g.apply(&mut self.optimizer, &mut self.outer, self.extrapolate)?;
+        self.last_rate = g.apply(&mut self.optimizer, &mut self.outer, self.extrapolate)?;
         Ok(Averaged {
             total: g.count,
             fresh,
@@ -565,6 +569,13 @@ impl OuterLoop {
             }
         }
         Ok(outer)
+    }
+
+    /// The learning rate the last outer step applied: `outer_learning_rate`, times FedExP's
+    /// factor with `outer_extrapolation`, capped at the pseudo-gradients it averaged; 0 before
+    /// the first.
+    pub fn last_rate(&self) -> f64 {
+        self.last_rate
     }
 
     /// This node's outer step count.
@@ -774,6 +785,55 @@ mod tests {
         };
         assert_moved_down(&moved(true), &[0.0; 3], 0.5);
         assert_moved_down(&moved(false), &[0.0; 3], 1.0 / 3.0);
+    }
+
+    /// FedExP's factor counts the peers' latest pseudo-gradients that stand in for missing
+    /// ones, the preview applies it as the boundary will, and the rate never exceeds the
+    /// pseudo-gradients averaged: `last_rate` reports what was applied.
+    #[test]
+    fn extrapolation_counts_stand_ins_previews_as_applied_and_stays_capped() {
+        let mut spec = spec("f32", 1.0, 0.0);
+        spec.outer_extrapolation = true;
+        let mut a = OuterLoop::new(&spec, vec![0.0f32; 3]);
+        assert_eq!(a.last_rate(), 0.0);
+        let first = a.boundary(&[-1.0, 0.0, 0.0]).unwrap();
+        for values in [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]] {
+            let _ = a.receive(PeerId::random(), first.round, &values);
+        }
+        let preview = a.preview().unwrap();
+        // a does not move in phase 2: round 1 (factor 1.5) is applied.
+        let second = a.boundary(&first.params).unwrap();
+        assert_eq!(a.outer_params(), preview.as_slice());
+        assert_moved_down(a.outer_params(), &[0.0; 3], 0.5);
+        assert!((a.last_rate() - 1.5).abs() < 1e-6, "{}", a.last_rate());
+        // Round 2 holds a's 0 and both peers' round-1 values standing in: a sum of squares
+        // of 2 and a mean of squared norm 2/9 give 2 / (2 * 3 * 2/9) = 1.5 again, on a mean
+        // of [0, 1/3, 1/3].
+        assert_eq!(second.round, 2);
+        assert_eq!(a.finish().unwrap().total, 3);
+        assert!((a.last_rate() - 1.5).abs() < 1e-6, "{}", a.last_rate());
+        let theta = a.outer_params();
+        assert!((theta[0] + 0.5).abs() < 1e-6, "{theta:?}");
+        assert!(
+            (theta[1] + 1.0).abs() < 1e-6 && (theta[2] + 1.0).abs() < 1e-6,
+            "{theta:?}"
+        );
+
+        // Nearly opposite pseudo-gradients: a factor of about 200, capped at the 2 averaged,
+        // so θ moves by their sum.
+        let mut b = OuterLoop::new(&spec, vec![0.0f32; 2]);
+        let first = b.boundary(&[-1.0, 0.0]).unwrap();
+        assert_eq!(
+            b.receive(PeerId::random(), first.round, &[-1.0, 0.1]),
+            Received::Used
+        );
+        b.finish().unwrap();
+        assert_eq!(b.last_rate(), 2.0);
+        let theta = b.outer_params();
+        assert!(
+            theta[0].abs() < 1e-6 && (theta[1] + 0.1).abs() < 1e-6,
+            "{theta:?}"
+        );
     }
 
     /// The model a node evaluates and checkpoints is θ with what arrived for the rounds being

@@ -204,6 +204,8 @@ pub enum FromTrainer {
         outer_step: u64,
         /// Bytes of the last pseudo-gradient as f32 over as sent (0 without one).
         compression_ratio: f64,
+        /// The learning rate the last outer step applied (0 without one).
+        outer_rate: f64,
     },
     /// An evaluation on the test split.
     Evaluated {
@@ -441,6 +443,7 @@ impl State {
                         .outer
                         .as_ref()
                         .map_or(0.0, OuterLoop::compression_ratio),
+                    outer_rate: self.outer.as_ref().map_or(0.0, OuterLoop::last_rate),
                 })?;
             }
             if self.outer.is_some() {
