@@ -1013,7 +1013,7 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="'FIELD = VALUE'",
                         help="train/speedup: an extra line of the run spec (e.g. 'outer_momentum = 0.9'); repeatable")
     parser.add_argument("--attack", action="append", default=[], metavar="ATTACK",
-                        help="train: add an adversarial host (negate, scale=F, noise=D, nan, stall); repeatable")
+                        help="train: add an adversarial host (negate, scale=F, noise=D, oppose=C, nan, stall); repeatable")
     parser.add_argument("--churn", type=int, default=0,
                         help="train: hosts killed halfway and replaced by as many newcomers")
     parser.add_argument("--no-baseline", action="store_true", help="train: no single-host baseline")

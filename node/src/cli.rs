@@ -129,7 +129,7 @@ pub struct TrainArgs {
     #[arg(long, hide = true)]
     pub poison_averaging: bool,
     /// Fault injection for testnets: lie in averaging sessions (`nan`, `negate`, `scale=F`,
-    /// `noise=D`, `claim=N`, `stall`).
+    /// `noise=D`, `oppose=C`, `claim=N`, `stall`).
     #[arg(long, hide = true, value_name = "ATTACK")]
     pub attack_averaging: Option<crate::averaging::Attack>,
 }

@@ -18,6 +18,13 @@ pub enum Attack {
     Negate,
     /// Its parameters times this factor.
     Scale(f32),
+    /// A vector at this cosine with the partner's (with outer steps: its pseudo-gradient; its
+    /// own where the partner's is not received yet) and [`OPPOSE_NORM`] times its norm: with
+    /// a cosine just above the guards' refusal bound (`MIN_COSINE`, -0.9) and a norm just
+    /// under their clipping (1.5 times the reference), it cancels as much of the partner's
+    /// own progress as the guards let through. Against an adaptive outer rate (FedExP), which
+    /// grows as a round's pseudo-gradients cancel, this is the strongest lie they accept.
+    Oppose(f64),
     /// Its parameters plus Gaussian noise of this relative norm.
     Noise(f64),
     /// [`Attack::Negate`], claiming this many samples seen (to take the mixing weight).
@@ -30,7 +37,8 @@ pub enum Attack {
 impl FromStr for Attack {
     type Err = String;
 
-    /// `nan`, `negate`, `scale=F`, `noise=D`, `claim=N` or `stall`.
+    /// `nan`, `negate`, `scale=F`, `noise=D`, `oppose=C` (C in [-1, 1]), `claim=N` or
+    /// `stall`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, arg) = s.split_once('=').unwrap_or((s, ""));
         let number = |what: &str| {
@@ -44,11 +52,19 @@ impl FromStr for Attack {
             "negate" => Self::Negate,
             "scale" => Self::Scale(number("the factor")? as f32),
             "noise" => Self::Noise(number("the relative norm")?),
+            "oppose" => {
+                let cosine = number("the cosine")?;
+                if !(-1.0..=1.0).contains(&cosine) {
+                    return Err(format!("oppose={cosine}: a cosine is in [-1, 1]"));
+                }
+                Self::Oppose(cosine)
+            }
             "claim" => Self::Claim(number("the samples claimed")? as u64),
             "stall" => Self::Stall,
             _ => {
                 return Err(format!(
-                    "unknown attack {kind:?}: nan, negate, scale=F, noise=D, claim=N or stall"
+                    "unknown attack {kind:?}: nan, negate, scale=F, noise=D, oppose=C, claim=N \
+                     or stall"
                 ))
             }
         })
@@ -68,7 +84,10 @@ impl Attack {
     /// only in its pseudo-gradient: negation and scaling do, so that the outer parameters pass
     /// their checks and only the pseudo-gradient checks stand between the lie and the model.
     pub fn honest_outer_parameters(self) -> bool {
-        matches!(self, Self::Negate | Self::Scale(_) | Self::Claim(_))
+        matches!(
+            self,
+            Self::Negate | Self::Scale(_) | Self::Claim(_) | Self::Oppose(_)
+        )
     }
 
     /// What to send instead of `own` (this piece of our parameters); `partner` is the same
@@ -89,6 +108,7 @@ impl Attack {
             Self::Nan => vec![f32::NAN; own.len()],
             Self::Negate | Self::Claim(_) => partner.unwrap_or(own).iter().map(|v| -v).collect(),
             Self::Scale(f) => own.iter().map(|v| v * f).collect(),
+            Self::Oppose(cosine) => oppose(own, partner.unwrap_or(own), cosine),
             Self::Noise(relative) => {
                 let sigma = relative * own_norm / (total.max(1) as f64).sqrt();
                 own.iter()
@@ -99,6 +119,54 @@ impl Attack {
         };
         codec.encode(index, total, &values)
     }
+}
+
+/// [`Attack::Oppose`]'s norm, relative to the partner's.
+pub const OPPOSE_NORM: f64 = 1.45;
+
+/// A vector at `cosine` with `target` and [`OPPOSE_NORM`] times its norm: `target`'s
+/// direction times `cosine` plus, orthogonal to it, the part of `own` orthogonal to `target`
+/// (a random direction where that is 0). Built piece by piece with the same cosine and ratio
+/// in each, so the whole has them too.
+fn oppose(own: &[f32], target: &[f32], cosine: f64) -> Vec<f32> {
+    let dot = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum()
+    };
+    let target_sq = dot(target, target);
+    if target_sq == 0.0 {
+        return vec![0.0; target.len()];
+    }
+    let along = dot(own, target) / target_sq;
+    let mut side: Vec<f64> = own
+        .iter()
+        .zip(target)
+        .map(|(o, t)| f64::from(*o) - along * f64::from(*t))
+        .collect();
+    let mut side_sq: f64 = side.iter().map(|v| v * v).sum();
+    if side_sq <= 1e-12 * target_sq {
+        // No usable part of `own`: a random direction, made orthogonal to `target`.
+        let random: Vec<f32> = (0..target.len())
+            .map(|_| standard_normal() as f32)
+            .collect();
+        let along = dot(&random, target) / target_sq;
+        side = random
+            .iter()
+            .zip(target)
+            .map(|(r, t)| f64::from(*r) - along * f64::from(*t))
+            .collect();
+        side_sq = side.iter().map(|v| v * v).sum();
+    }
+    let norm = target_sq.sqrt();
+    let side_norm = side_sq.sqrt().max(f64::MIN_POSITIVE);
+    let sine = (1.0 - cosine * cosine).max(0.0).sqrt();
+    target
+        .iter()
+        .zip(&side)
+        .map(|(t, s)| (OPPOSE_NORM * (cosine * f64::from(*t) + sine * norm * s / side_norm)) as f32)
+        .collect()
 }
 
 /// One draw of a standard normal variable (Box–Muller).
@@ -137,6 +205,36 @@ mod tests {
         let sent = F32.decode(0, own.len(), &bytes, own.len()).unwrap();
         let d = pm::relative_distance(&own, &sent);
         assert!((d - 1.996).abs() < 0.02, "{d}");
+    }
+
+    /// Built piece by piece, the whole lie has the cosine with the partner's values and the
+    /// norm ratio asked for, also where its own values are parallel to the partner's.
+    #[test]
+    fn opposition_has_the_cosine_and_norm_asked_for_over_all_pieces() {
+        let partner: Vec<f32> = (0..64).map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0).collect();
+        let own: Vec<f32> = (0..64).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let attack: Attack = "oppose=-0.85".parse().unwrap();
+        for own in [own, partner.iter().map(|v| v * 2.0).collect()] {
+            let mut sent = Vec::new();
+            for piece in 0..4 {
+                let r = piece * 16..(piece + 1) * 16;
+                let bytes = attack.piece(&own[r.clone()], Some(&partner[r]), 1.0, 16, (&F32, 0));
+                sent.extend(F32.decode(0, 16, &bytes, 16).unwrap());
+            }
+            let dot: f64 = sent
+                .iter()
+                .zip(&partner)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            let cosine = dot / (pm::l2_norm(&sent) * pm::l2_norm(&partner));
+            assert!((cosine + 0.85).abs() < 1e-4, "{cosine}");
+            let ratio = pm::l2_norm(&sent) / pm::l2_norm(&partner);
+            assert!((ratio - OPPOSE_NORM).abs() < 1e-4, "{ratio}");
+        }
+        assert!("oppose=-1.5"
+            .parse::<Attack>()
+            .unwrap_err()
+            .contains("[-1, 1]"));
     }
 
     #[test]
