@@ -333,7 +333,7 @@ pub struct RunSpec {
     /// momentum buffer of earlier rounds past the cap, and at 0.5 one testnet run of two fell
     /// to 0.83). Computed on the values as sent, so use it with `int8` or `f32`: top-k
     /// vectors of different supports shorten the mean even where updates agree. 8 by-label digits
-    /// hosts then ended at 0.972-0.981 in four runs, iid ones at 0.972-0.975
+    /// hosts then ended at 0.972-0.981 in five runs, iid ones at 0.972-0.975
     /// (`testnet/RESULTS.md`). Off by default; older peers refuse a spec that turns it on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub outer_extrapolation: bool,
