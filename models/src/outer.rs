@@ -40,12 +40,7 @@ impl OuterOptimizer {
 
     /// Applies the pseudo-gradient `g` to `params` (same length, else an error).
     pub fn step(&mut self, params: &mut [f32], g: &[f32]) -> Result<()> {
-        self.step_at_most(params, g, f64::INFINITY)
-    }
-
-    /// [`Self::step`] with the learning rate capped at `max_rate` for this step only.
-    pub fn step_at_most(&mut self, params: &mut [f32], g: &[f32], max_rate: f64) -> Result<()> {
-        self.step_scaled(params, g, 1.0, max_rate).map(|_| ())
+        self.step_scaled(params, g, 1.0, f64::INFINITY).map(|_| ())
     }
 
     /// [`Self::step`] at `scale` times the learning rate, capped at `max_rate`, for this step
@@ -116,14 +111,10 @@ pub fn extrapolation_factor(sum_sq: f64, count: u32, mean_sq: f64) -> f64 {
     }
 }
 
-/// The squared L2 norm of `values`, in f64.
-pub fn squared_norm(values: &[f32]) -> f64 {
-    values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::dot;
 
     /// PyTorch 2.x `torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)` on
     /// `p = [1.0, -2.0]` with gradients `[0.5, 0.25]`, `[0.5, -0.5]`, `[-0.1, 0.0]`, written out
@@ -178,12 +169,12 @@ mod tests {
     fn a_capped_step_uses_the_lower_rate_for_that_step_only() {
         let mut params = vec![0.0f32];
         let mut opt = OuterOptimizer::new(2.0, 0.0, false);
-        opt.step_at_most(&mut params, &[1.0], 1.0).unwrap();
+        opt.step_scaled(&mut params, &[1.0], 1.0, 1.0).unwrap();
         assert_eq!(params, [-1.0]);
         opt.step(&mut params, &[1.0]).unwrap();
         assert_eq!(params, [-3.0]);
         // A cap above the learning rate changes nothing.
-        opt.step_at_most(&mut params, &[1.0], 5.0).unwrap();
+        opt.step_scaled(&mut params, &[1.0], 1.0, 5.0).unwrap();
         assert_eq!(params, [-5.0]);
     }
 
@@ -200,8 +191,8 @@ mod tests {
             }
             let m = updates.len() as f64;
             let mean: Vec<f32> = sum.iter().map(|s| (s / m) as f32).collect();
-            let sum_sq = updates.iter().map(|u| squared_norm(u)).sum();
-            extrapolation_factor(sum_sq, updates.len() as u32, squared_norm(&mean))
+            let sum_sq = updates.iter().map(|u| dot(u, u)).sum();
+            extrapolation_factor(sum_sq, updates.len() as u32, dot(&mean, &mean))
         };
         assert_eq!(factor(&[vec![1.0, 2.0], vec![1.0, 2.0]]), 1.0);
         assert!((factor(&[vec![1.0, 0.0], vec![0.0, 1.0]]) - 1.0).abs() < 1e-12);

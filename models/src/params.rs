@@ -153,13 +153,17 @@ pub fn all_finite(values: &[f32]) -> bool {
     first_non_finite(values).is_none()
 }
 
+/// Dot product of two vectors, accumulated in f64 (over the shorter one's length).
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
 /// Euclidean norm, accumulated in f64.
 pub fn l2_norm(values: &[f32]) -> f64 {
-    values
-        .iter()
-        .map(|v| f64::from(*v) * f64::from(*v))
-        .sum::<f64>()
-        .sqrt()
+    dot(values, values).sqrt()
 }
 
 /// Euclidean distance between two vectors of the same length.

@@ -6,6 +6,8 @@
 
 use std::str::FromStr;
 
+use p2p_models::params::dot;
+
 use super::pieces::PieceCodec;
 
 /// How a hostile node lies in averaging sessions.
@@ -129,38 +131,29 @@ pub const OPPOSE_NORM: f64 = 1.45;
 /// (a random direction where that is 0). Built piece by piece with the same cosine and ratio
 /// in each, so the whole has them too.
 fn oppose(own: &[f32], target: &[f32], cosine: f64) -> Vec<f32> {
-    let dot = |a: &[f32], b: &[f32]| -> f64 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| f64::from(*x) * f64::from(*y))
-            .sum()
-    };
     let target_sq = dot(target, target);
     if target_sq == 0.0 {
         return vec![0.0; target.len()];
     }
-    let along = dot(own, target) / target_sq;
-    let mut side: Vec<f64> = own
-        .iter()
-        .zip(target)
-        .map(|(o, t)| f64::from(*o) - along * f64::from(*t))
-        .collect();
-    let mut side_sq: f64 = side.iter().map(|v| v * v).sum();
-    if side_sq <= 1e-12 * target_sq {
-        // No usable part of `own`: a random direction, made orthogonal to `target`.
+    // `v` less its part along `target`.
+    let orthogonal = |v: &[f32]| -> Vec<f64> {
+        let along = dot(v, target) / target_sq;
+        v.iter()
+            .zip(target)
+            .map(|(x, t)| f64::from(*x) - along * f64::from(*t))
+            .collect()
+    };
+    let squared = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
+    let mut side = orthogonal(own);
+    if squared(&side) <= 1e-12 * target_sq {
+        // No usable part of `own`: a random direction instead.
         let random: Vec<f32> = (0..target.len())
             .map(|_| standard_normal() as f32)
             .collect();
-        let along = dot(&random, target) / target_sq;
-        side = random
-            .iter()
-            .zip(target)
-            .map(|(r, t)| f64::from(*r) - along * f64::from(*t))
-            .collect();
-        side_sq = side.iter().map(|v| v * v).sum();
+        side = orthogonal(&random);
     }
+    let side_norm = squared(&side).sqrt().max(f64::MIN_POSITIVE);
     let norm = target_sq.sqrt();
-    let side_norm = side_sq.sqrt().max(f64::MIN_POSITIVE);
     let sine = (1.0 - cosine * cosine).max(0.0).sqrt();
     target
         .iter()
@@ -221,12 +214,7 @@ mod tests {
                 let bytes = attack.piece(&own[r.clone()], Some(&partner[r]), 1.0, 16, (&F32, 0));
                 sent.extend(F32.decode(0, 16, &bytes, 16).unwrap());
             }
-            let dot: f64 = sent
-                .iter()
-                .zip(&partner)
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum();
-            let cosine = dot / (pm::l2_norm(&sent) * pm::l2_norm(&partner));
+            let cosine = pm::dot(&sent, &partner) / (pm::l2_norm(&sent) * pm::l2_norm(&partner));
             assert!((cosine + 0.85).abs() < 1e-4, "{cosine}");
             let ratio = pm::l2_norm(&sent) / pm::l2_norm(&partner);
             assert!((ratio - OPPOSE_NORM).abs() < 1e-4, "{ratio}");

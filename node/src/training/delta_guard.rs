@@ -106,7 +106,7 @@ impl DeltaGuard {
             };
         }
         if own > 0.0 && norm > 0.0 {
-            let cosine = dot(ours, theirs) / (own * norm);
+            let cosine = params::dot(ours, theirs) / (own * norm);
             if cosine <= MIN_COSINE {
                 return DeltaVerdict::Refuse {
                     why: format!("a pseudo-gradient opposed to ours (cosine {cosine:.2})"),
@@ -142,13 +142,6 @@ impl DeltaGuard {
         };
         own.max(capped).max(MIN_REFERENCE)
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum()
 }
 
 #[cfg(test)]

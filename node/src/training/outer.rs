@@ -77,9 +77,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use p2p_models::compress::{Codec, Encoded, ErrorFeedback};
-use p2p_models::outer::{
-    accumulate, extrapolation_factor, pseudo_gradient, squared_norm, OuterOptimizer,
-};
+use p2p_models::outer::{accumulate, extrapolation_factor, pseudo_gradient, OuterOptimizer};
+use p2p_models::params::dot;
 use p2p_models::spec::RunSpec;
 use p2p_protocol::training::MAX_ROUND_LAG;
 
@@ -151,7 +150,7 @@ impl Gathering {
     fn add(&mut self, values: &[f32]) {
         accumulate(&mut self.sum, values, 1.0);
         self.count += 1;
-        self.sum_sq += squared_norm(values);
+        self.sum_sq += dot(values, values);
     }
 
     /// The mean of the pseudo-gradients gathered, equally weighted.
@@ -175,7 +174,7 @@ impl Gathering {
     ) -> p2p_models::Result<f64> {
         let mean = self.average();
         let scale = if extrapolate {
-            let factor = extrapolation_factor(self.sum_sq, self.count, squared_norm(&mean));
+            let factor = extrapolation_factor(self.sum_sq, self.count, dot(&mean, &mean));
             tracing::debug!(
                 round = self.round,
                 count = self.count,
